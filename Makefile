@@ -1,0 +1,43 @@
+# virtopt: two commands on a fresh Debian 12 machine as root.
+#   make demo   install what is needed, run the demo on a throw-away VM
+#   make test   install, build the debug QEMU once (cached outside the repo), lint, run the suite
+#   make bench  benchmarks against QEMU's own tools (ratios printed)
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+APT_PKGS := qemu-system-x86 qemu-utils gdb python3-venv procps
+STAMP := $(VENV)/.virtopt-installed
+
+.PHONY: install demo test lint bench debug-qemu clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/virtopt demo
+
+debug-qemu:
+	tests/qemu/build-debug-qemu
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install debug-qemu lint
+	VIRTOPT_REQUIRE_DEBUG_QEMU=1 $(BIN)/pytest -q -ra
+
+bench: install debug-qemu
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,3 @@
+from qemu_ext.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""The `virtopt` command: one argparse tree, one group per capability.
+
+Each group lives in its own module with a ``register(subparsers, name)``
+function that adds a sub-parser and sets ``func`` (``func(args) -> int``).
+Groups only render what the library returns; they keep heavy imports inside
+their handlers so that ``virtopt --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import traceback
+from typing import Callable, Optional, Sequence
+
+from qemu_ext import __version__
+from qemu_ext.errors import NotAvailableError, VirtoptError
+
+# group name -> (module implementing it, one-line summary)
+GROUPS: dict[str, tuple[str, str]] = {
+    "qcow2": ("qemu_ext.qcow2.cli", "inspect qcow2 images read-only (info, map, check, dump, read, convert)"),
+    "l2cache": ("qemu_ext.l2cache.cli", "simulate QEMU's qcow2 L2 cache and recommend l2-cache-size"),
+    "trace": ("qemu_ext.trace.cli", "decode and summarise QEMU traces (simpletrace files, log backend)"),
+    "shell": ("qemu_ext.qmp.shell_cli", "QMP shell with trace, stats, thread and mtree helpers"),
+    "threads": ("qemu_ext.host.threads_cli", "QEMU threads and their roles (vCPU n, iothread, ...); pinning"),
+    "gdb": ("qemu_ext.gdbmi.cli", "run virtopt gdb commands against a QEMU pid and return their data"),
+    "doctor": ("qemu_ext.host.doctor_cli", "host and VM tuning checks from /proc and /sys"),
+    "demo": ("qemu_ext.demo", "start a throw-away VM on a fresh qcow2 image and show what virtopt sees"),
+}
+
+EPILOG = """\
+examples:
+  virtopt qcow2 info disk.qcow2 --output=json
+  virtopt qcow2 check disk.qcow2
+  virtopt l2cache recommend disk.qcow2
+  virtopt trace summary trace-12345 --plot events.png
+  virtopt shell /run/vm.qmp
+  virtopt threads --qmp /run/vm.qmp
+  virtopt doctor --pid $(pidof qemu-system-x86_64)
+  virtopt demo
+
+exit codes: 0 ok, 1 the job failed (bad input, dead socket, ...), 2 usage error or
+capability not available; `qcow2 check` follows qemu-img check (2 corruptions, 3 leaks).
+Set VIRTOPT_DEBUG=1 to see Python tracebacks.
+"""
+
+
+def _not_landed(name: str, reason: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        raise NotAvailableError(f"'virtopt {name}' is not available in this build: {reason}")
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="virtopt",
+        description="Tune and debug QEMU/KVM virtual machines.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"virtopt {__version__}")
+    sub = parser.add_subparsers(dest="group", metavar="COMMAND")
+    for name, (modname, summary) in GROUPS.items():
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not modname.startswith(exc.name):
+                raise
+            p = sub.add_parser(name, help=f"{summary} [not available yet]", description=summary)
+            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            p.set_defaults(func=_not_landed(name, "this capability has not landed yet"))
+            continue
+        mod.register(sub, name, summary)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    debug = bool(os.environ.get("VIRTOPT_DEBUG"))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        if args.group is not None:
+            # a group without a sub-command: show its help
+            parser.parse_args([args.group, "--help"])
+        parser.print_help()
+        return 2
+    try:
+        return int(func(args) or 0)
+    except VirtoptError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"virtopt: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("virtopt: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader went away (virtopt ... | head); not an error of ours
+        try:
+            sys.stdout = open(os.devnull, "w")  # silence the flush at exit
+        except OSError:
+            pass
+        return 0
+    except Exception as exc:  # last line of defence: one line, never a traceback
+        if debug:
+            traceback.print_exc()
+        print(
+            f"virtopt: internal error: {type(exc).__name__}: {exc} (set VIRTOPT_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
