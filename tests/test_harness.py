@@ -61,3 +61,18 @@ def test_image_factory_makes_real_qcow2(image_factory):
                                      capture_output=True, text=True, check=True).stdout)
     assert info["format"] == "qcow2" and info["cluster-size"] == 4096
     assert info["virtual-size"] == 16 << 20
+
+
+def test_debug_qemu_is_the_same_version_with_dwarf_and_simple_trace(debug_qemu, debug_src, tmp_path):
+    import subprocess
+
+    ver = debug_qemu.client.cmd("query-version")["qemu"]
+    deb = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout
+    assert f"{ver['major']}.{ver['minor']}.{ver['micro']}" in deb
+    # the simple backend answers HMP trace-file (Debian's log-only build says "unknown command")
+    out = debug_qemu.hmp(f"trace-file set {tmp_path / 't.bin'}")
+    assert "unknown command" not in out
+    # DWARF: gdb knows QEMU's types in the debug build
+    sec = subprocess.run(["readelf", "-S", str(debug_src / "build" / "qemu-system-x86_64")],
+                         capture_output=True, text=True).stdout
+    assert ".debug_info" in sec
