@@ -1,0 +1,236 @@
+"""qcow2 on-disk structures, declared with construct, field by field as docs/interop/qcow2.txt.
+
+Everything is big endian. Byte offsets in the comments are those of the spec.
+Fixed-size records (header, extension headers, feature-name entries, snapshot
+and bitmap directory entries) are construct Structs; tables with up to millions
+of entries (L1, L2, refcount table/blocks, bitmap tables) are decoded in bulk
+with numpy by `image.py`, using the masks and bit positions defined here.
+"""
+
+from __future__ import annotations
+
+from construct import (
+    Bytes,
+    Const,
+    Int8ub,
+    Int16ub,
+    Int32ub,
+    Int64ub,
+    Padding,
+    Struct,
+    this,
+)
+
+QCOW_MAGIC = b"QFI\xfb"
+
+# ---------------------------------------------------------------- header
+# Bytes 0-71: the version 2 header (and the first part of every v3 header).
+HeaderV2 = Struct(
+    "magic" / Const(QCOW_MAGIC),  # 0-3    "QFI\xfb"
+    "version" / Int32ub,  # 4-7    2 or 3
+    "backing_file_offset" / Int64ub,  # 8-15   0 = no backing file; name not NUL terminated
+    "backing_file_size" / Int32ub,  # 16-19  length of the name, <= 1023
+    "cluster_bits" / Int32ub,  # 20-23  cluster_size = 1 << cluster_bits, 9..21 in QEMU
+    "size" / Int64ub,  # 24-31  virtual disk size in bytes
+    "crypt_method" / Int32ub,  # 32-35  0 none, 1 AES, 2 LUKS
+    "l1_size" / Int32ub,  # 36-39  entries in the active L1 table
+    "l1_table_offset" / Int64ub,  # 40-47  cluster aligned
+    "refcount_table_offset" / Int64ub,  # 48-55  cluster aligned
+    "refcount_table_clusters" / Int32ub,  # 56-59  clusters of the refcount table
+    "nb_snapshots" / Int32ub,  # 60-63  entries in the snapshot table
+    "snapshots_offset" / Int64ub,  # 64-71  cluster aligned
+)
+HEADER_V2_SIZE = 72
+
+# Bytes 72-103: mandatory for version 3 (header_length >= 104).
+HeaderV3Tail = Struct(
+    "incompatible_features" / Int64ub,  # 72-79  see INCOMPAT_*
+    "compatible_features" / Int64ub,  # 80-87  see COMPAT_*
+    "autoclear_features" / Int64ub,  # 88-95  see AUTOCLEAR_*
+    "refcount_order" / Int32ub,  # 96-99  refcount_bits = 1 << refcount_order (0..6)
+    "header_length" / Int32ub,  # 100-103 >= 104, multiple of 8
+)
+HEADER_V3_SIZE = 104
+
+# Byte 104: optional additional field, present when header_length > 104.
+CompressionTypeField = Struct("compression_type" / Int8ub)  # 104  0 zlib, 1 zstd
+COMPRESSION_TYPE_OFFSET = 104
+COMPRESSION_TYPES = {0: "zlib", 1: "zstd"}
+CRYPT_METHODS = {0: "none", 1: "aes", 2: "luks"}
+
+# incompatible_features (bytes 72-79)
+INCOMPAT_DIRTY = 1 << 0  # refcounts may be inconsistent
+INCOMPAT_CORRUPT = 1 << 1  # any structure may be corrupt; do not write
+INCOMPAT_DATA_FILE = 1 << 2  # guest clusters live in an external data file
+INCOMPAT_COMPRESSION = 1 << 3  # compression_type field present and != 0
+INCOMPAT_EXTL2 = 1 << 4  # extended (128-bit) L2 entries, 32 subclusters
+# compatible_features (bytes 80-87)
+COMPAT_LAZY_REFCOUNTS = 1 << 0
+# autoclear_features (bytes 88-95)
+AUTOCLEAR_BITMAPS = 1 << 0  # bitmaps extension consistent
+AUTOCLEAR_DATA_FILE_RAW = 1 << 1  # external data file readable as raw
+
+# QEMU's own names for the bits (used when no feature name table is present)
+KNOWN_FEATURE_NAMES = {
+    ("incompatible", 0): "dirty bit",
+    ("incompatible", 1): "corrupt bit",
+    ("incompatible", 2): "external data file",
+    ("incompatible", 3): "compression type",
+    ("incompatible", 4): "extended L2 entries",
+    ("compatible", 0): "lazy refcounts",
+    ("autoclear", 0): "bitmaps",
+    ("autoclear", 1): "raw external data",
+}
+FEATURE_TYPES = {0: "incompatible", 1: "compatible", 2: "autoclear"}
+
+# ---------------------------------------------------------------- header extensions
+# Directly after the header (at header_length), each padded to a multiple of 8.
+ExtensionHeader = Struct(
+    "type" / Int32ub,  # 0-3  EXT_*
+    "length" / Int32ub,  # 4-7  length of the data (without padding)
+)
+EXT_END = 0x00000000
+EXT_BACKING_FORMAT = 0xE2792ACA  # string: backing file format name
+EXT_FEATURE_TABLE = 0x6803F857  # feature name table
+EXT_BITMAPS = 0x23852875  # bitmaps extension
+EXT_CRYPTO_HEADER = 0x0537BE77  # full disk encryption header pointer
+EXT_DATA_FILE = 0x44415441  # string: external data file name
+EXTENSION_NAMES = {
+    EXT_BACKING_FORMAT: "backing-format",
+    EXT_FEATURE_TABLE: "feature-table",
+    EXT_BITMAPS: "bitmaps",
+    EXT_CRYPTO_HEADER: "crypto-header",
+    EXT_DATA_FILE: "data-file",
+}
+
+# One entry of the feature name table (48 bytes).
+FeatureNameEntry = Struct(
+    "type" / Int8ub,  # 0     0 incompatible, 1 compatible, 2 autoclear
+    "bit" / Int8ub,  # 1     bit number 0..63
+    "name" / Bytes(46),  # 2-47  zero padded, not necessarily NUL terminated
+)
+FEATURE_NAME_ENTRY_SIZE = 48
+
+# Bitmaps extension data (24 bytes).
+BitmapsExtension = Struct(
+    "nb_bitmaps" / Int32ub,  # 0-3   >= 1, QEMU supports <= 65535
+    Padding(4),  # 4-7   reserved, zero
+    "bitmap_directory_size" / Int64ub,  # 8-15
+    "bitmap_directory_offset" / Int64ub,  # 16-23 cluster aligned
+)
+BITMAPS_EXTENSION_SIZE = 24
+
+# Full disk encryption header pointer (16 bytes).
+CryptoHeaderExtension = Struct(
+    "offset" / Int64ub,  # 0-7  cluster aligned
+    "length" / Int64ub,  # 8-15 bytes of the written encryption header
+)
+CRYPTO_HEADER_EXTENSION_SIZE = 16
+
+# ---------------------------------------------------------------- cluster mapping
+# L1 table entry (64 bits)
+L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00  # bits 9-55: L2 table offset
+L1E_RESERVED_MASK = 0x7F000000000001FF  # bits 0-8, 56-62
+L1E_COPIED = 1 << 63  # refcount exactly one
+
+# L2 table entry (64 bits; extended entries add a 64-bit subcluster bitmap)
+L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00  # standard: bits 9-55 host cluster offset
+L2E_STD_RESERVED_MASK = 0x3F000000000001FE  # standard: bits 1-8, 56-61
+L2E_ZERO = 1 << 0  # standard: reads as zeros (v3, not with extended L2)
+L2E_COMPRESSED = 1 << 62  # compressed cluster descriptor follows
+L2E_COPIED = 1 << 63  # refcount exactly one
+L2E_DESCRIPTOR_MASK = (1 << 62) - 1  # bits 0-61: cluster descriptor
+
+# Extended L2 bitmap (second 64 bits)
+SUBCLUSTERS_PER_CLUSTER = 32
+L2_BITMAP_ALLOC_MASK = 0x00000000FFFFFFFF  # bit x: subcluster x allocated
+L2_BITMAP_ZERO_MASK = 0xFFFFFFFF00000000  # bit 32+x: subcluster x reads as zeros
+
+
+def compressed_field_widths(cluster_bits: int) -> tuple[int, int]:
+    """(x, sector bits) of a compressed cluster descriptor: x = 62 - (cluster_bits - 8).
+
+    Bits 0..x-1 hold the host offset (not aligned), bits x..61 the number of additional
+    512-byte sectors beyond the one containing the offset.
+    """
+    x = 62 - (cluster_bits - 8)
+    return x, 62 - x
+
+
+def decode_compressed(entry: int, cluster_bits: int) -> tuple[int, int]:
+    """(host offset, bytes spanned from offset to the end of its last sector) of a compressed L2 entry."""
+    x, nbits = compressed_field_widths(cluster_bits)
+    offset = entry & ((1 << x) - 1)
+    nb_sectors = ((entry >> x) & ((1 << nbits) - 1)) + 1
+    return offset, nb_sectors * 512 - (offset & 511)
+
+
+# ---------------------------------------------------------------- refcounts
+RT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00  # refcount table entry: bits 9-63 (block offset)
+RT_RESERVED_MASK = 0x1FF
+
+# ---------------------------------------------------------------- snapshots
+# Fixed part of a snapshot table entry (40 bytes), then extra data, id, name, padding to 8.
+SnapshotHeader = Struct(
+    "l1_table_offset" / Int64ub,  # 0-7    cluster aligned
+    "l1_size" / Int32ub,  # 8-11   entries of this snapshot's L1 table
+    "id_str_size" / Int16ub,  # 12-13
+    "name_size" / Int16ub,  # 14-15
+    "date_sec" / Int32ub,  # 16-19  seconds since the Epoch
+    "date_nsec" / Int32ub,  # 20-23
+    "vm_clock_nsec" / Int64ub,  # 24-31  guest run time in ns
+    "vm_state_size" / Int32ub,  # 32-35  (ignored when extra data has vm_state_size_large)
+    "extra_data_size" / Int32ub,  # 36-39
+)
+SNAPSHOT_HEADER_SIZE = 40
+# Known fields of the extra data (each present only if extra_data_size covers it).
+SnapshotExtra = Struct(
+    "vm_state_size_large" / Int64ub,  # 40-47
+    "disk_size" / Int64ub,  # 48-55  virtual disk size of the snapshot
+    "icount" / Int64ub,  # 56-63  -1 (all ones) when icount was disabled
+)
+SNAPSHOT_EXTRA_FIELDS = (("vm_state_size_large", 8), ("disk_size", 16), ("icount", 24))
+QCOW_MAX_SNAPSHOTS = 65536
+QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
+
+SnapshotEntry = Struct(
+    "hdr" / SnapshotHeader,
+    "extra" / Bytes(this.hdr.extra_data_size),
+    "id_str" / Bytes(this.hdr.id_str_size),
+    "name" / Bytes(this.hdr.name_size),
+)
+
+# ---------------------------------------------------------------- bitmaps
+# Fixed part of a bitmap directory entry (24 bytes), then extra data, name, padding to 8.
+BitmapDirEntryHeader = Struct(
+    "bitmap_table_offset" / Int64ub,  # 0-7    cluster aligned
+    "bitmap_table_size" / Int32ub,  # 8-11   entries of the bitmap table
+    "flags" / Int32ub,  # 12-15  BME_FLAG_*
+    "type" / Int8ub,  # 16     1 = dirty tracking
+    "granularity_bits" / Int8ub,  # 17     granularity = 1 << bits (QEMU: 9..31)
+    "name_size" / Int16ub,  # 18-19  non-zero, <= 1023
+    "extra_data_size" / Int32ub,  # 20-23
+)
+BITMAP_DIR_ENTRY_HEADER_SIZE = 24
+BitmapDirEntry = Struct(
+    "hdr" / BitmapDirEntryHeader,
+    "extra" / Bytes(this.hdr.extra_data_size),
+    "name" / Bytes(this.hdr.name_size),
+)
+BME_FLAG_IN_USE = 1 << 0
+BME_FLAG_AUTO = 1 << 1
+BME_FLAG_EXTRA_DATA_COMPATIBLE = 1 << 2
+BME_FLAG_NAMES = {BME_FLAG_IN_USE: "in-use", BME_FLAG_AUTO: "auto"}
+BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00  # bits 9-55
+BME_TABLE_ENTRY_FLAG_ALL_ONES = 1 << 0
+BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
+
+# QEMU implementation limits (block/qcow2.h)
+QCOW_MAX_L1_SIZE = 0x2000000  # 32 MiB of L1 table
+QCOW_MAX_REFTABLE_SIZE = 0x800000  # 8 MiB of refcount table
+MIN_CLUSTER_BITS = 9
+MAX_CLUSTER_BITS = 21
+
+
+def align_up(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
