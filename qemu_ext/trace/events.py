@@ -1,0 +1,278 @@
+"""trace-events files: event names, argument types and names, format strings.
+
+The syntax is QEMU's (scripts/tracetool/__init__.py, ``Event._CRE``)::
+
+    [disable] [vcpu] name(type1 arg1, type2 arg2) "format %p %" PRIx64 " ..."
+
+Events with the ``vcpu`` property get an implicit first argument ``void *__cpu``
+and a ``"cpu=%p "`` format prefix, as tracetool does.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Union
+
+from qemu_ext.errors import BadInputError, NotAvailableError
+
+_EVENT_RE = re.compile(
+    r"((?P<props>[\w\s]+)\s+)?"
+    r"(?P<name>\w+)"
+    r"\((?P<args>[^)]*)\)"
+    r"\s*"
+    r"(?:(?:(?P<fmt_trans>\".+),)?\s*(?P<fmt>\".+))?"
+    r"\s*"
+)
+_VALID_PROPS = {"disable", "vcpu"}
+
+# Where trace-events-all usually lives (Debian installs it with the QEMU package).
+SYSTEM_EVENTS_FILES = (
+    "/usr/share/qemu/trace-events-all",
+    "/usr/local/share/qemu/trace-events-all",
+)
+
+
+def is_string_type(ctype: str) -> bool:
+    """tracetool.backend.simple.is_string: ``const char *`` / ``char *`` (one star)."""
+    s = ctype.lstrip()
+    return s.startswith(("const char*", "char*", "const char *", "char *")) and s.count("*") == 1
+
+
+@dataclass(frozen=True)
+class EventArg:
+    type: str
+    name: str
+
+    @property
+    def is_string(self) -> bool:
+        return is_string_type(self.type)
+
+
+@dataclass
+class TraceEvent:
+    """One event of a trace-events file."""
+
+    name: str
+    args: list[EventArg]
+    fmt: str  # the C format string, PRI macros expanded to their conversion (e.g. "%" PRIx64 -> %llx)
+    properties: list[str] = field(default_factory=list)
+    lineno: int = 0
+    filename: str = ""
+
+    @property
+    def arg_names(self) -> list[str]:
+        return [a.name for a in self.args]
+
+    @property
+    def has_strings(self) -> bool:
+        return any(a.is_string for a in self.args)
+
+    def simple_size(self) -> Optional[int]:
+        """Bytes of arguments in a simpletrace record (None when it carries strings)."""
+        if self.has_strings:
+            return None
+        return 8 * len(self.args)
+
+
+def _parse_args(text: str) -> list[EventArg]:
+    res: list[EventArg] = []
+    for raw in text.split(","):
+        arg = raw.strip()
+        if not arg:
+            raise ValueError("empty argument (did you forget to use 'void'?)")
+        if arg == "void":
+            continue
+        if "*" in arg:
+            t, ident = arg.rsplit("*", 1)
+            t += "*"
+            ident = ident.strip()
+        else:
+            parts = arg.rsplit(None, 1)
+            if len(parts) != 2:
+                raise ValueError(f"argument {arg!r} has no name")
+            t, ident = parts
+        if not ident.isidentifier():
+            raise ValueError(f"argument {arg!r} has no valid name")
+        res.append(EventArg(t, ident))
+    return res
+
+
+_PRI_RE = re.compile(r'"\s*PRI([diouxX])(8|16|32|64|PTR|MAX)\s*"')
+
+
+def _c_string(fmt_literal: str) -> str:
+    """Turn the C string-literal sequence of a format (with PRI macros) into one format string."""
+    s = fmt_literal.strip()
+    # "%" PRIx64 " ..." -> "%llx ..." (the macro sits between two literals)
+    s = _PRI_RE.sub(lambda m: "ll" + m.group(1) if m.group(2) == "64" else m.group(1), s)
+    s = re.sub(r'"\s*PRI([diouxX])(8|16|32|64|PTR|MAX)\s*$', lambda m: '"', s)  # trailing macro
+    # now join adjacent literals: "a" "b" -> "ab"
+    parts = re.findall(r'"((?:[^"\\]|\\.)*)"', s)
+    text = "".join(parts)
+    return text.replace('\\"', '"').replace("\\\\", "\\").replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _fmt_with_trailing_pri(fmt_literal: str) -> str:
+    # A format that ends with a PRI macro, e.g. `"offset 0x%" PRIx64`: put the macro's conversion back.
+    m = re.search(r'PRI([diouxX])(8|16|32|64|PTR|MAX)\s*$', fmt_literal.strip())
+    text = _c_string(fmt_literal)
+    if m:
+        text += ("ll" + m.group(1)) if m.group(2) == "64" else m.group(1)
+    return text
+
+
+def parse_event_line(line: str, lineno: int = 0, filename: str = "") -> TraceEvent:
+    m = _EVENT_RE.match(line)
+    if m is None:
+        raise ValueError("not an event declaration")
+    g = m.groupdict("")
+    props = g["props"].split()
+    unknown = set(props) - _VALID_PROPS
+    if unknown:
+        raise ValueError(f"unknown properties: {', '.join(sorted(unknown))}")
+    args = _parse_args(g["args"])
+    if len(args) > 10:
+        raise ValueError(f"event '{g['name']}' has more than 10 arguments")
+    fmt = _fmt_with_trailing_pri(g["fmt"]) if g["fmt"] else ""
+    if "vcpu" in props:
+        args = [EventArg("void *", "__cpu"), *args]
+        fmt = "cpu=%p " + fmt
+    return TraceEvent(g["name"], args, fmt, props, lineno, filename)
+
+
+class EventsFile:
+    """The events of a trace-events file, by name. Lines are parsed when an event is first asked for."""
+
+    def __init__(self, events: Iterable[TraceEvent] = (), path: str = "") -> None:
+        self.path = path
+        self._parsed: dict[str, TraceEvent] = {}
+        self._raw: dict[str, tuple[int, str]] = {}
+        for e in events:
+            self._parsed[e.name] = e
+
+    @classmethod
+    def from_text(cls, text: str, filename: str = "<events>") -> EventsFile:
+        ef = cls((), filename)
+        for lineno, line in enumerate(text.splitlines(), 1):
+            s = line.strip()
+            if not s or s[0] == "#":
+                continue
+            head = s.split("(", 1)[0].split()
+            if not head or "(" not in s:
+                raise BadInputError(f"{filename}:{lineno}: not a trace-events file: no event declaration")
+            ef._raw[head[-1]] = (lineno, s)
+        if not ef._raw:
+            raise BadInputError(f"{filename}: no trace events declared in it (not a trace-events file?)")
+        # parse one line now so that a file of garbage fails early with one clear line
+        ef._parse(next(iter(ef._raw)))
+        return ef
+
+    def _parse(self, name: str) -> Optional[TraceEvent]:
+        e = self._parsed.get(name)
+        if e is not None:
+            return e
+        raw = self._raw.get(name)
+        if raw is None:
+            return None
+        lineno, line = raw
+        try:
+            e = parse_event_line(line, lineno, self.path)
+        except ValueError as exc:
+            raise BadInputError(f"{self.path}:{lineno}: not a trace-events file: {exc}") from None
+        self._parsed[name] = e
+        return e
+
+    def names(self) -> list[str]:
+        return list(dict.fromkeys([*self._parsed, *self._raw]))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._parsed or name in self._raw
+
+    def __getitem__(self, name: str) -> TraceEvent:
+        e = self._parse(name)
+        if e is None:
+            raise KeyError(name)
+        return e
+
+    def get(self, name: str) -> Optional[TraceEvent]:
+        return self._parse(name)
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def __iter__(self) -> Iterator[TraceEvent]:
+        for n in self.names():
+            yield self[n]
+
+
+def parse_events(text: str, filename: str = "<events>") -> EventsFile:
+    """Parse the text of a trace-events file; a bad line is one clear BadInputError (when it is used)."""
+    return EventsFile.from_text(text, filename)
+
+
+def load_events(path: Union[str, os.PathLike]) -> EventsFile:
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if size > 64 << 20:
+            raise BadInputError(f"{p}: {size} bytes is too large for a trace-events file")
+        data = p.read_bytes()
+    except OSError as exc:
+        raise BadInputError(f"cannot read trace-events file {p}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadInputError(f"{p}: not a trace-events file (binary data)") from None
+    return parse_events(text, str(p))
+
+
+def _candidates() -> list[Path]:
+    cands: list[Path] = []
+    env = os.environ.get("VIRTOPT_TRACE_EVENTS")
+    if env:
+        cands.append(Path(env))
+    cands += [Path(p) for p in SYSTEM_EVENTS_FILES]
+    try:
+        from qemu_ext.vm import debug_qemu_dir
+
+        d = debug_qemu_dir()
+    except Exception:  # a broken cache must not stop decoding
+        d = None
+    if d is not None:
+        cands += [
+            d / "build" / "trace" / "trace-events-all",
+            d / "build" / "qemu-bundle" / "usr" / "local" / "share" / "qemu" / "trace-events-all",
+        ]
+    return cands
+
+
+def find_events_file() -> Path:
+    """The trace-events-all of the QEMU in use: $VIRTOPT_TRACE_EVENTS, /usr/share/qemu, a build tree."""
+    for c in _candidates():
+        if c.is_file():
+            return c
+    raise NotAvailableError(
+        "no trace-events-all found (looked in /usr/share/qemu and the debug build tree): pass --events FILE"
+    )
+
+
+_DEFAULT: dict[str, EventsFile] = {}
+
+
+def default_events() -> EventsFile:
+    p = str(find_events_file())
+    if p not in _DEFAULT:
+        _DEFAULT[p] = load_events(p)
+    return _DEFAULT[p]
+
+
+def get_events(events_file: Union[str, os.PathLike, EventsFile, None] = None) -> EventsFile:
+    """An EventsFile from a path, an EventsFile, or the default trace-events-all."""
+    if isinstance(events_file, EventsFile):
+        return events_file
+    if events_file is None:
+        return default_events()
+    return load_events(events_file)
