@@ -436,9 +436,10 @@ class Qcow2Image:
         return a.reshape(-1, 2) if self.extended_l2 else a
 
     def read_l2_tables(self, offsets: np.ndarray) -> np.ndarray:
-        """Many L2 tables at once: rows of (n,) or (n, 2) entries; tables past EOF read as zeros.
+        """Many L2 tables at once: rows of (n,) or (n, 2) entries.
 
-        Callers handle the past-EOF case themselves (check reports it)."""
+        Like QEMU's file driver, bytes past the end of the file read as zeros (check
+        reports such tables separately); offsets need not be aligned."""
         cs = self.cluster_size
         n = len(offsets)
         buf = bytearray(n * cs)
@@ -446,10 +447,12 @@ class Qcow2Image:
         fd = self._fd
         fsize = self.file_size
         for i, off in enumerate(offsets.tolist()):
-            if off + cs <= fsize:
-                got = os.preadv(fd, [mv[i * cs : (i + 1) * cs]], off)
-                if got != cs:
-                    raise self.bad(f"short read of L2 table at {off:#x}")
+            if off >= fsize:
+                continue
+            want = min(cs, fsize - off)
+            got = os.preadv(fd, [mv[i * cs : i * cs + want]], off)
+            if got != want:
+                raise self.bad(f"short read of L2 table at {off:#x}")
         a = np.frombuffer(buf, dtype=">u8").astype(np.uint64)
         return a.reshape(n, -1, 2) if self.extended_l2 else a.reshape(n, -1)
 

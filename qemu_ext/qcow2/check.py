@@ -1,0 +1,524 @@
+"""`virtopt qcow2 check`: read-only refcount recomputation with qemu-img check's semantics.
+
+Follows QEMU 7.2 block/qcow2-refcount.c (qcow2_check_refcounts and friends) without
+ever writing: every cluster referenced by the header, the active and snapshot
+L1/L2 tables, the snapshot table, the refcount table and blocks, the encryption
+header and the bitmaps is counted in an in-memory refcount array (numpy bincount
+per chunk of L2 tables), then compared with the on-disk refcounts.  The counts,
+JSON fields and exit codes are those of `qemu-img check`; in addition every problem
+is listed with the cluster, what is wrong and which table points there.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from qemu_ext.qcow2 import format as F
+from qemu_ext.qcow2.image import PathLike, Qcow2Image, open_image
+
+MAX_PROBLEMS = 10000
+U = np.uint64
+
+
+@dataclass
+class Problem:
+    """One finding: kind is corruption, leak or check-error."""
+
+    kind: str
+    what: str
+    offset: Optional[int] = None  # host offset concerned
+    cluster: Optional[int] = None  # host cluster index concerned
+    table: Optional[str] = None  # which table (and entry) points there
+    guest_offset: Optional[int] = None
+
+
+@dataclass
+class CheckResult:
+    filename: str
+    format: str = "qcow2"
+    check_errors: int = 0
+    corruptions: int = 0
+    leaks: int = 0
+    corruptions_fixed: int = 0
+    leaks_fixed: int = 0
+    image_end_offset: int = 0
+    total_clusters: int = 0
+    allocated_clusters: int = 0
+    fragmented_clusters: int = 0
+    compressed_clusters: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    problems_not_listed: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        """qemu-img check's: 1 check failed, 2 corruptions, 3 leaks only, 0 clean."""
+        if self.check_errors:
+            return 1
+        if self.corruptions:
+            return 2
+        if self.leaks:
+            return 3
+        return 0
+
+    def qemu_json(self) -> dict[str, Any]:
+        """The fields `qemu-img check --output=json` prints (optional ones only when non-zero)."""
+        d: dict[str, Any] = {}
+        if self.image_end_offset:
+            d["image-end-offset"] = self.image_end_offset
+        for key, val in (
+            ("total-clusters", self.total_clusters),
+            ("compressed-clusters", self.compressed_clusters),
+        ):
+            if val:
+                d[key] = val
+        d["check-errors"] = self.check_errors
+        for key, val in (
+            ("allocated-clusters", self.allocated_clusters),
+            ("corruptions", self.corruptions),
+            ("leaks", self.leaks),
+            ("corruptions-fixed", self.corruptions_fixed),
+            ("leaks-fixed", self.leaks_fixed),
+        ):
+            if val:
+                d[key] = val
+        d["filename"] = self.filename
+        d["format"] = self.format
+        if self.fragmented_clusters:
+            d["fragmented-clusters"] = self.fragmented_clusters
+        return d
+
+    def as_dict(self) -> dict[str, Any]:
+        d = self.qemu_json()
+        d["problems"] = [{k: v for k, v in asdict(p).items() if v is not None} for p in self.problems]
+        if self.problems_not_listed:
+            d["problems-not-listed"] = self.problems_not_listed
+        return d
+
+
+class _Checker:
+    def __init__(self, img: Qcow2Image, filename: str, progress: bool) -> None:
+        self.img = img
+        self.res = CheckResult(filename=filename)
+        self.cs = img.cluster_size
+        self.cb = img.cluster_bits
+        self.file_len = img.file_size
+        self.file_clusters = (self.file_len + self.cs - 1) >> self.cb
+        self.imrt = np.zeros(self.file_clusters, dtype=np.int64)
+        self.refmax = (1 << img.refcount_bits) - 1
+        self.progress = progress
+
+    # -------------------------------------------------------------- findings
+    def problem(self, kind: str, what: str, **kw: Any) -> None:
+        if kind == "corruption":
+            self.res.corruptions += 1
+        elif kind == "leak":
+            self.res.leaks += 1
+        else:
+            self.res.check_errors += 1
+        self.note(kind, what, **kw)
+
+    def note(self, kind: str, what: str, **kw: Any) -> None:
+        if len(self.res.problems) < MAX_PROBLEMS:
+            if kw.get("offset") is not None and kw.get("cluster") is None:
+                kw["cluster"] = int(kw["offset"]) >> self.cb
+            self.res.problems.append(Problem(kind, what, **kw))
+        else:
+            self.res.problems_not_listed += 1
+
+    # -------------------------------------------------------------- refcount increments
+    def inc(self, offs: np.ndarray, sizes: np.ndarray, tables: Any) -> None:
+        """qcow2_inc_refcounts_imrt for many regions at once.  tables(i) names region i's referrer."""
+        offs = offs.astype(np.int64)
+        sizes = np.broadcast_to(np.asarray(sizes, dtype=np.int64), offs.shape)
+        keep = sizes > 0
+        bad = keep & (offs + sizes - self.file_len >= self.cs)
+        for i in np.nonzero(bad)[0][: MAX_PROBLEMS + 1].tolist():
+            self.problem(
+                "corruption",
+                f"reference to a region exceeding the end of the file by one cluster or more "
+                f"(offset {int(offs[i]):#x} size {int(sizes[i]):#x})",
+                offset=int(offs[i]),
+                table=tables(i),
+            )
+        nbad = int(bad.sum())
+        if nbad > MAX_PROBLEMS + 1:
+            self.res.corruptions += nbad - (MAX_PROBLEMS + 1)
+            self.res.problems_not_listed += nbad - (MAX_PROBLEMS + 1)
+        good = keep & ~bad
+        if not good.any():
+            return
+        o = offs[good]
+        s = sizes[good]
+        start = o >> self.cb
+        last = (o + s - 1) >> self.cb
+        spans = last - start + 1
+        if int(spans.max()) == 1:
+            idx = start
+        else:
+            idx = np.repeat(start, spans)
+            first = np.repeat(np.cumsum(spans) - spans, spans)
+            idx = idx + (np.arange(len(idx), dtype=np.int64) - first)
+        top = int(idx.max()) + 1
+        if top > len(self.imrt):
+            grown = np.zeros(top, dtype=np.int64)
+            grown[: len(self.imrt)] = self.imrt
+            self.imrt = grown
+        self.imrt += np.bincount(idx, minlength=len(self.imrt))
+
+    def inc1(self, offset: int, size: int, table: str) -> None:
+        self.inc(np.array([offset], dtype=np.int64), np.array([size], dtype=np.int64), lambda i: table)
+
+    # -------------------------------------------------------------- on-disk refcounts
+    def load_disk_refcounts(self) -> None:
+        img = self.img
+        rt = img.refcount_table()
+        self.rt = rt
+        per = img.refcount_block_entries
+        self.rb_bits = per.bit_length() - 1
+        offs = rt & U(F.RT_OFFSET_MASK)
+        nz = np.nonzero(offs)[0]
+        n = (int(nz[-1]) + 1) * per if len(nz) else 0
+        disk = np.zeros(n, dtype=np.uint64)
+        err = np.zeros(len(rt), dtype=bool)  # refcount table entries whose block cannot be used
+        for i in nz.tolist():
+            off = int(offs[i])
+            if off % self.cs:
+                err[i] = True
+                continue
+            disk[i * per : (i + 1) * per] = img.decode_refcount_block(img.pread_zero_padded(off, self.cs))
+        self.disk = disk
+        self.disk_err = err
+
+    def disk_refcount(self, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(refcounts, error mask) of cluster indexes as qcow2_get_refcount returns them."""
+        clusters = clusters.astype(np.int64)
+        rti = clusters >> self.rb_bits
+        inside = (rti < len(self.rt)) & (clusters >= 0)
+        err = np.zeros(len(clusters), dtype=bool)
+        err[inside] = self.disk_err[rti[inside]]
+        out = np.zeros(len(clusters), dtype=np.uint64)
+        ok = inside & ~err & (clusters < len(self.disk))
+        out[ok] = self.disk[clusters[ok]]
+        return out, err
+
+    # -------------------------------------------------------------- L1 / L2
+    def check_l1(self, l1_offset: int, l1_size: int, label: str, active: bool) -> None:
+        img = self.img
+        cs = self.cs
+        if not l1_size:
+            return
+        self.inc1(l1_offset, l1_size * 8, f"header ({label} L1 table)")
+        l1 = np.frombuffer(img.pread_zero_padded(l1_offset, l1_size * 8), dtype=">u8").astype(np.uint64)
+        used = np.nonzero(l1)[0]
+        if not len(used):
+            return
+        resv = (l1[used] & U(F.L1E_RESERVED_MASK)) != 0
+        for i in used[resv].tolist():
+            self.problem("corruption", f"L1 entry with reserved bits set: {int(l1[i]):#x}", table=f"{label} L1 entry {i}")
+        l2_offs = (l1[used] & U(F.L1E_OFFSET_MASK)).astype(np.int64)
+        n_entries = img.l2_entries_per_table
+        chunk = max(1, (8 << 20) // cs)
+        ext = img.extended_l2
+        data_file = img.has_data_file
+        cb = self.cb
+        l1_copied = (l1[used] & U(F.L1E_COPIED)) != 0
+        for s in range(0, len(used), chunk):
+            sel = used[s : s + chunk]
+            offs = l2_offs[s : s + chunk]
+            # L2 tables themselves
+            self.inc(offs, np.full(len(offs), cs, dtype=np.int64), lambda i, sel=sel: f"{label} L1 entry {int(sel[i])}")
+            for i in np.nonzero(offs % cs)[0].tolist():
+                self.problem(
+                    "corruption",
+                    f"L2 table at {int(offs[i]):#x} is not cluster aligned; L1 entry corrupted",
+                    offset=int(offs[i]),
+                    table=f"{label} L1 entry {int(sel[i])}",
+                )
+            if active:
+                self.check_l1_copied(sel, offs, l1_copied[s : s + chunk], l1[sel])
+            tabs = img.read_l2_tables(offs.astype(np.uint64))
+            if ext:
+                ent = tabs[:, :, 0]
+                bmp = tabs[:, :, 1]
+            else:
+                ent = tabs
+                bmp = np.zeros_like(tabs)
+            self.check_l2_chunk(sel, offs, ent, bmp, label, active, n_entries, data_file, cb)
+            if self.bar is not None:
+                self.bar.update(len(sel))
+
+    def where(self, label: str, sel: np.ndarray, offs: np.ndarray, r: int, j: int, n_entries: int) -> dict[str, Any]:
+        return {
+            "table": f"{label} L2 table at {int(offs[r]):#x} (L1 entry {int(sel[r])}) entry {j}",
+            "guest_offset": (int(sel[r]) * n_entries + j) * self.cs,
+        }
+
+    def check_l2_chunk(
+        self, sel: np.ndarray, offs: np.ndarray, ent: np.ndarray, bmp: np.ndarray, label: str, active: bool,
+        n_entries: int, data_file: bool, cb: int,
+    ) -> None:
+        cs = self.cs
+        compressed = (ent & U(F.L2E_COMPRESSED)) != 0
+        off = ent & U(F.L2E_OFFSET_MASK)
+        zero_flag = ((ent & U(F.L2E_ZERO)) != 0) & (not self.img.extended_l2)
+        copied = (ent & U(F.L2E_COPIED)) != 0
+        zero_alloc = ~compressed & zero_flag & (off != 0)
+        zero_plain = ~compressed & zero_flag & (off == 0)
+        nz_off = (off != 0) | (copied if data_file else False)
+        normal = ~compressed & ~zero_flag & nz_off
+        unalloc = ~compressed & ~zero_flag & ~nz_off
+        del zero_plain
+
+        def report(mask: np.ndarray, what: Any, kind: str = "corruption") -> None:
+            rr, jj = np.nonzero(mask)
+            for r, j in zip(rr.tolist(), jj.tolist()):
+                text = what(r, j) if callable(what) else what
+                self.problem(kind, text, offset=None, **self.where(label, sel, offs, r, j, n_entries))
+
+        # reserved bits of standard descriptors
+        resv = ~compressed & ((ent & U(F.L2E_STD_RESERVED_MASK)) != 0)
+        if resv.any():
+            report(resv, lambda r, j: f"L2 entry with reserved bits set: {int(ent[r, j]):#x}")
+        # compressed clusters
+        if compressed.any():
+            x, nbits = F.compressed_field_widths(cb)
+            cc = compressed & copied
+            if cc.any():
+                report(cc, "copied flag set on a compressed cluster")
+            usable = compressed.copy()
+            if data_file:
+                report(compressed, "compressed cluster in an image with an external data file")
+                usable[:] = False
+            bad_bmp = usable & (bmp != 0)
+            if bad_bmp.any():
+                report(bad_bmp, "compressed cluster with a non-zero subcluster allocation bitmap")
+                usable &= ~bad_bmp
+            rr, jj = np.nonzero(usable)
+            e = ent[rr, jj]
+            coff = (e & U((1 << x) - 1)).astype(np.int64)
+            nsec = ((e >> U(x)) & U((1 << nbits) - 1)).astype(np.int64) + 1
+            csize = nsec * 512 - (coff & 511)
+            self.inc(coff, csize, lambda i: self.where(label, sel, offs, int(rr[i]), int(jj[i]), n_entries)["table"])
+            if active:
+                k = len(rr)
+                self.res.allocated_clusters += k
+                self.res.compressed_clusters += k
+                self.res.fragmented_clusters += k
+        # allocated standard clusters (normal and preallocated zero)
+        alloc = normal | zero_alloc
+        if alloc.any():
+            if self.img.extended_l2:
+                badbm = alloc & (((bmp >> U(32)) & bmp) != 0)
+                if badbm.any():
+                    report(badbm, "allocated cluster has a corrupted subcluster allocation bitmap")
+            unal = alloc & ((off & U(cs - 1)) != 0)
+            if unal.any():
+                report(unal, lambda r, j: f"data cluster offset {int(off[r, j]):#x} is not cluster aligned; L2 entry corrupted")
+            rr, jj = np.nonzero(alloc)
+            o = off[rr, jj].astype(np.int64)
+            if active:
+                self.res.allocated_clusters += len(rr)
+                # fragmentation: per L2 table, an allocated cluster not following the previous one
+                same_row = np.zeros(len(rr), dtype=bool)
+                same_row[1:] = rr[1:] == rr[:-1]
+                contiguous = np.zeros(len(rr), dtype=bool)
+                contiguous[1:] = o[1:] == o[:-1] + cs
+                self.res.fragmented_clusters += int((same_row & ~contiguous).sum())
+            if not data_file:
+                self.inc(o, np.full(len(o), cs, dtype=np.int64),
+                         lambda i: self.where(label, sel, offs, int(rr[i]), int(jj[i]), n_entries)["table"])
+            if active:
+                # OFLAG_COPIED of data clusters against the on-disk refcount
+                if data_file:
+                    rc = np.ones(len(o), dtype=np.uint64)
+                    err = np.zeros(len(o), dtype=bool)
+                else:
+                    rc, err = self.disk_refcount(o >> cb)
+                cp = copied[rr, jj]
+                mism = ~err & ((rc == 1) != cp)
+                for i in np.nonzero(mism)[0].tolist():
+                    r, j = int(rr[i]), int(jj[i])
+                    self.problem(
+                        "corruption",
+                        f"OFLAG_COPIED data cluster: l2_entry={int(ent[r, j]):x} refcount={int(rc[i])}",
+                        offset=int(o[i]),
+                        **self.where(label, sel, offs, r, j, n_entries),
+                    )
+        if self.img.extended_l2:
+            ua = unalloc & ((bmp & U(F.L2_BITMAP_ALLOC_MASK)) != 0)
+            if ua.any():
+                report(ua, "unallocated cluster has a non-zero subcluster allocation bitmap")
+
+    def check_l1_copied(self, sel: np.ndarray, offs: np.ndarray, copied: np.ndarray, raw: np.ndarray) -> None:
+        nz = offs != 0
+        if not nz.any():
+            return
+        rc, err = self.disk_refcount(offs >> self.cb)
+        mism = nz & ~err & ((rc == 1) != copied)
+        for i in np.nonzero(mism)[0].tolist():
+            self.problem(
+                "corruption",
+                f"OFLAG_COPIED L2 cluster: l1_index={int(sel[i])} l1_entry={int(raw[i]):x} refcount={int(rc[i])}",
+                offset=int(offs[i]),
+                table=f"active L1 entry {int(sel[i])}",
+            )
+
+    # -------------------------------------------------------------- the rest of the metadata
+    def check_bitmaps(self) -> None:
+        img = self.img
+        if not (img.header.autoclear_features & F.AUTOCLEAR_BITMAPS):
+            return
+        bx = img.bitmaps_extension()
+        if bx is None or bx.nb_bitmaps == 0:
+            return
+        self.inc1(bx.bitmap_directory_offset, bx.bitmap_directory_size, "bitmaps extension (bitmap directory)")
+        for bm in img.bitmaps():
+            self.inc1(bm.bitmap_table_offset, bm.bitmap_table_size * 8, f"bitmap {bm.name!r} directory entry")
+            tab = np.frombuffer(
+                img.pread_zero_padded(bm.bitmap_table_offset, bm.bitmap_table_size * 8), dtype=">u8"
+            ).astype(np.uint64)
+            off = tab & U(F.BME_TABLE_ENTRY_OFFSET_MASK)
+            bad = ((tab & U(F.BME_TABLE_ENTRY_RESERVED_MASK)) != 0) | (
+                (off != 0) & (((tab & U(1)) != 0) | ((off % U(self.cs)) != 0))
+            )
+            for i in np.nonzero(bad)[0].tolist():
+                self.problem("corruption", f"invalid bitmap table entry {int(tab[i]):#x}",
+                             table=f"bitmap {bm.name!r} table entry {i}")
+            ok = ~bad & (off != 0)
+            idx = np.nonzero(ok)[0]
+            self.inc(off[ok].astype(np.int64), np.full(len(idx), self.cs, dtype=np.int64),
+                     lambda i, idx=idx, bm=bm: f"bitmap {bm.name!r} table entry {int(idx[i])}")
+
+    def check_refblocks(self) -> None:
+        cs = self.cs
+        rt = self.rt
+        nb = max(len(self.imrt), self.file_clusters)
+        resv = (rt & U(F.RT_RESERVED_MASK)) != 0
+        offs = (rt & U(F.RT_OFFSET_MASK)).astype(np.int64)
+        unal = ~resv & ((offs % cs) != 0)
+        for i in np.nonzero(resv)[0].tolist():
+            self.problem("corruption", f"refcount table entry {i} has reserved bits set", table=f"refcount table entry {i}")
+        for i in np.nonzero(unal)[0].tolist():
+            self.problem("corruption", f"refcount block {i} is not cluster aligned; refcount table entry corrupted",
+                         offset=int(offs[i]), table=f"refcount table entry {i}")
+        rest = ~resv & ~unal
+        outside = rest & ((offs >> self.cb) >= nb)
+        for i in np.nonzero(outside)[0].tolist():
+            self.problem("corruption", f"refcount block {i} is outside the image", offset=int(offs[i]),
+                         table=f"refcount table entry {i}")
+        use = np.nonzero(rest & ~outside & (offs != 0))[0]
+        if not len(use):
+            return
+        o = offs[use]
+        c = o >> self.cb
+        before = np.zeros(len(c), dtype=np.int64)
+        inside = c < len(self.imrt)
+        before[inside] = self.imrt[c[inside]]
+        self.inc(o, np.full(len(o), cs, dtype=np.int64), lambda i: f"refcount table entry {int(use[i])}")
+        # blocks are processed in table order: each sees the count right after its own increment
+        order = np.argsort(c, kind="stable")
+        c_sorted = c[order]
+        group_start = np.ones(len(c), dtype=bool)
+        group_start[1:] = c_sorted[1:] != c_sorted[:-1]
+        first = np.maximum.accumulate(np.where(group_start, np.arange(len(c)), 0))
+        rank = np.empty(len(c), dtype=np.int64)
+        rank[order] = np.arange(len(c)) - first
+        seen = np.minimum(before + rank + 1, self.refmax)
+        for i in np.nonzero(seen != 1)[0].tolist():
+            self.problem("corruption", f"refcount block {int(use[i])} refcount={int(seen[i])}", offset=int(o[i]),
+                         table=f"refcount table entry {int(use[i])}")
+
+    def compare(self) -> None:
+        nb = max(len(self.imrt), self.file_clusters)
+        ref = np.zeros(nb, dtype=np.int64)
+        ref[: len(self.imrt)] = self.imrt
+        over = ref - self.refmax
+        if (over > 0).any():
+            for i in np.nonzero(over > 0)[0][:MAX_PROBLEMS].tolist():
+                self.note("corruption", f"refcount overflow: {int(ref[i])} references, at most {self.refmax} fit",
+                          cluster=i, offset=i * self.cs)
+            self.res.corruptions += int(over[over > 0].sum())
+            ref = np.minimum(ref, self.refmax)
+        disk, err = self.disk_refcount(np.arange(nb, dtype=np.int64))
+        nerr = int(err.sum())
+        if nerr:
+            self.res.check_errors += nerr
+            first = np.nonzero(err)[0]
+            for i in first[:MAX_PROBLEMS].tolist():
+                self.note("check-error", f"cannot get the refcount of cluster {i} (refcount block unaligned)", cluster=i)
+        ref_u = ref.astype(np.uint64)
+        used = ~err & ((disk > 0) | (ref_u > 0))
+        idx = np.nonzero(used)[0]
+        highest = int(idx[-1]) if len(idx) else 0
+        mism = ~err & (disk != ref_u)
+        low = mism & (disk < ref_u)
+        leak = mism & (disk > ref_u)
+        self.res.corruptions += int(low.sum())
+        self.res.leaks += int(leak.sum())
+        for i in np.nonzero(mism)[0][:MAX_PROBLEMS].tolist():
+            kind = "corruption" if disk[i] < ref_u[i] else "leak"
+            what = (
+                f"cluster {i} refcount={int(disk[i])} reference={int(ref_u[i])}"
+                + (" (refcount too low)" if kind == "corruption" else " (leaked)")
+            )
+            self.note(kind, what, cluster=i, offset=i * self.cs)
+        self.res.image_end_offset = (highest + 1) * self.cs
+        self.mismatched = np.nonzero(mism)[0]
+
+    def run(self) -> CheckResult:
+        from qemu_ext.output import progress
+
+        img = self.img
+        h = img.header
+        self.res.total_clusters = (((h.size + 511) // 512 * 512) + self.cs - 1) >> self.cb
+        # snapshot table sanity (qcow2_check_read_snapshot_table)
+        snaps = img.snapshots()
+        if h.version >= 3:
+            for sn in snaps:
+                if sn.extra_data_size < 16:
+                    self.problem("corruption", f"snapshot table entry {sn.index} is incomplete",
+                                 offset=sn.entry_offset, table="snapshot table")
+        self.load_disk_refcounts()
+        l1n = int(np.count_nonzero(img.l1_entries())) if h.l1_size else 0
+        total = l1n + sum(int(sn.l1_size) for sn in snaps)
+        self.bar = progress(total, "qcow2 check", unit="L2") if self.progress else None
+        try:
+            self.inc1(0, self.cs, "header")
+            self.check_l1(h.l1_table_offset, h.l1_size, "active", True)
+            if img.has_data_file and h.nb_snapshots:
+                self.problem("corruption", f"{h.nb_snapshots} snapshots in an image with a data file")
+            for sn in snaps:
+                label = f"snapshot {sn.id} ({sn.name})"
+                if sn.l1_table_offset % self.cs:
+                    self.problem("corruption", f"{label}: L1 table is not cluster aligned; snapshot table entry corrupted",
+                                 offset=sn.l1_table_offset, table="snapshot table")
+                    continue
+                if sn.l1_size > F.QCOW_MAX_L1_SIZE // 8:
+                    self.problem("corruption", f"{label}: L1 table is too large", table="snapshot table")
+                    continue
+                self.check_l1(sn.l1_table_offset, sn.l1_size, label, False)
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+        if h.nb_snapshots:
+            self.inc1(h.snapshots_offset, img.snapshot_table_size(), "header (snapshot table)")
+        self.inc1(h.refcount_table_offset, h.refcount_table_clusters * self.cs, "header (refcount table)")
+        for e in img.extensions:
+            if e.type == F.EXT_CRYPTO_HEADER and len(e.data) >= 16:
+                cx = F.CryptoHeaderExtension.parse(e.data[:16])
+                if cx.length:
+                    self.inc1(cx.offset, cx.length, "full disk encryption header extension")
+        self.check_bitmaps()
+        self.check_refblocks()
+        self.compare()
+        return self.res
+
+
+def check_image(path: PathLike, progress: bool = True) -> CheckResult:
+    """Check a qcow2 image read-only, like `qemu-img check` (no repair)."""
+    with open_image(path) as img:
+        return _Checker(img, os.fspath(path), progress).run()
