@@ -432,3 +432,71 @@ def smaps_rollup(root: str, pid: int) -> dict[str, int]:
         return kb_fields(read_text(root, f"proc/{pid}/smaps_rollup"))
     except FileNotFoundError:
         return kb_fields(read_text(root, f"proc/{pid}/smaps", limit=256 << 20))
+
+
+def kernel_config(root: str = "/") -> dict[str, str]:
+    """The kernel's build config ({"CONFIG_HZ": "250", ...}) from /proc/config.gz or /boot/config-RELEASE."""
+    import gzip
+
+    text: Optional[str] = None
+    try:
+        with open(path(root, "proc/config.gz"), "rb") as f:
+            raw = f.read(MAX_READ)
+        text = gzip.decompress(raw).decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        release = read_first_line(root, "proc/sys/kernel/osrelease")
+        text = read_text(root, f"boot/config-{release}")
+    except (OSError, EOFError) as exc:
+        if isinstance(exc, PermissionError):
+            raise
+        raise ValueError(f"cannot decompress {path(root, 'proc/config.gz')}: {exc}") from exc
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("CONFIG_"):
+            k, _, v = line.partition("=")
+            out[k] = v.strip('"')
+        elif line.startswith("# CONFIG_") and line.endswith(" is not set"):
+            out[line[2:].split()[0]] = "n"
+    return out
+
+
+@dataclass
+class Task:
+    pid: int
+    tid: int
+    comm: str
+    last_cpu: Optional[int]
+    affinity: list[int]
+    kthread: bool
+
+
+PF_KTHREAD = 0x00200000
+
+
+def all_tasks(root: str = "/") -> list[Task]:
+    """Every thread of every process under root/proc (ones that vanish while read are skipped)."""
+    out: list[Task] = []
+    for pid in pids(root):
+        try:
+            tlist = tids(root, pid)
+        except OSError:
+            continue
+        for tid in tlist:
+            try:
+                st = task_stat(root, pid, tid)
+                status_text = read_text(root, f"proc/{pid}/task/{tid}/status")
+            except (OSError, ValueError):
+                continue
+            aff = ""
+            for line in status_text.splitlines():
+                if line.startswith("Cpus_allowed_list:"):
+                    aff = line.partition(":")[2].strip()
+                    break
+            try:
+                flags = int(st[8])
+                last = int(st[38]) if len(st) > 38 else None
+                affinity = parse_cpu_list(aff)
+            except (ValueError, IndexError):
+                continue
+            out.append(Task(pid, tid, st[1], last, affinity, bool(flags & PF_KTHREAD)))
+    return out

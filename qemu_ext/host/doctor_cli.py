@@ -1,0 +1,90 @@
+"""`virtopt doctor [--pid PID | --qmp SOCKET] [--interval S] [--root DIR]`: render qemu_ext.host.doctor."""
+
+from __future__ import annotations
+
+import argparse
+
+from qemu_ext.output import add_output_option, print_json
+
+EPILOG = """\
+examples:
+  virtopt doctor
+  virtopt doctor --pid $(pidof qemu-system-x86_64) --interval 2
+  virtopt doctor --qmp /run/vm.qmp --output=json
+  virtopt doctor --check tracing --check x2apic
+  virtopt doctor --root captured/ --second-sample captured/later --interval 1
+
+checks: cpu-isolation, timer-ticks, isolated-use, x2apic, kvm, tracing, irq-affinity, irq-load,
+cache-topology, numa, huge-pages; with --pid/--qmp also threads, vcpu-pinning, qemu-memory.
+Each says what it found, a verdict (ok, warn, bad, unknown: a file it needs is missing or not
+readable) and the fix. timer-ticks and irq-load sample /proc/interrupts and /proc/stat twice,
+--interval seconds apart (0 skips them).
+
+exit codes: 0 the checks ran (whatever they found; see --fail-on), 1 --fail-on matched or the
+QEMU/QMP socket could not be read, 2 usage error.
+"""
+
+MARK = {"ok": "[ OK ]", "warn": "[WARN]", "bad": "[BAD ]", "unknown": "[ ?? ]"}
+
+
+def register(sub: argparse._SubParsersAction, name: str, summary: str) -> None:
+    p = sub.add_parser(
+        name,
+        help=summary,
+        description=summary,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--pid", type=int, help="a QEMU process to check as well (threads, pinning, memory)")
+    p.add_argument("--qmp", metavar="SOCKET", help="a QEMU's QMP socket (gives its pid, vCPUs and iothreads)")
+    p.add_argument("--interval", type=float, default=1.0, metavar="S",
+                   help="seconds between the two samples of /proc/interrupts and /proc/stat (default 1; 0 = skip)")
+    p.add_argument("--root", default="/", metavar="DIR",
+                   help="read /proc and /sys under DIR (a captured tree) instead of / (default /)")
+    p.add_argument("--second-sample", metavar="DIR",
+                   help="with --root: a tree holding proc/interrupts and proc/stat taken --interval s later")
+    p.add_argument("--check", action="append", metavar="ID", help="run only this check (repeatable)")
+    p.add_argument("--fail-on", choices=("bad", "warn"), help="exit 1 when a check is bad (or warn or bad)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print each check's details")
+    add_output_option(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from qemu_ext.errors import BadInputError
+    from qemu_ext.host.doctor import run_doctor
+    from qemu_ext.host.threads_cli import resolve
+
+    if not os.path.isdir(args.root):
+        raise BadInputError(f"--root {args.root}: not a directory", exit_code=2)
+    if args.second_sample and not os.path.isdir(args.second_sample):
+        raise BadInputError(f"--second-sample {args.second_sample}: not a directory", exit_code=2)
+    pid = vcpus = iothreads = None
+    if args.pid is not None or args.qmp:
+        pid, vcpus, iothreads = resolve(args.pid, args.qmp)
+    report = run_doctor(args.root, pid, vcpus, iothreads, args.interval, args.second_sample, args.check)
+    if args.output == "json":
+        print_json(report.to_dict())
+    else:
+        where = "" if args.root == "/" else f" (tree {args.root})"
+        print(f"virtopt doctor{where}" + (f", QEMU pid {pid}" if pid is not None else ""))
+        for c in report.checks:
+            print(f"{MARK.get(c.verdict, c.verdict)} {c.id:<15} {c.summary}")
+            if args.verbose:
+                for d in c.details:
+                    print(f"{'':22}{d}")
+            elif c.verdict != "ok":
+                for d in c.details[:5]:
+                    print(f"{'':22}{d}")
+            if c.fix and c.verdict != "ok":
+                print(f"{'':22}fix: {c.fix}")
+        n = report.counts()
+        print(f"{n['ok']} ok, {n['warn']} warn, {n['bad']} bad, {n['unknown']} unknown")
+    counts = report.counts()
+    if args.fail_on == "bad" and counts["bad"]:
+        return 1
+    if args.fail_on == "warn" and (counts["bad"] or counts["warn"]):
+        return 1
+    return 0
