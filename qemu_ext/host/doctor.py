@@ -59,13 +59,18 @@ class Check:
 
 @dataclass
 class Samples:
-    """/proc/interrupts and /proc/stat at two moments ``interval`` seconds apart."""
+    """/proc/interrupts and /proc/stat at two moments ``interval`` seconds apart.
+
+    A file that could not be read (or parsed) leaves its pair None and says why in irq_error / stat_error.
+    """
 
     interval: float
-    irq0: procfs.Interrupts
-    irq1: procfs.Interrupts
-    stat0: dict[str, dict[str, int]]
-    stat1: dict[str, dict[str, int]]
+    irq0: Optional[procfs.Interrupts] = None
+    irq1: Optional[procfs.Interrupts] = None
+    stat0: Optional[dict[str, dict[str, int]]] = None
+    stat1: Optional[dict[str, dict[str, int]]] = None
+    irq_error: Optional[str] = None
+    stat_error: Optional[str] = None
 
 
 @dataclass
@@ -240,15 +245,21 @@ def check_cpu_isolation(ctx: _Ctx) -> Check:
     return Check("cpu-isolation", title, verdict, summary, found, fix, details)
 
 
-def _deltas(ctx: _Ctx) -> Samples:
-    if ctx.samples is None:
+def _deltas(ctx: _Ctx, kind: str) -> Samples:
+    s = ctx.samples
+    if s is None:
         raise ValueError(ctx.sample_error or "not sampled (--interval 0)")
-    return ctx.samples
+    if kind == "irq" and (s.irq0 is None or s.irq1 is None):
+        raise ValueError(s.irq_error or "/proc/interrupts not sampled")
+    if kind == "stat" and (s.stat0 is None or s.stat1 is None):
+        raise ValueError(s.stat_error or "/proc/stat not sampled")
+    return s
 
 
 def check_timer_ticks(ctx: _Ctx) -> Check:
     title = "local timer interrupts per CPU per second"
-    s = _deltas(ctx)
+    s = _deltas(ctx, "irq")
+    assert s.irq0 is not None and s.irq1 is not None
     r0, r1 = s.irq0.rows.get("LOC"), s.irq1.rows.get("LOC")
     if r0 is None or r1 is None:
         raise ValueError("no 'LOC: Local timer interrupts' line in /proc/interrupts")
@@ -545,7 +556,8 @@ def check_irq_affinity(ctx: _Ctx) -> Check:
 def check_irq_load(ctx: _Ctx) -> Check:
     """irq+softirq time per CPU between the two /proc/stat samples (irqbalance's cpu->last_load)."""
     title = "irq+softirq load per CPU (as irqbalance computes it)"
-    s = _deltas(ctx)
+    s = _deltas(ctx, "stat")
+    assert s.stat0 is not None and s.stat1 is not None
     clk = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     per: dict[str, dict[str, float]] = {}
     for name, f1 in s.stat1.items():
@@ -743,15 +755,30 @@ QEMU_CHECKS: list[tuple[str, str, Callable[[_Ctx], Check]]] = [
 CHECK_IDS = [c[0] for c in HOST_CHECKS + QEMU_CHECKS]
 
 
+def _try_read(root: str, reader: Callable[[str], Any]) -> Any:
+    try:
+        return reader(root), None
+    except (OSError, ValueError) as exc:
+        return None, _why(exc)
+
+
 def take_samples(root: str, interval: float, second_root: Optional[str] = None) -> Samples:
     """Read /proc/interrupts and /proc/stat, wait ``interval`` s (or read ``second_root``), read them again."""
-    irq0, stat0 = procfs.interrupts(root), procfs.proc_stat(root)
+    irq0, irq_err = _try_read(root, procfs.interrupts)
+    stat0, stat_err = _try_read(root, procfs.proc_stat)
     if second_root is not None:
-        return Samples(interval, irq0, procfs.interrupts(second_root), stat0, procfs.proc_stat(second_root))
-    t0 = time.monotonic()
-    time.sleep(interval)
-    irq1, stat1 = procfs.interrupts(root), procfs.proc_stat(root)
-    return Samples(max(time.monotonic() - t0, 1e-3), irq0, irq1, stat0, stat1)
+        src, took = second_root, interval
+    else:
+        t0 = time.monotonic()
+        time.sleep(interval)
+        src = root
+        took = max(time.monotonic() - t0, 1e-3)
+    irq1 = stat1 = None
+    if irq0 is not None:
+        irq1, irq_err = _try_read(src, procfs.interrupts)
+    if stat0 is not None:
+        stat1, stat_err = _try_read(src, procfs.proc_stat)
+    return Samples(took, irq0, irq1, stat0, stat1, irq_err, stat_err)
 
 
 def run_doctor(
@@ -782,10 +809,7 @@ def run_doctor(
     sample_error: Optional[str] = None
     if any(c[0] in ("timer-ticks", "irq-load") for c in checks):
         if interval > 0:
-            try:
-                samples = take_samples(root, interval, second_root)
-            except (OSError, ValueError) as exc:
-                sample_error = _why(exc)
+            samples = take_samples(root, interval, second_root)
         else:
             sample_error = "not sampled (--interval 0)"
     ctx = _Ctx(root, pid, vcpus, iothreads, samples, sample_error)
