@@ -1,0 +1,291 @@
+"""`virtopt qcow2 ...`: render what the qcow2 library returns (info, map, check, dump, read, convert)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from qemu_ext.errors import BadInputError
+from qemu_ext.output import add_output_option, dumps_json, human_size, print_json
+
+RAW = argparse.RawDescriptionHelpFormatter
+
+
+def _num(text: str) -> int:
+    """A byte count/offset: decimal, 0x hex, or with a k/M/G/T suffix (powers of 1024)."""
+    t = text.strip()
+    mult = 1
+    suffixes = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    if t and t[-1].lower() in suffixes:
+        mult = suffixes[t[-1].lower()]
+        t = t[:-1]
+    try:
+        v = int(t, 0) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return v
+
+
+def _progress_wanted() -> bool:
+    return sys.stderr.isatty()
+
+
+# ------------------------------------------------------------------ info
+def _info_human(d: dict[str, Any]) -> str:
+    lines = [
+        f"image: {d['filename']}",
+        f"file format: {d['format']}",
+        f"virtual size: {human_size(d['virtual-size'])} ({d['virtual-size']} bytes)",
+    ]
+    if "actual-size" in d:
+        lines.append(f"disk size: {human_size(d['actual-size'])}")
+    if "cluster-size" in d:
+        lines.append(f"cluster_size: {d['cluster-size']}")
+    if "backing-filename" in d:
+        bf = d["backing-filename"]
+        full = d.get("full-backing-filename")
+        lines.append(f"backing file: {bf}" + (f" (actual path: {full})" if full and full != bf else ""))
+        if "backing-filename-format" in d:
+            lines.append(f"backing file format: {d['backing-filename-format']}")
+    if d.get("snapshots"):
+        lines.append("Snapshot list:")
+        lines.append(f"{'ID':<10}{'TAG':<18}{'VM SIZE':>8} {'DATE':>19} {'VM CLOCK':>12} {'ICOUNT':>10}")
+        import datetime
+
+        for s in d["snapshots"]:
+            date = datetime.datetime.fromtimestamp(s["date-sec"]).strftime("%Y-%m-%d %H:%M:%S")
+            secs = s["vm-clock-sec"]
+            clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{s['vm-clock-nsec'] // 1000000:03d}"
+            lines.append(f"{s['id']:<10}{s['name']:<18}{human_size(s['vm-state-size']):>8} {date:>19} {clock:>12} "
+                         f"{s.get('icount', ''):>10}")
+    fs = d.get("format-specific", {}).get("data", {})
+    if fs:
+        lines.append("Format specific information:")
+        for k, v in fs.items():
+            key = k.replace("-", " ")
+            if k == "bitmaps":
+                lines.append("    bitmaps:")
+                for i, bm in enumerate(v):
+                    lines.append(f"        [{i}]: {bm['name']} granularity {bm['granularity']} flags {','.join(bm['flags']) or '-'}")
+            else:
+                lines.append(f"    {key}: {str(v).lower() if isinstance(v, bool) else v}")
+    if d.get("dirty-flag"):
+        lines.append("dirty flag: true")
+    x = d.get("virtopt")
+    if x:
+        lines.append("virtopt (not shown by qemu-img):")
+        lines.append(f"    version {x['version']}, header length {x['header-length']}, L2 entry size {x['l2-entry-size']}")
+        lines.append(f"    L2 tables allocated: {x['l2-tables-allocated']} (+{x['l2-tables-snapshots-only']} only in snapshots), "
+                     f"refcount blocks: {x['refcount-blocks']}")
+        lines.append(f"    metadata: {human_size(x['metadata-bytes'])} ({x['metadata-bytes']} bytes)")
+        lines.append(f"    clusters: {x['data-clusters']} data, {x['compressed-clusters']} compressed "
+                     f"({human_size(x['compressed-bytes'])}), {x['zero-clusters']} zero, "
+                     f"{x['zero-clusters-preallocated']} preallocated zero")
+        lines.append(f"    fragmentation: {x['fragmentation'] * 100:.2f}% ({x['fragmented-clusters']}/{x['allocated-clusters']})")
+        feats = x["features"]
+        lines.append("    features: " + "; ".join(f"{k}: {', '.join(v) or '-'}" for k, v in feats.items()))
+        lines.append(f"    header extensions: {', '.join(x['extensions']) or '-'}")
+        for s in x["snapshots"]:
+            if "error" in s:
+                lines.append(f"    snapshot {s['id']} {s['name']}: {s['error']}")
+                continue
+            lines.append(f"    snapshot {s['id']} {s['name']}: references {human_size(s['referenced-bytes'])}, "
+                         f"{human_size(s['exclusive-data-bytes'])} of data only it holds, {s['l2-tables']} L2 tables")
+        for b in x["bitmaps"]:
+            lines.append(f"    bitmap {b['name']}: granularity {b['granularity']}, flags {','.join(b['flags']) or '-'}, "
+                         f"{b['data-clusters']} data clusters")
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from qemu_ext.qcow2.info import image_info
+
+    infos = image_info(args.image, backing_chain=args.backing_chain, with_extras=not args.qemu_only)
+    if args.output == "json":
+        print_json(infos if args.backing_chain else infos[0])
+    else:
+        print("\n\n".join(_info_human(d) for d in infos))
+    return 0
+
+
+# ------------------------------------------------------------------ map
+def cmd_map(args: argparse.Namespace) -> int:
+    from qemu_ext.qcow2.map import image_map, render_human, render_json
+
+    entries = image_map(args.image, progress=_progress_wanted())
+    if args.output == "json":
+        sys.stdout.write(render_json(entries))
+    else:
+        sys.stdout.write(render_human(entries))
+    return 0
+
+
+# ------------------------------------------------------------------ check
+def cmd_check(args: argparse.Namespace) -> int:
+    from qemu_ext.qcow2.check import check_image
+
+    res = check_image(args.image, progress=_progress_wanted())
+    if args.output == "json":
+        d = res.qemu_json() if args.qemu_only else res.as_dict()
+        print_json(d)
+    else:
+        for p in res.problems:
+            where = f" [{p.table}]" if p.table else ""
+            print(f"{p.kind.upper()}: {p.what}{where}")
+        if res.problems_not_listed:
+            print(f"... and {res.problems_not_listed} more problems not listed")
+        if not (res.corruptions or res.leaks or res.check_errors):
+            print("No errors were found on the image.")
+        else:
+            if res.corruptions:
+                print(f"\n{res.corruptions} errors were found on the image.\n"
+                      "Data may be corrupted, or further writes to the image may corrupt it.")
+            if res.leaks:
+                print(f"\n{res.leaks} leaked clusters were found on the image.\n"
+                      "This means waste of disk space, but no harm to data.")
+            if res.check_errors:
+                print(f"\n{res.check_errors} internal errors have occurred during the check.")
+        if res.total_clusters and res.allocated_clusters:
+            a, t = res.allocated_clusters, res.total_clusters
+            print(f"{a}/{t} = {a * 100.0 / t:0.2f}% allocated, {res.fragmented_clusters * 100.0 / a:0.2f}% fragmented, "
+                  f"{res.compressed_clusters * 100.0 / a:0.2f}% compressed clusters")
+        if res.image_end_offset:
+            print(f"Image end offset: {res.image_end_offset}")
+    if res.check_errors:
+        print("virtopt: check failed", file=sys.stderr)
+    return res.exit_code
+
+
+# ------------------------------------------------------------------ dump
+def cmd_dump(args: argparse.Namespace) -> int:
+    from qemu_ext.qcow2.dump import dump, render_human
+
+    d = dump(args.image, args.what, l1_index=args.l1_index, snapshot=args.snapshot)
+    if args.output == "json":
+        print_json(d)
+    else:
+        print(render_human(d))
+    return 0
+
+
+# ------------------------------------------------------------------ read / convert
+def cmd_read(args: argparse.Namespace) -> int:
+    from qemu_ext.qcow2.data import read_guest
+
+    data = read_guest(args.image, args.offset, args.length)
+    if args.output == "json":
+        print_json({"offset": args.offset, "length": len(data), "data": data.hex()})
+    elif args.output == "hex":
+        for i in range(0, len(data), 16):
+            row = data[i : i + 16]
+            text = "".join(chr(c) if 32 <= c < 127 else "." for c in row)
+            print(f"{args.offset + i:08x}:  {row.hex(' '):<47}  {text}")
+    else:
+        if sys.stdout.isatty():
+            raise BadInputError("refusing to write binary data to a terminal; redirect stdout or use --output=hex")
+        sys.stdout.buffer.write(data)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from qemu_ext.qcow2.data import convert_to_raw
+
+    size = convert_to_raw(args.image, args.out, progress=_progress_wanted())
+    if args.output == "json":
+        print_json({"filename": args.image, "output": args.out, "virtual-size": size})
+    else:
+        print(f"wrote {args.out}: {human_size(size)} ({size} bytes) of guest data")
+    return 0
+
+
+def register(sub: Any, name: str, summary: str) -> None:
+    """Add `virtopt qcow2` and its sub-commands to the top-level parser."""
+    p = sub.add_parser(name, help=summary, description=summary + ".\nImages are opened read-only and never written.",
+                       formatter_class=RAW, epilog="""examples:
+  virtopt qcow2 info disk.qcow2 --output=json
+  virtopt qcow2 map disk.qcow2 --output=json
+  virtopt qcow2 check disk.qcow2
+  virtopt qcow2 dump disk.qcow2 l2 --l1-index 0
+  virtopt qcow2 convert disk.qcow2 disk.raw
+""")
+    s = p.add_subparsers(dest="qcow2_cmd", metavar="COMMAND")
+
+    a = s.add_parser("info", help="qemu-img info fields plus L2/metadata/fragmentation/snapshot/bitmap facts",
+                     formatter_class=RAW, epilog="""examples:
+  virtopt qcow2 info disk.qcow2
+  virtopt qcow2 info top.qcow2 --backing-chain --output=json
+  virtopt qcow2 info disk.qcow2 --output=json --qemu-only   # exactly qemu-img's fields
+""")
+    a.add_argument("image")
+    a.add_argument("--backing-chain", action="store_true", help="show every image of the backing chain")
+    a.add_argument("--qemu-only", action="store_true", help="leave out the 'virtopt' extras (JSON like qemu-img's)")
+    add_output_option(a)
+    a.set_defaults(func=cmd_info)
+
+    m = s.add_parser("map", help="guest-to-host mapping, identical to qemu-img map", formatter_class=RAW,
+                     epilog="""examples:
+  virtopt qcow2 map disk.qcow2
+  virtopt qcow2 map top.qcow2 --output=json     # same bytes as qemu-img map --output=json
+""")
+    m.add_argument("image")
+    add_output_option(m)
+    m.set_defaults(func=cmd_map)
+
+    c = s.add_parser("check", help="read-only consistency check (qemu-img check counts and exit codes)",
+                     formatter_class=RAW, epilog="""examples:
+  virtopt qcow2 check disk.qcow2
+  virtopt qcow2 check disk.qcow2 --output=json
+
+exit codes (as qemu-img check): 0 clean, 2 corruptions, 3 leaked clusters only,
+1 the check could not finish.  Never repairs; every problem is listed.
+""")
+    c.add_argument("image")
+    c.add_argument("--qemu-only", action="store_true", help="JSON without the per-problem list")
+    add_output_option(c)
+    c.set_defaults(func=cmd_check)
+
+    from qemu_ext.qcow2.dump import WHAT
+
+    d = s.add_parser("dump", help="decoded header, extensions, L1/L2, refcounts, snapshots, bitmaps",
+                     formatter_class=RAW, epilog="""examples:
+  virtopt qcow2 dump disk.qcow2 header
+  virtopt qcow2 dump disk.qcow2 l2 --l1-index 0 --output=json
+  virtopt qcow2 dump disk.qcow2 l1 --snapshot snap1
+""")
+    d.add_argument("image")
+    d.add_argument("what", choices=WHAT)
+    d.add_argument("--l1-index", type=_num, help="which L2 table (for 'l2')")
+    d.add_argument("--snapshot", help="a snapshot's L1 table (for 'l1'): id or name")
+    add_output_option(d)
+    d.set_defaults(func=cmd_dump)
+
+    r = s.add_parser("read", help="guest bytes through the backing chain", formatter_class=RAW, epilog="""examples:
+  virtopt qcow2 read disk.qcow2 0 512 --output=hex
+  virtopt qcow2 read disk.qcow2 1M 64k > chunk.bin
+""")
+    r.add_argument("image")
+    r.add_argument("offset", type=_num)
+    r.add_argument("length", type=_num)
+    add_output_option(r, ("raw", "hex", "json"))
+    r.set_defaults(func=cmd_read)
+
+    v = s.add_parser("convert", help="write the guest disk as raw (same bytes as qemu-img convert -O raw)",
+                     formatter_class=RAW, epilog="""examples:
+  virtopt qcow2 convert disk.qcow2 disk.raw
+""")
+    v.add_argument("image")
+    v.add_argument("out")
+    add_output_option(v)
+    v.set_defaults(func=cmd_convert)
+
+    def no_cmd(args: argparse.Namespace) -> int:
+        p.print_help()
+        return 2
+
+    p.set_defaults(func=no_cmd)
+
+
+__all__ = ["dumps_json", "register"]

@@ -1,0 +1,148 @@
+"""`virtopt qcow2 dump`: the decoded structures, table by table."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from qemu_ext.errors import BadInputError
+from qemu_ext.qcow2 import format as F
+from qemu_ext.qcow2.image import PathLike, Qcow2Image, Snapshot, open_image
+
+U = np.uint64
+WHAT = ("header", "extensions", "l1", "l2", "refcounts", "snapshots", "bitmaps")
+MAX_ROWS = 1 << 20
+
+
+def _l2_type(img: Qcow2Image, e: int, bmp: int) -> str:
+    if e & F.L2E_COMPRESSED:
+        return "compressed"
+    off = e & F.L2E_OFFSET_MASK
+    alloc = bool(off) or (img.has_data_file and bool(e & F.L2E_COPIED))
+    if not img.extended_l2 and e & F.L2E_ZERO:
+        return "zero-alloc" if alloc else "zero"
+    if img.extended_l2:
+        return "normal" if alloc else ("zero" if bmp >> 32 == 0xFFFFFFFF else "unallocated")
+    return "normal" if alloc else "unallocated"
+
+
+def dump(path: PathLike, what: str, l1_index: Optional[int] = None, snapshot: Optional[str] = None) -> dict[str, Any]:
+    """Decoded structure `what` (one of WHAT) of an image, as plain data."""
+    if what not in WHAT:
+        raise BadInputError(f"unknown structure {what!r}; choose from {', '.join(WHAT)}")
+    with open_image(path) as img:
+        h = img.header
+        cs = img.cluster_size
+        if what == "header":
+            f = img.features()
+            d = h.as_dict()
+            d.update(cluster_size=cs, refcount_bits=img.refcount_bits, l2_entry_size=img.l2_entry_size,
+                     compression=img.compression_type, crypt=F.CRYPT_METHODS.get(h.crypt_method, str(h.crypt_method)),
+                     backing_file=img.backing_file, file_size=img.file_size,
+                     features={"incompatible": f.incompatible, "compatible": f.compatible, "autoclear": f.autoclear})
+            return d
+        if what == "extensions":
+            return {"extensions": [e.as_dict() for e in img.extensions]}
+        if what == "snapshots":
+            return {"snapshots": [s.as_dict() for s in img.snapshots()], "table_size": img.snapshot_table_size()}
+        if what == "bitmaps":
+            out = []
+            for bm in img.bitmaps():
+                d = bm.as_dict()
+                tab = img.bitmap_table(bm)
+                d["table"] = [
+                    {"index": i, "raw": f"{int(v):#018x}", "offset": int(v) & F.BME_TABLE_ENTRY_OFFSET_MASK,
+                     "all_ones": bool(int(v) & 1) and not int(v) & F.BME_TABLE_ENTRY_OFFSET_MASK}
+                    for i, v in enumerate(tab[:MAX_ROWS].tolist())
+                ]
+                out.append(d)
+            return {"bitmaps": out}
+        if what == "l1":
+            l1 = img.l1_entries()
+            label = "active"
+            if snapshot is not None:
+                sn = _find_snapshot(img, snapshot)
+                l1 = img.snapshot_l1_entries(sn)
+                label = f"snapshot {sn.id}"
+            idx = np.nonzero(l1)[0][:MAX_ROWS]
+            return {
+                "table": label,
+                "l1_size": len(l1),
+                "entries": [
+                    {"index": int(i), "raw": f"{int(l1[i]):#018x}", "l2_offset": int(l1[i]) & F.L1E_OFFSET_MASK,
+                     "copied": bool(int(l1[i]) & F.L1E_COPIED), "reserved_bits": int(l1[i]) & F.L1E_RESERVED_MASK}
+                    for i in idx.tolist()
+                ],
+            }
+        if what == "l2":
+            if l1_index is None:
+                raise BadInputError("dump l2 needs --l1-index N")
+            if not 0 <= l1_index < h.l1_size:
+                raise BadInputError(f"--l1-index {l1_index} is outside the L1 table (l1_size {h.l1_size})")
+            off = img.l2_table_offset(l1_index)
+            if not off:
+                return {"l1_index": l1_index, "l2_offset": 0, "entries": []}
+            tab = img.read_l2_tables(np.array([off], dtype=U))[0]
+            per = img.l2_entries_per_table
+            rows = []
+            for j in range(per):
+                if img.extended_l2:
+                    e, bmp = int(tab[j, 0]), int(tab[j, 1])
+                else:
+                    e, bmp = int(tab[j]), 0
+                if not e and not bmp:
+                    continue
+                t = _l2_type(img, e, bmp)
+                row: dict[str, Any] = {"index": j, "guest_offset": (l1_index * per + j) * cs, "raw": f"{e:#018x}",
+                                       "type": t, "copied": bool(e & F.L2E_COPIED)}
+                if t == "compressed":
+                    co, csz = F.decode_compressed(e, img.cluster_bits)
+                    row.update(compressed_offset=co, compressed_bytes=csz)
+                else:
+                    row["host_offset"] = e & F.L2E_OFFSET_MASK
+                if img.extended_l2:
+                    row.update(alloc_bitmap=f"{bmp & 0xFFFFFFFF:032b}"[::-1], zero_bitmap=f"{bmp >> 32:032b}"[::-1])
+                rows.append(row)
+            return {"l1_index": l1_index, "l2_offset": off, "entries": rows}
+        # refcounts
+        rt = img.refcount_table()
+        per = img.refcount_block_entries
+        rows = []
+        for i in np.nonzero(rt)[0][:MAX_ROWS].tolist():
+            o = int(rt[i]) & F.RT_OFFSET_MASK
+            blk = img.decode_refcount_block(img.pread_zero_padded(o, cs)) if o and o % cs == 0 else np.zeros(0, U)
+            nz = np.nonzero(blk)[0]
+            hist = dict(zip(*(a.tolist() for a in np.unique(blk[nz], return_counts=True)))) if len(nz) else {}
+            rows.append({"index": i, "raw": f"{int(rt[i]):#018x}", "block_offset": o, "first_cluster": i * per,
+                         "used_clusters": len(nz), "refcount_histogram": {str(k): v for k, v in hist.items()}})
+        return {"refcount_bits": img.refcount_bits, "refcount_table_offset": h.refcount_table_offset,
+                "refcount_table_entries": len(rt), "entries_per_block": per, "blocks": rows}
+
+
+def _find_snapshot(img: Qcow2Image, key: str) -> Snapshot:
+    for sn in img.snapshots():
+        if key in (sn.id, sn.name):
+            return sn
+    raise BadInputError(f"{img.path}: no snapshot with id or name {key!r}")
+
+
+def render_human(d: dict[str, Any], indent: str = "") -> str:
+    """A readable key: value rendering of nested dicts/lists."""
+    lines: list[str] = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines.append(f"{indent}{k}:")
+            lines.append(render_human(v, indent + "    "))
+        elif isinstance(v, list):
+            lines.append(f"{indent}{k}: ({len(v)})")
+            for item in v:
+                if isinstance(item, dict):
+                    lines.append(indent + "  - " + ", ".join(f"{a}={b}" for a, b in item.items()))
+                else:
+                    lines.append(f"{indent}  - {item}")
+        else:
+            if isinstance(v, int) and not isinstance(v, bool) and k.endswith(("offset", "features")):
+                v = f"{v} ({v:#x})"
+            lines.append(f"{indent}{k}: {v}")
+    return "\n".join(x for x in lines if x != "")
