@@ -1,0 +1,623 @@
+"""Which cache lookups qcow2 makes for each guest request (QEMU 7.2 block/qcow2.c, qcow2-cluster.c,
+qcow2-refcount.c), with the image state kept up to date as writes allocate.
+
+The lookups do not depend on the cache contents (the cache only decides hit or miss), so this
+module turns requests into a stream of lookups; model.py / curve.py replay that stream.
+
+Reads (qcow2_co_preadv_part -> qcow2_get_host_offset): one L2 slice lookup per piece; a piece
+stops at the end of the L2 slice and where count_contiguous_subclusters() stops (a change of
+subcluster type, or allocated clusters that are not contiguous in the file); no lookup where the
+L1 entry is empty or beyond the L1 table.
+
+Writes (qcow2_co_pwritev_part -> qcow2_alloc_host_offset, handle_copied, handle_alloc, then
+qcow2_alloc_cluster_link_l2 per QCowL2Meta): handle_copied looks the slice up; if the cluster
+must be allocated handle_alloc looks it up again; a new L2 table (l2_allocate) takes every slice
+of the table with qcow2_cache_get_empty (a miss that reads nothing); link_l2 looks the slice up
+once more after the data is written. Allocation goes through the refcount cache
+(qcow2_get_refcount per probed cluster, one get per refcount block in update_refcount).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from qemu_ext.errors import BadInputError
+
+COPIED = 1 << 63
+COMPRESSED = 1 << 62
+ZERO = 1
+OFFSET_MASK = 0x00FFFFFFFFFFFE00
+INT_MAX = 2**31 - 1
+BDRV_REQUEST_MAX_BYTES = (INT_MAX >> 9) << 9  # include/block/block_int-common.h
+
+# QCow2SubclusterType
+NORMAL, COMPRESSED_T, ZERO_PLAIN, ZERO_ALLOC, UNALLOC_PLAIN, UNALLOC_ALLOC, INVALID = range(7)
+
+L2_CACHE, REFCOUNT_CACHE = 0, 1
+
+
+@dataclass
+class Geometry:
+    """Bare image geometry (what the cache model needs from an image)."""
+
+    cluster_bits: int
+    virtual_size: int
+    extended_l2: bool = False
+    refcount_order: int = 4
+
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
+    @property
+    def l2_entry_size(self) -> int:
+        return 16 if self.extended_l2 else 8
+
+    @property
+    def l2_entries(self) -> int:
+        return self.cluster_size // self.l2_entry_size
+
+    @property
+    def l1_size(self) -> int:
+        per = self.l2_entries * self.cluster_size
+        return max(1, -(-self.virtual_size // per))
+
+    @property
+    def subclusters(self) -> int:
+        return 32 if self.extended_l2 else 1
+
+    @property
+    def subcluster_bits(self) -> int:
+        return self.cluster_bits - (5 if self.extended_l2 else 0)
+
+
+@dataclass
+class Meta:
+    """QCowL2Meta: what link_l2 does once the data is written."""
+
+    alloc_offset: int
+    offset: int  # guest offset of the first cluster
+    nb_clusters: int
+    keep_old: bool
+    cow_start: tuple[int, int]  # (offset in the allocation, bytes)
+    cow_end: tuple[int, int]
+
+
+@dataclass
+class Lookups:
+    """A stream of cache lookups: which cache, table offset, whether it reads from disk, request no."""
+
+    cache: list[int] = field(default_factory=list)
+    offset: list[int] = field(default_factory=list)
+    read: list[bool] = field(default_factory=list)
+    request: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.offset)
+
+    def l2_offsets(self) -> np.ndarray:
+        c = np.asarray(self.cache, dtype=np.int8)
+        return np.asarray(self.offset, dtype=np.uint64)[c == L2_CACHE]
+
+    def l2_read_flags(self) -> np.ndarray:
+        c = np.asarray(self.cache, dtype=np.int8)
+        return np.asarray(self.read, dtype=bool)[c == L2_CACHE]
+
+    def l2_requests(self) -> np.ndarray:
+        c = np.asarray(self.cache, dtype=np.int8)
+        return np.asarray(self.request, dtype=np.int64)[c == L2_CACHE]
+
+
+def _ctz32(v: int) -> int:
+    v &= 0xFFFFFFFF
+    if v == 0:
+        return 32
+    return (v & -v).bit_length() - 1
+
+
+def _cto32(v: int) -> int:
+    return _ctz32(~v)
+
+
+def _range_mask(a: int, b: int) -> int:
+    """QCOW_OFLAG_SUB_ALLOC_RANGE(a, b): bits a..b-1."""
+    return ((1 << b) - 1) & ~((1 << a) - 1)
+
+
+class ImageState:
+    """The parts of BDRVQcow2State that decide lookups: L1, L2 entries, refcounts, free_cluster_index."""
+
+    def __init__(
+        self,
+        geom: Geometry,
+        slice_bytes: int,
+        l1: list[int],
+        table_loader: Callable[[int], tuple[list[int], Optional[list[int]]]],
+        used: bytearray,
+        refcount_table: list[int],
+    ) -> None:
+        if slice_bytes < 512 or slice_bytes > geom.cluster_size or slice_bytes & (slice_bytes - 1):
+            raise BadInputError(f"L2 cache entry size must be a power of two between 512 and {geom.cluster_size}")
+        self.g = geom
+        self.cb = geom.cluster_bits
+        self.cs = geom.cluster_size
+        self.ext = geom.extended_l2
+        self.l2e = geom.l2_entry_size
+        self.slice_bytes = slice_bytes
+        self.slice_size = slice_bytes // self.l2e  # s->l2_slice_size (entries)
+        self.l2_size = geom.l2_entries
+        self.sc_bits = geom.subcluster_bits
+        self.sc_per = geom.subclusters
+        self.l1 = list(l1)
+        self._loader = table_loader
+        self._tables: dict[int, tuple[list[int], Optional[list[int]]]] = {}
+        self.used = used
+        self.reftable = list(refcount_table)
+        self.refblock_bits = self.cb + 3 - geom.refcount_order
+        self.free_cluster_index = 0
+        self.out = Lookups()
+        self.request_no = 0
+
+    # -- constructors -----------------------------------------------------------------------
+    @classmethod
+    def from_geometry(cls, geom: Geometry, slice_bytes: int, allocation: str = "full") -> ImageState:
+        """A synthetic image: 'full' (every cluster allocated, contiguous in the file, like a fully
+        written disk) or 'empty' (fresh from qemu-img create)."""
+        cs = geom.cluster_size
+        l1n = geom.l1_size
+        if allocation not in ("full", "empty"):
+            raise BadInputError("allocation must be 'full' or 'empty'")
+        # qemu-img create layout: header, refcount table, refcount block, L1 table
+        l1_clusters = -(-l1n * 8 // cs)
+        meta_end = 3 + l1_clusters
+        if allocation == "empty":
+            l1 = [0] * l1n
+            used = bytearray(b"\x01" * meta_end)
+
+            def loader(i: int) -> tuple[list[int], Optional[list[int]]]:
+                raise AssertionError("no L2 table in an empty image")
+
+        else:
+            # L2 tables right after the metadata, then the data in guest order
+            l1 = [((meta_end + i) * cs) | COPIED for i in range(l1n)]
+            data0 = meta_end + l1n
+            nclusters = -(-geom.virtual_size // cs)
+            used = bytearray(b"\x01" * (data0 + nclusters))
+            per = geom.l2_entries
+
+            def loader(i: int) -> tuple[list[int], Optional[list[int]]]:
+                first = i * per
+                n = max(0, min(per, nclusters - first))
+                ents = [((data0 + first + k) * cs) | COPIED for k in range(n)] + [0] * (per - n)
+                bms = ([0xFFFFFFFF] * n + [0] * (per - n)) if geom.extended_l2 else None
+                return ents, bms
+
+        return cls(geom, slice_bytes, l1, loader, used, [2 * cs])
+
+    @classmethod
+    def from_image(cls, img, slice_bytes: int) -> ImageState:
+        """Real L1/L2/refcount state from an open qemu_ext.qcow2 image (kept open while simulating)."""
+        h = img.header
+        geom = Geometry(img.cluster_bits, img.virtual_size, bool(img.extended_l2), int(h.refcount_order))
+        l1 = [int(x) for x in img.l1_entries().tolist()]
+        cs = img.cluster_size
+        fsize = img.file_size
+
+        def loader(i: int) -> tuple[list[int], Optional[list[int]]]:
+            off = l1[i] & OFFSET_MASK
+            if off + cs > fsize:
+                raise BadInputError(f"L2 table at {off:#x} lies beyond the end of the image file")
+            t = img.read_l2_table(off)
+            if geom.extended_l2:
+                return [int(x) for x in t[:, 0].tolist()], [int(x) for x in t[:, 1].tolist()]
+            return [int(x) for x in t.tolist()], None
+
+        rc = img.refcounts()
+        used = bytearray((rc != 0).astype(np.uint8).tobytes())
+        rt = [int(x) & ~0x1FF & 0x00FFFFFFFFFFFFFF for x in img.refcount_table().tolist()]
+        return cls(geom, slice_bytes, l1, loader, used, rt)
+
+    # -- tables ------------------------------------------------------------------------------
+    def _table(self, l1i: int) -> tuple[list[int], Optional[list[int]]]:
+        t = self._tables.get(l1i)
+        if t is None:
+            t = self._loader(l1i)
+            self._tables[l1i] = t
+        return t
+
+    def _emit(self, cache: int, offset: int, read: bool = True) -> None:
+        o = self.out
+        o.cache.append(cache)
+        o.offset.append(offset)
+        o.read.append(read)
+        o.request.append(self.request_no)
+
+    def _l2_load(self, offset: int, l2_offset: int) -> None:
+        l2_index = (offset >> self.cb) & (self.l2_size - 1)
+        slice_index = l2_index & (self.slice_size - 1)
+        self._emit(L2_CACHE, l2_offset + self.l2e * (l2_index - slice_index))
+
+    def _sc_type(self, entry: int, bitmap: int, sc: int) -> int:
+        if entry & COMPRESSED:
+            return COMPRESSED_T
+        off = entry & OFFSET_MASK
+        if not self.ext:
+            if entry & ZERO:
+                return ZERO_ALLOC if off else ZERO_PLAIN
+            return NORMAL if off else UNALLOC_PLAIN
+        if (bitmap >> 32) & bitmap & 0xFFFFFFFF:
+            return INVALID
+        if off:
+            if bitmap >> (32 + sc) & 1:
+                return ZERO_ALLOC
+            if bitmap >> sc & 1:
+                return NORMAL
+            return UNALLOC_ALLOC
+        if bitmap & 0xFFFFFFFF:
+            return INVALID
+        return ZERO_PLAIN if bitmap >> (32 + sc) & 1 else UNALLOC_PLAIN
+
+    def _range_type(self, entry: int, bitmap: int, sc_from: int) -> tuple[int, int]:
+        t = self._sc_type(entry, bitmap, sc_from)
+        if t == INVALID:
+            raise BadInputError("invalid L2 entry (both allocation and zero bits set)")
+        if not self.ext or t == COMPRESSED_T:
+            return t, self.sc_per - sc_from
+        if t == NORMAL:
+            return t, _cto32(bitmap | _range_mask(0, sc_from)) - sc_from
+        if t in (ZERO_PLAIN, ZERO_ALLOC):
+            return t, _cto32(((bitmap >> 32) | _range_mask(0, sc_from))) - sc_from
+        val = ((bitmap >> 32) | bitmap) & ~_range_mask(0, sc_from) & 0xFFFFFFFF
+        return t, _ctz32(val) - sc_from
+
+    def _entry(self, ents: list[int], bms: Optional[list[int]], i: int) -> tuple[int, int]:
+        return ents[i], (bms[i] if bms is not None else 0)
+
+    # -- reads -------------------------------------------------------------------------------
+    def _get_host_offset(self, offset: int, nbytes: int) -> tuple[int, int]:
+        """qcow2_get_host_offset: returns (bytes, subcluster type)."""
+        cb, cs = self.cb, self.cs
+        oic = offset & (cs - 1)
+        needed = nbytes + oic
+        l2_index = (offset >> cb) & (self.l2_size - 1)
+        sl_index = l2_index & (self.slice_size - 1)
+        avail = (self.slice_size - sl_index) << cb
+        needed = min(needed, avail)
+        l1i = offset >> (cb + cb - (4 if self.ext else 3))
+        if l1i >= len(self.l1) or not (self.l1[l1i] & OFFSET_MASK):
+            return min(avail, needed) - oic, UNALLOC_PLAIN
+        self._l2_load(offset, self.l1[l1i] & OFFSET_MASK)
+        ents, bms = self._table(l1i)
+        sc_index = oic >> self.sc_bits
+        nb = -(-needed // cs)
+        count = 0
+        expected_type = NORMAL
+        check = False
+        expected = 0
+        first_type = UNALLOC_PLAIN
+        for i in range(nb):
+            first_sc = sc_index if i == 0 else 0
+            e, b = self._entry(ents, bms, l2_index + i)
+            t, n = self._range_type(e, b, first_sc)
+            if i == 0:
+                first_type = t
+                if t == COMPRESSED_T:
+                    count = n
+                    break
+                expected_type = t
+                expected = e & OFFSET_MASK
+                check = t in (NORMAL, ZERO_ALLOC, UNALLOC_ALLOC)
+            elif t != expected_type:
+                break
+            elif check:
+                expected += cs
+                if expected != (e & OFFSET_MASK):
+                    break
+            count += n
+            if first_sc + n < self.sc_per:
+                break
+        got = (count + sc_index) << self.sc_bits
+        return min(got, needed) - oic, first_type
+
+    def read(self, offset: int, nbytes: int) -> None:
+        """qcow2_co_preadv_part."""
+        while nbytes > 0:
+            cur, _t = self._get_host_offset(offset, min(nbytes, INT_MAX))
+            offset += cur
+            nbytes -= cur
+        self.request_no += 1
+
+    # -- refcounts / allocation -----------------------------------------------------------------
+    def _is_used(self, idx: int) -> bool:
+        return idx < len(self.used) and self.used[idx] != 0
+
+    def _get_refcount(self, idx: int) -> None:
+        rti = idx >> self.refblock_bits
+        if rti < len(self.reftable) and self.reftable[rti]:
+            self._emit(REFCOUNT_CACHE, self.reftable[rti])
+
+    def _update_refcount(self, start: int, n: int) -> None:
+        last = -1
+        for idx in range(start, start + n):
+            rti = idx >> self.refblock_bits
+            if rti != last:
+                last = rti
+                if rti >= len(self.reftable):
+                    self.reftable.extend([0] * (rti + 1 - len(self.reftable)))
+                if not self.reftable[rti]:
+                    # alloc_refcount_block: a new block inside its own range (simplified)
+                    self.reftable[rti] = (rti << self.refblock_bits) * self.cs or self.cs
+                self._emit(REFCOUNT_CACHE, self.reftable[rti])
+            if idx >= len(self.used):
+                self.used.extend(b"\x00" * (idx + 1 - len(self.used) + 4096))
+            self.used[idx] = 1
+
+    def _alloc_clusters(self, n: int) -> int:
+        """qcow2_alloc_clusters -> alloc_clusters_noref (first fit from free_cluster_index)."""
+        i = 0
+        while i < n:
+            idx = self.free_cluster_index
+            self.free_cluster_index += 1
+            self._get_refcount(idx)
+            if self._is_used(idx):
+                i = 0
+            else:
+                i += 1
+        start = self.free_cluster_index - n
+        self._update_refcount(start, n)
+        return start << self.cb
+
+    def _alloc_clusters_at(self, host: int, n: int) -> int:
+        idx = host >> self.cb
+        i = 0
+        while i < n:
+            self._get_refcount(idx + i)
+            if self._is_used(idx + i):
+                break
+            i += 1
+        if i:
+            self._update_refcount(idx, i)
+        return i
+
+    # -- writes ------------------------------------------------------------------------------
+    def _get_cluster_table(self, offset: int) -> tuple[list[int], Optional[list[int]], int]:
+        cb = self.cb
+        l1i = offset >> (cb + cb - (4 if self.ext else 3))
+        if l1i >= len(self.l1):
+            self.l1.extend([0] * (l1i + 1 - len(self.l1)))  # qcow2_grow_l1_table
+        if not (self.l1[l1i] & COPIED):
+            self._l2_allocate(l1i)
+        self._l2_load(offset, self.l1[l1i] & OFFSET_MASK)
+        ents, bms = self._table(l1i)
+        return ents, bms, (offset >> cb) & (self.l2_size - 1)
+
+    def _l2_allocate(self, l1i: int) -> None:
+        old = self.l1[l1i] & OFFSET_MASK
+        new = self._alloc_clusters(1)
+        n_slices = self.cs // self.slice_bytes
+        if old:
+            ents, bms = self._table(l1i)
+            ents, bms = list(ents), (list(bms) if bms is not None else None)
+        else:
+            ents = [0] * self.l2_size
+            bms = [0] * self.l2_size if self.ext else None
+        for k in range(n_slices):
+            self._emit(L2_CACHE, new + k * self.slice_bytes, False)  # qcow2_cache_get_empty
+            if old:
+                self._emit(L2_CACHE, old + k * self.slice_bytes)
+        self.l1[l1i] = new | COPIED
+        self._tables[l1i] = (ents, bms)
+
+    @staticmethod
+    def _needs_new_alloc(entry: int, ext: bool) -> bool:
+        if entry & COMPRESSED:
+            return True
+        off = entry & OFFSET_MASK
+        if off and (entry & COPIED):
+            return False
+        return True
+
+    def _count_single_write(self, ents: list[int], idx: int, nb: int, new_alloc: bool) -> int:
+        expected = ents[idx] & OFFSET_MASK
+        i = 0
+        while i < nb:
+            e = ents[idx + i]
+            if self._needs_new_alloc(e, self.ext) != new_alloc:
+                break
+            if not new_alloc:
+                if expected != (e & OFFSET_MASK):
+                    break
+                expected += self.cs
+            i += 1
+        return i
+
+    def _calculate_l2_meta(
+        self, ents: list[int], bms: Optional[list[int]], host: int, guest: int, nbytes: int, keep_old: bool
+    ) -> Optional[Meta]:
+        cb, cs = self.cb, self.cs
+        l2_index = (guest >> cb) & (self.l2_size - 1)
+        cow_start_to = guest & (cs - 1)
+        cow_end_from = cow_start_to + nbytes
+        nb = -(-cow_end_from // cs)
+        skip = keep_old
+        if skip:
+            for i in range(nb):
+                e, b = self._entry(ents, bms, l2_index + i)
+                wf = max(cow_start_to, i << cb)
+                wt = min(cow_end_from, (i + 1) << cb)
+                fsc = (wf & (cs - 1)) >> self.sc_bits
+                lsc = ((wt - 1) & (cs - 1)) >> self.sc_bits
+                t, cnt = self._range_type(e, b, fsc)
+                if t != NORMAL or fsc + cnt <= lsc:
+                    skip = False
+                    break
+        if skip:
+            return None
+        e, b = self._entry(ents, bms, l2_index)
+        sc = (guest & (cs - 1)) >> self.sc_bits
+        t = self._sc_type(e, b, sc)
+        if not keep_old:
+            if t == COMPRESSED_T:
+                csf = 0
+            elif t in (NORMAL, ZERO_ALLOC, UNALLOC_ALLOC):
+                csf = (min(sc, _ctz32(b & 0xFFFFFFFF)) << self.sc_bits) if self.ext else 0
+            else:
+                csf = sc << self.sc_bits
+        else:
+            csf = cow_start_to if t == NORMAL else sc << self.sc_bits
+        e, b = self._entry(ents, bms, l2_index + nb - 1)
+        sc = ((guest + nbytes - 1) & (cs - 1)) >> self.sc_bits
+        t = self._sc_type(e, b, sc)
+        scs = 1 << self.sc_bits
+        if not keep_old:
+            if t == COMPRESSED_T:
+                cet = -(-cow_end_from // cs) * cs
+            elif t in (NORMAL, ZERO_ALLOC, UNALLOC_ALLOC):
+                cet = -(-cow_end_from // cs) * cs
+                if self.ext:
+                    alloc = b & 0xFFFFFFFF
+                    clz = 32 if alloc == 0 else 32 - alloc.bit_length()
+                    cet -= min(self.sc_per - sc - 1, clz) << self.sc_bits
+            else:
+                cet = -(-cow_end_from // scs) * scs
+        else:
+            cet = cow_end_from if t == NORMAL else -(-cow_end_from // scs) * scs
+        return Meta(host, guest - (guest & (cs - 1)), nb, keep_old, (csf, cow_start_to - csf), (cow_end_from, cet - cow_end_from))
+
+    def _alloc_host_offset(self, offset: int, nbytes: int) -> tuple[int, list[Meta]]:
+        """qcow2_alloc_host_offset: returns (bytes handled, metas in creation order)."""
+        cb, cs = self.cb, self.cs
+        start = offset
+        remaining = nbytes
+        cluster_offset: Optional[int] = None
+        cur = 0
+        metas: list[Meta] = []
+        while True:
+            start += cur
+            remaining -= cur
+            if cluster_offset is not None:
+                cluster_offset += cur
+            if remaining == 0:
+                break
+            cur = remaining
+            # handle_copied
+            oic = start & (cs - 1)
+            l2i = (start >> cb) & (self.l2_size - 1)
+            nb = min(-(-(oic + cur) // cs), self.slice_size - (l2i & (self.slice_size - 1)), BDRV_REQUEST_MAX_BYTES >> cb)
+            ents, bms, idx = self._get_cluster_table(start)
+            e = ents[idx]
+            if not self._needs_new_alloc(e, self.ext):
+                coff = e & OFFSET_MASK
+                if cluster_offset is not None and coff != cluster_offset - (cluster_offset & (cs - 1)):
+                    cur = 0
+                    break
+                keep = self._count_single_write(ents, idx, nb, False)
+                cur = min(cur, keep * cs - oic)
+                m = self._calculate_l2_meta(ents, bms, coff, start, cur, True)
+                if m:
+                    metas.append(m)
+                if cluster_offset is None:
+                    cluster_offset = coff + oic
+                continue
+            # handle_alloc
+            ents, bms, idx = self._get_cluster_table(start)
+            nbc = self._count_single_write(ents, idx, nb, True)
+            if cluster_offset is None:
+                host = self._alloc_clusters(nbc)
+            else:
+                host = cluster_offset - (cluster_offset & (cs - 1))
+                nbc = self._alloc_clusters_at(host, nbc)
+                if nbc == 0:
+                    cur = 0
+                    break
+            requested = cur + oic
+            nb_bytes = min(requested, nbc << cb)
+            cur = min(cur, nb_bytes - oic)
+            m = self._calculate_l2_meta(ents, bms, host, start, cur, False)
+            if m:
+                metas.append(m)
+            if cluster_offset is None:
+                cluster_offset = host + oic
+        return nbytes - remaining, metas
+
+    def _region_is_zero(self, offset: int, nbytes: int) -> bool:
+        """bdrv_co_is_zero_fast -> qcow2_co_block_status -> one qcow2_get_host_offset."""
+        got, t = self._get_host_offset(offset, nbytes)
+        return got >= nbytes and t in (ZERO_PLAIN, ZERO_ALLOC, UNALLOC_PLAIN, UNALLOC_ALLOC)
+
+    def _link_l2(self, m: Meta) -> None:
+        cb, cs = self.cb, self.cs
+        # handle_alloc_space (before the data write): zero COW areas are written as zeroes
+        skip_cow = False
+        if m.cow_start[1] or m.cow_end[1]:
+            skip_cow = True
+            if m.cow_start[1] and not self._region_is_zero(m.offset + m.cow_start[0], m.cow_start[1]):
+                skip_cow = False
+            elif m.cow_end[1] and not self._region_is_zero(m.offset + m.cow_end[0], m.cow_end[1]):
+                skip_cow = False
+            if not skip_cow:
+                # perform_cow reads the old data through qcow2_co_preadv_part
+                for off, n in (m.cow_start, m.cow_end):
+                    if n:
+                        o, left = m.offset + off, n
+                        while left > 0:
+                            got, _t = self._get_host_offset(o, left)
+                            o += got
+                            left -= got
+        ents, bms, idx = self._get_cluster_table(m.offset)
+        for i in range(m.nb_clusters):
+            ents[idx + i] = (m.alloc_offset + (i << cb)) | COPIED
+            if bms is not None:
+                wf = max(m.cow_start[0], i << cb)
+                wt = min(m.cow_end[0] + m.cow_end[1], (i + 1) << cb)
+                fsc = (wf - (i << cb)) >> self.sc_bits
+                lsc = (wt - 1 - (i << cb)) >> self.sc_bits
+                r = _range_mask(fsc, lsc + 1)
+                bms[idx + i] = (bms[idx + i] | r) & ~(r << 32)
+
+    def write(self, offset: int, nbytes: int) -> None:
+        """qcow2_co_pwritev_part. A single-piece write links its L2 updates right after the
+        allocation. A multi-piece write runs each piece's data write and link_l2 in an aio task
+        that needs s->lock: it gets it when the main loop releases the lock after the next
+        piece's allocation (the lock is handed over), so piece k is linked after piece k+1 is
+        allocated; within a piece QEMU links the most recent QCowL2Meta first."""
+        pending: Optional[list[Meta]] = None
+        first = True
+        while nbytes > 0:
+            cur, metas = self._alloc_host_offset(offset, min(nbytes, INT_MAX))
+            if cur == 0:
+                raise BadInputError("write made no progress (unsupported image state)")
+            if pending is not None:
+                for m in reversed(pending):
+                    self._link_l2(m)
+                pending = None
+            if first and cur == nbytes:
+                for m in reversed(metas):
+                    self._link_l2(m)
+            else:
+                pending = metas
+            first = False
+            offset += cur
+            nbytes -= cur
+        if pending is not None:
+            for m in reversed(pending):
+                self._link_l2(m)
+        self.request_no += 1
+
+
+def lookups_for(state: ImageState, ops, limit_bytes: Optional[int] = None) -> Lookups:
+    """Run requests (op, offset, length) through the state; op is 'r' or 'w'."""
+    vs = state.g.virtual_size if limit_bytes is None else limit_bytes
+    for op, off, n in ops:
+        if off < 0 or n <= 0 or off + n > vs:
+            raise BadInputError(f"request {op} {off} {n} lies outside the {vs}-byte disk")
+        if op == "r":
+            state.read(off, n)
+        elif op == "w":
+            state.write(off, n)
+        else:
+            raise BadInputError(f"unknown request type {op!r}")
+    return state.out
