@@ -1,0 +1,109 @@
+"""Read an ELF executable's symbol tables (.symtab, else .dynsym) without any dependency.
+
+gdb's Python API cannot enumerate minimal symbols, yet Debian's QEMU exports
+about 20,000 dynamic symbols (all ``_TRACE_*_DSTATE`` among them). This reads
+them straight from the file, checking every size and offset against the file
+size before using it, so a truncated or hostile file raises BadInputError.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from qemu_ext.errors import BadInputError
+
+SHT_SYMTAB = 2
+SHT_DYNSYM = 11
+STT_OBJECT = 1
+STT_FUNC = 2
+
+
+@dataclass(frozen=True)
+class ElfSymbol:
+    name: str
+    value: int  # link-time address (add the load bias for a PIE)
+    size: int
+    kind: int  # STT_*
+    defined: bool
+
+
+def _check(cond: bool, path: str, what: str) -> None:
+    if not cond:
+        raise BadInputError(f"{path}: not a usable ELF file ({what})")
+
+
+def read_symbols(
+    path: str, want: Optional[Callable[[str], bool]] = None, prefer: str = "symtab"
+) -> dict[str, ElfSymbol]:
+    """Defined symbols of a 64-bit little-endian ELF file, by name.
+
+    ``want(name)`` filters names (the filter is applied before decoding anything else).
+    ``prefer``: ``symtab`` reads .symtab when present (debug builds) and .dynsym otherwise.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot open: {exc.strerror}") from exc
+    try:
+        size = os.fstat(fd).st_size
+        _check(size >= 64, path, "shorter than an ELF header")
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
+            return _read(m, size, path, want, prefer)
+    finally:
+        os.close(fd)
+
+
+def _read(m: mmap.mmap, size: int, path: str, want: Optional[Callable[[str], bool]], prefer: str) -> dict[str, ElfSymbol]:
+    _check(m[:4] == b"\x7fELF", path, "bad magic")
+    _check(m[4] == 2 and m[5] == 1, path, "only 64-bit little-endian ELF is supported")
+    (e_shoff,) = struct.unpack_from("<Q", m, 0x28)
+    e_shentsize, e_shnum = struct.unpack_from("<HH", m, 0x3A)
+    _check(e_shentsize == 64 and 0 < e_shnum < 65536, path, "bad section header table")
+    _check(e_shoff + e_shnum * 64 <= size, path, "section headers beyond the end of the file")
+    sections = [struct.unpack_from("<IIQQQQIIQQ", m, e_shoff + i * 64) for i in range(e_shnum)]
+    by_type: dict[int, int] = {}
+    for i, sh in enumerate(sections):
+        by_type.setdefault(sh[1], i)
+    order = [SHT_SYMTAB, SHT_DYNSYM] if prefer == "symtab" else [SHT_DYNSYM, SHT_SYMTAB]
+    idx = next((by_type[t] for t in order if t in by_type), None)
+    if idx is None:
+        return {}
+    _name, _type, _flags, _addr, off, sz, link, _info, _align, entsize = sections[idx]
+    _check(entsize == 24 and off + sz <= size, path, "symbol table beyond the end of the file")
+    _check(link < len(sections), path, "bad string table link")
+    str_off, str_sz = sections[link][4], sections[link][5]
+    _check(str_off + str_sz <= size, path, "string table beyond the end of the file")
+    strtab = m[str_off:str_off + str_sz]
+    out: dict[str, ElfSymbol] = {}
+    for st_name, st_info, _other, st_shndx, st_value, st_size in struct.iter_unpack("<IBBHQQ", m[off:off + sz]):
+        if st_shndx == 0 or st_name >= str_sz:
+            continue
+        end = strtab.find(b"\0", st_name)
+        if end < 0:
+            continue
+        name = strtab[st_name:end].decode("ascii", "replace")
+        if want is not None and not want(name):
+            continue
+        out[name] = ElfSymbol(name, st_value, st_size, st_info & 0xF, True)
+    return out
+
+
+def find_string(path: str, prefix: bytes, limit: int = 200) -> Optional[str]:
+    """The first NUL- or newline-terminated string in the file starting with ``prefix``."""
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            pos = m.find(prefix)
+            if pos < 0:
+                return None
+            chunk = m[pos:pos + limit]
+    except (OSError, ValueError):
+        return None
+    for stop in (b"\0", b"\n"):
+        i = chunk.find(stop)
+        if i >= 0:
+            chunk = chunk[:i]
+    return chunk.decode("utf-8", "replace")
