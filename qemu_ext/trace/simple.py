@@ -124,6 +124,53 @@ def check_header(data: bytes, name: str) -> int:
 # --- the decoded file -----------------------------------------------------------------------------
 
 
+class StringColumn:
+    """A string argument of many records: where each string sits in the file, and how long it is."""
+
+    __slots__ = ("lens", "starts")
+
+    def __init__(self, starts: np.ndarray, lens: np.ndarray) -> None:
+        self.starts = starts
+        self.lens = lens
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def values(self, data: bytes) -> list[bytes]:
+        return [data[s : s + n] for s, n in zip(self.starts.tolist(), self.lens.tolist())]
+
+    def unique(self, data: bytes) -> tuple[list[bytes], np.ndarray]:
+        """(distinct strings, index of each record's string among them), without a Python loop per record."""
+        n = len(self.starts)
+        inverse = np.zeros(n, np.int64)
+        uniq: list[bytes] = []
+        if n == 0:
+            return uniq, inverse
+        u8 = np.frombuffer(data, np.uint8)
+        for L in np.unique(self.lens).tolist():
+            rows = np.flatnonzero(self.lens == L)
+            if L == 0:
+                inverse[rows] = len(uniq)
+                uniq.append(b"")
+                continue
+            mat = u8[self.starts[rows][:, None] + np.arange(L)]
+            # a 64-bit hash of every string, then a check that equal hashes are equal strings
+            h = np.zeros(len(rows), np.uint64)
+            for i in range(L):
+                h = h * np.uint64(1099511628211) + mat[:, i].astype(np.uint64) + np.uint64(1)
+            _u, first, inv = np.unique(h, return_index=True, return_inverse=True)
+            inv = inv.reshape(-1)
+            if not np.array_equal(mat, mat[first[inv]]):
+                u, inv = np.unique(mat, axis=0, return_inverse=True)
+                inv = inv.reshape(-1)
+                strs = [bytes(r) for r in u]
+            else:
+                strs = [bytes(mat[f]) for f in first.tolist()]
+            inverse[rows] = len(uniq) + inv
+            uniq.extend(strs)
+        return uniq, inverse
+
+
 @dataclass
 class SimpleTrace:
     """A decoded simpletrace file: one entry per event record (dropped records included), in file order."""
@@ -144,7 +191,9 @@ class SimpleTrace:
     # filled by _resolve():
     codes: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.int32))  # index into kinds
     kinds: list[int] = field(default_factory=list)  # distinct event ids, in order of codes
-    string_args: dict[int, tuple] = field(repr=False, default_factory=dict)  # record index -> raw args
+    _rows: dict[int, np.ndarray] = field(repr=False, default_factory=dict)
+    _args: dict[int, list] = field(repr=False, default_factory=dict)
+    _views: dict[int, np.ndarray] = field(repr=False, default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -159,56 +208,63 @@ class SimpleTrace:
         return DROPPED_EVENT if eid == DROPPED_EVENT_ID else self.events[self.mapping[eid]]
 
     def kind_rows(self, k: int) -> np.ndarray:
-        return np.flatnonzero(self.codes == k)
+        r = self._rows.get(k)
+        if r is None:
+            r = self._rows[k] = np.flatnonzero(self.codes == k)
+        return r
 
-    def raw_args(self, rows: np.ndarray, nargs: int) -> np.ndarray:
-        """(len(rows), nargs) uint64 matrix of the argument words of records without strings."""
-        if nargs == 0 or len(rows) == 0:
-            return np.zeros((len(rows), nargs), np.uint64)
-        base = self.offsets[rows]
-        out = np.empty((len(rows), nargs), np.uint64)
-        for i in range(nargs):
-            out[:, i] = _u64_at(self, base + (EVENT_HEADER_LEN + 8 * i))
-        return out
+    def kind_args(self, k: int) -> list:
+        """The arguments of every record of kind k: a uint64 array per integer argument, a StringColumn per string."""
+        a = self._args.get(k)
+        if a is None:
+            a = self._args[k] = _decode_args(self, self.kind_event(k), self.kind_rows(k))
+        return a
+
+    def counts(self) -> dict[str, int]:
+        c = np.bincount(self.codes, minlength=len(self.kinds)) if len(self.codes) else np.zeros(0, np.int64)
+        return {self.kind_name(k): int(c[k]) for k in range(len(self.kinds))}
+
+    @property
+    def dropped_records(self) -> int:
+        if DROPPED_EVENT_ID not in self.kinds:
+            return 0
+        return len(self.kind_rows(self.kinds.index(DROPPED_EVENT_ID)))
 
     @property
     def dropped_events(self) -> int:
         """Sum of num_events_dropped over the dropped records."""
         if DROPPED_EVENT_ID not in self.kinds:
             return 0
-        k = self.kinds.index(DROPPED_EVENT_ID)
-        rows = self.kind_rows(k)
-        return int(self.raw_args(rows, 1).sum())
+        return int(self.kind_args(self.kinds.index(DROPPED_EVENT_ID))[0].sum())
 
     def records(self) -> Iterator[TraceRecord]:
         """TraceRecords in file order (Python objects: for convenience, not for millions of records)."""
-        kinds_ev = [self.kind_event(k) for k in range(len(self.kinds))]
-        names = [self.kind_name(k) for k in range(len(self.kinds))]
+        nk = len(self.kinds)
+        kinds_ev = [self.kind_event(k) for k in range(nk)]
+        names = [self.kind_name(k) for k in range(nk)]
         signed = [[is_signed_type(a.type) for a in ev.args] for ev in kinds_ev]
-        # numeric args for all records, chunked per kind
-        cache: dict[int, np.ndarray] = {}
+        per_kind: list[list[list]] = []
         pos_in_kind = np.zeros(len(self), np.int64)
-        for k, ev in enumerate(kinds_ev):
+        for k in range(nk):
             rows = self.kind_rows(k)
             pos_in_kind[rows] = np.arange(len(rows))
-            if not ev.has_strings:
-                cache[k] = self.raw_args(rows, len(ev.args))
+            cols = []
+            for col in self.kind_args(k):
+                if isinstance(col, StringColumn):
+                    cols.append([v.decode("utf-8", "backslashreplace") for v in col.values(self.data)])
+                else:
+                    cols.append(col.tolist())
+            per_kind.append(cols)
         codes = self.codes.tolist()
         ts = self.timestamps.tolist()
         pids = self.pids.tolist()
         pik = pos_in_kind.tolist()
         for i, k in enumerate(codes):
-            ev = kinds_ev[k]
-            if ev.has_strings:
-                vals: list = list(self.string_args[i])
-            else:
-                vals = cache[k][pik[i]].tolist()
+            j = pik[i]
             args: dict[str, ArgValue] = {}
-            for a, v, sg in zip(ev.args, vals, signed[k]):
-                if isinstance(v, bytes):
-                    args[a.name] = v.decode("utf-8", "backslashreplace")
-                else:
-                    args[a.name] = v - (1 << 64) if sg and v >= (1 << 63) else v
+            for a, col, sg in zip(kinds_ev[k].args, per_kind[k], signed[k]):
+                v = col[j]
+                args[a.name] = v - (1 << 64) if sg and isinstance(v, int) and v >= (1 << 63) else v
             yield TraceRecord(names[k], args, ts[i], pids[i])
 
     def columns(self, names: Optional[set[str]] = None) -> dict[str, dict[str, np.ndarray]]:
@@ -228,75 +284,134 @@ class SimpleTrace:
                 "timestamp_ns": self.timestamps[rows].astype(np.int64),
                 "pid": self.pids[rows].astype(np.int64),
             }
-            if ev.has_strings:
-                for j, a in enumerate(ev.args):
-                    vals = [self.string_args[int(r)][j] for r in rows]
-                    if a.is_string:
-                        cols[a.name] = np.array([v.decode("utf-8", "backslashreplace") for v in vals], dtype=object)
-                    else:
-                        arr = np.array(vals, dtype=np.uint64)
-                        cols[a.name] = arr.view(np.int64) if is_signed_type(a.type) else arr
-            else:
-                m = self.raw_args(rows, len(ev.args))
-                for j, a in enumerate(ev.args):
-                    col = np.ascontiguousarray(m[:, j])
+            for a, col in zip(ev.args, self.kind_args(k)):
+                if isinstance(col, StringColumn):
+                    cols[a.name] = np.array(
+                        [v.decode("utf-8", "backslashreplace") for v in col.values(self.data)], dtype=object
+                    )
+                else:
                     cols[a.name] = col.view(np.int64) if is_signed_type(a.type) else col
             out[name] = cols
         return out
 
 
-# --- bulk location of the records -----------------------------------------------------------------
+# --- bulk access to the file ----------------------------------------------------------------------
 
 
-def _u64_view(data: bytes, phase: int, cache: dict[int, np.ndarray]) -> np.ndarray:
-    v = cache.get(phase)
+def _view(data: bytes, dtype: str, phase: int, cache: dict) -> np.ndarray:
+    key = (dtype, phase)
+    v = cache.get(key)
     if v is None:
-        n = (len(data) - phase) // 8
-        v = np.frombuffer(data, dtype="<u8", count=max(n, 0), offset=phase) if n > 0 else np.zeros(0, "<u8")
-        cache[phase] = v
+        item = np.dtype(dtype).itemsize
+        n = (len(data) - phase) // item
+        v = np.frombuffer(data, dtype=dtype, count=n, offset=phase) if n > 0 else np.zeros(0, dtype)
+        cache[key] = v
     return v
 
 
-def _u64_at(st: SimpleTrace, pos: np.ndarray) -> np.ndarray:
-    """The little-endian u64 at each byte offset in pos (all in the file)."""
-    cache = st.__dict__.setdefault("_views", {})
+def _uint_at(data: bytes, pos: np.ndarray, dtype: str, cache: dict) -> np.ndarray:
+    """The little-endian integer of dtype ('<u8' or '<u4') at each byte offset in pos (all inside data)."""
+    item = np.dtype(dtype).itemsize
     pos = np.asarray(pos, dtype=np.int64)
     if len(pos) == 0:
-        return np.zeros(0, np.uint64)
-    ph = pos & 7
+        return np.zeros(0, dtype)
+    ph = pos & (item - 1)
     p0 = int(ph[0])
     if not np.any(ph != p0):
-        return _u64_view(st.data, p0, cache)[(pos - p0) >> 3]
-    out = np.empty(len(pos), np.uint64)
+        return _view(data, dtype, p0, cache)[(pos - p0) // item]
+    out = np.empty(len(pos), dtype)
     for p in np.unique(ph).tolist():
         m = ph == p
-        out[m] = _u64_view(st.data, p, cache)[(pos[m] - p) >> 3]
+        out[m] = _view(data, dtype, p, cache)[(pos[m] - p) // item]
     return out
 
 
+def _u64_at(st: SimpleTrace, pos: np.ndarray) -> np.ndarray:
+    return _uint_at(st.data, pos, "<u8", st._views)
+
+
+def _words_at(data: bytes, pos: np.ndarray, nwords: int, cache: dict) -> np.ndarray:
+    """(len(pos), nwords) matrix of the consecutive little-endian u64 words at each byte offset in pos."""
+    pos = np.asarray(pos, dtype=np.int64)
+    if len(pos) == 0 or nwords == 0:
+        return np.zeros((len(pos), nwords), np.uint64)
+    ar = np.arange(nwords, dtype=np.int64)
+    ph = pos & 7
+    p0 = int(ph[0])
+    if not np.any(ph != p0):
+        return _view(data, "<u8", p0, cache)[((pos - p0) >> 3)[:, None] + ar]
+    out = np.empty((len(pos), nwords), np.uint64)
+    for p in np.unique(ph).tolist():
+        m = np.flatnonzero(ph == p)
+        out[m] = _view(data, "<u8", p, cache)[((pos[m] - p) >> 3)[:, None] + ar]
+    return out
+
+
+def _decode_args(st: SimpleTrace, ev: TraceEvent, rows: np.ndarray) -> list:
+    """Argument columns of the records `rows` (all of event ev), checked against their length field."""
+    base = st.offsets[rows]
+    if not ev.has_strings:
+        m = _words_at(st.data, base + EVENT_HEADER_LEN, len(ev.args), st._views)
+        return [np.ascontiguousarray(m[:, j]) for j in range(len(ev.args))]
+    end = base + 8 + st.lengths[rows].astype(np.int64)
+    q = base + EVENT_HEADER_LEN
+    cols: list = []
+    for a in ev.args:
+        if a.is_string:
+            if np.any(q + 4 > end):
+                _args_mismatch(st, ev, rows, q + 4 > end)
+            ln = _uint_at(st.data, q, "<u4", st._views).astype(np.int64)
+            cols.append(StringColumn(q + 4, ln))
+            q = q + 4 + ln
+        else:
+            if np.any(q + 8 > end):
+                _args_mismatch(st, ev, rows, q + 8 > end)
+            cols.append(_u64_at(st, q))
+            q = q + 8
+    if np.any(q != end):
+        _args_mismatch(st, ev, rows, q != end)
+    return cols
+
+
+def _args_mismatch(st: SimpleTrace, ev: TraceEvent, rows: np.ndarray, bad: np.ndarray) -> None:
+    r = int(rows[np.flatnonzero(bad)[0]])
+    raise BadInputError(
+        f"{st.path}: the '{ev.name}' record at offset {int(st.offsets[r])} ({int(st.lengths[r]) - 24} bytes of arguments) "
+        f"does not match its declaration in {st.events.path}: wrong trace-events file for this trace?"
+    )
+
+
 _U64 = struct.Struct("<Q")
-_U32 = struct.Struct("<I")
 _MAP_HDR = struct.Struct("<QQI")
 _EV_HDR = struct.Struct("<QQQII")
 
 
 class _Scanner:
-    """Finds every record of a file: a vectorized pass over runs of 8-byte-aligned event records,
-    a plain walk over everything else (mapping records, strings, a truncated tail)."""
+    """Finds every record of a file.
+
+    Event records are found in bulk: every place where the record header's pid field could be
+    (any byte offset: string arguments break alignment) is a candidate, and a candidate is proven
+    a record start when the previous proven record's length field points at it. Everything else
+    (mapping records, a record of another pid, a truncated tail) is walked one record at a time.
+    """
 
     def __init__(self, data: bytes, name: str) -> None:
         self.data = data
         self.name = name
         self.size = len(data)
-        self.views: dict[int, np.ndarray] = {}
+        self.cache: dict = {}
         self.mapping: dict[int, str] = {}
-        self.chunks: list[np.ndarray] = []
+        self.chunks: list[tuple[np.ndarray, Optional[np.ndarray]]] = []  # (offsets, their 4 header words)
         self.singles: list[int] = []
+        self.cand_hdr: Optional[np.ndarray] = None
         self.truncated_at: Optional[int] = None
+        self.cand: Optional[np.ndarray] = None
+        self.cand_next: Optional[np.ndarray] = None
+        self.breaks: Optional[np.ndarray] = None
 
     def _flush_singles(self) -> None:
         if self.singles:
-            self.chunks.append(np.array(self.singles, dtype=np.int64))
+            self.chunks.append((np.array(self.singles, dtype=np.int64), None))
             self.singles = []
 
     def _walk_one(self, pos: int) -> Optional[int]:
@@ -322,73 +437,85 @@ class _Scanner:
             except UnicodeDecodeError:
                 nm = ""
             if not nm.isidentifier():
-                raise BadInputError(f"{self.name}: mapping record at offset {pos} has a bad event name {raw[:40]!r}: corrupt trace")
+                raise BadInputError(
+                    f"{self.name}: mapping record at offset {pos} has a bad event name {raw[:40]!r}: corrupt trace"
+                )
             self.mapping[eid] = nm
             return pos + 20 + ln
         if rtype == RECORD_TYPE_EVENT:
             if rem < EVENT_HEADER_LEN:
                 return None
-            _, _eid, _ts, ln, _pid = _EV_HDR.unpack_from(data, pos)
+            _, _eid, _ts, ln, pid = _EV_HDR.unpack_from(data, pos)
             if ln < 24:
                 raise BadInputError(f"{self.name}: event record at offset {pos} has length {ln} (< 24): corrupt trace")
             if ln > rem - 8:
                 return None
+            if self.cand is None:
+                self._find_candidates(pos, pid)
             self.singles.append(pos)
             return pos + 8 + ln
         raise BadInputError(
             f"{self.name}: record at offset {pos} has type {rtype} (0 mapping or 1 event expected): corrupt trace"
         )
 
-    def _fast(self, pos: int, window: int) -> tuple[int, int]:
-        """Vectorized run of event records from pos (an event record). Returns (next pos, count)."""
-        ph = pos & 7
-        w = _u64_view(self.data, ph, self.views)
-        j0 = (pos - ph) >> 3
-        seg = w[j0 : j0 + window + 3]
-        if len(seg) < 4:
-            return pos, 0
-        hdr = seg[3:]
-        typ = seg[: len(hdr)]
-        pid0 = int(hdr[0]) >> 32
-        lens = hdr & np.uint64(0xFFFFFFFF)
-        cand = (typ == 1) & ((hdr >> np.uint64(32)) == np.uint64(pid0)) & (lens >= 24) & ((lens & np.uint64(7)) == 0)
-        js = np.flatnonzero(cand)
-        if len(js) == 0 or js[0] != 0:
-            return pos, 0
-        c = pos + 8 * js.astype(np.int64)
-        nxt = c + 8 + lens[js].astype(np.int64)
-        bad = np.flatnonzero(c[1:] != nxt[:-1])
-        k = int(bad[0]) + 1 if len(bad) else len(c)  # c[:k] is a proven chain
-        # drop records that run past the end of the file (truncated tail)
-        if nxt[k - 1] > self.size:
-            k = int(np.searchsorted(nxt[:k], self.size, side="right"))
-        if k == 0:
-            return pos, 0
-        self._flush_singles()
-        self.chunks.append(c[:k])
-        return int(nxt[k - 1]), k
+    def _find_candidates(self, start: int, pid: int) -> None:
+        """Every offset >= start whose u32 at +28 is pid and u64 at +0 is 1 (record type 'event')."""
+        parts = []
+        for ph in range(4):
+            v = _view(self.data, "<u4", ph, self.cache)
+            m = np.flatnonzero(v == pid)
+            p = ph + 4 * m.astype(np.int64) - 28
+            parts.append(p[p >= start])
+        c = np.sort(np.concatenate(parts), kind="stable")  # a few sorted runs: a merge
+        c = c[c + EVENT_HEADER_LEN <= self.size]
+        hdr = _words_at(self.data, c, 4, self.cache)
+        ln = (hdr[:, 3] & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        ok = (hdr[:, 0] == RECORD_TYPE_EVENT) & (ln >= 24)
+        if not ok.all():
+            c, ln, hdr = c[ok], ln[ok], hdr[ok]
+        self.cand = c
+        self.cand_hdr = hdr
+        self.cand_next = c + 8 + ln
+        self.breaks = np.flatnonzero(c[1:] != self.cand_next[:-1])  # i: cand[i + 1] does not follow cand[i]
+
+    def _follow(self, pos: int) -> int:
+        """Follow proven records from pos (a candidate) in bulk; return where the run stops."""
+        c, nxt, breaks = self.cand, self.cand_next, self.breaks
+        assert c is not None and nxt is not None and breaks is not None
+        n = len(c)
+        i = int(np.searchsorted(c, pos))
+        while i < n and c[i] == pos:
+            b = int(np.searchsorted(breaks, i))
+            j_end = int(breaks[b]) + 1 if b < len(breaks) else n  # c[i:j_end] follow each other
+            # records that run past the end of the file are a truncated tail
+            k = j_end
+            if nxt[j_end - 1] > self.size:
+                k = i + int(np.searchsorted(nxt[i:j_end], self.size, side="right"))
+            if k > i:
+                self._flush_singles()
+                assert self.cand_hdr is not None
+                self.chunks.append((c[i:k], self.cand_hdr[i:k]))
+                pos = int(nxt[k - 1])
+            if k < j_end:
+                return pos
+            # the run broke: skip candidates that were false (inside the last record), if the next one is there
+            i = int(np.searchsorted(c, pos))
+        return pos
 
     def scan(self, start: int) -> int:
         pos = start
         size = self.size
-        window = 1 << 18
-        walked = 0
         while pos < size:
-            if size - pos >= EVENT_HEADER_LEN and _U64.unpack_from(self.data, pos)[0] == RECORD_TYPE_EVENT and walked == 0:
-                npos, n = self._fast(pos, window)
-                if n:
+            if self.cand is not None and len(self.cand):
+                npos = self._follow(pos)
+                if npos != pos:
                     pos = npos
-                    window = min(window * 2, 1 << 24) if n > window // 8 else window
                     continue
-                walked = 64  # the vectorized pass found nothing here: walk a little before trying again
-                window = 1 << 12
             nxt = self._walk_one(pos)
             if nxt is None:
                 self.truncated_at = pos
                 break
             pos = nxt
-            if walked:
-                walked -= 1
         self._flush_singles()
         return pos
 
@@ -420,7 +547,9 @@ def decode_simple(
     events = get_events(events_file)
     sc = _Scanner(data, name)
     end = sc.scan(TraceHeaderLen)
-    offsets = np.concatenate(sc.chunks) if sc.chunks else np.zeros(0, np.int64)
+    hdrs = [h if h is not None else _words_at(data, o, 4, sc.cache) for o, h in sc.chunks]
+    offsets = np.concatenate([o for o, _ in sc.chunks]) if sc.chunks else np.zeros(0, np.int64)
+    hdr = np.concatenate(hdrs) if hdrs else np.zeros((0, 4), np.uint64)
     st = SimpleTrace(
         path=name,
         size=len(data),
@@ -436,9 +565,10 @@ def decode_simple(
         truncated_bytes=0 if sc.truncated_at is None else len(data) - sc.truncated_at,
         data=data,
     )
-    st.event_ids = _u64_at(st, offsets + 8)
-    st.timestamps = _u64_at(st, offsets + 16)
-    lw = _u64_at(st, offsets + 24)
+    st._views = sc.cache
+    st.event_ids = np.ascontiguousarray(hdr[:, 1])
+    st.timestamps = np.ascontiguousarray(hdr[:, 2])
+    lw = hdr[:, 3]
     st.lengths = (lw & np.uint64(0xFFFFFFFF)).astype(np.uint32)
     st.pids = (lw >> np.uint64(32)).astype(np.uint32)
     _resolve(st)
@@ -446,7 +576,7 @@ def decode_simple(
 
 
 def _resolve(st: SimpleTrace) -> None:
-    """Map event ids to kinds, check them against the mapping and trace-events, decode string arguments."""
+    """Map event ids to kinds, check them against the mapping and trace-events and the record lengths."""
     ids = st.event_ids
     n = len(ids)
     if n == 0:
@@ -457,7 +587,8 @@ def _resolve(st: SimpleTrace) -> None:
     small = np.where(is_drop, np.uint64(0), ids)
     mx = int(small.max())
     if mx < (1 << 22):
-        present = np.bincount(small[~is_drop].astype(np.int64), minlength=mx + 1) if (~is_drop).any() else np.zeros(mx + 1, np.int64)
+        small_i = small.astype(np.int64)
+        present = np.bincount(small_i[~is_drop], minlength=mx + 1)
         uniq = np.flatnonzero(present).tolist()
         lut = np.full(mx + 2, -1, np.int32)
         lut[uniq] = np.arange(len(uniq), dtype=np.int32)
@@ -465,18 +596,15 @@ def _resolve(st: SimpleTrace) -> None:
         if is_drop.any():
             lut[mx + 1] = len(kinds)
             kinds.append(DROPPED_EVENT_ID)
-            idx = np.where(is_drop, mx + 1, small.astype(np.int64))
-        else:
-            idx = small.astype(np.int64)
-        codes = lut[idx]
+            small_i[is_drop] = mx + 1
+        codes = lut[small_i]
     else:
         u, inv = np.unique(ids, return_inverse=True)
         kinds = [int(x) for x in u]
-        codes = inv.astype(np.int32)
+        codes = inv.reshape(-1).astype(np.int32)
     st.codes = codes
     st.kinds = kinds
     for k, eid in enumerate(kinds):
-        rows = None
         if eid == DROPPED_EVENT_ID:
             ev = DROPPED_EVENT
         else:
@@ -495,48 +623,10 @@ def _resolve(st: SimpleTrace) -> None:
                 )
             ev = ev0
         size = ev.simple_size()
-        if rows is None:
-            rows = st.kind_rows(k)
+        rows = st.kind_rows(k)
         if size is not None:
-            bad = np.flatnonzero(st.lengths[rows] != 24 + size)
-            if len(bad):
-                r = int(rows[bad[0]])
-                raise BadInputError(
-                    f"{st.path}: the '{ev.name}' record at offset {int(st.offsets[r])} has {int(st.lengths[r]) - 24} bytes "
-                    f"of arguments but {st.events.path} declares {size}: wrong trace-events file for this trace?"
-                )
+            bad = st.lengths[rows] != 24 + size
+            if np.any(bad):
+                _args_mismatch(st, ev, rows, bad)
         else:
-            _decode_strings(st, ev, rows)
-
-
-def _decode_strings(st: SimpleTrace, ev: TraceEvent, rows: np.ndarray) -> None:
-    data = st.data
-    for r in rows.tolist():
-        off = int(st.offsets[r])
-        end = off + 8 + int(st.lengths[r])
-        q = off + EVENT_HEADER_LEN
-        vals: list = []
-        for a in ev.args:
-            if a.is_string:
-                if q + 4 > end:
-                    q = end + 1
-                    break
-                (ln,) = _U32.unpack_from(data, q)
-                q += 4
-                if q + ln > end:
-                    q = end + 1
-                    break
-                vals.append(data[q : q + ln])
-                q += ln
-            else:
-                if q + 8 > end:
-                    q = end + 1
-                    break
-                vals.append(_U64.unpack_from(data, q)[0])
-                q += 8
-        if q != end:
-            raise BadInputError(
-                f"{st.path}: the '{ev.name}' record at offset {off} does not match its declaration in "
-                f"{st.events.path}: wrong trace-events file for this trace?"
-            )
-        st.string_args[r] = tuple(vals)
+            st.kind_args(k)  # decodes and checks the strings

@@ -1,0 +1,300 @@
+"""Trace summaries: counts per event, rate over time, begin/end latencies, dropped events.
+
+Works on simpletrace files (bulk numpy decoding, no per-record Python) and on
+log-backend text (through the columnar reader).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+
+from qemu_ext.errors import BadInputError
+from qemu_ext.trace.events import EventsFile
+from qemu_ext.trace.records import DROPPED
+
+EventsArg = Union[str, os.PathLike, EventsFile, None]
+
+# (begin suffix, end suffix) pairs tried on every event name present in a trace
+_END_SUFFIXES = ("_done", "_end", "_finish", "_complete", "_completed", "_exit", "_ret", "_return")
+_BEGIN_SUFFIXES = ("_start", "_begin", "_enter", "_entry")
+_KEY_NAMES = ("co", "req", "acb", "opaque", "task", "s", "bs", "dev")
+
+MAX_BINS = 10000
+
+
+@dataclass
+class Pair:
+    begin: str
+    end: str
+    key: Optional[str] = None  # argument both events carry that ties an end to its begin (None: order only)
+
+
+class _Source:
+    """What the summary needs from a decoded trace."""
+
+    names: list[str]
+    counts: dict[str, int]
+
+    def timestamps(self) -> Optional[np.ndarray]:  # all records, file order, int64; None if unknown
+        raise NotImplementedError
+
+    def kind(self, name: str) -> tuple[np.ndarray, np.ndarray]:  # (record index, timestamp_ns) of one event
+        raise NotImplementedError
+
+    def arg(self, name: str, arg: str) -> Optional[np.ndarray]:
+        raise NotImplementedError
+
+    def arg_names(self, name: str) -> list[str]:
+        raise NotImplementedError
+
+    def arg_is_pointer(self, name: str, arg: str) -> bool:
+        return True
+
+
+class _SimpleSource(_Source):
+    def __init__(self, st) -> None:
+        self.st = st
+        self.names = [st.kind_name(k) for k in range(len(st.kinds))]
+        self.index = {n: k for k, n in enumerate(self.names)}
+        self.counts = st.counts()
+
+    def timestamps(self) -> Optional[np.ndarray]:
+        return self.st.timestamps.view(np.int64)
+
+    def kind(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.st.kind_rows(self.index[name])
+        return rows, self.st.timestamps[rows].view(np.int64)
+
+    def arg_names(self, name: str) -> list[str]:
+        return self.st.kind_event(self.index[name]).arg_names
+
+    def arg_is_pointer(self, name: str, arg: str) -> bool:
+        ev = self.st.kind_event(self.index[name])
+        return any(a.name == arg and "*" in a.type and not a.is_string for a in ev.args)
+
+    def arg(self, name: str, arg: str) -> Optional[np.ndarray]:
+        k = self.index[name]
+        names = self.st.kind_event(k).arg_names
+        if arg not in names:
+            return None
+        col = self.st.kind_args(k)[names.index(arg)]
+        return col if isinstance(col, np.ndarray) else None
+
+
+class _ColumnSource(_Source):
+    def __init__(self, cols: dict[str, dict[str, np.ndarray]], total: int, events: Optional[EventsFile]) -> None:
+        self.cols = cols
+        self.names = list(cols)
+        self.counts = {n: len(c["index"]) for n, c in cols.items()}
+        self.total = total
+        self.events = events
+
+    def timestamps(self) -> Optional[np.ndarray]:
+        ts = np.full(self.total, -1, np.int64)
+        for c in self.cols.values():
+            ts[c["index"]] = c["timestamp_ns"]
+        if (ts < 0).all():
+            return None
+        return ts
+
+    def kind(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        c = self.cols[name]
+        return c["index"], c["timestamp_ns"]
+
+    def arg_names(self, name: str) -> list[str]:
+        return [k for k in self.cols[name] if k not in ("index", "timestamp_ns", "pid")]
+
+    def arg_is_pointer(self, name: str, arg: str) -> bool:
+        ev = self.events.get(name) if self.events is not None else None
+        if ev is None:
+            return True
+        return any(a.name == arg and "*" in a.type and not a.is_string for a in ev.args)
+
+    def arg(self, name: str, arg: str) -> Optional[np.ndarray]:
+        v = self.cols[name].get(arg)
+        if v is None or v.dtype == object:
+            return None
+        return v
+
+
+def find_pairs(src: _Source, extra: Optional[list[Pair]] = None) -> list[Pair]:
+    """Begin/end event pairs present in the trace: X -> X_done/_end/..., X_start -> X_done, X_start_req -> X_done_req."""
+    present = set(src.names)
+    pairs: list[Pair] = []
+    seen: set[tuple[str, str]] = set()
+
+    def add(b: str, e: str, key: Optional[str] = None) -> None:
+        if (b, e) in seen or b not in present or e not in present or b == e:
+            return
+        seen.add((b, e))
+        if key is None:
+            bn, en = src.arg_names(b), src.arg_names(e)
+            common = [a for a in bn if a in en and src.arg_is_pointer(b, a)]
+            for cand in _KEY_NAMES:
+                if cand in common:
+                    key = cand
+                    break
+            else:
+                key = common[0] if common else None
+        pairs.append(Pair(b, e, key))
+
+    for p in extra or []:
+        if p.begin not in present or p.end not in present:
+            raise BadInputError(f"--pair {p.begin}:{p.end}: both events must be in the trace")
+        add(p.begin, p.end, p.key)
+    for b in sorted(present):
+        for es in _END_SUFFIXES:
+            add(b, b + es)
+        for bs in _BEGIN_SUFFIXES:
+            if bs in b:
+                i = b.rindex(bs)
+                stem, rest = b[:i], b[i + len(bs) :]
+                for es in _END_SUFFIXES:
+                    add(b, stem + es + rest)
+    return pairs
+
+
+def pair_latencies(src: _Source, pair: Pair) -> tuple[np.ndarray, int, int]:
+    """(latencies in ns, unmatched begins, unmatched ends): each end goes with the latest begin of its key."""
+    bi, bt = src.kind(pair.begin)
+    ei, et = src.kind(pair.end)
+    if pair.key is not None:
+        bk = src.arg(pair.begin, pair.key)
+        ek = src.arg(pair.end, pair.key)
+    else:
+        bk = ek = None
+    if bk is None or ek is None:
+        bk = np.zeros(len(bi), np.uint64)
+        ek = np.zeros(len(ei), np.uint64)
+    order = np.concatenate([bi, ei]).astype(np.int64)
+    key = np.concatenate([bk.astype(np.uint64, copy=False), ek.astype(np.uint64, copy=False)])
+    ts = np.concatenate([bt, et]).astype(np.int64)
+    flag = np.concatenate([np.zeros(len(bi), np.int8), np.ones(len(ei), np.int8)])
+    srt = np.lexsort((order, key))
+    key, ts, flag = key[srt], ts[srt], flag[srt]
+    hit = (key[1:] == key[:-1]) & (flag[:-1] == 0) & (flag[1:] == 1)
+    lat = ts[1:][hit] - ts[:-1][hit]
+    n = int(hit.sum())
+    return lat, len(bi) - n, len(ei) - n
+
+
+def _latency_stats(lat: np.ndarray) -> dict:
+    if len(lat) == 0:
+        return {"pairs": 0}
+    lat = np.maximum(lat, 0)
+    q = np.percentile(lat, [50, 90, 99]).tolist()
+    # log2 histogram: bucket b holds latencies in [2^(b-1), 2^b) ns (b = 0: 0 ns)
+    b = np.zeros(len(lat), np.int64)
+    nz = lat > 0
+    b[nz] = np.floor(np.log2(lat[nz])).astype(np.int64) + 1
+    cnt = np.bincount(b)
+    hist = [{"lt_ns": int(1 << i) if i > 0 else 1, "count": int(c)} for i, c in enumerate(cnt.tolist()) if c]
+    return {
+        "pairs": len(lat),
+        "min_ns": int(lat.min()),
+        "mean_ns": float(lat.mean()),
+        "p50_ns": float(q[0]),
+        "p90_ns": float(q[1]),
+        "p99_ns": float(q[2]),
+        "max_ns": int(lat.max()),
+        "histogram": hist,
+    }
+
+
+def _summarize(src: _Source, total: int, bins: int, pairs: Optional[list[Pair]]) -> dict:
+    counts = dict(src.counts)
+    dropped_records = counts.pop(DROPPED, 0)
+    ts = src.timestamps()
+    res: dict = {"records": total, "events": total - dropped_records}
+    rate: Optional[dict] = None
+    if ts is not None and len(ts):
+        known = ts[ts >= 0]
+        t0, t1 = int(known.min()), int(known.max())
+        dur = t1 - t0
+        res.update({"first_timestamp_ns": t0, "last_timestamp_ns": t1, "duration_ns": dur})
+        nb = max(1, min(bins, MAX_BINS))
+        width = max(1, -(-max(dur, 1) // nb))
+        idx = np.minimum((known - t0) // width, nb - 1)
+        per_bin = np.bincount(idx, minlength=nb)
+        rate = {
+            "bin_ns": int(width),
+            "start_ns": t0,
+            "counts": per_bin.tolist(),
+            "events_per_s": [c * 1e9 / width for c in per_bin.tolist()],
+        }
+        # per event, for the plot: the busiest few
+        top = sorted(counts, key=lambda n: -counts[n])[:6]
+        rate["by_event"] = {}
+        for n in top:
+            _, kt = src.kind(n)
+            kt = kt[kt >= 0]
+            rate["by_event"][n] = np.bincount(np.minimum((kt - t0) // width, nb - 1), minlength=nb).tolist()
+    else:
+        res.update({"first_timestamp_ns": None, "last_timestamp_ns": None, "duration_ns": None})
+    dur_s = (res["duration_ns"] or 0) / 1e9
+    res["counts"] = [
+        {"event": n, "count": c, "per_s": (c / dur_s) if dur_s > 0 else None}
+        for n, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    ]
+    res["rate"] = rate
+    lat_out = []
+    for p in find_pairs(src, pairs):
+        lat, ub, ue = pair_latencies(src, p)
+        d = {"begin": p.begin, "end": p.end, "key": p.key, "unmatched_begin": ub, "unmatched_end": ue}
+        d.update(_latency_stats(lat))
+        lat_out.append(d)
+    res["latency"] = lat_out
+    return res
+
+
+def summarize(
+    path: Union[str, os.PathLike],
+    events_file: EventsArg = None,
+    bins: int = 60,
+    pairs: Optional[list[Pair]] = None,
+) -> dict:
+    """Summary of a trace file (simpletrace or log text) as a dict (the JSON of `virtopt trace summary`)."""
+    from qemu_ext.trace.api import _log_lines, detect_format
+    from qemu_ext.trace.events import get_events
+    from qemu_ext.trace.log import LogParser
+    from qemu_ext.trace.simple import decode_simple
+
+    fmt = detect_format(path)
+    if fmt == "simple":
+        st = decode_simple(path, events_file)
+        src: _Source = _SimpleSource(st)
+        res = {"file": str(path), "format": "simpletrace", "version": st.version}
+        body = _summarize(src, len(st), bins, pairs)
+        res.update(body)
+        res["dropped"] = {"records": st.dropped_records, "events": st.dropped_events}
+        res["truncated_bytes"] = st.truncated_bytes
+        return res
+    from qemu_ext.errors import NotAvailableError
+
+    try:
+        events: Optional[EventsFile] = get_events(events_file)
+    except NotAvailableError:
+        if events_file is not None:
+            raise
+        events = None
+    parser = LogParser(events)
+    recs = []
+    for line in _log_lines(path):
+        r = parser.parse_line(line)
+        if r is not None:
+            recs.append(r)
+    if not recs:
+        raise BadInputError(f"{path}: no trace events in it (neither a simpletrace file nor log-backend lines)")
+    from qemu_ext.trace.api import columns_from_records
+
+    cols = columns_from_records(recs)
+    src = _ColumnSource(cols, len(recs), events)
+    res = {"file": str(path), "format": "log", "version": None}
+    res.update(_summarize(src, len(recs), bins, pairs))
+    res["dropped"] = {"records": 0, "events": 0}
+    res["truncated_bytes"] = 0
+    return res
