@@ -108,7 +108,7 @@ class _Checker:
         self.file_len = img.file_size
         self.file_clusters = (self.file_len + self.cs - 1) >> self.cb
         self.imrt = np.zeros(self.file_clusters, dtype=np.int64)
-        self.refmax = (1 << img.refcount_bits) - 1
+        self.refmax = min((1 << img.refcount_bits) - 1, 1 << 62)
         self.progress = progress
 
     # -------------------------------------------------------------- findings
@@ -179,7 +179,9 @@ class _Checker:
         self.rt = rt
         per = img.refcount_block_entries
         self.rb_bits = per.bit_length() - 1
-        offs = rt & U(F.RT_OFFSET_MASK)
+        # only blocks that can describe clusters inside the file (plus the one-cluster slack) matter
+        nb_max = self.file_clusters + 2
+        offs = rt[: (nb_max + per - 1) // per] & U(F.RT_OFFSET_MASK)
         nz = np.nonzero(offs)[0]
         n = (int(nz[-1]) + 1) * per if len(nz) else 0
         disk = np.zeros(n, dtype=np.uint64)

@@ -16,7 +16,7 @@ import numpy as np
 
 from qemu_ext.errors import BadInputError, NotAvailableError
 from qemu_ext.qcow2 import format as F
-from qemu_ext.qcow2.chain import Chain, Layer, open_chain, path_combine
+from qemu_ext.qcow2.chain import Chain, Layer, open_chain
 from qemu_ext.qcow2.image import PathLike, Qcow2Image
 from qemu_ext.qcow2.map import DATA, UNALLOC, ZERO, Runs, _descend, layer_runs
 
@@ -26,7 +26,9 @@ U = np.uint64
 def data_file_path(img: Qcow2Image) -> str:
     if not img.data_file:
         raise BadInputError(f"{img.path}: external data file bit set but no data file name extension")
-    return path_combine(os.fspath(img.path), img.data_file)
+    # QEMU opens the data file as a child node by its name: relative names are relative to the
+    # current directory (unlike backing files, which are relative to the overlay)
+    return img.data_file
 
 
 def decompress_cluster(img: Qcow2Image, l2_entry: int) -> bytes:

@@ -476,11 +476,15 @@ class Qcow2Image:
         out = (b[:, None] >> shifts[None, :]) & mask
         return out.reshape(-1).astype(np.uint64)
 
-    def refcounts(self, rt: Optional[np.ndarray] = None) -> np.ndarray:
-        """Stored refcount of every cluster covered by the refcount table (blocks past EOF read as 0)."""
+    def refcounts(self, rt: Optional[np.ndarray] = None, max_clusters: Optional[int] = None) -> np.ndarray:
+        """Stored refcount of each cluster covered by the refcount table, up to max_clusters
+        (default: the clusters of the file plus one).  Blocks past EOF or unaligned read as 0."""
         if rt is None:
             rt = self.refcount_table()
         per = self.refcount_block_entries
+        if max_clusters is None:
+            max_clusters = self.file_size // self.cluster_size + 2
+        rt = rt[: (max_clusters + per - 1) // per]
         offs = rt & np.uint64(F.RT_OFFSET_MASK)
         # only cover up to the last allocated block
         nz = np.nonzero(offs)[0]

@@ -1,0 +1,176 @@
+"""Helpers for the qcow2 tests: the image matrix (made by qemu-img/qemu-io) and metadata editing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+from typing import Callable
+
+from helpers import make_qcow2, qemu_io_cmds, run
+
+from qemu_ext.qcow2 import open_image
+
+# Guest writes used by most images: data, a second pattern, zeros, a discard.
+IO_BASIC = ["write -P 0x11 0 128k", "write -P 0x22 1M 64k", "write -P 0x33 3M 4k", "write -z 1152k 64k"]
+
+
+def qemu_json(*argv: str, cwd: Path | None = None, check: bool = True) -> tuple[int, object]:
+    cp = run(["qemu-img", *argv], check=False, cwd=cwd)
+    if check and cp.returncode not in (0, 2, 3):
+        raise AssertionError(f"qemu-img {' '.join(argv)} exited {cp.returncode}: {cp.stderr}")
+    try:
+        return cp.returncode, json.loads(cp.stdout) if cp.stdout.strip() else None
+    except json.JSONDecodeError:
+        return cp.returncode, cp.stdout
+
+
+def build_matrix(d: Path) -> dict[str, Path]:
+    """Every image of the agreement matrix, by name."""
+    imgs: dict[str, Path] = {}
+
+    def mk(name: str, **kw) -> None:
+        imgs[name] = make_qcow2(d / f"{name}.qcow2", **kw)
+
+    mk("c512", size="8M", options={"cluster_size": 512}, io=IO_BASIC)
+    mk("c4k-rc1", size="16M", options={"cluster_size": 4096, "refcount_bits": 1}, io=IO_BASIC)
+    mk("c64k-rc16", size="64M", options={"refcount_bits": 16}, io=IO_BASIC)
+    mk("c64k-rc64", size="64M", options={"refcount_bits": 64}, io=IO_BASIC)
+    mk("c2M", size="64M", options={"cluster_size": "2M"}, io=[*IO_BASIC, "write -P 0x44 40M 4k"])
+    mk("extl2", size="64M", options={"extended_l2": "on", "cluster_size": "64k"},
+       io=["write -P 0x11 0 4k", "write -P 0x22 8k 2k", "write -z 64k 4k", "write -P 0x33 128k 64k",
+           "write -z 130k 2k", "write -P 0x44 1M 100k"])
+    mk("zlib", size="64M", options={"compression_type": "zlib"},
+       io=["write -c -P 0x51 0 64k", "write -c -P 0x52 64k 64k", "write -P 0x53 256k 64k", "write -c 1M 64k"])
+    mk("zstd", size="64M", options={"compression_type": "zstd"},
+       io=["write -c -P 0x61 0 64k", "write -c -P 0x62 128k 64k", "write -P 0x63 512k 4k"])
+    mk("zstd-c4k", size="8M", options={"compression_type": "zstd", "cluster_size": 4096},
+       io=["write -c -P 0x71 0 4k", "write -c 8k 4k", "write -P 0x72 64k 4k"])
+    # backing chain of three with relative names (in a sub directory)
+    sub = d / "chain"
+    sub.mkdir(exist_ok=True)
+    make_qcow2(sub / "base.qcow2", size="32M", io=["write -P 0xa1 0 1M", "write -P 0xa2 8M 64k"])
+    make_qcow2(sub / "mid.qcow2", size="48M", backing="base.qcow2", io=["write -P 0xb1 512k 128k", "write -z 8M 4k"])
+    imgs["chain3"] = make_qcow2(sub / "top.qcow2", size="64M", backing="mid.qcow2",
+                                io=["write -P 0xc1 64k 64k", "write -P 0xc2 40M 64k"])
+    # raw backing file
+    raw = d / "rawbase.img"
+    run(["qemu-img", "create", "-q", "-f", "raw", str(raw), "16M"])
+    qemu_io_cmds(raw, ["write -P 0xd1 0 256k", "write -P 0xd2 4M 64k"], fmt="raw")
+    imgs["rawbacking"] = make_qcow2(d / "rawbacking.qcow2", size="32M", backing="rawbase.img", backing_fmt="raw",
+                                    io=["write -P 0xd3 128k 64k"])
+    # internal snapshots
+    p = make_qcow2(d / "snap.qcow2", size="64M", io=["write -P 0x81 0 256k"])
+    run(["qemu-img", "snapshot", "-c", "first", str(p)])
+    qemu_io_cmds(p, ["write -P 0x82 64k 64k", "write -P 0x83 2M 64k"])
+    run(["qemu-img", "snapshot", "-c", "second", str(p)])
+    qemu_io_cmds(p, ["write -P 0x84 0 64k"])
+    imgs["snapshots"] = p
+    # persistent dirty bitmaps
+    p = make_qcow2(d / "bitmaps.qcow2", size="64M", io=["write -P 0x91 0 64k"])
+    run(["qemu-img", "bitmap", "--add", str(p), "b0"])
+    run(["qemu-img", "bitmap", "--add", "-g", "128k", str(p), "b1"])
+    run(["qemu-img", "bitmap", "--disable", str(p), "b1"])
+    imgs["bitmaps"] = p
+    # external data file
+    imgs["datafile"] = make_qcow2(d / "datafile.qcow2", size="16M", options={"data_file": str(d / "datafile.raw")},
+                                  io=["write -P 0xe1 0 64k", "write -P 0xe2 1M 128k"])
+    # lazy refcounts, left dirty by a simulated crash
+    p = make_qcow2(d / "lazy.qcow2", size="64M", options={"lazy_refcounts": "on"})
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xf1 0 128k", "-c", "write -P 0xf2 2M 64k", "-c", "abort", str(p)],
+        check=False)
+    imgs["lazy-dirty"] = p
+    mk("v2", size="32M", options={"compat": "0.10"}, io=["write -P 0x12 0 64k", "write -z 64k 64k"])
+    mk("prealloc-meta", size="32M", options={"preallocation": "metadata"}, io=["write -P 0x13 1M 64k"])
+    mk("discard", size="32M", io=["write -P 0x14 0 1M", "discard 256k 256k", "write -z -u 512k 64k"])
+    return imgs
+
+
+# ------------------------------------------------------------------ metadata editing on copies
+def _rw(path: Path, offset: int, fmt: str, value: int | None = None) -> int:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        size = struct.calcsize(fmt)
+        old = struct.unpack(fmt, f.read(size))[0]
+        if value is not None:
+            f.seek(offset)
+            f.write(struct.pack(fmt, value))
+    return old
+
+
+def _first_l2_entry(path: Path) -> tuple[int, int]:
+    """(file offset of the first allocated L2 entry, its value)."""
+    with open_image(path) as img:
+        l2 = img.l2_table_offset(0)
+        tab = img.read_l2_tables(__import__("numpy").array([l2], dtype="uint64"))[0]
+        for j, e in enumerate(tab.tolist()):
+            if e:
+                return l2 + 8 * j, e
+    raise AssertionError("no allocated L2 entry")
+
+
+def _refcount_entry_offset(path: Path, cluster: int) -> int:
+    with open_image(path) as img:
+        assert img.refcount_bits == 16
+        per = img.refcount_block_entries
+        block = int(img.refcount_table()[cluster // per]) & ~0x1FF
+        return block + 2 * (cluster % per)
+
+
+def corrupt_leak(path: Path) -> None:
+    """A cluster past every used one gets refcount 1: a leaked cluster."""
+    with open_image(path) as img:
+        cl = img.file_size // img.cluster_size - 1
+        rc = img.refcounts()
+        free = [i for i in range(cl + 1) if rc[i] == 0]
+        target = free[0] if free else cl
+    _rw(path, _refcount_entry_offset(path, target), ">H", 1)
+
+
+def corrupt_refcount_low(path: Path) -> None:
+    """The first data cluster's refcount drops to 0 while an L2 entry still points there."""
+    _, e = _first_l2_entry(path)
+    with open_image(path) as img:
+        cluster = (e & 0x00FFFFFFFFFFFE00) // img.cluster_size
+    _rw(path, _refcount_entry_offset(path, cluster), ">H", 0)
+
+
+def corrupt_l2_past_eof(path: Path) -> None:
+    off, e = _first_l2_entry(path)
+    with open_image(path) as img:
+        far = (img.file_size // img.cluster_size + 1000) * img.cluster_size
+    _rw(path, off, ">Q", (e & ~0x00FFFFFFFFFFFE00) | far)
+
+
+def corrupt_overlap(path: Path) -> None:
+    """The first L2 entry points at the L1 table's cluster (data overlapping metadata)."""
+    off, e = _first_l2_entry(path)
+    with open_image(path) as img:
+        l1 = img.header.l1_table_offset
+    _rw(path, off, ">Q", (e & ~0x00FFFFFFFFFFFE00) | l1)
+
+
+def corrupt_unaligned(path: Path) -> None:
+    off, e = _first_l2_entry(path)
+    _rw(path, off, ">Q", e + 0x200)
+
+
+CORRUPTIONS: dict[str, Callable[[Path], None]] = {
+    "leak": corrupt_leak,
+    "refcount-low": corrupt_refcount_low,
+    "l2-past-eof": corrupt_l2_past_eof,
+    "overlap": corrupt_overlap,
+    "unaligned": corrupt_unaligned,
+}
+
+
+def build_corrupted(d: Path) -> dict[str, Path]:
+    base = make_qcow2(d / "clean.qcow2", size="16M", io=["write -P 0x5a 0 192k", "write -P 0x5b 4M 64k"])
+    out = {}
+    for name, fn in CORRUPTIONS.items():
+        p = d / f"corrupt-{name}.qcow2"
+        shutil.copyfile(base, p)
+        fn(p)
+        out[f"corrupt-{name}"] = p
+    return out
