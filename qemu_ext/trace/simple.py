@@ -16,7 +16,9 @@ records are located and decoded in bulk with numpy, since there can be millions.
 
 from __future__ import annotations
 
+import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +26,13 @@ from typing import Iterator, Optional, Union
 
 import construct as cs
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from qemu_ext.errors import BadInputError
 from qemu_ext.trace.events import EventArg, EventsFile, TraceEvent, get_events
 from qemu_ext.trace.records import DROPPED, ArgValue, TraceRecord
+
+Buffer = Union[bytes, mmap.mmap]
 
 HEADER_EVENT_ID = 0xFFFFFFFFFFFFFFFF
 HEADER_MAGIC = 0xF2B177CB0AA429B4
@@ -101,7 +106,7 @@ def looks_like_simpletrace(head: bytes) -> bool:
     return head[:16] == _SIMPLE_MAGIC_PREFIX or head[:16] == struct.pack(">QQ", HEADER_EVENT_ID, HEADER_MAGIC)
 
 
-def check_header(data: bytes, name: str) -> int:
+def check_header(data: Buffer, name: str) -> int:
     """Validate the TraceLogHeader; return the version (4). One clear error otherwise."""
     if len(data) < TraceHeaderLen:
         raise BadInputError(f"{name}: not a simpletrace file ({len(data)} bytes, shorter than its 24-byte header)")
@@ -136,10 +141,10 @@ class StringColumn:
     def __len__(self) -> int:
         return len(self.starts)
 
-    def values(self, data: bytes) -> list[bytes]:
+    def values(self, data: Buffer) -> list[bytes]:
         return [data[s : s + n] for s, n in zip(self.starts.tolist(), self.lens.tolist())]
 
-    def unique(self, data: bytes) -> tuple[list[bytes], np.ndarray]:
+    def unique(self, data: Buffer) -> tuple[list[bytes], np.ndarray]:
         """(distinct strings, index of each record's string among them), without a Python loop per record."""
         n = len(self.starts)
         inverse = np.zeros(n, np.int64)
@@ -187,13 +192,14 @@ class SimpleTrace:
     lengths: np.ndarray  # uint32, the record's length field
     end_offset: int  # where the last complete record ends
     truncated_bytes: int  # bytes after end_offset that do not form a complete record
-    data: bytes = field(repr=False, default=b"")
+    data: Buffer = field(repr=False, default=b"")
     # filled by _resolve():
     codes: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.int32))  # index into kinds
     kinds: list[int] = field(default_factory=list)  # distinct event ids, in order of codes
     _rows: dict[int, np.ndarray] = field(repr=False, default_factory=dict)
     _args: dict[int, list] = field(repr=False, default_factory=dict)
     _views: dict[int, np.ndarray] = field(repr=False, default_factory=dict)
+    _plans: dict[int, list] = field(repr=False, default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -217,7 +223,7 @@ class SimpleTrace:
         """The arguments of every record of kind k: a uint64 array per integer argument, a StringColumn per string."""
         a = self._args.get(k)
         if a is None:
-            a = self._args[k] = _decode_args(self, self.kind_event(k), self.kind_rows(k))
+            a = self._args[k] = _decode_args(self, self.kind_event(k), self.kind_rows(k), self._plans.pop(k, None))
         return a
 
     def counts(self) -> dict[str, int]:
@@ -298,7 +304,7 @@ class SimpleTrace:
 # --- bulk access to the file ----------------------------------------------------------------------
 
 
-def _view(data: bytes, dtype: str, phase: int, cache: dict) -> np.ndarray:
+def _view(data: Buffer, dtype: str, phase: int, cache: dict) -> np.ndarray:
     key = (dtype, phase)
     v = cache.get(key)
     if v is None:
@@ -309,7 +315,7 @@ def _view(data: bytes, dtype: str, phase: int, cache: dict) -> np.ndarray:
     return v
 
 
-def _uint_at(data: bytes, pos: np.ndarray, dtype: str, cache: dict) -> np.ndarray:
+def _uint_at(data: Buffer, pos: np.ndarray, dtype: str, cache: dict) -> np.ndarray:
     """The little-endian integer of dtype ('<u8' or '<u4') at each byte offset in pos (all inside data)."""
     item = np.dtype(dtype).itemsize
     pos = np.asarray(pos, dtype=np.int64)
@@ -330,46 +336,82 @@ def _u64_at(st: SimpleTrace, pos: np.ndarray) -> np.ndarray:
     return _uint_at(st.data, pos, "<u8", st._views)
 
 
-def _words_at(data: bytes, pos: np.ndarray, nwords: int, cache: dict) -> np.ndarray:
+def _words_at(data: Buffer, pos: np.ndarray, nwords: int, cache: dict) -> np.ndarray:
     """(len(pos), nwords) matrix of the consecutive little-endian u64 words at each byte offset in pos."""
     pos = np.asarray(pos, dtype=np.int64)
     if len(pos) == 0 or nwords == 0:
         return np.zeros((len(pos), nwords), np.uint64)
-    ar = np.arange(nwords, dtype=np.int64)
+
+    def rows(p: int) -> np.ndarray:  # overlapping rows of nwords words: row i starts at word i
+        v = _view(data, "<u8", p, cache)
+        st = v.strides[0]
+        return as_strided(v, shape=(max(len(v) - nwords + 1, 0), nwords), strides=(st, st), writeable=False)
+
     ph = pos & 7
     p0 = int(ph[0])
     if not np.any(ph != p0):
-        return _view(data, "<u8", p0, cache)[((pos - p0) >> 3)[:, None] + ar]
+        return rows(p0)[(pos - p0) >> 3]
     out = np.empty((len(pos), nwords), np.uint64)
     for p in np.unique(ph).tolist():
         m = np.flatnonzero(ph == p)
-        out[m] = _view(data, "<u8", p, cache)[((pos[m] - p) >> 3)[:, None] + ar]
+        out[m] = rows(p)[(pos[m] - p) >> 3]
     return out
 
 
-def _decode_args(st: SimpleTrace, ev: TraceEvent, rows: np.ndarray) -> list:
-    """Argument columns of the records `rows` (all of event ev), checked against their length field."""
+class _IntRun:
+    """A run of integer arguments of a string-carrying event: gathered when first asked for."""
+
+    __slots__ = ("nw", "q")
+
+    def __init__(self, q: np.ndarray, nw: int) -> None:
+        self.q = q
+        self.nw = nw
+
+
+def _layout_args(st: SimpleTrace, ev: TraceEvent, rows: np.ndarray) -> list:
+    """Check the records `rows` (all of event ev) against their length fields; a plan of their arguments."""
     base = st.offsets[rows]
     if not ev.has_strings:
-        m = _words_at(st.data, base + EVENT_HEADER_LEN, len(ev.args), st._views)
-        return [np.ascontiguousarray(m[:, j]) for j in range(len(ev.args))]
+        return [_IntRun(base + EVENT_HEADER_LEN, len(ev.args))] if ev.args else []
     end = base + 8 + st.lengths[rows].astype(np.int64)
     q = base + EVENT_HEADER_LEN
-    cols: list = []
-    for a in ev.args:
-        if a.is_string:
+    plan: list = []
+    args = ev.args
+    i = 0
+    while i < len(args):
+        if args[i].is_string:
             if np.any(q + 4 > end):
                 _args_mismatch(st, ev, rows, q + 4 > end)
             ln = _uint_at(st.data, q, "<u4", st._views).astype(np.int64)
-            cols.append(StringColumn(q + 4, ln))
+            plan.append(StringColumn(q + 4, ln))
             q = q + 4 + ln
-        else:
-            if np.any(q + 8 > end):
-                _args_mismatch(st, ev, rows, q + 8 > end)
-            cols.append(_u64_at(st, q))
-            q = q + 8
+            i += 1
+            continue
+        j = i
+        while j < len(args) and not args[j].is_string:
+            j += 1
+        nw = j - i
+        if np.any(q + 8 * nw > end):
+            _args_mismatch(st, ev, rows, q + 8 * nw > end)
+        plan.append(_IntRun(q, nw))
+        q = q + 8 * nw
+        i = j
     if np.any(q != end):
         _args_mismatch(st, ev, rows, q != end)
+    return plan
+
+
+def _decode_args(st: SimpleTrace, ev: TraceEvent, rows: np.ndarray, plan: Optional[list] = None) -> list:
+    """Argument columns of the records `rows` (all of event ev): uint64 arrays and StringColumns."""
+    if plan is None:
+        plan = _layout_args(st, ev, rows)
+    cols: list = []
+    for item in plan:
+        if isinstance(item, StringColumn):
+            cols.append(item)
+        else:
+            m = _words_at(st.data, item.q, item.nw, st._views)
+            cols += [np.ascontiguousarray(m[:, t]) for t in range(item.nw)]
     return cols
 
 
@@ -395,7 +437,7 @@ class _Scanner:
     (mapping records, a record of another pid, a truncated tail) is walked one record at a time.
     """
 
-    def __init__(self, data: bytes, name: str) -> None:
+    def __init__(self, data: Buffer, name: str) -> None:
         self.data = data
         self.name = name
         self.size = len(data)
@@ -408,6 +450,9 @@ class _Scanner:
         self.cand: Optional[np.ndarray] = None
         self.cand_next: Optional[np.ndarray] = None
         self.breaks: Optional[np.ndarray] = None
+        self.cand_start = 0
+        self.cand_pid = 0
+        self.all_phases = False
 
     def _flush_singles(self) -> None:
         if self.singles:
@@ -458,10 +503,15 @@ class _Scanner:
             f"{self.name}: record at offset {pos} has type {rtype} (0 mapping or 1 event expected): corrupt trace"
         )
 
-    def _find_candidates(self, start: int, pid: int) -> None:
-        """Every offset >= start whose u32 at +28 is pid and u64 at +0 is 1 (record type 'event')."""
+    def _find_candidates(self, start: int, pid: int, all_phases: bool = False) -> None:
+        """Every offset >= start whose u32 at +28 is pid and u64 at +0 is 1 (record type 'event').
+
+        First only offsets of start's alignment (records without strings keep it); all four
+        alignments when that does not cover the file.
+        """
+        self.cand_start, self.cand_pid, self.all_phases = start, pid, all_phases
         parts = []
-        for ph in range(4):
+        for ph in range(4) if all_phases else [start & 3]:
             v = _view(self.data, "<u4", ph, self.cache)
             m = np.flatnonzero(v == pid)
             p = ph + 4 * m.astype(np.int64) - 28
@@ -511,6 +561,15 @@ class _Scanner:
                 if npos != pos:
                     pos = npos
                     continue
+            if (
+                self.cand is not None
+                and not self.all_phases
+                and size - pos >= EVENT_HEADER_LEN
+                and _U64.unpack_from(self.data, pos)[0] == RECORD_TYPE_EVENT
+            ):
+                # an event record off the first alignment (strings): look at every alignment
+                self._find_candidates(self.cand_start, self.cand_pid, all_phases=True)
+                continue
             nxt = self._walk_one(pos)
             if nxt is None:
                 self.truncated_at = pos
@@ -520,19 +579,28 @@ class _Scanner:
         return pos
 
 
-def _read_file(path: Union[str, os.PathLike]) -> tuple[str, bytes]:
+def _read_file(path: Union[str, os.PathLike]) -> tuple[str, Buffer]:
+    """The file's bytes: a read-only memory map for regular files (no copy), else read()."""
     p = Path(path)
     try:
         if p.is_dir():
             raise BadInputError(f"{p}: is a directory, not a trace file")
-        data = p.read_bytes()
+        with open(p, "rb") as f:
+            st = os.fstat(f.fileno())
+            if stat.S_ISREG(st.st_mode) and st.st_size > 0:
+                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+                try:
+                    return str(p), mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
+                except (OSError, ValueError):
+                    pass
+            data = f.read()
     except OSError as exc:
         raise BadInputError(f"cannot read {p}: {exc.strerror or exc}") from None
     return str(p), data
 
 
 def decode_simple(
-    path: Union[str, os.PathLike], events_file: Union[str, os.PathLike, EventsFile, None] = None, data: Optional[bytes] = None
+    path: Union[str, os.PathLike], events_file: Union[str, os.PathLike, EventsFile, None] = None, data: Optional[Buffer] = None
 ) -> SimpleTrace:
     """Decode a simpletrace v4 file. Raises BadInputError with one clear line for anything wrong.
 
@@ -629,4 +697,4 @@ def _resolve(st: SimpleTrace) -> None:
             if np.any(bad):
                 _args_mismatch(st, ev, rows, bad)
         else:
-            st.kind_args(k)  # decodes and checks the strings
+            st._plans[k] = _layout_args(st, ev, rows)  # checks the strings against the record lengths

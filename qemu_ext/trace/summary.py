@@ -170,16 +170,40 @@ def pair_latencies(src: _Source, pair: Pair) -> tuple[np.ndarray, int, int]:
     if bk is None or ek is None:
         bk = np.zeros(len(bi), np.uint64)
         ek = np.zeros(len(ei), np.uint64)
-    order = np.concatenate([bi, ei]).astype(np.int64)
-    key = np.concatenate([bk.astype(np.uint64, copy=False), ek.astype(np.uint64, copy=False)])
-    ts = np.concatenate([bt, et]).astype(np.int64)
-    flag = np.concatenate([np.zeros(len(bi), np.int8), np.ones(len(ei), np.int8)])
-    srt = np.lexsort((order, key))
+    # merge begins and ends into file order without a sort (they are record indices)
+    n = int(max(bi.max() if len(bi) else -1, ei.max() if len(ei) else -1)) + 1
+    sel_mask = np.zeros(n, bool)
+    sel_mask[bi] = True
+    sel_mask[ei] = True
+    key_all = np.empty(n, np.uint64)
+    key_all[bi] = bk
+    key_all[ei] = ek
+    ts_all = np.empty(n, np.int64)
+    ts_all[bi] = bt
+    ts_all[ei] = et
+    flag_all = np.zeros(n, np.int8)
+    flag_all[ei] = 1
+    sel = np.flatnonzero(sel_mask)
+    key, ts, flag = key_all[sel], ts_all[sel], flag_all[sel]
+    uk = np.unique(key[: min(len(key), 4096)])
+    if len(uk) <= 32 and np.isin(key, uk).all():
+        # few keys (coroutines are reused): pair within each key's own sequence
+        lats = []
+        n_hit = 0
+        for kv in uk.tolist():
+            idx = np.flatnonzero(key == kv)
+            f, t = flag[idx], ts[idx]
+            hit = (f[:-1] == 0) & (f[1:] == 1)
+            lats.append(t[1:][hit] - t[:-1][hit])
+            n_hit += int(hit.sum())
+        lat = np.concatenate(lats) if lats else np.zeros(0, np.int64)
+        return lat, len(bi) - n_hit, len(ei) - n_hit
+    srt = np.argsort(key, kind="stable")  # by key, then file order
     key, ts, flag = key[srt], ts[srt], flag[srt]
     hit = (key[1:] == key[:-1]) & (flag[:-1] == 0) & (flag[1:] == 1)
     lat = ts[1:][hit] - ts[:-1][hit]
-    n = int(hit.sum())
-    return lat, len(bi) - n, len(ei) - n
+    nh = int(hit.sum())
+    return lat, len(bi) - nh, len(ei) - nh
 
 
 def _latency_stats(lat: np.ndarray) -> dict:
