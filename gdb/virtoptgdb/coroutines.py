@@ -19,6 +19,7 @@ from . import block, core
 POINTER_GUARD_OFFSET = 0x30  # glibc x86-64 tcbhead_t
 JB_RBX, JB_RBP, JB_R12, JB_R13, JB_R14, JB_R15, JB_RSP, JB_PC = range(8)
 MAX_POOL = 10000
+OUTERMOST = ("__start_context", "start_thread", "clone3", "__clone3")
 REGS = ("rip", "rsp", "rbp", "rbx", "r12", "r13", "r14", "r15")
 
 
@@ -157,15 +158,18 @@ def backtrace(co: int, limit: int = 32) -> list[dict[str, Any]]:
         for r in REGS:
             gdb.execute(f"set ${r} = {regs[r]:#x}", to_string=True)
         f: Optional[gdb.Frame] = gdb.newest_frame()
-        while f is not None and len(frames) < limit:
+        while f is not None and len(frames) < limit and f.pc():
             sal = f.find_sal()
+            name = f.name() or core.symbolize(f.pc())
             frames.append({
                 "level": len(frames),
                 "pc": f.pc(),
-                "function": f.name() or core.symbolize(f.pc()),
+                "function": name,
                 "file": sal.symtab.filename if sal.symtab else None,
                 "line": sal.line or None,
             })
+            if name in OUTERMOST:
+                break
             try:
                 f = f.older()
             except gdb.error:

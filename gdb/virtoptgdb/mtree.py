@@ -79,9 +79,10 @@ def _region(mr: gdb.Value, base: int, level: int, count: list[int], aliases: dic
         off = int(mr["alias_offset"])
         node["alias"] = {"name": _name(target), "offset": off, "start": off, "end": (off + size - 1) & U64}
         aliases.setdefault(alias, target)
-    subs = []
-    for sub in core.qtailq(mr["subregions"], "subregions_link"):
-        subs.append(_region(sub.dereference(), start, level + 1, count, aliases))
+    subs = [_region(sub.dereference(), start, level + 1, count, aliases)
+            for sub in core.qtailq(mr["subregions"], "subregions_link")]
+    # the order `info mtree` prints: by address, then higher priority first (stable)
+    subs.sort(key=lambda n: (n["start"] - start, -n["priority"]))
     node["subregions"] = subs
     return node
 
@@ -102,12 +103,13 @@ def tree(as_name: Optional[str] = None) -> dict[str, Any]:
                  "root": _region(a["root"].dereference(), 0, 0, count, aliases)}
         roots[root] = entry
         out.append(entry)
-    seen_roots = set(roots)
+    # like info mtree: every alias target once, in the order met (also roots, also nested aliases)
     targets = []
     done: set[int] = set()
     while aliases:
-        addr, mr = aliases.popitem()
-        if addr in seen_roots or addr in done:
+        addr = next(iter(aliases))
+        mr = aliases.pop(addr)
+        if addr in done:
             continue
         done.add(addr)
         targets.append(_region(mr, 0, 0, count, aliases))
@@ -149,7 +151,11 @@ def flat(as_name: Optional[str] = None) -> list[dict[str, Any]]:
                     "offset-in-region": int(fr["offset_in_region"]),
                     "region-address": core.ptr(fr["mr"]),
                 })
-        entry = {"address-spaces": [name], "root": _name(a["root"].dereference()), "ranges": ranges}
+        root = None
+        if key and core.ptr(fv["root"]):
+            root = _name(fv["root"].dereference())
+        entry = {"address-spaces": [name], "as-root": _name(a["root"].dereference()), "root": root,
+                 "ranges": ranges}
         views[key] = entry
         out.append(entry)
     return out
@@ -200,10 +206,11 @@ def _fmt_line(indent: str, n: dict[str, Any]) -> str:
     return s
 
 
-def _render_tree(n: dict[str, Any], level: int, lines: list[str]) -> None:
-    lines.append(_fmt_line("  " * (level + 1), n))
+def _render_tree(n: dict[str, Any], level: int, lines: list[str], disabled: bool) -> None:
+    if n["enabled"] or disabled:  # like info mtree: hidden when disabled, children still shown
+        lines.append(_fmt_line("  " * (level + 1), n))
     for s in n["subregions"]:
-        _render_tree(s, level + 1, lines)
+        _render_tree(s, level + 1, lines, disabled)
 
 
 def _parse_addr(text: str) -> int:
@@ -228,6 +235,7 @@ class MtreeCommand(core.VirtoptCommand):
         p.add_argument("address_space", nargs="?", metavar="ADDRESS-SPACE",
                        help="address space name (memory, I/O, cpu-memory-0, ...); default all")
         p.add_argument("--flat", action="store_true", help="the flat view QEMU dispatches with (info mtree -f)")
+        p.add_argument("--disabled", action="store_true", help="also show disabled regions (info mtree -D)")
 
     def collect(self, args: argparse.Namespace) -> Any:
         if args.flat:
@@ -240,7 +248,10 @@ class MtreeCommand(core.VirtoptCommand):
             for i, v in enumerate(data["flat-views"]):
                 lines.append(f"FlatView #{i}")
                 for a in v["address-spaces"]:
-                    lines.append(f' AS "{a}", root: {v["root"]}')
+                    lines.append(f' AS "{a}", root: {v["as-root"]}')
+                lines.append(f" Root memory region: {v['root'] or '(none)'}")
+                if not v["ranges"]:
+                    lines.append("  No rendered FlatView")
                 for r in v["ranges"]:
                     kind = ("nv-" if r["nonvolatile"] else "") + r["kind"]
                     line = f"  {r['start']:016x}-{r['end']:016x} (prio {r['priority']}, {kind}): {r['region']}"
@@ -252,11 +263,11 @@ class MtreeCommand(core.VirtoptCommand):
             for a in data["address-spaces"]:
                 for name in a["address-spaces"]:
                     lines.append(f"address-space: {name}")
-                _render_tree(a["root"], 0, lines)
+                _render_tree(a["root"], 0, lines, args.disabled)
                 lines.append("")
             for t in data["alias-targets"]:
                 lines.append(f"memory-region: {t['name']}")
-                _render_tree(t, 0, lines)
+                _render_tree(t, 0, lines, args.disabled)
                 lines.append("")
         gdb.write("\n".join(lines) + "\n")
 

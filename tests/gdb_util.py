@@ -1,0 +1,79 @@
+"""Helpers for the gdb tests: QEMUs shared by a test module, ground truth read from QEMU itself."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+from qemu_ext import vm
+from qemu_ext.gdbmi import GdbSession
+
+PACK = Path(__file__).resolve().parent.parent / "gdb" / "virtopt-gdb.py"
+
+
+def hmp(qp: vm.QemuProcess, line: str) -> str:
+    return qp.client.cmd("human-monitor-command", **{"command-line": line})  # type: ignore[attr-defined]
+
+
+def start(binary: Optional[str], **kw: Any) -> vm.QemuProcess:
+    qp = vm.start_qemu(binary=binary, **kw)
+    try:
+        qp.client = qp.qmp()  # type: ignore[attr-defined]
+    except BaseException:
+        qp.stop()
+        raise
+    return qp
+
+
+def gdb_json(pid: int, *commands: str) -> list[Any]:
+    """Run each `virtopt ... --json` in one gdb session; every one must succeed."""
+    with GdbSession(pid) as s:
+        out = []
+        for c in commands:
+            r = s.run(c)
+            assert r.ok, f"{c}: {r.error}"
+            assert r.data is not None, f"{c}: no JSON: {r.output[:300]}"
+            out.append(r.data)
+    return out
+
+
+def assert_alive(qp: vm.QemuProcess) -> None:
+    """gdb detached and QEMU still runs: the process lives and QMP answers."""
+    assert qp.alive()
+    status = qp.client.cmd("query-status")  # type: ignore[attr-defined]
+    assert status["status"] in ("running", "prelaunch", "paused")
+
+
+def proc_threads(pid: int) -> dict[int, str]:
+    """tid -> comm, from /proc: the ground truth for `virtopt threads`."""
+    out = {}
+    for p in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out[int(p.name)] = (p / "comm").read_text().strip()
+        except OSError:
+            pass
+    return out
+
+
+def flat_ranges(info_mtree_f: str, as_name: str) -> list[tuple[int, int, str, str]]:
+    """(start, end, kind, region) of the FlatView that `info mtree -f` shows for as_name."""
+    out: list[tuple[int, int, str, str]] = []
+    mine = False
+    pat = re.compile(r"^\s+([0-9a-f]{16})-([0-9a-f]{16}) \(prio -?\d+, ([^)]*)\): (\S*)")
+    for line in info_mtree_f.splitlines():
+        if line.startswith("FlatView"):
+            mine = False
+        elif line.startswith(" AS ") and f'AS "{as_name}",' in line:
+            mine = True
+        elif mine:
+            mo = pat.match(line)
+            if mo:
+                out.append((int(mo.group(1), 16), int(mo.group(2), 16), mo.group(3), mo.group(4)))
+    return out
+
+
+def line_counts(text: str) -> Counter:
+    """Non-empty lines of an mtree listing (QEMU appends the accelerator name to flat ranges)."""
+    return Counter(re.sub(r" (KVM|TCG)$", "", ln.rstrip()) for ln in text.replace("\r", "").splitlines() if ln.strip())

@@ -1,0 +1,313 @@
+"""virtopt's gdb pack on live QEMUs: the debug build (DWARF) and Debian's QEMU (symbols only).
+
+Each test attaches one gdb (pygdbmi or batch), runs several commands, detaches, and checks
+the answers against QEMU itself: /proc/PID/task, QMP query-cpus-fast, HMP `info mtree`,
+QMP trace-event-get-state, the log backend's output, and the -drive options given.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import debug_qemu_src
+from gdb_util import (
+    PACK,
+    assert_alive,
+    flat_ranges,
+    gdb_json,
+    hmp,
+    line_counts,
+    proc_threads,
+    start,
+)
+from helpers import gdb_batch, make_qcow2
+
+from qemu_ext import vm
+from qemu_ext.gdbmi import GdbSession
+
+L2_CACHE = 64 << 10
+L2_ENTRY = 4 << 10
+REFCOUNT_CACHE = 256 << 10
+CLEAN_INTERVAL = 30
+DRIVE_OPTS = (f"l2-cache-size={L2_CACHE},l2-cache-entry-size={L2_ENTRY},"
+              f"refcount-cache-size={REFCOUNT_CACHE},cache-clean-interval={CLEAN_INTERVAL}")
+DEBUG_ONLY = {"vcpus", "mtree", "mtree lookup", "timers", "qcow2", "coroutines"}
+
+
+@pytest.fixture(scope="module")
+def dbg(tmp_path_factory) -> Any:
+    """The debug QEMU (2 vCPUs) with a 1 GiB qcow2 drive d0 and qcow2_cache_get traced from the start."""
+    src = debug_qemu_src()
+    img = make_qcow2(tmp_path_factory.mktemp("gdb") / "d0.qcow2", size="1G",
+                     io=["write -P 0x11 0 64k", "write -P 0x22 40M 64k", "write -P 0x33 600M 64k"])
+    qp = start(str(src / "build" / "qemu-system-x86_64"), name="virtopt-gdb", smp=2,
+               drives=[f"file={img},if=none,id=d0,format=qcow2,{DRIVE_OPTS}"],
+               extra_args=["-trace", "qcow2_cache_get"])
+    try:
+        yield qp
+    finally:
+        qp.stop()
+
+
+@pytest.fixture(scope="module")
+def deb(tmp_path_factory) -> Any:
+    """Debian's QEMU (no debug info, log trace backend) with a small qcow2 drive d0."""
+    img = make_qcow2(tmp_path_factory.mktemp("gdb") / "e0.qcow2", size="64M", io=["write -P 0x44 0 64k"])
+    qp = start(None, name="virtopt-gdb", drives=[f"file={img},if=none,id=d0,format=qcow2"])
+    try:
+        yield qp
+    finally:
+        qp.stop()
+
+
+@pytest.fixture(params=["debug", "debian"])
+def any_qemu(request) -> Any:
+    return request.getfixturevalue("dbg" if request.param == "debug" else "deb")
+
+
+def _qmp_version(qp: vm.QemuProcess) -> str:
+    """QEMU_FULL_VERSION as `qemu --version` prints it, rebuilt from QMP query-version."""
+    ver = qp.client.cmd("query-version")
+    q, pkg = ver["qemu"], ver["package"].strip()
+    return f"{q['major']}.{q['minor']}.{q['micro']}" + (f" ({pkg})" if pkg else "")
+
+
+def test_pack_loads_beside_qemus_own_scripts_and_info_matches_qmp(dbg):
+    cp = gdb_batch(dbg.pid, [f"source {PACK}", "help qemu", "help virtopt", "virtopt info"])
+    assert "Traceback" not in cp.stdout + cp.stderr
+    assert "qemu mtree" in cp.stdout  # QEMU's scripts/qemu-gdb.py was found through the binary's path
+    for cmd in ("virtopt threads", "virtopt mtree", "virtopt trace", "virtopt qcow2", "virtopt coroutines"):
+        assert cmd in cp.stdout
+    (info,) = gdb_json(dbg.pid, "virtopt info --json")
+    assert info["version"] == _qmp_version(dbg)
+    assert info["accelerator"] == dbg.accel
+    assert info["debug-info"] is True
+    assert {"simple", "log"} <= set(info["trace-backends"])
+    assert all(c["available"] for c in info["commands"].values()), info["commands"]
+    assert_alive(dbg)
+
+
+def test_info_on_debian_qemu_says_what_works_without_debug_info(deb):
+    (info,) = gdb_json(deb.pid, "info --json")
+    assert info["version"] == _qmp_version(deb)
+    assert info["debug-info"] is False and info["accelerator"] == deb.accel
+    assert info["trace-backends"] == ["log"]
+    nm = subprocess.run(["nm", "-D", "--defined-only", "/usr/bin/qemu-system-x86_64"],
+                        capture_output=True, text=True, check=True).stdout
+    assert info["trace-events"] == len(re.findall(r" _TRACE_\w+_DSTATE$", nm, re.M))
+    unavailable = {n for n, c in info["commands"].items() if not c["available"]}
+    assert unavailable == DEBUG_ONLY
+    assert_alive(deb)
+
+
+SMOKE = ["info", "threads", "vcpus", "mtree", "mtree --flat", "mtree lookup 0xfee00000", "timers",
+         "trace list 'qcow2_cache_*'", "qcow2", "qcow2 d0 --slices", "coroutines", "coroutines --pools"]
+
+
+def test_smoke_every_command_in_both_qemus(any_qemu):
+    debug = "debug" in any_qemu.binary
+    with GdbSession(any_qemu.pid) as s:
+        for cmd in SMOKE:
+            for variant in (cmd, cmd + " --json"):
+                r = s.run(variant)
+                assert "Traceback" not in r.output and "Traceback" not in (r.error or "")
+                base = "mtree lookup" if cmd.startswith("mtree lookup") else cmd.split()[0]
+                if debug or base not in DEBUG_ONLY:
+                    assert r.ok, f"{variant}: {r.error}"
+                    assert r.output.strip()
+                    if variant.endswith("--json"):
+                        assert r.data is not None, variant
+                else:
+                    assert not r.ok and "\n" not in r.error.strip()
+                    assert "needs QEMU's debug info" in r.error
+    assert_alive(any_qemu)
+
+
+def test_threads_match_proc_and_query_cpus_fast(any_qemu):
+    (data,) = gdb_json(any_qemu.pid, "threads --json")
+    truth = proc_threads(any_qemu.pid)
+    mine = {t["tid"]: t for t in data["threads"]}
+    assert set(mine) == set(truth)
+    for tid, comm in truth.items():
+        assert mine[tid]["name"] == comm
+    assert mine[any_qemu.pid]["role"] == "main-loop"
+    cpus = any_qemu.client.cmd("query-cpus-fast")
+    assert cpus
+    for cpu in cpus:
+        t = mine[cpu["thread-id"]]
+        assert t["role"] == "vcpu" and t["vcpu"] == cpu["cpu-index"]
+    vcpu_tids = {t["tid"] for t in data["threads"] if t["role"] == "vcpu"}
+    assert vcpu_tids == {c["thread-id"] for c in cpus}
+    mon = [t for t in data["threads"] if t["name"] == "IO mon_iothread"]
+    assert mon and mon[0]["role"] == "iothread"
+    bql = data["bql"]
+    assert bql["known"] == ("debug" in any_qemu.binary)
+    assert bql["holder"] is None or bql["holder"] in truth
+    assert_alive(any_qemu)
+
+
+def test_vcpus_match_query_cpus_fast(dbg):
+    (data,) = gdb_json(dbg.pid, "vcpus --json")
+    cpus = dbg.client.cmd("query-cpus-fast")
+    assert [(v["cpu-index"], v["thread-id"]) for v in data["vcpus"]] == [
+        (c["cpu-index"], c["thread-id"]) for c in cpus]
+    assert len(data["vcpus"]) == 2
+    for v in data["vcpus"]:
+        assert v["created"] and not v["stopped"]
+        if dbg.accel == "kvm":
+            assert v["kvm-exit-reason-name"] is not None and not v["kvm-exit-reason-name"].startswith("#")
+            assert v["kvm-fd"] > 0
+    status = dbg.client.cmd("query-status")
+    assert status["running"] is True
+    assert_alive(dbg)
+
+
+def test_mtree_matches_info_mtree_and_lookup_matches_flat_view(dbg):
+    hmp_tree, hmp_disabled, hmp_flat = hmp(dbg, "info mtree"), hmp(dbg, "info mtree -D"), hmp(dbg, "info mtree -f")
+    flat_mem = flat_ranges(hmp_flat, "memory")
+    flat_io = flat_ranges(hmp_flat, "I/O")
+    assert flat_mem and flat_io
+    probes = []
+    for start_, end, _kind, _name in flat_mem:
+        probes += [start_, end, (start_ + end) // 2]
+    hole = next(e + 1 for (_s, e, _k, _n), (s2, _e2, _k2, _n2) in zip(flat_mem, flat_mem[1:]) if s2 > e + 1)
+    with GdbSession(dbg.pid) as s:
+        tree, tree_d, flat = (s.run(c) for c in ("mtree", "mtree --disabled", "mtree --flat"))
+        lookups = [s.run(f"mtree lookup {a:#x} --json").data for a in probes]
+        io = s.run(f"mtree lookup {flat_io[0][0]:#x} --as I/O --json").data
+        unassigned = s.run(f"mtree lookup {hole:#x} --json").data
+        bad = s.run("mtree NO-SUCH-AS")
+    assert line_counts(tree.output) == line_counts(hmp_tree)
+    assert line_counts(tree_d.output) == line_counts(hmp_disabled)
+    assert line_counts(flat.output) == line_counts(hmp_flat)
+    by_addr = {}
+    for start_, end, kind, name in flat_mem:
+        for a in (start_, end, (start_ + end) // 2):
+            by_addr[a] = (name, kind, start_, end)
+    for a, got in zip(probes, lookups):
+        name, kind, start_, end = by_addr[a]
+        assert got["found"] and got["region"] == name and got["kind"] == kind
+        assert (got["range-start"], got["range-end"]) == (start_, end)
+    assert io["found"] and io["region"] == flat_io[0][3]
+    assert unassigned["found"] is False
+    assert not bad.ok and "no address space named" in bad.error
+    assert_alive(dbg)
+
+
+def _log_lines(qp: vm.QemuProcess, event: str) -> list[str]:
+    return [ln for ln in qp.stderr_text().splitlines() if re.search(rf"\b{event} ", ln)]
+
+
+def _qmp_state(qp: vm.QemuProcess, name: str) -> dict[str, str]:
+    return {e["name"]: e["state"] for e in qp.client.cmd("trace-event-get-state", name=name)}
+
+
+def test_trace_toggle_from_gdb_agrees_with_qmp_and_log_backend_prints(any_qemu):
+    qp = any_qemu
+    assert _qmp_state(qp, "blk_co_p*") == {"blk_co_preadv": "disabled", "blk_co_pwritev": "disabled"}
+    before = len(_log_lines(qp, "blk_co_preadv"))
+    (on,) = gdb_json(qp.pid, "trace enable blk_co_preadv --json")
+    assert on["changed"] == ["blk_co_preadv"]
+    assert on["enabled-count"] == on["enabled-count-before"] + 1
+    assert _qmp_state(qp, "blk_co_p*") == {"blk_co_preadv": "enabled", "blk_co_pwritev": "disabled"}
+    hmp(qp, 'qemu-io d0 "read 0 4k"')
+    lines = _log_lines(qp, "blk_co_preadv")[before:]
+    assert len(lines) == 1 and re.search(r"offset 0 bytes 4096 ", lines[0]), lines
+
+    # QMP -> gdb: the state QMP sets is what gdb lists
+    qp.client.cmd("trace-event-set-state", name="blk_co_pwritev", enable=True)
+    lst, off = gdb_json(qp.pid, "trace list 'blk_co_p*' --json", "trace disable 'blk_co_p*' --json")
+    assert {e["name"]: e["state"] for e in lst["events"]} == {"blk_co_preadv": "enabled",
+                                                              "blk_co_pwritev": "enabled"}
+    assert sorted(off["changed"]) == ["blk_co_preadv", "blk_co_pwritev"]
+    assert off["enabled-count"] == lst["enabled-count"] - 2
+    assert _qmp_state(qp, "blk_co_p*") == {"blk_co_preadv": "disabled", "blk_co_pwritev": "disabled"}
+    hmp(qp, 'qemu-io d0 "read 4k 4k"')
+    assert len(_log_lines(qp, "blk_co_preadv")) == before + 1  # disabled again: nothing more printed
+    with GdbSession(qp.pid) as s:
+        nomatch = s.run("trace enable no_such_event_xyz")
+    assert not nomatch.ok and "no trace event matches" in nomatch.error
+    assert_alive(qp)
+
+
+def _cache_get_offsets(qp: vm.QemuProcess, l2: bool) -> set[int]:
+    pat = re.compile(rf"qcow2_cache_get co 0x[0-9a-f]+ is_l2_cache {int(l2)} offset (0x[0-9a-f]+)")
+    return {int(m.group(1), 16) for m in map(pat.search, qp.stderr_text().splitlines()) if m}
+
+
+def test_qcow2_caches_match_drive_options_and_qemus_trace(dbg):
+    for off in ("0", "40M", "600M", "600M"):
+        hmp(dbg, f'qemu-io d0 "read {off} 4k"')
+    data, = gdb_json(dbg.pid, "qcow2 d0 --json")
+    (node,) = data["nodes"]
+    assert node["device"] == "d0" and node["virtual-size"] == 1 << 30
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", node["filename"]],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert node["cluster-size"] == info["cluster-size"]
+    assert node["cache-clean-interval"] == CLEAN_INTERVAL
+    l2, rc = node["l2-cache"], node["refcount-cache"]
+    assert l2["entries"] == L2_CACHE // L2_ENTRY and l2["entry-size"] == L2_ENTRY
+    assert rc["entries"] == REFCOUNT_CACHE // info["cluster-size"] and rc["entry-size"] == info["cluster-size"]
+    assert l2["l2-entry-size"] == 8 and node["l2-slice-size"] == L2_ENTRY // 8
+    assert l2["covers-per-entry"] == node["l2-slice-size"] * info["cluster-size"]
+    # every L2 slice QEMU looked up (trace) is cached: the cache is big enough that nothing was evicted
+    cached = {s["offset"] for s in l2["slices"]}
+    assert cached == _cache_get_offsets(dbg, l2=True) and len(cached) >= 3
+    assert l2["entries-in-use"] == len(cached) and l2["dirty-entries"] == 0
+    assert {s["offset"] for s in rc["slices"]} == _cache_get_offsets(dbg, l2=False)
+    assert l2["lru-counter"] >= len(cached)
+    with GdbSession(dbg.pid) as s:
+        by_node = s.run(f"qcow2 {node['node-name']} --json").data
+        missing = s.run("qcow2 no-such-node")
+    assert by_node["nodes"][0]["l2-cache"]["slices"] == l2["slices"]
+    assert not missing.ok and "no qcow2 node named" in missing.error
+    assert_alive(dbg)
+
+
+def test_coroutines_found_and_backtraced_without_calls(dbg):
+    hmp(dbg, 'qemu-io d0 "read 1M 4k"')
+    last = [ln for ln in dbg.stderr_text().splitlines() if "qcow2_cache_get co " in ln][-1]
+    co = int(re.search(r"co (0x[0-9a-f]+)", last).group(1), 16)  # the coroutine QEMU itself reported
+    with GdbSession(dbg.pid) as s:
+        listing = s.run("coroutines --pools --json").data
+        bt = s.run(f"coroutines --bt {co:#x} --json").data
+    found = {c["address"]: c for c in listing["coroutines"]}
+    assert co in found
+    assert found[co]["source"].endswith("pool") and found[co]["entry"]
+    frames = [f["function"] for f in bt["backtrace"]["frames"]]
+    assert frames[0] == "qemu_coroutine_switch" and "coroutine_trampoline" in frames
+    # registers were put back: QEMU still serves I/O through the same coroutine machinery
+    n = len(dbg.stderr_text().splitlines())
+    hmp(dbg, 'qemu-io d0 "read 2M 4k"')
+    assert any("qcow2_cache_get co " in ln for ln in dbg.stderr_text().splitlines()[n:])
+    assert_alive(dbg)
+
+
+def test_timers_list_the_qcow2_cache_clean_timer(dbg):
+    (data,) = gdb_json(dbg.pid, "timers --json")
+    clocks = {c["clock"]: c for c in data["clocks"]}
+    assert list(clocks) == ["realtime", "virtual", "host", "virtual_rt"]
+    virt = [t for tl in clocks["virtual"]["timer-lists"] for t in tl["timers"]]
+    # cache-clean-interval=30 arms a QEMU_CLOCK_VIRTUAL timer in ms (SCALE_MS) with this callback
+    clean = [t for t in virt if t["cb"] == "cache_clean_timer_cb"]
+    assert len(clean) == 1 and clean[0]["scale"] == 1000000
+    assert any(tl["owner"] == "main-loop" for c in data["clocks"] for tl in c["timer-lists"])
+    assert_alive(dbg)
+
+
+def test_non_qemu_process_gives_one_line_error(tmp_path: Path):
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        cp = gdb_batch(sleeper.pid, [f"source {PACK}", "virtopt threads", "virtopt trace list"])
+        errs = [ln for ln in cp.stderr.splitlines() if "virtopt" in ln]
+        assert len(errs) == 2 and all(f"process {sleeper.pid} (sleep) is not QEMU" in e for e in errs)
+        assert "Traceback" not in cp.stdout + cp.stderr
+        assert sleeper.poll() is None  # gdb detached, sleep still runs
+    finally:
+        sleeper.kill()
+        sleeper.wait()
