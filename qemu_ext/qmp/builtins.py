@@ -28,7 +28,7 @@ from typing import Any, Optional
 from qemu_ext.errors import BadInputError, NotAvailableError
 from qemu_ext.qmp import protocol
 from qemu_ext.qmp.client import QmpSession
-from qemu_ext.qmp.errors import HmpError, QmpCommandError
+from qemu_ext.qmp.errors import HmpError, QmpCommandError, QmpGoneError
 
 NO_SIMPLE_BACKEND = (
     "this QEMU has no simple trace backend (HMP answers \"unknown command: 'trace-file'\"); "
@@ -297,12 +297,20 @@ def _is_pid_prefixed(line: str, names: set[str]) -> bool:
 
 
 async def _during(s: QmpSession, seconds: float, during: Optional[Any]) -> None:
+    """Wait ``seconds`` (running ``during`` first); return early with QmpGoneError if QEMU goes away."""
     t0 = time.monotonic()
     if during is not None:
         await during(s)
     left = seconds - (time.monotonic() - t0)
-    if left > 0:
-        await asyncio.sleep(left)
+    if left <= 0:
+        return
+    gone = asyncio.ensure_future(s.wait_disconnected())
+    try:
+        done, _ = await asyncio.wait({gone}, timeout=left)
+    finally:
+        gone.cancel()
+    if done:
+        raise QmpGoneError(f"QEMU at {s.where} went away during the capture")
 
 
 def _l2_simulate(path: str, records: list[Any], notes: list[str]) -> Optional[dict[str, Any]]:

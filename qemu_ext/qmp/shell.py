@@ -42,8 +42,9 @@ built-ins:
                                      enable, wait, disable, flush, decode (simple or log backend)
   /trace-file [on|off|flush|set FILE]
                                      the simple backend's trace file (HMP trace-file)
-  /stats [vm|vcpu] [--watch N] [--count K] [--all]
-                                     KVM statistics per second (query-stats), like kvm_stat
+  /stats [vm|vcpu] [--interval S] [--watch S] [--count K] [--all]
+                                     KVM statistics per second (query-stats), like kvm_stat;
+                                     --watch repeats every S seconds (Ctrl-C stops)
   /threads                           QEMU's threads, their roles, last CPU and affinity
   /mtree lookup ADDR [io|memory]     the region and device owning an I/O port or address
   /l2cache [NODE]                    qcow2 cache settings and the full-coverage l2-cache-size
@@ -79,6 +80,7 @@ class Shell:
         self._stderr = stderr
         self._log: Optional[TextIO] = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self.prompt_session: Any = None  # the prompt-toolkit PromptSession while the REPL runs
         if opts.logfile:
             try:
                 self._log = open(opts.logfile, "a", encoding="utf-8")
@@ -107,10 +109,11 @@ class Shell:
                 f" ({mode}; capabilities: {', '.join(caps) if caps else 'none'}"
                 f"{'; oob enabled' if self.session.oob else ''})")
 
-    async def start(self) -> None:
-        """Connect, load completion data, start printing events."""
+    async def start(self, completion: bool = True) -> None:
+        """Connect, load completion data (for the REPL), start printing events."""
         await self.session.connect()
-        await self._load_completion()
+        if completion:
+            await self._load_completion()
         self._tasks.append(asyncio.create_task(self._event_pump()))
 
     async def _load_completion(self) -> None:
@@ -302,7 +305,7 @@ class Shell:
         return st.to_dict(), render.trace_file_status(st)
 
     async def _b_stats(self, args: list[str]) -> tuple[Any, str]:
-        target, watch, count, all_rows = "vm", None, None, False
+        target, watch, count, all_rows, interval = "vm", None, None, False, 1.0
         it = iter(args)
         for a in it:
             if a in ("vm", "vcpu"):
@@ -317,13 +320,14 @@ class Shell:
                     raise BadInputError(f"{a} needs a positive number")
                 if a == "--count":
                     count = int(num)
+                elif a == "--watch":
+                    watch = interval = num
                 else:
-                    watch = num
+                    interval = num
             elif a == "--all":
                 all_rows = True
             else:
-                raise BadInputError("usage: /stats [vm|vcpu] [--watch SECONDS] [--count K] [--all]")
-        interval = watch or 1.0
+                raise BadInputError("usage: /stats [vm|vcpu] [--interval S] [--watch S] [--count K] [--all]")
         if watch is None and count is None:
             rep = await builtins.stats(self.session, target, interval)
             return rep.to_dict(), render.stats(rep, all_rows)
@@ -333,10 +337,11 @@ class Shell:
             rep = await builtins.stats(self.session, target, interval)
             n += 1
             if self.opts.output == "json":
+                self.out(json.dumps(rep.to_dict(), indent=4 if self.opts.pretty else None))
                 reports.append(rep.to_dict())
             else:
                 self.out(time.strftime("%H:%M:%S ") + render.stats(rep, all_rows))
-        return (reports, "") if reports else (None, "")
+        return None, ""
 
     async def _b_threads(self, args: list[str]) -> tuple[Any, str]:
         if args:
@@ -360,7 +365,7 @@ class Shell:
 
     async def run_script(self, lines: list[str]) -> int:
         """``-c`` mode: run lines in order; stop at the first error and return its exit code."""
-        await self.start()
+        await self.start(completion=False)
         try:
             for line in lines:
                 try:
@@ -408,6 +413,7 @@ class Shell:
             input=input,
             output=output,
         )
+        self.prompt_session = ps
         try:
             with patch_stdout(raw=True) if self._stdout is None else contextlib.nullcontext():
                 while True:

@@ -1,0 +1,366 @@
+"""virtopt shell on a real Debian QEMU: -c scripts, QMP/HMP input, built-ins, completion, events.
+
+One QEMU serves the module. It has two QMP monitors: ``qmp.sock`` for the shell under test and
+``ctl.sock`` for the test's own client (QEMU serves one client per monitor), which is the ground truth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import make_qcow2, virtopt
+from shell_util import Repl, shell_cmd
+
+from qemu_ext import vm
+from qemu_ext.qmp import builtins
+from qemu_ext.qmp.client import run_sync
+from qemu_ext.qmp.completion import CompletionData, ShellCompleter
+
+N_SLICES = 20  # distinct 4 KiB L2 slices the l2cache test touches (each maps 32 MiB with 64 KiB clusters)
+
+
+@pytest.fixture(scope="module")
+def vmq(tmp_path_factory: pytest.TempPathFactory):
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    d = tmp_path_factory.mktemp("shellvm")
+    img = make_qcow2(d / "disk.qcow2", size="1G", io=["write 0 64k"])
+    l2img = make_qcow2(d / "l2.qcow2", size="1G", io=[f"write {i * 32}M 4k" for i in range(N_SLICES)])
+    ctl = d / "ctl.sock"
+    qp = vm.start_qemu(
+        name="virtopt-shell",
+        smp=2,
+        drives=[f"file={img},if=none,id=drv0,node-name=disk0,l2-cache-size=64k"],
+        extra_args=["-qmp", f"unix:{ctl},server=on,wait=off"],
+    )
+    client = None
+    try:
+        client = QEMUMonitorProtocol(str(ctl))
+        client.connect()
+        client.settimeout(30)
+        qp.ctl = client  # type: ignore[attr-defined]
+        qp.img = img  # type: ignore[attr-defined]
+        qp.l2img = l2img  # type: ignore[attr-defined]
+        qp.dir = d  # type: ignore[attr-defined]
+        yield qp
+    finally:
+        if client is not None:
+            client.close()
+        qp.stop()
+
+
+def sh(vmq, *args: str) -> subprocess.CompletedProcess:
+    return shell_cmd(str(vmq.qmp_path), *args)
+
+
+def json_lines(text: str) -> list[Any]:
+    return [json.loads(ln) for ln in text.splitlines() if ln.startswith(("{", "["))]
+
+
+# -- -c scripts, QMP and HMP input ------------------------------------------------------------------
+
+
+def test_c_lines_print_qemus_replies_and_exit_0(vmq):
+    cp = sh(vmq, "-c", "query-version", "-c", "query-status")
+    assert cp.returncode == 0, cp.stderr
+    replies = json_lines(cp.stdout)
+    assert replies[0] == {"return": vmq.ctl.cmd("query-version")}
+    assert replies[1] == {"return": vmq.ctl.cmd("query-status")}
+    assert "Traceback" not in cp.stderr
+
+
+def test_c_stops_at_the_first_qmp_error_with_its_class_and_description(vmq):
+    truth = vmq.ctl.cmd_obj({"execute": "no-such-command"})["error"]
+    try:
+        cp = sh(vmq, "-c", "stop", "-c", "no-such-command", "-c", "cont")
+        assert cp.returncode == 1
+        assert cp.stderr.strip().splitlines() == [f"error: {truth['class']}: {truth['desc']}"]
+        # the line after the error did not run: the VM is still paused
+        assert vmq.ctl.cmd("query-status")["running"] is False
+        # the STOP event QEMU sent is printed like a reply
+        assert any(m.get("event") == "STOP" for m in json_lines(cp.stdout))
+    finally:
+        vmq.ctl.cmd("cont")
+
+
+def test_same_through_the_virtopt_cli(vmq):
+    cp = virtopt("shell", str(vmq.qmp_path), "--history", "", "-c", "query-name")
+    assert cp.returncode == 0, cp.stderr
+    assert json_lines(cp.stdout) == [{"return": vmq.ctl.cmd("query-name")}]
+    assert "examples:" in virtopt("shell", "--help").stdout
+
+
+def test_pretty_verbose_and_logfile(vmq, tmp_path: Path):
+    log = tmp_path / "shell.log"
+    cp = sh(vmq, "-p", "-v", "-l", str(log), "-c", "query-status")
+    assert cp.returncode == 0, cp.stderr
+    status = vmq.ctl.cmd("query-status")
+    # -v echoes the command, -p indents with sorted keys
+    assert cp.stdout.startswith(json.dumps({"execute": "query-status", "arguments": {}}, indent=4, sort_keys=True))
+    assert json.dumps({"return": status}, indent=4, sort_keys=True) in cp.stdout
+    logged = [json.loads(ln) for ln in log.read_text().splitlines()]
+    assert {"execute": "query-status", "arguments": {}} in logged
+    assert {"return": status} in logged
+
+
+def test_hmp_mode_prints_hmp_text(vmq):
+    cp = sh(vmq, "-H", "-c", "info status", "-c", "info version")
+    assert cp.returncode == 0, cp.stderr
+    want = (vmq.ctl.cmd("human-monitor-command", **{"command-line": "info status"})
+            + vmq.ctl.cmd("human-monitor-command", **{"command-line": "info version"}))
+    assert cp.stdout.split() == want.split()
+
+
+def test_transaction_raw_json_and_dotted_keys_reach_qemu(vmq, tmp_path: Path):
+    other = make_qcow2(tmp_path / "other.qcow2", size="16M")
+    cp = sh(vmq,
+            "-c", "transaction(",
+            "-c", "block-dirty-bitmap-add node=disk0 name=b1",
+            "-c", "block-dirty-bitmap-add node=disk0 name=b2 persistent=false granularity=131072",
+            "-c", ")",
+            "-c", f"blockdev-add driver=qcow2 node-name=extra read-only=true file.driver=file file.filename={other}",
+            "-c", '{"execute": "block-dirty-bitmap-remove", "arguments": {"node": "disk0", "name": "b1"}}')
+    try:
+        assert cp.returncode == 0, cp.stderr
+        nodes = {n["node-name"]: n for n in vmq.ctl.cmd("query-named-block-nodes")}
+        assert nodes["extra"]["file"] == str(other) and nodes["extra"]["ro"] is True
+        bitmaps = {b["name"]: b for b in nodes["disk0"].get("dirty-bitmaps", [])}
+        assert set(bitmaps) == {"b2"} and bitmaps["b2"]["granularity"] == 131072
+    finally:
+        vmq.ctl.cmd_obj({"execute": "block-dirty-bitmap-remove", "arguments": {"node": "disk0", "name": "b2"}})
+        vmq.ctl.cmd_obj({"execute": "blockdev-del", "arguments": {"node-name": "extra"}})
+
+
+def test_parse_error_is_one_clear_line(vmq):
+    cp = sh(vmq, "-c", "query-status justaword")
+    assert cp.returncode == 1
+    assert "expected a key=value pair" in cp.stderr and "Traceback" not in cp.stderr
+
+
+# -- built-ins ---------------------------------------------------------------------------------------
+
+
+def test_trace_list_on_off_follow_qemu(vmq):
+    pattern = "qcow2_cache_get*"
+    truth = vmq.ctl.cmd("trace-event-get-state", name=pattern)
+    cp = sh(vmq, "--output=json", "-c", f"/trace list {pattern}")
+    assert cp.returncode == 0, cp.stderr
+    got = json.loads(cp.stdout)
+    assert sorted((e["name"], e["state"]) for e in got) == sorted((e["name"], e["state"]) for e in truth)
+    try:
+        cp = sh(vmq, "-c", f"/trace on {pattern}")
+        assert cp.returncode == 0, cp.stderr
+        now = vmq.ctl.cmd("trace-event-get-state", name=pattern)
+        assert {e["state"] for e in now} == {"enabled"}
+        for e in now:
+            assert re.search(rf"^{e['name']}\s+enabled$", cp.stdout, re.M)
+    finally:
+        cp = sh(vmq, "-c", f"/trace off {pattern}")
+    assert {e["state"] for e in vmq.ctl.cmd("trace-event-get-state", name=pattern)} == {"disabled"}
+    cp = sh(vmq, "-c", "/trace on no_such_event_xyz*")
+    assert cp.returncode == 1 and "no trace event matches" in cp.stderr
+
+
+def test_trace_file_on_debian_names_the_log_backend(vmq):
+    hmp = vmq.ctl.cmd("human-monitor-command", **{"command-line": "trace-file"})
+    assert "unknown command: 'trace-file'" in hmp  # Debian's QEMU: log backend only
+    cp = sh(vmq, "-c", "/trace-file on")
+    assert cp.returncode == 2
+    line, = cp.stderr.strip().splitlines()
+    assert "no simple trace backend" in line and "-D" in line
+
+
+def _mtree_io_lines(text: str) -> list[tuple[int, int, str]]:
+    sec = text.split("address-space: I/O", 1)[1].split("address-space:", 1)[0]
+    out = []
+    for ln in sec.splitlines():
+        m = re.match(r"\s*([0-9a-f]+)-([0-9a-f]+) \(prio [-\d]+, [^)]+\): (\S+)", ln)
+        if m:
+            out.append((int(m[1], 16), int(m[2], 16), m[3]))
+    return out
+
+
+def test_mtree_lookup_names_rtc_for_port_0x70(vmq):
+    cp = sh(vmq, "-c", "/mtree lookup 0x70 io")
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout.startswith("port 0x70 -> rtc ")
+    m = json.loads(sh(vmq, "--output=json", "-c", "/mtree lookup 0x70").stdout)
+    text = vmq.ctl.cmd("human-monitor-command", **{"command-line": "info mtree"})
+    rtc = [r for r in _mtree_io_lines(text) if r[2] == "rtc"]
+    assert rtc and (m["start"], m["end"]) == rtc[0][:2] and rtc[0][0] <= 0x70 <= rtc[0][1]
+    assert m["region"] == "rtc" and m["chain"][0] == "io"
+    assert m["device_type"] == vmq.ctl.cmd("qom-get", path=m["owner"], property="type")
+    # a memory address: the HPET's MMIO window as QEMU's flat view shows it
+    flat = vmq.ctl.cmd("human-monitor-command", **{"command-line": "info mtree -f"})
+    hp = re.search(r"([0-9a-f]+)-[0-9a-f]+ \(prio [-\d]+, i/o\): hpet", flat)
+    assert hp
+    m = json.loads(sh(vmq, "--output=json", "-c", f"/mtree lookup 0x{hp[1]} memory").stdout)
+    assert m["region"] == "hpet" and m["flat_region"] == "hpet"
+    cp = sh(vmq, "-c", "/mtree lookup nonsense")
+    assert cp.returncode == 1 and "not an address" in cp.stderr
+
+
+def test_threads_match_proc_and_query_cpus_fast(vmq):
+    cp = sh(vmq, "--output=json", "-c", "/threads")
+    assert cp.returncode == 0, cp.stderr
+    threads = json.loads(cp.stdout)
+    task = Path(f"/proc/{vmq.pid}/task")
+    assert {t["tid"] for t in threads} <= {int(p.name) for p in task.iterdir()}
+    for t in threads:
+        assert t["name"] == (task / str(t["tid"]) / "comm").read_text().strip()
+    vcpus = {c["thread-id"]: c["cpu-index"] for c in vmq.ctl.cmd("query-cpus-fast")}
+    assert {t["tid"]: t["vcpu"] for t in threads if t["role"] == "vcpu"} == vcpus
+    human = sh(vmq, "-c", "/threads").stdout
+    for tid, idx in vcpus.items():
+        assert re.search(rf"^\s*{tid}\s+CPU {idx}/\S+\s+vCPU {idx}\s", human, re.M)
+
+
+def test_stats_are_deltas_with_units_from_the_schema(vmq):
+    if vmq.accel != "kvm":
+        pytest.skip("query-stats needs KVM and /dev/kvm does not open on this host")
+    schema = [p for p in vmq.ctl.cmd("query-stats-schemas") if p["target"] == "vcpu"]
+    names = {s["name"]: s for p in schema for s in p["stats"]}
+    before = vmq.ctl.cmd("query-stats", target="vcpu")
+    exits_before = sum(s["value"] for r in before for s in r["stats"] if s["name"] == "exits")
+    cp = sh(vmq, "--output=json", "-c", "/stats vcpu --interval 0.3")
+    assert cp.returncode == 0, cp.stderr
+    rep = json.loads(cp.stdout)
+    rows = {r["name"]: r for r in rep["rows"]}
+    assert set(rows) == set(names)
+    assert rows["exits"]["value"] >= exits_before and rows["exits"]["rate"] is not None
+    assert rows["exits"]["rate"] == pytest.approx(rows["exits"]["delta"] / rep["interval"], rel=0.05)
+    assert set(rows["exits"]["per_vcpu"]) == {str(c["cpu-index"]) for c in vmq.ctl.cmd("query-cpus-fast")}
+    ns = next(n for n, s in names.items() if s.get("unit") == "seconds" and s.get("exponent") == -9
+              and s["type"] == "cumulative")
+    assert rows[ns]["unit"] == "ns"
+    text = sh(vmq, "-c", "/stats vm --watch 0.2 --count 2").stdout
+    assert text.count("vm stats over") == 2
+
+
+def _qemu_io_trace(img: Path, opts: str, cmds: list[str], pattern: str) -> list[str]:
+    """Standalone qemu-io with the same cache options: QEMU's own trace lines (ground truth)."""
+    argv = ["qemu-io", "-r", "-U", "--image-opts", f"driver=qcow2,file.filename={img},{opts}", "-T", pattern]
+    for c in cmds:
+        argv += ["-c", c]
+    cp = subprocess.run(argv, capture_output=True, text=True, check=True)
+    return [ln for ln in cp.stderr.splitlines() if ln.startswith("qcow2_cache_")]
+
+
+def test_l2cache_settings_and_capture_on_the_log_backend(vmq):
+    cmds = [f"read {i * 32}M 512" for i in range(N_SLICES)]
+    cp = sh(vmq, "--output=json",
+            "-c", f"blockdev-add driver=qcow2 node-name=l2t read-only=true l2-cache-size=65536 "
+                  f"file.driver=file file.filename={vmq.l2img}",
+            "-c", "/l2cache l2t", "-c", "/l2cache drv0")
+    assert cp.returncode == 0, cp.stderr
+    (l2t,), (disk0,) = json_lines(cp.stdout)[1:]
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(vmq.l2img)],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert (l2t["virtual_size"], l2t["cluster_size"]) == (info["virtual-size"], info["cluster-size"])
+    assert l2t["settings_source"] == "blockdev-add options" and disk0["settings_source"] == "command line"
+    assert not l2t["full_coverage"] and "l2-cache-size=" in l2t["recommendation"]
+
+    async def io(s):
+        for c in cmds:
+            await s.hmp(f'qemu-io l2t "{c}"')
+
+    try:
+        res = run_sync(str(vmq.qmp_path), builtins.trace_capture, "qcow2_cache_get*", 0, None, during=io)
+    finally:
+        vmq.ctl.cmd_obj({"execute": "blockdev-del", "arguments": {"node-name": "l2t"}})
+    assert res.backend == "log"
+    truth = _qemu_io_trace(vmq.l2img, "l2-cache-size=65536", cmds, "qcow2_cache_get*")
+    want: dict[str, int] = {}
+    for ln in truth:
+        want[ln.split()[0]] = want.get(ln.split()[0], 0) + 1
+    assert res.counts == want
+    # the cache QEMU really built has as many entries as /l2cache says: replace_entry indexes cycle over them
+    idx = [int(ln.split()[-1]) for ln in truth if ln.startswith("qcow2_cache_get_replace_entry")
+           and " is_l2_cache 1 " in ln]
+    assert max(idx) + 1 == l2t["l2_cache_entries"] < N_SLICES
+    os.unlink(res.file)
+
+
+def test_builtin_usage_errors_are_one_line(vmq):
+    for line in ["/nosuch", "/trace", "/stats --watch x", "/l2cache a b", "/trace capture x"]:
+        cp = sh(vmq, "-c", line)
+        assert cp.returncode != 0 and len(cp.stderr.strip().splitlines()) == 1, (line, cp.stderr)
+        assert "Traceback" not in cp.stderr
+
+
+# -- completion ---------------------------------------------------------------------------------------
+
+
+def _schema(vmq) -> dict[str, dict]:
+    return {e["name"]: e for e in vmq.ctl.cmd("query-qmp-schema")}
+
+
+def _qcow2_members(schema: dict[str, dict]) -> dict[str, str]:
+    union = schema[schema["blockdev-add"]["arg-type"]]
+    members = {m["name"]: m["type"] for m in union["members"]}
+    variant = next(v for v in union["variants"] if v["case"] == "qcow2")
+    members.update({m["name"]: m["type"] for m in schema[variant["type"]]["members"]})
+    return members
+
+
+def test_completion_from_the_real_schema(vmq):
+    async def load(s):
+        d = CompletionData()
+        await d.load(s)
+        return d
+
+    data = run_sync(str(vmq.qmp_path), load)
+    schema = _schema(vmq)
+    assert data.complete("query-bl") == sorted(n for n, e in schema.items()
+                                               if e["meta-type"] == "command" and n.startswith("query-bl"))
+    qcow2 = _qcow2_members(schema)
+    assert set(data.complete("blockdev-add driver=qcow2 l2-cache")) == {
+        f"{n}=" for n in qcow2 if n.startswith("l2-cache")}
+    enum = schema[qcow2["discard"]]
+    assert data.complete("blockdev-add driver=qcow2 discard=") == [f"discard={v}" for v in enum["values"]]
+    assert data.complete("trace-event-set-state enable=") == ["enable=true", "enable=false"]
+    assert "file.filename=" in data.complete("blockdev-add driver=qcow2 file.driver=file file.fi")
+    nodes = {n["node-name"] for n in vmq.ctl.cmd("query-named-block-nodes")}
+    assert {c.split("=", 1)[1] for c in data.complete("block_resize node-name=")} == nodes
+    evs = sorted(e["name"] for e in vmq.ctl.cmd("trace-event-get-state", name="qcow2_cache_get_r*"))
+    assert data.complete("trace-event-set-state name=qcow2_cache_get_r") == [f"name={e}" for e in evs]
+    assert data.complete("/trace on qcow2_cache_get_r") == evs
+    assert data.complete("/l2cache ") == ["disk0"]
+    # the prompt-toolkit adapter replaces just the word under the cursor
+    from prompt_toolkit.completion import CompleteEvent
+    from prompt_toolkit.document import Document
+
+    comps = list(ShellCompleter(data).get_completions(Document("query-stats tar"), CompleteEvent()))
+    assert [(c.text, c.start_position) for c in comps] == [("target=", -3)]
+
+
+def test_repl_completes_with_tab_and_prints_events_while_idle(vmq, tmp_path: Path):
+    hist = tmp_path / "history"
+    r = Repl(str(vmq.qmp_path), history=str(hist))
+    try:
+        r.wait_line("Connected to QEMU 7.")
+        assert "oob enabled" in r.text()  # Debian's QEMU offers oob: the shell enabled it
+        r.send("query-hotp\t")
+        r.wait_typed("query-hotpluggable-cpus")
+        r.send("\n")
+        truth = vmq.ctl.cmd("query-hotpluggable-cpus")
+        r.wait_for(lambda t: {"return": truth} in json_lines(t))
+        # the shell sits at its prompt; QEMU sends events on its own (here caused through the other monitor)
+        vmq.ctl.cmd("stop")
+        r.wait_for(lambda t: any(m.get("event") == "STOP" for m in json_lines(t)))
+        vmq.ctl.cmd("cont")
+        r.wait_for(lambda t: any(m.get("event") == "RESUME" for m in json_lines(t)))
+        r.send("/mtree lookup 0x70\n")
+        r.wait_line("port 0x70 -> rtc")
+        r.send("no-such-command\n")
+        r.wait_line("error: CommandNotFound: The command no-such-command has not been found")
+    finally:
+        rc = r.close()
+    assert rc == 0
+    assert "query-hotpluggable-cpus" in hist.read_text()
