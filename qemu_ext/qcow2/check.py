@@ -130,9 +130,15 @@ class _Checker:
             self.res.problems_not_listed += 1
 
     # -------------------------------------------------------------- refcount increments
-    def inc(self, offs: np.ndarray, sizes: np.ndarray, tables: Any) -> None:
+    def inc(self, offs: np.ndarray, sizes: Any, tables: Any) -> None:
         """qcow2_inc_refcounts_imrt for many regions at once.  tables(i) names region i's referrer."""
-        offs = offs.astype(np.int64)
+        offs = offs.astype(np.int64, copy=False)
+        if isinstance(sizes, int) and sizes == self.cs and len(offs):
+            # fast path: cluster-sized regions (L2 tables, data clusters)
+            bad = offs >= self.file_len
+            if not bad.any() and not (offs & (self.cs - 1)).any():
+                self._count(offs >> self.cb)
+                return
         sizes = np.broadcast_to(np.asarray(sizes, dtype=np.int64), offs.shape)
         keep = sizes > 0
         bad = keep & (offs + sizes - self.file_len >= self.cs)
@@ -156,55 +162,86 @@ class _Checker:
         start = o >> self.cb
         last = (o + s - 1) >> self.cb
         spans = last - start + 1
-        if int(spans.max()) == 1:
+        if not (spans - 1).any():
             idx = start
         else:
             idx = np.repeat(start, spans)
             first = np.repeat(np.cumsum(spans) - spans, spans)
             idx = idx + (np.arange(len(idx), dtype=np.int64) - first)
+        self._count(idx)
+
+    def _count(self, idx: np.ndarray) -> None:
+        if not len(idx):
+            return
+        lo = int(idx.min())
         top = int(idx.max()) + 1
         if top > len(self.imrt):
             grown = np.zeros(top, dtype=np.int64)
             grown[: len(self.imrt)] = self.imrt
             self.imrt = grown
-        self.imrt += np.bincount(idx, minlength=len(self.imrt))
+        if len(idx) > 1 and (np.diff(idx) > 0).all():  # strictly increasing: each cluster once
+            self.imrt[idx] += 1
+        elif top - lo > 64 * len(idx):  # few references spread over the file (e.g. L2 tables)
+            u, cnt = np.unique(idx, return_counts=True)
+            self.imrt[u] += cnt
+        else:
+            self.imrt[lo:top] += np.bincount(idx - lo, minlength=top - lo)
 
     def inc1(self, offset: int, size: int, table: str) -> None:
         self.inc(np.array([offset], dtype=np.int64), np.array([size], dtype=np.int64), lambda i: table)
 
     # -------------------------------------------------------------- on-disk refcounts
     def load_disk_refcounts(self) -> None:
+        """On-disk refcounts of every cluster of the file (+2 of slack), as qcow2_get_refcount reads them."""
         img = self.img
         rt = img.refcount_table()
         self.rt = rt
         per = img.refcount_block_entries
         self.rb_bits = per.bit_length() - 1
-        # only blocks that can describe clusters inside the file (plus the one-cluster slack) matter
-        nb_max = self.file_clusters + 2
-        offs = rt[: (nb_max + per - 1) // per] & U(F.RT_OFFSET_MASK)
-        nz = np.nonzero(offs)[0]
-        n = (int(nz[-1]) + 1) * per if len(nz) else 0
+        n = self.file_clusters + 2
+        offs = rt[: (n + per - 1) // per] & U(F.RT_OFFSET_MASK)
         disk = np.zeros(n, dtype=np.uint64)
-        err = np.zeros(len(rt), dtype=bool)  # refcount table entries whose block cannot be used
-        for i in nz.tolist():
+        self.block_err = (rt & U(F.RT_OFFSET_MASK)) % U(self.cs) != 0  # unaligned block: get_refcount fails
+        self.err_mask: Optional[np.ndarray] = None
+        for i in np.nonzero(offs)[0].tolist():
             off = int(offs[i])
             if off % self.cs:
-                err[i] = True
+                if self.err_mask is None:
+                    self.err_mask = np.zeros(n, dtype=bool)
+                self.err_mask[i * per : (i + 1) * per] = True
                 continue
-            disk[i * per : (i + 1) * per] = img.decode_refcount_block(img.pread_zero_padded(off, self.cs))
+            blk = img.decode_refcount_block(img.pread_zero_padded(off, self.cs))
+            lo = i * per
+            disk[lo : min(n, lo + per)] = blk[: min(n, lo + per) - lo]
         self.disk = disk
-        self.disk_err = err
 
     def disk_refcount(self, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(refcounts, error mask) of cluster indexes as qcow2_get_refcount returns them."""
-        clusters = clusters.astype(np.int64)
-        rti = clusters >> self.rb_bits
-        inside = (rti < len(self.rt)) & (clusters >= 0)
-        err = np.zeros(len(clusters), dtype=bool)
-        err[inside] = self.disk_err[rti[inside]]
-        out = np.zeros(len(clusters), dtype=np.uint64)
-        ok = inside & ~err & (clusters < len(self.disk))
-        out[ok] = self.disk[clusters[ok]]
+        c = clusters.astype(np.int64)
+        n = len(self.disk)
+        inb = (c >= 0) & (c < n)
+        if inb.all():
+            out = self.disk[c]
+            err = self.err_mask[c] if self.err_mask is not None else np.zeros(len(c), dtype=bool)
+            return out, err
+        out = np.zeros(len(c), dtype=np.uint64)
+        err = np.zeros(len(c), dtype=bool)
+        out[inb] = self.disk[c[inb]]
+        if self.err_mask is not None:
+            err[inb] = self.err_mask[c[inb]]
+        # clusters past the end of the file (corrupt pointers): look each one up
+        for k in np.nonzero(~inb)[0][:MAX_PROBLEMS].tolist():
+            ci = int(c[k])
+            rti = ci >> self.rb_bits
+            if ci < 0 or rti >= len(self.rt):
+                continue
+            if self.block_err[rti]:
+                err[k] = True
+                continue
+            blk = int(self.rt[rti]) & F.RT_OFFSET_MASK
+            if blk:
+                b = self.img.decode_refcount_block(self.img.pread_zero_padded(blk, self.cs))
+                out[k] = b[ci & ((1 << self.rb_bits) - 1)]
         return out, err
 
     # -------------------------------------------------------------- L1 / L2
@@ -232,7 +269,7 @@ class _Checker:
             sel = used[s : s + chunk]
             offs = l2_offs[s : s + chunk]
             # L2 tables themselves
-            self.inc(offs, np.full(len(offs), cs, dtype=np.int64), lambda i, sel=sel: f"{label} L1 entry {int(sel[i])}")
+            self.inc(offs, cs, lambda i, sel=sel: f"{label} L1 entry {int(sel[i])}")
             for i in np.nonzero(offs % cs)[0].tolist():
                 self.problem(
                     "corruption",
@@ -248,7 +285,7 @@ class _Checker:
                 bmp = tabs[:, :, 1]
             else:
                 ent = tabs
-                bmp = np.zeros_like(tabs)
+                bmp = None
             self.check_l2_chunk(sel, offs, ent, bmp, label, active, n_entries, data_file, cb)
             if self.bar is not None:
                 self.bar.update(len(sel))
@@ -260,7 +297,7 @@ class _Checker:
         }
 
     def check_l2_chunk(
-        self, sel: np.ndarray, offs: np.ndarray, ent: np.ndarray, bmp: np.ndarray, label: str, active: bool,
+        self, sel: np.ndarray, offs: np.ndarray, ent: np.ndarray, bmp: Optional[np.ndarray], label: str, active: bool,
         n_entries: int, data_file: bool, cb: int,
     ) -> None:
         cs = self.cs
@@ -295,7 +332,7 @@ class _Checker:
             if data_file:
                 report(compressed, "compressed cluster in an image with an external data file")
                 usable[:] = False
-            bad_bmp = usable & (bmp != 0)
+            bad_bmp = usable & (bmp != 0) if bmp is not None else np.zeros_like(usable)
             if bad_bmp.any():
                 report(bad_bmp, "compressed cluster with a non-zero subcluster allocation bitmap")
                 usable &= ~bad_bmp
@@ -313,15 +350,22 @@ class _Checker:
         # allocated standard clusters (normal and preallocated zero)
         alloc = normal | zero_alloc
         if alloc.any():
-            if self.img.extended_l2:
+            if bmp is not None:
                 badbm = alloc & (((bmp >> U(32)) & bmp) != 0)
                 if badbm.any():
                     report(badbm, "allocated cluster has a corrupted subcluster allocation bitmap")
             unal = alloc & ((off & U(cs - 1)) != 0)
             if unal.any():
                 report(unal, lambda r, j: f"data cluster offset {int(off[r, j]):#x} is not cluster aligned; L2 entry corrupted")
-            rr, jj = np.nonzero(alloc)
-            o = off[rr, jj].astype(np.int64)
+            if alloc.all():
+                fi = None
+                o = off.ravel().astype(np.int64)
+                rr = np.repeat(np.arange(alloc.shape[0]), alloc.shape[1])
+                jj = np.tile(np.arange(alloc.shape[1]), alloc.shape[0])
+            else:
+                fi = np.flatnonzero(alloc)
+                rr, jj = np.divmod(fi, alloc.shape[1])
+                o = off.ravel()[fi].astype(np.int64)
             if active:
                 self.res.allocated_clusters += len(rr)
                 # fragmentation: per L2 table, an allocated cluster not following the previous one
@@ -331,7 +375,7 @@ class _Checker:
                 contiguous[1:] = o[1:] == o[:-1] + cs
                 self.res.fragmented_clusters += int((same_row & ~contiguous).sum())
             if not data_file:
-                self.inc(o, np.full(len(o), cs, dtype=np.int64),
+                self.inc(o, cs,
                          lambda i: self.where(label, sel, offs, int(rr[i]), int(jj[i]), n_entries)["table"])
             if active:
                 # OFLAG_COPIED of data clusters against the on-disk refcount
@@ -340,7 +384,7 @@ class _Checker:
                     err = np.zeros(len(o), dtype=bool)
                 else:
                     rc, err = self.disk_refcount(o >> cb)
-                cp = copied[rr, jj]
+                cp = copied.ravel() if fi is None else copied.ravel()[fi]
                 mism = ~err & ((rc == 1) != cp)
                 for i in np.nonzero(mism)[0].tolist():
                     r, j = int(rr[i]), int(jj[i])
@@ -350,7 +394,7 @@ class _Checker:
                         offset=int(o[i]),
                         **self.where(label, sel, offs, r, j, n_entries),
                     )
-        if self.img.extended_l2:
+        if bmp is not None:
             ua = unalloc & ((bmp & U(F.L2_BITMAP_ALLOC_MASK)) != 0)
             if ua.any():
                 report(ua, "unallocated cluster has a non-zero subcluster allocation bitmap")
@@ -435,41 +479,64 @@ class _Checker:
                          table=f"refcount table entry {int(use[i])}")
 
     def compare(self) -> None:
+        """compare_refcounts(): on-disk against computed refcount, cluster by cluster (in windows)."""
         nb = max(len(self.imrt), self.file_clusters)
-        ref = np.zeros(nb, dtype=np.int64)
-        ref[: len(self.imrt)] = self.imrt
-        over = ref - self.refmax
-        if (over > 0).any():
-            for i in np.nonzero(over > 0)[0][:MAX_PROBLEMS].tolist():
-                self.note("corruption", f"refcount overflow: {int(ref[i])} references, at most {self.refmax} fit",
-                          cluster=i, offset=i * self.cs)
-            self.res.corruptions += int(over[over > 0].sum())
-            ref = np.minimum(ref, self.refmax)
-        disk, err = self.disk_refcount(np.arange(nb, dtype=np.int64))
-        nerr = int(err.sum())
-        if nerr:
-            self.res.check_errors += nerr
-            first = np.nonzero(err)[0]
-            for i in first[:MAX_PROBLEMS].tolist():
-                self.note("check-error", f"cannot get the refcount of cluster {i} (refcount block unaligned)", cluster=i)
-        ref_u = ref.astype(np.uint64)
-        used = ~err & ((disk > 0) | (ref_u > 0))
-        idx = np.nonzero(used)[0]
-        highest = int(idx[-1]) if len(idx) else 0
-        mism = ~err & (disk != ref_u)
-        low = mism & (disk < ref_u)
-        leak = mism & (disk > ref_u)
-        self.res.corruptions += int(low.sum())
-        self.res.leaks += int(leak.sum())
-        for i in np.nonzero(mism)[0][:MAX_PROBLEMS].tolist():
-            kind = "corruption" if disk[i] < ref_u[i] else "leak"
-            what = (
-                f"cluster {i} refcount={int(disk[i])} reference={int(ref_u[i])}"
-                + (" (refcount too low)" if kind == "corruption" else " (leaked)")
+        W = 1 << 22
+        highest = 0
+        mism_all: list[np.ndarray] = []
+        listed = 0
+        for w in range(0, nb, W):
+            e = min(nb, w + W)
+            ref = np.zeros(e - w, dtype=np.int64)
+            k = min(e, len(self.imrt))
+            if k > w:
+                ref[: k - w] = self.imrt[w:k]
+            over = ref > self.refmax
+            if over.any():
+                for i in np.nonzero(over)[0][:MAX_PROBLEMS].tolist():
+                    self.note("corruption", f"refcount overflow: {int(ref[i])} references, at most {self.refmax} fit",
+                              cluster=w + i, offset=(w + i) * self.cs)
+                self.res.corruptions += int((ref[over] - self.refmax).sum())
+                ref = np.minimum(ref, self.refmax)
+            disk, err = self.disk_refcount(np.arange(w, e, dtype=np.int64)) if e > len(self.disk) else (
+                self.disk[w:e],
+                self.err_mask[w:e] if self.err_mask is not None else None,
             )
-            self.note(kind, what, cluster=i, offset=i * self.cs)
+            ref_u = ref.astype(np.uint64)
+            if err is not None and err.any():
+                nerr = int(err.sum())
+                self.res.check_errors += nerr
+                for i in np.nonzero(err)[0][:MAX_PROBLEMS].tolist():
+                    self.note("check-error", f"cannot get the refcount of cluster {w + i} (refcount block unaligned)",
+                              cluster=w + i)
+                ok = ~err
+            else:
+                ok = None
+            used = (disk > 0) | (ref_u > 0)
+            mism = disk != ref_u
+            if ok is not None:
+                used &= ok
+                mism &= ok
+            nzu = np.flatnonzero(used)
+            if len(nzu):
+                highest = w + int(nzu[-1])
+            mi = np.flatnonzero(mism)
+            if len(mi):
+                low = disk[mi] < ref_u[mi]
+                self.res.corruptions += int(low.sum())
+                self.res.leaks += int((~low).sum())
+                mism_all.append(mi + w)
+                for i, lw in zip(mi.tolist(), low.tolist()):
+                    if listed >= MAX_PROBLEMS:
+                        self.res.problems_not_listed += 1
+                        continue
+                    listed += 1
+                    kind = "corruption" if lw else "leak"
+                    what = (f"cluster {w + i} refcount={int(disk[i])} reference={int(ref_u[i])}"
+                            + (" (refcount too low)" if lw else " (leaked)"))
+                    self.note(kind, what, cluster=w + i, offset=(w + i) * self.cs)
         self.res.image_end_offset = (highest + 1) * self.cs
-        self.mismatched = np.nonzero(mism)[0]
+        self.mismatched = np.concatenate(mism_all) if mism_all else np.zeros(0, dtype=np.int64)
 
     def run(self) -> CheckResult:
         from qemu_ext.output import progress

@@ -170,8 +170,22 @@ def metadata_preallocation(img: Qcow2Image) -> bool:
     real_clusters = st.st_blocks * 512 // img.cluster_size
     threshold = max(real_clusters * 10 // 9, real_clusters + 2)
     end_cluster = (img.file_size + img.cluster_size - 1) // img.cluster_size
-    rc = img.refcounts()[:end_cluster]
-    return int(np.count_nonzero(rc)) >= threshold
+    # like QEMU, count refcounted clusters block by block and stop once the threshold is reached
+    rt = img.refcount_table()
+    per = img.refcount_block_entries
+    cs = img.cluster_size
+    count = 0
+    for i in np.nonzero(rt & U(F.RT_OFFSET_MASK))[0].tolist():
+        if i * per >= end_cluster:
+            break
+        off = int(rt[i]) & F.RT_OFFSET_MASK
+        if off % cs:
+            continue
+        blk = img.decode_refcount_block(img.pread_zero_padded(off, cs))
+        count += int(np.count_nonzero(blk[: max(0, end_cluster - i * per)]))
+        if count >= threshold:
+            return True
+    return False
 
 
 def file_extents(fd: int, length: int) -> list[tuple[int, int]]:
