@@ -68,7 +68,9 @@ class QmpSession:
         except asyncio.TimeoutError as exc:
             await self._reset()
             sock.close()
-            raise QmpGreetingError(f"{self.where} sent no QMP greeting within {self.timeout:g} s: not a QMP server?") from exc
+            raise QmpGreetingError(
+                f"{self.where} sent no QMP greeting within {self.timeout:g} s: not a QMP server, or another "
+                "client holds this QEMU monitor (QEMU serves one client per -qmp socket)") from exc
         except QmpError:
             sock.close()
             raise
@@ -149,7 +151,7 @@ class QmpSession:
 
         command = str(msg.get("execute", msg.get("exec-oob", "?")))
         if not self.connected:
-            raise QmpGoneError(f"not connected to QEMU at {self.where}")
+            raise QmpGoneError(f"not connected: QEMU at {self.where} went away")
         body = {k: v for k, v in msg.items() if k != "id"}
         try:
             coro = self._client.execute_msg(Message(body))

@@ -115,8 +115,11 @@ def translate(exc: BaseException, address: Address, during: str = "") -> QmpErro
             return QmpGreetingError(f"{where} closed the connection before a QMP {what}: not a QMP server?")
         text = _short(detail) if detail is not None else ""
         return QmpGreetingError(f"{where} does not speak QMP (garbled {what}{': ' + text if text else ''})")
-    if isinstance(inner, ProtocolError):
-        return QmpGreetingError(f"{where} sent something that is not QMP: {_short(inner)}")
+    if isinstance(inner, ProtocolError) or (during == "connect" and isinstance(inner, (ValueError, TypeError, KeyError))):
+        # e.g. bytes that are not UTF-8 JSON make qemu.qmp raise UnicodeDecodeError while reading the greeting
+        return QmpGreetingError(f"{where} does not speak QMP (garbled greeting: {_short(inner)})")
+    if during == "connect" and isinstance(inner, (EOFError, ConnectionResetError, BrokenPipeError)):
+        return QmpGreetingError(f"{where} closed the connection before a QMP greeting: not a QMP server?")
     if isinstance(inner, (EOFError, ExecInterruptedError, ConnectionResetError, BrokenPipeError)):
         tail = f" during {during}" if during else ""
         return QmpGoneError(f"QEMU at {where} went away{tail} (connection closed)")
