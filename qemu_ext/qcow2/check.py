@@ -188,6 +188,10 @@ class _Checker:
             self.imrt[lo:top] += np.bincount(idx - lo, minlength=top - lo)
 
     def inc1(self, offset: int, size: int, table: str) -> None:
+        if size > 0 and (offset >= 1 << 62 or size >= 1 << 62):
+            self.problem("corruption", f"reference to a region exceeding the end of the file by one cluster or more "
+                         f"(offset {offset:#x} size {size:#x})", table=table)
+            return
         self.inc(np.array([offset], dtype=np.int64), np.array([size], dtype=np.int64), lambda i: table)
 
     # -------------------------------------------------------------- on-disk refcounts
@@ -444,17 +448,18 @@ class _Checker:
         rt = self.rt
         nb = max(len(self.imrt), self.file_clusters)
         resv = (rt & U(F.RT_RESERVED_MASK)) != 0
-        offs = (rt & U(F.RT_OFFSET_MASK)).astype(np.int64)
-        unal = ~resv & ((offs % cs) != 0)
+        offs_u = rt & U(F.RT_OFFSET_MASK)
+        unal = ~resv & ((offs_u % U(cs)) != 0)
         for i in np.nonzero(resv)[0].tolist():
             self.problem("corruption", f"refcount table entry {i} has reserved bits set", table=f"refcount table entry {i}")
         for i in np.nonzero(unal)[0].tolist():
             self.problem("corruption", f"refcount block {i} is not cluster aligned; refcount table entry corrupted",
-                         offset=int(offs[i]), table=f"refcount table entry {i}")
+                         offset=int(offs_u[i]), table=f"refcount table entry {i}")
         rest = ~resv & ~unal
-        outside = rest & ((offs >> self.cb) >= nb)
+        outside = rest & ((offs_u >> U(self.cb)) >= U(nb))
+        offs = np.where(outside, U(0), offs_u).astype(np.int64)
         for i in np.nonzero(outside)[0].tolist():
-            self.problem("corruption", f"refcount block {i} is outside the image", offset=int(offs[i]),
+            self.problem("corruption", f"refcount block {i} is outside the image", offset=int(offs_u[i]),
                          table=f"refcount table entry {i}")
         use = np.nonzero(rest & ~outside & (offs != 0))[0]
         if not len(use):
