@@ -364,3 +364,20 @@ def test_repl_completes_with_tab_and_prints_events_while_idle(vmq, tmp_path: Pat
         rc = r.close()
     assert rc == 0
     assert "query-hotpluggable-cpus" in hist.read_text()
+
+
+def test_capture_reads_the_D_log_file_when_qemu_has_one(qemu_factory, tmp_path: Path):
+    log = tmp_path / "qemu.log"
+    img = make_qcow2(tmp_path / "d.qcow2", size="64M", io=["write 0 64k"])
+    qp = qemu_factory(extra_args=["-D", str(log)],
+                      drives=[f"file={img},if=none,id=drv0,node-name=d0"])
+
+    async def io(s):
+        await s.hmp('qemu-io d0 "read 0 4k"')
+
+    res = run_sync(str(qp.qmp_path), builtins.trace_capture, "qcow2_cache_get", 0, str(tmp_path / "cap.log"),
+                   during=io)
+    assert res.backend == "log" and f"read QEMU's log file {log}" in res.notes
+    lines = [ln for ln in log.read_text().splitlines() if ln.startswith("qcow2_cache_get ")]
+    assert res.counts == {"qcow2_cache_get": len(lines)} and lines
+    assert (tmp_path / "cap.log").read_text().splitlines() == lines

@@ -1,8 +1,11 @@
 """Input parsing compatible with QEMU's qmp-shell.
 
-- ``cmd key=value key.sub=value``: values are ints, ``true``/``false``, ``null``,
-  JSON or Python literals (``{...}``, ``[...]``, ``'quoted'``, ``"quoted"``, floats),
-  else plain strings; dotted keys build nested objects.
+- ``cmd key=value key.sub=value``: values are ints, ``true``/``false``, JSON or Python
+  literals (``{...}``, ``[...]``), else plain strings (``none`` and ``null`` stay strings, as
+  in qmp-shell: ``sync=none`` is an enum value); dotted keys build nested objects.
+  Beyond qmp-shell: quoted values are unquoted (``'a b'`` -> ``a b``), ``0x10`` and ``1.5``
+  are numbers, and dotted keys may come in any order (qmp-shell 0.0.6 nests every key after
+  the first dotted one).
 - ``transaction(`` ... ``)`` over several lines (one action per line:
   ``type key=value ...``), or on one line ``transaction( type key=value )``.
 - a raw JSON line ``{"execute": ...}`` is sent as is.
@@ -71,8 +74,6 @@ def parse_value(text: str) -> Any:
         return True
     if low == "false":
         return False
-    if low in ("null", "none"):
-        return None
     if _FLOAT.match(text):
         return float(text)
     if text[:1] in "{[\"'" and text:

@@ -1,0 +1,91 @@
+"""Trace files and captures on the debug QEMU (simple + log backends), checked with QEMU's own simpletrace.py."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import make_qcow2
+from shell_util import shell_cmd
+
+from qemu_ext.qmp import builtins
+from qemu_ext.qmp.client import run_sync
+
+pytestmark = pytest.mark.debug_qemu
+
+EVENTS_ALL = "/usr/share/qemu/trace-events-all"  # Debian's, the same QEMU version as the debug build
+SIMPLETRACE_HEADER = struct.pack("<QQQ", 0xFFFFFFFFFFFFFFFF, 0xF2B177CB0AA429B4, 4)
+
+
+@pytest.fixture
+def dbg(debug_qemu_factory, tmp_path: Path):
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    ctl = tmp_path / "ctl.sock"
+    qp = debug_qemu_factory(extra_args=["-qmp", f"unix:{ctl},server=on,wait=off"])
+    client = QEMUMonitorProtocol(str(ctl))
+    client.connect()
+    client.settimeout(30)
+    qp.ctl = client  # type: ignore[attr-defined]
+    qp.hmp_ctl = lambda line: client.cmd("human-monitor-command", **{"command-line": line})  # type: ignore[attr-defined]
+    try:
+        yield qp
+    finally:
+        client.close()
+
+
+def test_trace_file_status_set_on_flush_off(dbg, tmp_path: Path):
+    cp = shell_cmd(str(dbg.qmp_path), "-c", "/trace-file")
+    assert cp.returncode == 0, cp.stderr
+    hmp = dbg.hmp_ctl("trace-file").strip()  # 'Trace file "trace-PID" off.'
+    assert cp.stdout.strip() == "t" + hmp[1:].rstrip(".")
+    out = tmp_path / "t.simpletrace"
+    cp = shell_cmd(str(dbg.qmp_path), "--output=json", "-c", f"/trace-file set {out}", "-c", "/trace-file on",
+                   "-c", "/trace-file flush")
+    assert cp.returncode == 0, cp.stderr
+    assert dbg.hmp_ctl("trace-file").strip() == f'Trace file "{out}" on.'
+    assert out.read_bytes()[:24] == SIMPLETRACE_HEADER  # QEMU opened it and wrote its header
+    cp = shell_cmd(str(dbg.qmp_path), "-c", "/trace-file off")
+    assert cp.returncode == 0 and cp.stdout.strip() == f'trace file "{out}" off'
+    assert dbg.hmp_ctl("trace-file").strip() == f'Trace file "{out}" off.'
+    cp = shell_cmd(str(dbg.qmp_path), "-c", "/trace-file set /nonexistent-dir/x.bin", "-c", "/trace-file on")
+    assert cp.returncode == 1 and "could not open trace file /nonexistent-dir/x.bin" in cp.stderr
+
+
+def _simpletrace_counts(debug_src: Path, path: str) -> dict[str, int]:
+    cp = subprocess.run([sys.executable, str(debug_src / "scripts" / "simpletrace.py"), EVENTS_ALL, path],
+                        capture_output=True, text=True, check=True)
+    counts: dict[str, int] = {}
+    for ln in cp.stdout.splitlines():
+        name = ln.split(" ", 1)[0]
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def test_capture_on_the_simple_backend_matches_simpletrace_py(dbg, debug_src: Path, tmp_path: Path):
+    img = make_qcow2(tmp_path / "d.qcow2", size="256M", io=[f"write {i * 16}M 64k" for i in range(8)])
+    dbg.ctl.cmd("blockdev-add", **{"driver": "qcow2", "node-name": "cap", "l2-cache-entry-size": 4096,
+                                   "file": {"driver": "file", "filename": str(img)}})
+    before = dbg.hmp_ctl("trace-file")
+
+    async def io(s):
+        for i in range(8):
+            await s.hmp(f'qemu-io cap "read {i * 16}M 4k"')
+
+    out = tmp_path / "cap.simpletrace"
+    res = run_sync(str(dbg.qmp_path), builtins.trace_capture, "qcow2_cache_*", 0.1, str(out), during=io)
+    assert res.backend == "simple" and res.file == str(out)
+    truth = _simpletrace_counts(debug_src, str(out))
+    assert res.counts == truth and truth.get("qcow2_cache_get", 0) >= 8
+    # the user's trace file and its state are back, the events are off again
+    assert dbg.hmp_ctl("trace-file") == before
+    assert {e["state"] for e in dbg.ctl.cmd("trace-event-get-state", name="qcow2_cache_*")} == {"disabled"}
+    # through the shell: the human rendering names the backend and the file
+    out2 = tmp_path / "cap2.simpletrace"
+    cp = shell_cmd(str(dbg.qmp_path), "-c", f"/trace capture qcow2_cache_get 0.1 {out2}")
+    assert cp.returncode == 0, cp.stderr
+    assert f"(simple backend) -> {out2}" in cp.stdout.splitlines()[0]
+    assert out2.read_bytes()[:24] == SIMPLETRACE_HEADER
