@@ -37,6 +37,8 @@ def register(sub: argparse._SubParsersAction, name: str, summary: str) -> None:
     )
     p.add_argument("--pid", type=int, help="a QEMU process to check as well (threads, pinning, memory)")
     p.add_argument("--qmp", metavar="SOCKET", help="a QEMU's QMP socket (gives its pid, vCPUs and iothreads)")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                   help="seconds to wait for QMP answers (default 10)")
     p.add_argument("--interval", type=float, default=1.0, metavar="S",
                    help="seconds between the two samples of /proc/interrupts and /proc/stat (default 1; 0 = skip)")
     p.add_argument("--root", default="/", metavar="DIR",
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise BadInputError(f"--second-sample {args.second_sample}: not a directory", exit_code=2)
     pid = vcpus = iothreads = None
     if args.pid is not None or args.qmp:
-        pid, vcpus, iothreads = resolve(args.pid, args.qmp)
+        pid, vcpus, iothreads = resolve(args.pid, args.qmp, args.timeout)
     report = run_doctor(args.root, pid, vcpus, iothreads, args.interval, args.second_sample, args.check)
     if args.output == "json":
         print_json(report.to_dict())

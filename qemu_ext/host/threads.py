@@ -179,31 +179,48 @@ class QmpThreads:
 
 
 def query_qmp(socket_path: str, timeout: float = 10.0) -> QmpThreads:
-    """Connect to a QMP unix socket and return QEMU's PID (SO_PEERCRED), query-cpus-fast and query-iothreads."""
-    from qemu.qmp.legacy import QEMUMonitorProtocol
+    """Connect to a QMP unix socket and return QEMU's PID (SO_PEERCRED), query-cpus-fast and query-iothreads.
+
+    QEMU's QMP monitor serves one client at a time: while another client (libvirt, a shell) holds the
+    socket, QEMU does not greet and this fails after ``timeout`` seconds with a QemuError saying so.
+    """
+    import asyncio
+
+    from qemu.qmp import QMPClient
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
     try:
+        sock.settimeout(timeout)
         sock.connect(socket_path)
+        sock.settimeout(None)
     except OSError as exc:
         sock.close()
         raise QemuError(f"cannot connect to QMP socket {socket_path}: {exc.strerror or exc}") from exc
     pid = qmp_peer_pid(sock)
-    client = QEMUMonitorProtocol(sock)
+
+    async def talk() -> tuple[Any, Any]:
+        client = QMPClient("virtopt-threads")
+        try:
+            await asyncio.wait_for(client.connect(sock), timeout)
+            vcpus = await asyncio.wait_for(client.execute("query-cpus-fast"), timeout)
+            iothreads = await asyncio.wait_for(client.execute("query-iothreads"), timeout)
+            return vcpus, iothreads
+        finally:
+            try:
+                await client.disconnect()
+            except Exception:
+                pass
+
     try:
-        try:
-            client.connect()
-            client.settimeout(timeout)
-            vcpus = client.cmd("query-cpus-fast")
-            iothreads = client.cmd("query-iothreads")
-        except Exception as exc:  # qemu.qmp raises many kinds (ConnectError, ExecuteError, EOF, timeouts)
-            raise QemuError(f"QMP on {socket_path} failed: {type(exc).__name__}: {exc}") from exc
+        vcpus, iothreads = asyncio.run(talk())
+    except asyncio.TimeoutError as exc:
+        raise QemuError(
+            f"QMP socket {socket_path}: no answer within {timeout:g} s (QEMU's QMP serves one client at a "
+            "time: is another client connected? give QEMU a second -qmp socket)"
+        ) from exc
+    except Exception as exc:  # qemu.qmp raises many kinds (ConnectError, ExecuteError, EOF)
+        raise QemuError(f"QMP on {socket_path} failed: {type(exc).__name__}: {exc}") from exc
     finally:
-        try:
-            client.close()
-        except Exception:
-            pass
         sock.close()
     if not isinstance(vcpus, list) or not isinstance(iothreads, list):
         raise QemuError(f"QMP on {socket_path}: unexpected answers to query-cpus-fast / query-iothreads")

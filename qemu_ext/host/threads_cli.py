@@ -35,18 +35,22 @@ def register(sub: argparse._SubParsersAction, name: str, summary: str) -> None:
     )
     p.add_argument("pid", nargs="?", type=int, help="QEMU process id")
     p.add_argument("--qmp", metavar="SOCKET", help="QMP unix socket of the QEMU (gives its pid, vCPUs and iothreads)")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                   help="seconds to wait for QMP answers (default 10)")
     p.add_argument("--pin", metavar="ROLE=CPUS,...", help="set thread affinities, e.g. vcpu0=2,vcpu1=3,io=4")
     add_output_option(p)
     p.set_defaults(func=run)
 
 
-def resolve(pid: Optional[int], qmp: Optional[str]) -> tuple[int, Optional[list[dict]], Optional[list[dict]]]:
+def resolve(
+    pid: Optional[int], qmp: Optional[str], timeout: float = 10.0
+) -> tuple[int, Optional[list[dict]], Optional[list[dict]]]:
     """PID plus QMP answers (or None) for a `PID|--qmp SOCKET` pair of arguments."""
     from qemu_ext.errors import QemuError
     from qemu_ext.host.threads import query_qmp
 
     if qmp:
-        q = query_qmp(qmp)
+        q = query_qmp(qmp, timeout)
         if pid is not None and pid != q.pid:
             raise QemuError(f"QMP socket {qmp} belongs to pid {q.pid}, not {pid}")
         return q.pid, q.vcpus, q.iothreads
@@ -59,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from qemu_ext.host import procfs
     from qemu_ext.host.threads import parse_pin_plan, pin_threads, thread_map
 
-    pid, vcpus, iothreads = resolve(args.pid, args.qmp)
+    pid, vcpus, iothreads = resolve(args.pid, args.qmp, args.timeout)
     if args.pin:
         plan = parse_pin_plan(args.pin)
         results = pin_threads(pid, plan, vcpus, iothreads)

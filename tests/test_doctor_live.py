@@ -1,0 +1,68 @@
+"""`virtopt doctor` on the live machine with a real QEMU: the QEMU checks agree with /proc and ps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+from helpers import REPO, virtopt
+
+from qemu_ext.host.doctor import CHECK_IDS
+
+
+def test_live_doctor_with_qmp(qemu):
+    vcpu_tid = qemu.client.cmd("query-cpus-fast")[0]["thread-id"]
+    qemu.client.close()  # QMP serves one client at a time: let virtopt in
+    cp = virtopt("doctor", "--qmp", str(qemu.qmp_path), "--interval", "0.3", "--output=json")
+    assert cp.returncode == 0, cp.stderr
+    data = json.loads(cp.stdout)
+    assert data["pid"] == qemu.pid
+    checks = {c["id"]: c for c in data["checks"]}
+    assert set(checks) == set(CHECK_IDS)
+    # every CPU the kernel has online got a tick rate
+    online = open("/sys/devices/system/cpu/online").read().strip()
+    from qemu_ext.host.procfs import parse_cpu_list
+
+    assert sorted(map(int, checks["timer-ticks"]["found"]["ticks-per-second"])) == parse_cpu_list(online)
+    # thread map: the task list of the process; the vCPU is the one query-cpus-fast names
+    th = checks["threads"]["found"]["threads"]
+    assert sorted(t["tid"] for t in th) == sorted(int(x) for x in os.listdir(f"/proc/{qemu.pid}/task"))
+    assert [t["tid"] for t in th if t["role"] == "vcpu"] == [vcpu_tid]
+    # memory: RSS as procps' ps sees it (kB), within 5 % (the process moves between the two reads)
+    ps_rss = int(subprocess.run(["ps", "-o", "rss=", "-p", str(qemu.pid)], capture_output=True, text=True,
+                                check=True).stdout) * 1024
+    rss = checks["qemu-memory"]["found"]["rss"]
+    assert abs(rss - ps_rss) <= 0.05 * ps_rss
+    # KVM: /dev/kvm is there exactly when the doctor says so
+    assert checks["kvm"]["found"]["dev-kvm"] == os.path.exists("/dev/kvm")
+    # x2apic: the flag as /proc/cpuinfo has it
+    assert checks["x2apic"]["found"]["cpuinfo-flag"] == (" x2apic" in open("/proc/cpuinfo").read())
+    # nothing crashed: every check has a verdict
+    assert {c["verdict"] for c in data["checks"]} <= {"ok", "warn", "bad", "unknown"}
+
+
+def test_live_pinning_seen_by_doctor(qemu):
+    vcpu_tid = qemu.client.cmd("query-cpus-fast")[0]["thread-id"]
+    qemu.client.close()
+    cpu = max(os.sched_getaffinity(0))
+    cp = virtopt("threads", "--qmp", str(qemu.qmp_path), "--pin", f"vcpu0={cpu}")
+    assert cp.returncode == 0, cp.stderr
+    cp = virtopt("doctor", "--pid", str(qemu.pid), "--interval", "0", "--check", "vcpu-pinning", "--output=json")
+    c = json.loads(cp.stdout)["checks"][0]
+    assert c["found"]["vcpus"] == [{"vcpu": 0, "tid": vcpu_tid, "affinity": str(cpu),
+                                    "last-cpu": c["found"]["vcpus"][0]["last-cpu"]}]
+    assert "1/1 vCPUs pinned" in c["summary"]
+
+
+def test_unprivileged_user_gets_unknowns_not_a_crash():
+    """A non-root user (nobody) cannot read everything (other users' /proc files, maybe the kernel log)."""
+    cp = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+         os.path.join(REPO, ".venv/bin/python"), "-m", "qemu_ext", "doctor", "--interval", "0.2", "--output=json"],
+        capture_output=True, text=True, cwd=REPO, env={"PATH": os.environ["PATH"], "HOME": "/tmp"},
+    )
+    assert cp.returncode == 0, cp.stderr
+    assert "Traceback" not in cp.stderr
+    checks = json.loads(cp.stdout)["checks"]
+    assert len(checks) == 11
