@@ -7,7 +7,6 @@ One QEMU serves the module. It has two QMP monitors: ``qmp.sock`` for the shell 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -252,8 +251,13 @@ def _qemu_io_trace(img: Path, opts: str, cmds: list[str], pattern: str) -> list[
     return [ln for ln in cp.stderr.splitlines() if ln.startswith("qcow2_cache_")]
 
 
-def test_l2cache_settings_and_capture_on_the_log_backend(vmq):
-    cmds = [f"read {i * 32}M 512" for i in range(N_SLICES)]
+def _l2_misses(lines: list[str]) -> int:
+    return sum(1 for ln in lines if ln.startswith("qcow2_cache_get_replace_entry ") and " is_l2_cache 1 " in ln)
+
+
+def test_l2cache_settings_and_capture_on_the_log_backend(vmq, tmp_path: Path):
+    # every slice twice, in a cycle longer than the cache: LRU misses every time, full coverage only once
+    cmds = [f"read {i * 32}M 512" for i in range(N_SLICES)] * 2
     cp = sh(vmq, "--output=json",
             "-c", f"blockdev-add driver=qcow2 node-name=l2t read-only=true l2-cache-size=65536 "
                   f"file.driver=file file.filename={vmq.l2img}",
@@ -271,7 +275,8 @@ def test_l2cache_settings_and_capture_on_the_log_backend(vmq):
             await s.hmp(f'qemu-io l2t "{c}"')
 
     try:
-        res = run_sync(str(vmq.qmp_path), builtins.trace_capture, "qcow2_cache_get*", 0, None, during=io)
+        res = run_sync(str(vmq.qmp_path), builtins.trace_capture, "qcow2_cache_get*", 0, str(tmp_path / "c.log"),
+                       during=io, node="l2t", known_options={"l2t": {"l2-cache-size": 65536}})
     finally:
         vmq.ctl.cmd_obj({"execute": "blockdev-del", "arguments": {"node-name": "l2t"}})
     assert res.backend == "log"
@@ -284,7 +289,14 @@ def test_l2cache_settings_and_capture_on_the_log_backend(vmq):
     idx = [int(ln.split()[-1]) for ln in truth if ln.startswith("qcow2_cache_get_replace_entry")
            and " is_l2_cache 1 " in ln]
     assert max(idx) + 1 == l2t["l2_cache_entries"] < N_SLICES
-    os.unlink(res.file)
+    # the L2-cache simulator replays the captured lookups: same misses as QEMU with this cache, and with the
+    # recommended full-coverage size the same misses as QEMU itself opened with that size
+    sim = res.l2cache
+    assert sim["node"] == "l2t" and sim["observed"]["misses"] == _l2_misses(truth) == len(cmds)
+    assert sim["simulated_current"]["misses"] == _l2_misses(truth)
+    full = l2t["full_coverage_l2_cache_size"]
+    truth_full = _qemu_io_trace(vmq.l2img, f"l2-cache-size={full}", cmds, "qcow2_cache_get*")
+    assert sim["simulated_full_coverage"]["misses"] == _l2_misses(truth_full) < sim["simulated_current"]["misses"]
 
 
 def test_builtin_usage_errors_are_one_line(vmq):

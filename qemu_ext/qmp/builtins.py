@@ -155,7 +155,7 @@ class CaptureResult(_Data):
     notes: list[str] = field(default_factory=list)
 
 
-def _decode(path: str, backend: str) -> tuple[list[Any], str]:
+def _decode(path: str) -> tuple[list[Any], str]:
     """Decode with the trace area's read_trace; returns (records, decoder name)."""
     try:
         from qemu_ext.trace import read_trace  # type: ignore[attr-defined]
@@ -209,7 +209,8 @@ async def _set_events(s: QmpSession, names: list[str], enable: bool) -> None:
 
 
 async def trace_capture(s: QmpSession, pattern: str, seconds: float, file: Optional[str] = None,
-                        during: Optional[Any] = None) -> CaptureResult:
+                        during: Optional[Any] = None, node: Optional[str] = None,
+                        known_options: Optional[dict[str, dict[str, Any]]] = None) -> CaptureResult:
     """Enable the events matching ``pattern`` for ``seconds``, then disable and flush; decode the result.
 
     Simple backend (HMP trace-file works): records into ``file`` (default: a new file in the temp dir)
@@ -217,7 +218,8 @@ async def trace_capture(s: QmpSession, pattern: str, seconds: float, file: Optio
     Log backend: reads what QEMU appended to its -D log (or stderr file) meanwhile, saved to ``file``
     when given. Events already enabled before stay enabled. ``during`` is an optional coroutine
     function ``during(session)`` run while the events are on (tests drive block I/O with it).
-    For qcow2_cache events the L2-cache simulator runs over them when that area is available.
+    For qcow2_cache_get events the L2 lookups are replayed in the L2-cache simulator with the cache
+    geometry of ``node`` (default: the only qcow2 node) and with full coverage.
     """
     if seconds < 0 or seconds > 24 * 3600:
         raise BadInputError("capture time must be between 0 and 86400 seconds")
@@ -226,6 +228,7 @@ async def trace_capture(s: QmpSession, pattern: str, seconds: float, file: Optio
         raise BadInputError(f"no trace event matches {pattern!r}")
     to_enable = [e.name for e in before if e.state == "disabled"]
     notes: list[str] = []
+    geos = await l2cache(s, node, known_options) if node else None  # a bad node name fails before capturing
     simple = await has_simple_backend(s)
     if simple:
         prev = await trace_file_status(s)
@@ -278,15 +281,17 @@ async def trace_capture(s: QmpSession, pattern: str, seconds: float, file: Optio
         else:
             notes.append(f"read QEMU's log file {log}")
         backend = "log"
-    records, decoder = _decode(out, backend)
+    records, decoder = _decode(out)
     counts: dict[str, int] = {}
     for rec in records:
         n = _record_name(rec)
         counts[n] = counts.get(n, 0) + 1
     result = CaptureResult(pattern, seconds, backend, out, [e.name for e in before], dict(sorted(counts.items())),
                            sum(counts.values()), decoder, None, notes)
-    if any(n.startswith("qcow2_cache_") for n in counts):
-        result.l2cache = _l2_simulate(out, records, notes)
+    if counts.get("qcow2_cache_get"):
+        if geos is None:
+            geos = await l2cache(s, None, known_options)
+        result.l2cache = _l2_simulate(out, geos[0] if len(geos) == 1 else None, notes)
     return result
 
 
@@ -313,19 +318,51 @@ async def _during(s: QmpSession, seconds: float, during: Optional[Any]) -> None:
         raise QmpGoneError(f"QEMU at {s.where} went away during the capture")
 
 
-def _l2_simulate(path: str, records: list[Any], notes: list[str]) -> Optional[dict[str, Any]]:
-    """Hand qcow2_cache events to the L2-cache area's simulator when it is there."""
+def _sim_stats(st: Any) -> dict[str, Any]:
+    return {"lookups": st.lookups, "hits": st.hits, "misses": st.misses, "hit_ratio": round(st.hit_ratio, 4)}
+
+
+def _l2_simulate(path: str, geometry: Optional[L2CacheInfo], notes: list[str]) -> Optional[dict[str, Any]]:
+    """Hand the captured qcow2_cache events to the L2-cache area: the lookups QEMU made, replayed
+    through its Qcow2Cache model with the node's cache geometry and with full coverage."""
     try:
-        from qemu_ext import l2cache as l2  # type: ignore[attr-defined]
+        from qemu_ext.l2cache.model import replay
+        from qemu_ext.l2cache.options import resolve
+        from qemu_ext.l2cache.workloads import parse_cache_trace, trace_records
     except ImportError:
         notes.append("L2-cache simulator not available in this build: only the decoded counts are given")
         return None
-    fn = getattr(l2, "simulate_trace", None) or getattr(l2, "replay_trace", None)
-    if fn is None:
-        notes.append("L2-cache simulator has no trace entry point yet: only the decoded counts are given")
+    lookups = [t for t in parse_cache_trace(trace_records(path)) if t.is_l2]
+    if not lookups:
         return None
-    res = fn(path)
-    return res.to_dict() if hasattr(res, "to_dict") else dict(res)
+    hits = sum(1 for t in lookups if t.hit)
+    out: dict[str, Any] = {
+        "observed": {"lookups": len(lookups), "hits": hits, "misses": len(lookups) - hits,
+                     "hit_ratio": round(hits / len(lookups), 4)},
+    }
+    if geometry is None:
+        notes.append("several qcow2 nodes: give the node (--node NODE) to replay the lookups in the L2-cache simulator")
+        return out
+    rfd = [t.read_from_disk for t in lookups]
+    full = resolve(geometry.cluster_size, geometry.virtual_size, geometry.extended_l2,
+                   l2_cache_size=geometry.full_coverage_l2_cache_size)
+
+    def sim(entries: int, entry_size: int) -> dict[str, Any]:
+        # a lookup of the slice at offset o uses the cache entry that holds o's table piece of entry_size bytes
+        offsets = [t.offset - t.offset % entry_size for t in lookups]
+        return {"l2_cache_entries": entries, "l2_cache_entry_size": entry_size,
+                **_sim_stats(replay(offsets, entries, entry_size, rfd))}
+
+    try:
+        current = sim(geometry.l2_cache_entries, geometry.l2_cache_entry_size)
+        full_cov = sim(full.l2_cache_entries, full.l2_cache_entry_size)
+    except ValueError as exc:  # lookups that do not fit the node's geometry: events from another node
+        notes.append(f"the captured lookups do not fit node {geometry.node_name}'s cache ({exc}): not simulated")
+        return out
+    out.update(node=geometry.node_name, simulated_current=current,
+               simulated_full_coverage={"l2_cache_size": geometry.full_coverage_l2_cache_size, **full_cov})
+    notes.append("the simulation starts from an empty cache; QEMU's cache may have held tables before the capture")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------

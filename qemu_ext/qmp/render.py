@@ -39,7 +39,16 @@ def capture(res: Any) -> str:
     if res.counts:
         lines.append(table(["EVENT", "COUNT"], [[k, v] for k, v in res.counts.items()], right=(1,)))
     if res.l2cache:
-        lines.append("L2 cache simulation: " + json.dumps(res.l2cache, sort_keys=True))
+        sim = res.l2cache
+        o = sim["observed"]
+        lines.append(f"L2 lookups seen: {o['lookups']} ({o['hits']} hits, {o['misses']} misses, "
+                     f"hit ratio {o['hit_ratio']:.1%})")
+        cur, full = sim.get("simulated_current"), sim.get("simulated_full_coverage")
+        if cur and full:
+            lines.append(f"simulated for {sim['node']}: current cache ({cur['l2_cache_entries']} x "
+                         f"{human_size(cur['l2_cache_entry_size'])}) {cur['misses']} misses, hit ratio "
+                         f"{cur['hit_ratio']:.1%}; full coverage (l2-cache-size={full['l2_cache_size']}) "
+                         f"{full['misses']} misses, hit ratio {full['hit_ratio']:.1%}")
     for n in res.notes:
         lines.append(f"note: {n}")
     return "\n".join(lines)

@@ -38,8 +38,9 @@ QMP input (as qmp-shell):   cmd key=value key.sub=value   (values: ints, true/fa
 built-ins:
   /trace list [PATTERN]              trace events and their state
   /trace on|off PATTERN              enable / disable trace events
-  /trace capture PATTERN SECONDS [FILE]
-                                     enable, wait, disable, flush, decode (simple or log backend)
+  /trace capture PATTERN SECONDS [FILE] [--node NODE]
+                                     enable, wait, disable, flush, decode (simple or log backend);
+                                     qcow2_cache events: replay the L2 lookups in the L2-cache simulator
   /trace-file [on|off|flush|set FILE]
                                      the simple backend's trace file (HMP trace-file)
   /stats [vm|vcpu] [--interval S] [--watch S] [--count K] [--all]
@@ -285,13 +286,21 @@ class Shell:
             evs = await builtins.trace_set(self.session, rest[0], op == "on")
             return [e.to_dict() for e in evs], render.trace_states(evs)
         if op == "capture":
+            node = None
+            if "--node" in rest:
+                i = rest.index("--node")
+                if i + 1 >= len(rest):
+                    raise BadInputError("--node needs a node name")
+                node = rest[i + 1]
+                del rest[i:i + 2]
             if len(rest) not in (2, 3):
-                raise BadInputError("usage: /trace capture PATTERN SECONDS [FILE]")
+                raise BadInputError("usage: /trace capture PATTERN SECONDS [FILE] [--node NODE]")
             try:
                 secs = float(rest[1])
             except ValueError:
                 raise BadInputError(f"not a number of seconds: {rest[1]!r}") from None
-            res = await builtins.trace_capture(self.session, rest[0], secs, rest[2] if len(rest) == 3 else None)
+            res = await builtins.trace_capture(self.session, rest[0], secs, rest[2] if len(rest) == 3 else None,
+                                               node=node, known_options=self.blockdev_options)
             return res.to_dict(), render.capture(res)
         raise BadInputError(f"unknown /trace operation {op!r} (list, on, off, capture)")
 
