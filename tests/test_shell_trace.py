@@ -76,10 +76,15 @@ def test_capture_on_the_simple_backend_matches_simpletrace_py(dbg, debug_src: Pa
             await s.hmp(f'qemu-io cap "read {i * 16}M 4k"')
 
     out = tmp_path / "cap.simpletrace"
-    res = run_sync(str(dbg.qmp_path), builtins.trace_capture, "qcow2_cache_*", 0.1, str(out), during=io)
+    res = run_sync(str(dbg.qmp_path), builtins.trace_capture, "qcow2_cache_*", 0.1, str(out), during=io,
+                   known_options={"cap": {"l2-cache-entry-size": 4096}})
     assert res.backend == "simple" and res.file == str(out)
     truth = _simpletrace_counts(debug_src, str(out))
     assert res.counts == truth and truth.get("qcow2_cache_get", 0) >= 8
+    # the L2 lookups went to the simulator with the node's geometry; a fresh cache: it misses where QEMU did
+    sim = res.l2cache
+    assert sim["node"] == "cap" and sim["simulated_current"]["l2_cache_entry_size"] == 4096
+    assert sim["observed"]["misses"] == truth["qcow2_cache_get_replace_entry"] == sim["simulated_current"]["misses"]
     # the user's trace file and its state are back, the events are off again
     assert dbg.hmp_ctl("trace-file") == before
     assert {e["state"] for e in dbg.ctl.cmd("trace-event-get-state", name="qcow2_cache_*")} == {"disabled"}

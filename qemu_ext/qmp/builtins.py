@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from qemu_ext.errors import BadInputError, NotAvailableError
+from qemu_ext.errors import BadInputError, NotAvailableError, VirtoptError
 from qemu_ext.qmp import protocol
 from qemu_ext.qmp.client import QmpSession
 from qemu_ext.qmp.errors import HmpError, QmpCommandError, QmpGoneError
@@ -291,7 +291,7 @@ async def trace_capture(s: QmpSession, pattern: str, seconds: float, file: Optio
     if counts.get("qcow2_cache_get"):
         if geos is None:
             geos = await l2cache(s, None, known_options)
-        result.l2cache = _l2_simulate(out, geos[0] if len(geos) == 1 else None, notes)
+        result.l2cache = _l2_simulate(records, geos[0] if len(geos) == 1 else None, notes)
     return result
 
 
@@ -322,17 +322,42 @@ def _sim_stats(st: Any) -> dict[str, Any]:
     return {"lookups": st.lookups, "hits": st.hits, "misses": st.misses, "hit_ratio": round(st.hit_ratio, 4)}
 
 
-def _l2_simulate(path: str, geometry: Optional[L2CacheInfo], notes: list[str]) -> Optional[dict[str, Any]]:
+_ARG_NAMES = {"c": "is_l2_cache", "i": "index"}  # trace-events argument names -> the names in the format string
+
+
+def _cache_records(records: list[Any]) -> list[tuple[str, dict[str, str], Optional[int]]]:
+    """Decoded qcow2_cache_get* records as (name, {format-string key: text}, timestamp) for the L2 area."""
+    out = []
+    for r in records:
+        name = _record_name(r)
+        if not name.startswith("qcow2_cache_get"):
+            continue
+        args = dict(getattr(r, "args", {}) or {})
+        norm = {}
+        for k, v in args.items():
+            key = _ARG_NAMES.get(k, k)
+            if isinstance(v, bool):
+                v = int(v)
+            norm[key] = hex(v) if key in ("offset", "co") and isinstance(v, int) else str(v)
+        out.append((name, norm, getattr(r, "timestamp_ns", None)))
+    return out
+
+
+def _l2_simulate(records: list[Any], geometry: Optional[L2CacheInfo], notes: list[str]) -> Optional[dict[str, Any]]:
     """Hand the captured qcow2_cache events to the L2-cache area: the lookups QEMU made, replayed
     through its Qcow2Cache model with the node's cache geometry and with full coverage."""
     try:
         from qemu_ext.l2cache.model import replay
         from qemu_ext.l2cache.options import resolve
-        from qemu_ext.l2cache.workloads import parse_cache_trace, trace_records
+        from qemu_ext.l2cache.workloads import parse_cache_trace
     except ImportError:
         notes.append("L2-cache simulator not available in this build: only the decoded counts are given")
         return None
-    lookups = [t for t in parse_cache_trace(trace_records(path)) if t.is_l2]
+    try:
+        lookups = [t for t in parse_cache_trace(_cache_records(records)) if t.is_l2]
+    except VirtoptError as exc:
+        notes.append(f"the L2-cache simulator could not read the captured events: {exc}")
+        return None
     if not lookups:
         return None
     hits = sum(1 for t in lookups if t.hit)
