@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO, virtopt
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qemu_ext.host import procfs
 from qemu_ext.host.doctor import CHECK_IDS, run_doctor
@@ -229,3 +231,44 @@ def test_human_output_lists_every_check(name):
     assert cp.returncode == 0, cp.stderr
     for cid in CHECK_IDS:
         assert f" {cid} " in cp.stdout
+
+
+def test_isolcpus_with_flags_and_no_sysfs_file(tmp_path):
+    """Older kernels have no /sys/devices/system/cpu/isolated: isolcpus= (with its flags) is read instead."""
+    root = copy_scenario("baseline", tmp_path)
+    cmd = (root / "proc/cmdline").read_text()
+    (root / "proc/cmdline").write_text(cmd.replace(" -- ", " isolcpus=nohz,domain,managed_irq,1 -- ", 1))
+    (root / "sys/devices/system/cpu/isolated").unlink()
+    c = run_doctor(str(root), interval=0, only=["cpu-isolation", "irq-affinity"])
+    iso = c.check("cpu-isolation")
+    assert iso.found["isolated"] == "1" and iso.verdict == "warn"
+    assert "nohz_full=1" in iso.fix  # isolated but still ticking: nohz_full missing
+    irq = c.check("irq-affinity")
+    # every captured IRQ may go to CPU 1 (their smp_affinity_list is 0-1 in the capture)
+    lists = {p.parent.name for p in (root / "proc/irq").glob("*/smp_affinity_list")
+             if 1 in procfs.parse_cpu_list(p.read_text())}
+    assert set(irq.found["irqs-on-isolated"]) == lists and irq.verdict == "warn"
+    assert "smp_affinity_list" in irq.fix
+
+
+@given(st.sets(st.integers(min_value=0, max_value=300)))
+def test_cpu_list_round_trip(cpus):
+    text = procfs.format_cpu_list(cpus)
+    assert procfs.parse_cpu_list(text) == sorted(cpus)
+
+
+def test_hostile_tree_is_bounded(tmp_path):
+    """A captured tree from elsewhere may hold anything: a gzip bomb as config.gz, an endless CPU mask."""
+    import gzip
+
+    root = copy_scenario("baseline", tmp_path)
+    (root / "proc/config.gz").write_bytes(gzip.compress(b"\0" * (17 << 20)))
+    irq = sorted((root / "proc/irq").glob("*/smp_affinity_list"))[0]
+    irq.unlink()
+    (irq.parent / "smp_affinity").write_text("f" * 100000 + "\n")
+    rep = run_doctor(str(root), interval=1.0, second_root=str(root / "later"),
+                     only=["cpu-isolation", "timer-ticks", "irq-affinity"])
+    assert rep.check("timer-ticks").found["hz"] is None  # CONFIG_HZ unknown, the rates are still there
+    assert rep.check("timer-ticks").verdict == "ok"
+    assert rep.check("cpu-isolation").found["CONFIG_NO_HZ_FULL"] is None
+    assert rep.check("irq-affinity").verdict == "unknown" and "too long" in rep.check("irq-affinity").summary

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from qemu_ext.errors import VirtoptError
+from qemu_ext.errors import QemuError, VirtoptError
 from qemu_ext.host import procfs
 from qemu_ext.host.threads import ThreadInfo, thread_map
 
@@ -588,7 +588,7 @@ def check_irq_load(ctx: _Ctx) -> Check:
         return Check("irq-load", title, "warn",
                      f"{text}: CPU{busiest[0]} takes {busiest[1]['share-percent']:.0f}% of all irq+softirq time",
                      found, "spread IRQs (irqbalance, or /proc/irq/N/smp_affinity_list; multi-queue NICs: RSS/RPS)")
-    return Check("irq-load", title, "ok", f"irq+softirq time over {s.interval:g} s: {text}", found)
+    return Check("irq-load", title, "ok", f"irq+softirq time over {s.interval:.2f} s: {text}", found)
 
 
 # ---------------------------------------------------------------- caches and NUMA
@@ -802,6 +802,8 @@ def run_doctor(
         bad = [c for c in only if c not in CHECK_IDS]
         if bad:
             raise VirtoptError(f"unknown check {', '.join(bad)} (checks: {', '.join(CHECK_IDS)})", exit_code=2)
+    if pid is not None and not procfs.exists(root, f"proc/{pid}"):
+        raise QemuError(f"no process {pid} ({procfs.path(root, f'proc/{pid}')} not found)")
     checks = HOST_CHECKS + (QEMU_CHECKS if pid is not None else [])
     if only:
         checks = [c for c in checks if c[0] in only]

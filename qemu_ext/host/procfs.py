@@ -93,7 +93,10 @@ def format_cpu_list(cpus: list[int] | set[int]) -> str:
 
 def parse_cpu_mask(text: str) -> list[int]:
     """A hex mask as in smp_affinity ("00000003" or "ff,ffffffff") -> CPU numbers."""
-    value = int(text.strip().replace(",", "") or "0", 16)
+    digits = text.strip().replace(",", "")
+    if len(digits) > 4096:  # 16384 CPUs; more is not a CPU mask
+        raise ValueError("CPU mask too long")
+    value = int(digits or "0", 16)
     return [i for i in range(value.bit_length()) if value >> i & 1]
 
 
@@ -440,9 +443,11 @@ def kernel_config(root: str = "/") -> dict[str, str]:
 
     text: Optional[str] = None
     try:
-        with open(path(root, "proc/config.gz"), "rb") as f:
-            raw = f.read(MAX_READ)
-        text = gzip.decompress(raw).decode("utf-8", errors="replace")
+        with gzip.open(path(root, "proc/config.gz"), "rb") as f:
+            raw = f.read(MAX_READ + 1)  # bounded: a hostile tree's config.gz may be a gzip bomb
+        if len(raw) > MAX_READ:
+            raise ValueError(f"{path(root, 'proc/config.gz')} decompresses to more than {MAX_READ} bytes")
+        text = raw.decode("utf-8", errors="replace")
     except FileNotFoundError:
         release = read_first_line(root, "proc/sys/kernel/osrelease")
         text = read_text(root, f"boot/config-{release}")

@@ -98,7 +98,7 @@ def _thread_ids(entries: Optional[list[dict]], what: str) -> dict[int, dict]:
     for e in entries or []:
         if not isinstance(e, dict) or not isinstance(e.get("thread-id"), int):
             raise BadInputError(f"{what} entry without an integer thread-id: {e!r}")
-        out[e["thread-id"]] = e
+        out.setdefault(e["thread-id"], e)  # single-threaded TCG: every vCPU has the same thread; keep the first
     return out
 
 
