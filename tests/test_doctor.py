@@ -272,3 +272,37 @@ def test_hostile_tree_is_bounded(tmp_path):
     assert rep.check("timer-ticks").verdict == "ok"
     assert rep.check("cpu-isolation").found["CONFIG_NO_HZ_FULL"] is None
     assert rep.check("irq-affinity").verdict == "unknown" and "too long" in rep.check("irq-affinity").summary
+
+
+def stat_cpus(path: Path) -> dict[str, list[int]]:
+    return {ln.split()[0]: [int(x) for x in ln.split()[1:]] for ln in path.read_text().splitlines()
+            if ln.startswith("cpu") and ln.split()[0] != "cpu"}
+
+
+def test_irq_load_from_proc_stat_deltas(tmp_path):
+    """irq+softirq ticks per CPU between the samples, summed up the topology as irqbalance does."""
+    root = copy_scenario("baseline", tmp_path)
+    later = root / "later/proc/stat"
+    lines = []
+    for ln in later.read_text().splitlines():
+        if ln.startswith("cpu0 "):
+            f = ln.split()
+            f[6] = str(int(f[6]) + 10)  # irq
+            f[7] = str(int(f[7]) + 30)  # softirq
+            ln = " ".join(f)
+        lines.append(ln)
+    later.write_text("\n".join(lines) + "\n")
+    c = run_doctor(str(root), interval=1.0, second_root=str(root / "later"), only=["irq-load"]).check("irq-load")
+    a, b = stat_cpus(root / "proc/stat"), stat_cpus(later)
+    for cpu in a:
+        d = [y - x for x, y in zip(a[cpu], b[cpu])]
+        got = c.found["cpus"][cpu[3:]]
+        assert (got["irq-ticks"], got["softirq-ticks"]) == (d[5], d[6])
+        assert got["load-percent"] == round(100.0 * (d[5] + d[6]) / sum(d), 2)
+    assert c.found["cpus"]["0"]["share-percent"] == 100.0
+    assert c.verdict == "warn" and "CPU0 takes 100%" in c.summary
+    total = sum(v["load-ticks"] for v in c.found["cpus"].values())
+    assert sum(c.found["packages"].values()) == total == sum(c.found["cache-domains"].values())
+    pkg0 = (root / "sys/devices/system/cpu/cpu0/topology/physical_package_id").read_text().strip()
+    core0 = (root / "sys/devices/system/cpu/cpu0/topology/core_id").read_text().strip()
+    assert c.found["cores"][f"{pkg0}/{core0}"] == 40

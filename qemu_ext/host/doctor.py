@@ -553,6 +553,39 @@ def check_irq_affinity(ctx: _Ctx) -> Check:
     return Check("irq-affinity", title, "ok", f"no IRQ targets an isolated CPU ({len(aff)} IRQs); {bal}", found)
 
 
+def _irq_load_tree(ctx: _Ctx, per: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """irqbalance's tree: a core's load is the sum of its CPUs', a cache domain's the sum of its cores',
+    a package's the sum of its domains'. Levels whose sysfs files are unreadable are left out."""
+    out: dict[str, Any] = {}
+    cpus = [int(c) for c in per if c.isdigit()]
+    load = {int(c): v["load-ticks"] for c, v in per.items() if c.isdigit()}
+    try:
+        topo = {c: procfs.cpu_topology(ctx.root, c) for c in cpus}
+        cores: dict[str, float] = {}
+        packages: dict[str, float] = {}
+        for c in cpus:
+            key = f"{topo[c]['physical_package_id']}/{topo[c]['core_id']}"
+            cores[key] = cores.get(key, 0) + load[c]
+            pk = str(topo[c]["physical_package_id"])
+            packages[pk] = packages.get(pk, 0) + load[c]
+        out["cores"] = cores  # "package/core" -> ticks
+        out["packages"] = packages
+    except (OSError, ValueError, KeyError):
+        pass
+    try:
+        domains: dict[str, float] = {}
+        for c in cpus:
+            caches = procfs.cpu_caches(ctx.root, c)
+            top = max((k for k in caches if k.type != "Instruction"), key=lambda k: k.level, default=None)
+            if top is not None:
+                key = procfs.format_cpu_list(top.shared_cpu_list)
+                domains[key] = domains.get(key, 0) + load[c]
+        out["cache-domains"] = domains  # CPUs sharing the last-level cache -> ticks
+    except (OSError, ValueError):
+        pass
+    return out
+
+
 def check_irq_load(ctx: _Ctx) -> Check:
     """irq+softirq time per CPU between the two /proc/stat samples (irqbalance's cpu->last_load)."""
     title = "irq+softirq load per CPU (as irqbalance computes it)"
@@ -576,7 +609,8 @@ def check_irq_load(ctx: _Ctx) -> Check:
     total_load = sum(v["load-ticks"] for v in per.values())
     for v in per.values():
         v["share-percent"] = round(100.0 * v["load-ticks"] / total_load, 1) if total_load else 0.0
-    found = {"interval": s.interval, "user-hz": clk, "cpus": per}
+    found: dict[str, Any] = {"interval": s.interval, "user-hz": clk, "cpus": per}
+    found.update(_irq_load_tree(ctx, per))
     text = ", ".join(f"CPU{c} {v['load-percent']:.1f}%" for c, v in per.items())
     busiest = max(per.items(), key=lambda kv: kv[1]["load-percent"], default=None)
     iso = set(ctx.isolated())

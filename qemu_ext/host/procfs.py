@@ -260,6 +260,12 @@ def cpu_caches(root: str, cpu: int) -> list[Cache]:
     return caches
 
 
+def cpu_topology(root: str, cpu: int) -> dict[str, int]:
+    """physical_package_id and core_id of a CPU (/sys/devices/system/cpu/cpuN/topology)."""
+    base = f"sys/devices/system/cpu/cpu{cpu}/topology"
+    return {k: int(read_first_line(root, f"{base}/{k}")) for k in ("physical_package_id", "core_id")}
+
+
 def numa_nodes(root: str = "/") -> dict[int, list[int]]:
     """{node: [cpus]} from /sys/devices/system/node/node*/cpulist."""
     out: dict[int, list[int]] = {}
