@@ -8,8 +8,23 @@ Public API::
         img.l1_entries()          # numpy uint64, raw L1 entries
         img.l2_table_offset(i)    # host offset of L2 table i (0 = unallocated)
         img.header, img.file_size
+
+The names are imported lazily so that `virtopt --help` does not pay for numpy/construct.
 """
 
-from qemu_ext.qcow2.image import Qcow2Image, open_image
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["Qcow2Image", "open_image"]
+
+# the structures `virtopt qcow2 dump` can show (kept here so the CLI needs no heavy import)
+DUMP_STRUCTURES = ("header", "extensions", "l1", "l2", "refcounts", "snapshots", "bitmaps")
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from qemu_ext.qcow2 import image
+
+        return getattr(image, name)
+    raise AttributeError(f"module 'qemu_ext.qcow2' has no attribute {name!r}")

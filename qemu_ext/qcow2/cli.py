@@ -33,6 +33,19 @@ def _progress_wanted() -> bool:
     return sys.stderr.isatty()
 
 
+def _tune_malloc() -> None:
+    """Keep freed numpy buffers in the heap (glibc): whole-table scans then reuse memory instead of
+    page-faulting fresh mmaps for every chunk (halves check/map time on big images).  CLI only."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 # ------------------------------------------------------------------ info
 def _info_human(d: dict[str, Any]) -> str:
     lines = [
@@ -101,6 +114,7 @@ def _info_human(d: dict[str, Any]) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    _tune_malloc()
     from qemu_ext.qcow2.info import image_info
 
     infos = image_info(args.image, backing_chain=args.backing_chain, with_extras=not args.qemu_only)
@@ -113,6 +127,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ map
 def cmd_map(args: argparse.Namespace) -> int:
+    _tune_malloc()
     from qemu_ext.qcow2.map import image_map, render_human, render_json
 
     entries = image_map(args.image, progress=_progress_wanted())
@@ -125,6 +140,7 @@ def cmd_map(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ check
 def cmd_check(args: argparse.Namespace) -> int:
+    _tune_malloc()
     from qemu_ext.qcow2.check import check_image
 
     res = check_image(args.image, progress=_progress_wanted())
@@ -191,6 +207,7 @@ def cmd_read(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    _tune_malloc()
     from qemu_ext.qcow2.data import convert_to_raw
 
     size = convert_to_raw(args.image, args.out, progress=_progress_wanted())
@@ -247,7 +264,7 @@ exit codes (as qemu-img check): 0 clean, 2 corruptions, 3 leaked clusters only,
     add_output_option(c)
     c.set_defaults(func=cmd_check)
 
-    from qemu_ext.qcow2.dump import WHAT
+    from qemu_ext.qcow2 import DUMP_STRUCTURES as WHAT
 
     d = s.add_parser("dump", help="decoded header, extensions, L1/L2, refcounts, snapshots, bitmaps",
                      formatter_class=RAW, epilog="""examples:

@@ -7,11 +7,12 @@ from typing import Any, Optional
 import numpy as np
 
 from qemu_ext.errors import BadInputError
+from qemu_ext.qcow2 import DUMP_STRUCTURES
 from qemu_ext.qcow2 import format as F
 from qemu_ext.qcow2.image import PathLike, Qcow2Image, Snapshot, open_image
 
 U = np.uint64
-WHAT = ("header", "extensions", "l1", "l2", "refcounts", "snapshots", "bitmaps")
+WHAT = DUMP_STRUCTURES
 MAX_ROWS = 1 << 20
 
 

@@ -435,25 +435,36 @@ class Qcow2Image:
         a = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
         return a.reshape(-1, 2) if self.extended_l2 else a
 
-    def read_l2_tables(self, offsets: np.ndarray) -> np.ndarray:
+    def read_l2_tables(self, offsets: np.ndarray, reuse: bool = False) -> np.ndarray:
         """Many L2 tables at once: rows of (n,) or (n, 2) entries.
 
         Like QEMU's file driver, bytes past the end of the file read as zeros (check
         reports such tables separately); offsets need not be aligned."""
         cs = self.cluster_size
         n = len(offsets)
-        buf = bytearray(n * cs)
+        if reuse:  # one buffer for a whole scan (the previous result is overwritten)
+            buf = getattr(self, "_l2buf", None)
+            if buf is None or len(buf) != n * cs:
+                buf = self._l2buf = bytearray(n * cs)
+            else:
+                pass  # every table is either read in full or zeroed below
+        else:
+            buf = bytearray(n * cs)
         mv = memoryview(buf)
         fd = self._fd
         fsize = self.file_size
         for i, off in enumerate(offsets.tolist()):
+            if off >= fsize or off + cs > fsize:
+                mv[i * cs : (i + 1) * cs] = bytes(cs)  # past the end of the file reads as zeros
             if off >= fsize:
                 continue
             want = min(cs, fsize - off)
             got = os.preadv(fd, [mv[i * cs : i * cs + want]], off)
             if got != want:
                 raise self.bad(f"short read of L2 table at {off:#x}")
-        a = np.frombuffer(buf, dtype=">u8").astype(np.uint64)
+        a = np.frombuffer(buf, dtype=np.uint64)
+        if a.dtype.byteorder != ">" and np.little_endian:
+            a.byteswap(inplace=True)  # big endian on disk; one pass, no copy
         return a.reshape(n, -1, 2) if self.extended_l2 else a.reshape(n, -1)
 
     # ------------------------------------------------------------ refcounts
