@@ -7,14 +7,18 @@ One QEMU serves the module. It has two QMP monitors: ``qmp.sock`` for the shell 
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import make_qcow2, virtopt
-from shell_util import Repl, shell_cmd
+from shell_util import LAUNCHER, Repl, shell_cmd
 
 from qemu_ext import vm
 from qemu_ext.qmp import builtins
@@ -32,11 +36,14 @@ def vmq(tmp_path_factory: pytest.TempPathFactory):
     img = make_qcow2(d / "disk.qcow2", size="1G", io=["write 0 64k"])
     l2img = make_qcow2(d / "l2.qcow2", size="1G", io=[f"write {i * 32}M 4k" for i in range(N_SLICES)])
     ctl = d / "ctl.sock"
+    with socket.socket() as probe:  # a free port for a third monitor, on TCP
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     qp = vm.start_qemu(
         name="virtopt-shell",
         smp=2,
         drives=[f"file={img},if=none,id=drv0,node-name=disk0,l2-cache-size=64k"],
-        extra_args=["-qmp", f"unix:{ctl},server=on,wait=off"],
+        extra_args=["-qmp", f"unix:{ctl},server=on,wait=off", "-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off"],
     )
     client = None
     try:
@@ -47,6 +54,7 @@ def vmq(tmp_path_factory: pytest.TempPathFactory):
         qp.img = img  # type: ignore[attr-defined]
         qp.l2img = l2img  # type: ignore[attr-defined]
         qp.dir = d  # type: ignore[attr-defined]
+        qp.tcp = f"127.0.0.1:{port}"  # type: ignore[attr-defined]
         yield qp
     finally:
         if client is not None:
@@ -93,6 +101,45 @@ def test_same_through_the_virtopt_cli(vmq):
     assert cp.returncode == 0, cp.stderr
     assert json_lines(cp.stdout) == [{"return": vmq.ctl.cmd("query-name")}]
     assert "examples:" in virtopt("shell", "--help").stdout
+
+
+def test_launcher_runs_from_the_checkout_without_virtopt_installed(vmq):
+    # no site processing (so no editable install of virtopt), only the third-party packages on the path
+    env = {"PYTHONPATH": sysconfig.get_paths()["purelib"], "PATH": os.environ.get("PATH", "")}
+    probe = subprocess.run([sys.executable, "-S", "-c", "import qemu_ext"], env=env, capture_output=True, cwd="/")
+    assert probe.returncode != 0  # virtopt itself is not importable like this
+    cp = subprocess.run([sys.executable, "-S", str(LAUNCHER), str(vmq.qmp_path), "--history", "", "-c", "query-name"],
+                        env=env, capture_output=True, text=True, cwd="/")
+    assert cp.returncode == 0, cp.stderr
+    assert json_lines(cp.stdout) == [{"return": vmq.ctl.cmd("query-name")}]
+
+
+def _raw_qmp_without_oob(address: str, msg: dict) -> dict:
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        f = s.makefile("rwb")
+        greeting = json.loads(f.readline())
+        assert "oob" in greeting["QMP"]["capabilities"]  # offered
+        for m in ({"execute": "qmp_capabilities"}, msg):
+            f.write(json.dumps(m).encode() + b"\n")
+            f.flush()
+            reply = json.loads(f.readline())
+        return reply
+
+
+def test_tcp_address_and_oob(vmq):
+    cp = sh(vmq, "-c", "query-status")
+    cp_tcp = shell_cmd(vmq.tcp, "--history", "", "-c", "query-status", "-c", "/json threads")
+    assert cp_tcp.returncode == 0, cp_tcp.stderr
+    replies = json_lines(cp_tcp.stdout)
+    assert replies[0] == json_lines(cp.stdout)[0]
+    # over TCP to this host the shell still finds QEMU's pid: the threads are QEMU's
+    assert {t["tid"] for t in replies[1]} <= {int(p.name) for p in Path(f"/proc/{vmq.pid}/task").iterdir()}
+    # oob was negotiated: QEMU accepts exec-oob (and migrate-pause then fails for its own reason)
+    truth = _raw_qmp_without_oob(vmq.tcp, {"exec-oob": "migrate-pause"})["error"]
+    assert "unexpected" in truth["desc"]  # what QEMU says when oob was not enabled
+    cp = sh(vmq, "-c", '{"exec-oob": "migrate-pause"}')
+    assert cp.returncode == 1 and "postcopy" in cp.stderr and "unexpected" not in cp.stderr
 
 
 def test_pretty_verbose_and_logfile(vmq, tmp_path: Path):

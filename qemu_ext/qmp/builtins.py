@@ -252,8 +252,9 @@ async def trace_capture(s: QmpSession, pattern: str, seconds: float, file: Optio
     else:
         if s.pid is None:
             raise NotAvailableError(
-                "this QEMU uses the log backend and is reached over TCP: virtopt cannot read its log; "
-                "connect through its unix socket on this host, or read its -D file with 'virtopt trace'"
+                "this QEMU uses the log backend and virtopt cannot tell its process (TCP to another host?), so "
+                "it cannot read its log: connect through its unix socket on the QEMU host, or read its -D file "
+                "with 'virtopt trace'"
             )
         log = log_destination(s.pid)
         with open(log, "rb") as fh:
@@ -281,7 +282,11 @@ async def trace_capture(s: QmpSession, pattern: str, seconds: float, file: Optio
         else:
             notes.append(f"read QEMU's log file {log}")
         backend = "log"
-    records, decoder = _decode(out)
+    if backend == "log" and not Path(out).stat().st_size:
+        records, decoder = [], "qemu_ext.trace.read_trace"  # nothing fired: nothing to decode
+        notes.append("no event fired during the capture")
+    else:
+        records, decoder = _decode(out)
     counts: dict[str, int] = {}
     for rec in records:
         n = _record_name(rec)
@@ -503,7 +508,8 @@ async def threads(s: QmpSession) -> list[dict[str, Any]]:
     except ImportError as exc:
         raise NotAvailableError("the thread map (qemu_ext.host.threads) is not available in this build") from exc
     if s.pid is None:
-        raise NotAvailableError("the QEMU process is not on this host (TCP connection): its threads cannot be read")
+        raise NotAvailableError("cannot tell which process QEMU is (TCP to another host?): its threads cannot be read; "
+                                "connect through its unix socket on the QEMU host")
     vcpus = await s.execute("query-cpus-fast")
     iothreads = await s.execute("query-iothreads")
     return [t.to_dict() for t in thread_map(s.pid, vcpus=vcpus, iothreads=iothreads)]

@@ -85,15 +85,67 @@ def open_socket(address: Address, timeout: float = 5.0) -> socket.socket:
 
 
 def peer_pid(sock: socket.socket) -> Optional[int]:
-    """The pid of the process on the other end of a unix socket (SO_PEERCRED), else None."""
-    if sock.family != socket.AF_UNIX or not hasattr(socket, "SO_PEERCRED"):
-        return None
+    """The pid of the process at the other end: SO_PEERCRED for unix sockets; for TCP to this host,
+    the owner of the peer's socket found through /proc/net/tcp{,6} and /proc/*/fd. None when unknown."""
+    if sock.family == socket.AF_UNIX:
+        if not hasattr(socket, "SO_PEERCRED"):
+            return None
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return None
+        pid, _uid, _gid = struct.unpack("3i", creds)
+        return pid or None
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            local = sock.getsockname()
+            remote = sock.getpeername()
+        except OSError:
+            return None
+        inode = _tcp_inode(sock.family, remote[:2], local[:2])
+        return _socket_owner(inode) if inode else None
+    return None
+
+
+def _proc_net_addr(family: int, addr: tuple[str, int]) -> str:
+    raw = socket.inet_pton(family, addr[0])
+    if family == socket.AF_INET:
+        text = raw[::-1].hex().upper()
+    else:  # four 32-bit words, each in host (little-endian) order
+        text = "".join(raw[i:i + 4][::-1].hex().upper() for i in range(0, 16, 4))
+    return f"{text}:{addr[1]:04X}"
+
+
+def _tcp_inode(family: int, local: tuple[str, int], remote: tuple[str, int]) -> Optional[str]:
+    """Inode of the TCP socket whose local end is ``local`` and remote end ``remote`` (the peer's socket)."""
+    table = "/proc/net/tcp" if family == socket.AF_INET else "/proc/net/tcp6"
+    want_l, want_r = _proc_net_addr(family, local), _proc_net_addr(family, remote)
     try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        lines = Path(table).read_text().splitlines()[1:]
     except OSError:
         return None
-    pid, _uid, _gid = struct.unpack("3i", creds)
-    return pid or None
+    for ln in lines:
+        f = ln.split()
+        if len(f) > 9 and f[1] == want_l and f[2] == want_r:
+            return f[9]
+    return None
+
+
+def _socket_owner(inode: str) -> Optional[int]:
+    target = f"socket:[{inode}]"
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                try:
+                    if os.readlink(fd) == target:
+                        return int(proc.name)
+                except OSError:
+                    continue
+        except OSError:
+            continue
+    return None
 
 
 def translate(exc: BaseException, address: Address, during: str = "") -> QmpError:
