@@ -88,7 +88,7 @@ class CacheConfig:
 _SUFFIX = {"": 1, "b": 1, "k": KiB, "m": MiB, "g": 1024 * MiB, "t": 1024**4, "p": 1024**5, "e": 1024**6}
 
 
-def parse_size(text: "str | int") -> int:
+def parse_size(text: str | int) -> int:
     """QEMU's size syntax (qemu_strtosz): 65536, 64k, 1M, 1.5G (binary suffixes)."""
     if isinstance(text, int):
         return text

@@ -269,7 +269,7 @@ class ImageState:
         if t == NORMAL:
             return t, _cto32(bitmap | _range_mask(0, sc_from)) - sc_from
         if t in (ZERO_PLAIN, ZERO_ALLOC):
-            return t, _cto32(((bitmap >> 32) | _range_mask(0, sc_from))) - sc_from
+            return t, _cto32((bitmap >> 32) | _range_mask(0, sc_from)) - sc_from
         val = ((bitmap >> 32) | bitmap) & ~_range_mask(0, sc_from) & 0xFFFFFFFF
         return t, _ctz32(val) - sc_from
 
@@ -549,7 +549,7 @@ class ImageState:
         return got >= nbytes and t in (ZERO_PLAIN, ZERO_ALLOC, UNALLOC_PLAIN, UNALLOC_ALLOC)
 
     def _link_l2(self, m: Meta) -> None:
-        cb, cs = self.cb, self.cs
+        cb = self.cb
         # handle_alloc_space (before the data write): zero COW areas are written as zeroes
         skip_cow = False
         if m.cow_start[1] or m.cow_end[1]:

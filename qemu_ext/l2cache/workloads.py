@@ -153,7 +153,7 @@ def parse_qemu_io(lines: Iterable[str], source: str = "qemu-io commands") -> Wor
     return w
 
 
-def read_qemu_io_file(path: "str | Path") -> Workload:
+def read_qemu_io_file(path: str | Path) -> Workload:
     try:
         text = Path(path).read_text(errors="replace")
     except OSError as exc:
@@ -264,7 +264,7 @@ def parse_request_trace(records: Iterable[tuple[str, dict[str, str], Optional[in
     return w
 
 
-def trace_records(path: "str | Path") -> Iterator[tuple[str, dict[str, str], Optional[int]]]:
+def trace_records(path: str | Path) -> Iterator[tuple[str, dict[str, str], Optional[int]]]:
     """Records of a log-backend text file or a simpletrace binary file."""
     p = Path(path)
     try:
