@@ -24,6 +24,13 @@ def comms(pid: int) -> dict[int, str]:
     return out
 
 
+KERNEL_WORKER = "kvm-nx-lpage-re"  # KVM's worker in QEMU's thread group; the kernel may start it late
+
+
+def qemu_named(threads: dict[int, str]) -> dict[int, str]:
+    return {tid: n for tid, n in threads.items() if n != KERNEL_WORKER}
+
+
 def allowed(pid: int, tid: int) -> str:
     for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
         if line.startswith("Cpus_allowed_list:"):
@@ -51,9 +58,9 @@ def test_roles_match_comm_and_query_cpus_fast(qemu):
     threads = thread_map(qemu.pid, vcpus, qemu.client.cmd("query-iothreads"))
     names = comms(qemu.pid)
     by_tid = {t.tid: t for t in threads}
-    assert set(by_tid) == set(names)
+    assert set(qemu_named({t.tid: t.name for t in threads})) == set(qemu_named(names))
     for t in threads:
-        assert t.name == names[t.tid]
+        assert t.name == names.get(t.tid, KERNEL_WORKER)
     for c in vcpus:
         t = by_tid[c["thread-id"]]
         assert (t.role, t.vcpu, t.source) == ("vcpu", c["cpu-index"], "qmp")
@@ -74,7 +81,7 @@ def test_cli_over_qmp_finds_pid_vcpus_and_iothread(vm2):
     data = json.loads(cp.stdout)
     assert data["pid"] == vm2.pid  # from SO_PEERCRED on the QMP socket
     names = comms(vm2.pid)
-    assert {t["tid"]: t["name"] for t in data["threads"]} == names
+    assert qemu_named({t["tid"]: t["name"] for t in data["threads"]}) == qemu_named(names)
     q = query_qmp(str(vm2.qmp_path))
     vcpus = q.vcpus
     got = {t["tid"]: t["vcpu"] for t in data["threads"] if t["role"] == "vcpu"}
@@ -134,3 +141,27 @@ def test_dead_socket_and_missing_pid(tmp_path):
     assert cp.returncode == 1 and "no process 999999999" in cp.stderr
     cp = virtopt("threads")
     assert cp.returncode == 2
+
+
+def test_without_thread_names_qmp_still_finds_the_vcpus(qemu_factory):
+    """-name ...,debug-threads=off (QEMU's default): every thread is called qemu-system-x86; only QMP's
+    thread-ids tell the vCPUs and iothreads apart."""
+    qp = qemu_factory(name="nonames", smp=2, extra_args=["-name", "nonames,debug-threads=off",
+                                                        "-object", "iothread,id=io1"])
+    kernel = KERNEL_WORKER
+    names = comms(qp.pid)
+    assert len({n for n in names.values() if n != kernel}) == 1  # QEMU really left its threads unnamed
+    plain = thread_map(qp.pid)
+    assert {t.role for t in plain if t.name != kernel} == {"main loop", "other"}
+    human = virtopt("threads", str(qp.pid))
+    assert "debug-threads=on" in human.stdout  # the hint
+    q = query_qmp(str(qp.qmp_path))
+    roles = {t.tid: t for t in thread_map(qp.pid, q.vcpus, q.iothreads)}
+    for c in q.vcpus:
+        assert (roles[c["thread-id"]].role, roles[c["thread-id"]].vcpu) == ("vcpu", c["cpu-index"])
+    assert roles[q.iothreads[0]["thread-id"]].iothread == "io1"
+    # pinning by role works through QMP too
+    cpu = min(os.sched_getaffinity(0))
+    res = pin_threads(qp.pid, {"vcpu1": [cpu]}, q.vcpus, q.iothreads)
+    vcpu1 = next(c["thread-id"] for c in q.vcpus if c["cpu-index"] == 1)
+    assert [r.tid for r in res] == [vcpu1] and allowed(qp.pid, vcpu1) == str(cpu)

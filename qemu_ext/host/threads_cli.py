@@ -87,6 +87,6 @@ def run(args: argparse.Namespace) -> int:
         role = t.label + (" (inferred)" if t.source == "inferred" else "")
         last = "-" if t.last_cpu is None else str(t.last_cpu)
         print(f"{t.tid:>8}  {role:<22} {t.name:<18} {last:>8}  {procfs.format_cpu_list(t.affinity)}")
-    if not args.qmp and all(t.role in ("main loop", "other") for t in threads):
-        print("note: no thread names; start QEMU with -name NAME,debug-threads=on or pass --qmp SOCKET")
+    if not any(t.role == "vcpu" for t in threads):
+        print("note: no vCPU thread recognised; start QEMU with -name NAME,debug-threads=on or pass --qmp SOCKET")
     return 0
