@@ -306,3 +306,22 @@ def test_irq_load_from_proc_stat_deltas(tmp_path):
     pkg0 = (root / "sys/devices/system/cpu/cpu0/topology/physical_package_id").read_text().strip()
     core0 = (root / "sys/devices/system/cpu/cpu0/topology/core_id").read_text().strip()
     assert c.found["cores"][f"{pkg0}/{core0}"] == 40
+
+
+def test_vcpus_spanning_cache_domains_and_numa_nodes(tmp_path):
+    """Split the captured 2-CPU machine into two L3 domains and two NUMA nodes (edits): vCPU 1, whose
+    captured affinity is 0-1, then spans both; vCPU 0 (pinned to CPU 1 at capture) does not."""
+    root = copy_scenario("baseline", tmp_path)
+    for cpu in (0, 1):
+        (root / f"sys/devices/system/cpu/cpu{cpu}/cache/index3/shared_cpu_list").write_text(f"{cpu}\n")
+    (root / "sys/devices/system/node/node0/cpulist").write_text("0\n")
+    (root / "sys/devices/system/node/node1").mkdir()
+    (root / "sys/devices/system/node/node1/cpulist").write_text("1\n")
+    rep = run_doctor(str(root), pid=qemu_pid(root), interval=0, only=["cache-topology", "numa"])
+    cache, numa = rep.check("cache-topology"), rep.check("numa")
+    assert cache.verdict == "warn" and "span 2 L3 domains" in cache.summary
+    assert cache.found["last-level-domains"] == ["0", "1"]
+    assert numa.verdict == "warn"
+    cpus, _ = qmp_answers(root)
+    assert numa.found["vcpu-nodes"] == {"0": [1], "1": [0, 1]}
+    assert [c["cpu-index"] for c in cpus] == [0, 1]
