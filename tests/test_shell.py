@@ -248,6 +248,10 @@ def test_mtree_lookup_names_rtc_for_port_0x70(vmq):
     assert hp
     m = json.loads(sh(vmq, "--output=json", "-c", f"/mtree lookup 0x{hp[1]} memory").stdout)
     assert m["region"] == "hpet" and m["flat_region"] == "hpet"
+    # -nodefaults: no serial port, nothing claims 0x3f8 (QEMU's tree has no region there)
+    assert not [r for r in _mtree_io_lines(text)[1:] if r[0] <= 0x3f8 <= r[1]]
+    cp = sh(vmq, "-c", "/mtree lookup 0x3f8")
+    assert cp.returncode == 0 and "no device claims it" in cp.stdout
     cp = sh(vmq, "-c", "/mtree lookup nonsense")
     assert cp.returncode == 1 and "not an address" in cp.stderr
 

@@ -546,6 +546,7 @@ class MtreeMatch(_Data):
     device_type: str  # QOM type of the owner (mc146818rtc)
     device_id: str  # the device's id= when it has one
     flat_region: str  # what the flat view dispatches the address to
+    claimed: bool = True  # False when only the address space's root container covers the address
 
 
 _MTREE_LINE = re.compile(
@@ -671,6 +672,9 @@ async def mtree_lookup(s: QmpSession, address: int | str, space: str = "io") -> 
     flat = parse_flatview(await s.hmp("info mtree -f -o")).get(as_name, [])
     flat_name = next((r.name for r in flat if r.start <= addr <= r.end), "")
     leaf = chain[-1]
+    if len(chain) == 1:  # nothing below the root: no device claims this address
+        return MtreeMatch(addr, space, as_name, leaf.name, leaf.name, [leaf.name], leaf.start, leaf.end, "", "", "",
+                          flat_name, claimed=False)
     owner = leaf.owner
     # the owning region: outermost region in the chain owned by the same device as the leaf
     region = leaf

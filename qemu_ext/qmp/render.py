@@ -91,6 +91,9 @@ def threads(items: Sequence[dict[str, Any]]) -> str:
 def mtree(m: Any) -> str:
     width = 4 if m.space == "io" else 16
     what = "port" if m.space == "io" else "address"
+    if not m.claimed:
+        return (f"{what} {m.address:#x}: no device claims it (only the root container '{m.region}' of "
+                f"address space {m.address_space} covers it; accesses are unassigned)")
     dev = m.device_type or "?"
     if m.device_id:
         dev += f" id={m.device_id}"
