@@ -104,6 +104,10 @@ def _chunk_runs(img: Qcow2Image, sel: np.ndarray, tabs: np.ndarray) -> Runs:
     else:
         ent = tabs
         bmp = None
+        if not crypto and not data_file:
+            fast = _fast_chunk_runs(img, sel, ent)
+            if fast is not None:
+                return fast
     compressed = (ent & U(F.L2E_COMPRESSED)) != 0
     off = (ent & U(F.L2E_OFFSET_MASK)).astype(np.int64)
     copied = (ent & U(F.L2E_COPIED)) != 0
@@ -162,6 +166,34 @@ def _chunk_runs(img: Qcow2Image, sel: np.ndarray, tabs: np.ndarray) -> Runs:
     lengths = np.diff(np.append(idx, n)) * unit
     return Runs(g[idx] * unit, lengths.astype(np.int64), code[idx], has_off[idx].copy(),
                 np.where(has_off[idx], off[idx], 0).astype(np.int64))
+
+
+def _fast_chunk_runs(img: Qcow2Image, sel: np.ndarray, ent: np.ndarray) -> Optional[Runs]:
+    """Standard L2 entries that are only normal (aligned) or unallocated: runs in a few passes."""
+    cs = img.cluster_size
+    special = U(F.L2E_COMPRESSED | F.L2E_ZERO | ((cs - 1) & ~0x1FF))
+    if (ent & special).any():
+        return None
+    rows, per = ent.shape
+    o = (ent & U(F.L2E_OFFSET_MASK)).ravel().view(np.int64)
+    n = o.size
+    brk = np.empty(n, dtype=bool)
+    brk[0] = True
+    alloc = o != 0
+    if alloc.all():
+        np.not_equal(o[1:], o[:-1] + cs, out=brk[1:])
+    else:
+        brk[1:] = (alloc[1:] != alloc[:-1]) | (alloc[1:] & (o[1:] != o[:-1] + cs))
+    # a table whose L1 index does not follow the previous one starts a new run
+    gap = np.ones(rows, dtype=bool)
+    gap[1:] = np.diff(sel) != 1
+    brk[np.flatnonzero(gap) * per] = True
+    idx = np.flatnonzero(brk)
+    r, j = np.divmod(idx, per)
+    start = (sel.astype(np.int64)[r] * per + j) * cs
+    lengths = np.diff(np.append(idx, n)) * cs
+    a = alloc[idx]
+    return Runs(start, lengths.astype(np.int64), np.where(a, DATA, UNALLOC).astype(np.int8), a, np.where(a, o[idx], 0))
 
 
 def metadata_preallocation(img: Qcow2Image) -> bool:
@@ -259,13 +291,13 @@ def layer_runs(layer: Layer, progress_bar: Any = None) -> Runs:
     if len(bad):
         raise BadInputError(f"{img.path}: L1 entry {int(bad[0])} points to an unaligned L2 table "
                             f"(qemu-img map fails with an I/O error here)")
-    chunk = max(1, (4 << 20) // img.cluster_size)
+    chunk = max(1, (2 << 20) // img.cluster_size)
     if img.extended_l2:
         chunk = max(1, chunk // 8)
     parts: list[Runs] = []
     for s in range(0, len(used), chunk):
         sel = used[s : s + chunk]
-        parts.append(_chunk_runs(img, sel, img.read_l2_tables(l2_offs[sel])))
+        parts.append(_chunk_runs(img, sel, img.read_l2_tables(l2_offs[sel], reuse=True)))
         if progress_bar is not None:
             progress_bar.update(len(sel))
     r = merge(_fill_gaps(_concat(parts), size))
