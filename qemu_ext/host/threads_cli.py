@@ -19,7 +19,8 @@ roles: main loop, vcpu (with its index), iothread (with its id), monitor iothrea
 call_rcu, trace, ... Without --qmp they come from the names QEMU gives its threads with
 -name NAME,debug-threads=on; with --qmp, vCPUs and iothreads come from query-cpus-fast and
 query-iothreads. --pin keys: vcpuN, vcpus, io, io:ID, main, monitor, worker, call_rcu, trace;
-a key that names no thread is refused and nothing is changed.
+a key that names no thread is refused and nothing is changed. QEMU's QMP monitor serves one
+client at a time: when libvirt or a shell holds the socket, use the PID form or a second -qmp.
 
 exit codes: 0 ok, 1 no such process / QMP failed / role not found, 2 usage error.
 """
