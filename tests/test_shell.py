@@ -391,6 +391,8 @@ def test_completion_from_the_real_schema(vmq):
     assert "file.filename=" in data.complete("blockdev-add driver=qcow2 file.driver=file file.fi")
     nodes = {n["node-name"] for n in vmq.ctl.cmd("query-named-block-nodes")}
     assert {c.split("=", 1)[1] for c in data.complete("block_resize node-name=")} == nodes
+    devices = {b["device"] for b in vmq.ctl.cmd("query-block") if b["device"]}
+    assert devices and devices <= {c.split("=", 1)[1] for c in data.complete("block_resize device=")}
     evs = sorted(e["name"] for e in vmq.ctl.cmd("trace-event-get-state", name="qcow2_cache_get_r*"))
     assert data.complete("trace-event-set-state name=qcow2_cache_get_r") == [f"name={e}" for e in evs]
     assert data.complete("/trace on qcow2_cache_get_r") == evs
@@ -444,3 +446,24 @@ def test_capture_reads_the_D_log_file_when_qemu_has_one(qemu_factory, tmp_path: 
     lines = [ln for ln in log.read_text().splitlines() if ln.startswith("qcow2_cache_get ")]
     assert res.counts == {"qcow2_cache_get": len(lines)} and lines
     assert (tmp_path / "cap.log").read_text().splitlines() == lines
+
+
+def test_repl_in_hmp_mode_completes_hmp_commands(vmq):
+    r = Repl(str(vmq.qmp_path), hmp=True)
+    try:
+        r.wait_line("Connected to QEMU 7.")
+        assert "(HMP;" in r.text()
+        info_help = vmq.ctl.cmd("human-monitor-command", **{"command-line": "help info"})
+        subs = {ln.split()[1] for ln in info_help.splitlines() if ln.startswith("info ")}
+        r.wait_for(lambda t: bool(r.shell.completion.hmp_info))
+        assert set(r.shell.completion.hmp_info) == subs
+        r.send("info mtre\t")
+        r.wait_typed("info mtree")
+        r.send(" -f\n")
+        truth = vmq.ctl.cmd("human-monitor-command", **{"command-line": "info mtree -f"})
+        first = truth.strip().splitlines()[0].strip()
+        r.wait_line(first)
+        r.send("/trace list qcow2_cache_get\n")  # built-ins work in HMP mode too
+        r.wait_line("qcow2_cache_get  disabled")
+    finally:
+        assert r.close() == 0

@@ -176,6 +176,7 @@ class CompletionData:
     qcow2_nodes: list[str] = field(default_factory=list)
     devices: list[str] = field(default_factory=list)
     hmp_commands: list[str] = field(default_factory=list)
+    hmp_info: list[str] = field(default_factory=list)  # HMP "info" sub-commands
 
     async def load(self, session: Any) -> None:
         """Fetch schema and names (each failure only leaves that list empty)."""
@@ -245,9 +246,11 @@ def complete_line(data: CompletionData, text: str, hmp: bool = False) -> list[st
     ends_with_space = not text or text[-1].isspace()
     word = "" if ends_with_space else (tokens[-1] if tokens else "")
     before = tokens if ends_with_space else tokens[:-1]
-    if hmp:
+    if hmp and not (before[:1] and before[0].startswith("/")) and not word.startswith("/"):
         if not before:
             return [c for c in data.hmp_commands if c.startswith(word)]
+        if before == ["info"]:
+            return [c for c in data.hmp_info if c.startswith(word)]
         return []
     # built-ins
     if (before and before[0].startswith("/")) or (not before and word.startswith("/")):

@@ -121,9 +121,9 @@ class Shell:
         try:
             await self.completion.load(self.session)
             if self.opts.hmp:
-                text = await self.session.hmp("help")
-                self.completion.hmp_commands = sorted({ln.split()[0].split("|")[0] for ln in text.splitlines()
-                                                       if ln.strip()})
+                self.completion.hmp_commands = _hmp_words(await self.session.hmp("help"))
+                self.completion.hmp_info = [w.split(" ", 1)[-1] for w in
+                                            _hmp_words(await self.session.hmp("help info"), 2)]
         except QmpError:
             pass  # completion is a comfort: a failure here must not stop the shell
 
@@ -459,6 +459,18 @@ class Shell:
         finally:
             if installed:
                 loop.remove_signal_handler(signal.SIGINT)
+
+
+def _hmp_words(help_text: str, n: int = 1) -> list[str]:
+    """Command names from HMP ``help`` (first ``n`` words of each entry; continuation lines are indented)."""
+    out = set()
+    for ln in help_text.splitlines():
+        if not ln.strip() or ln[0].isspace():
+            continue
+        words = ln.split(" -- ", 1)[0].split()
+        if len(words) >= n:
+            out.add(" ".join(w.split("|")[0] for w in words[:n]))
+    return sorted(out)
 
 
 def _jsonable(obj: Any) -> Any:
