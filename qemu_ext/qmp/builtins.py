@@ -232,8 +232,11 @@ async def trace_capture(s: QmpSession, pattern: str, seconds: float, file: Optio
     simple = await has_simple_backend(s)
     if simple:
         prev = await trace_file_status(s)
-        out = os.path.abspath(file) if file else tempfile.mktemp(prefix=f"virtopt-capture-{s.pid or 'qemu'}-",
-                                                               suffix=".simpletrace")
+        if file:
+            out = os.path.abspath(file)
+        else:  # QEMU (same host) truncates and writes it
+            fd, out = tempfile.mkstemp(prefix=f"virtopt-capture-{s.pid or 'qemu'}-", suffix=".simpletrace")
+            os.close(fd)
         await trace_file(s, "set", out)
         await trace_file(s, "on")
         try:

@@ -437,6 +437,8 @@ class Shell:
                         await self._interruptible(self.execute_line(line))
                     except EOFError:
                         break
+                    except Exception as exc:  # a bug must not end the session: one line, keep going
+                        self.err(f"internal error: {type(exc).__name__}: {exc}")
         finally:
             await self.close()
         return 0
