@@ -94,3 +94,30 @@ def test_capture_on_the_simple_backend_matches_simpletrace_py(dbg, debug_src: Pa
     assert cp.returncode == 0, cp.stderr
     assert f"(simple backend) -> {out2}" in cp.stdout.splitlines()[0]
     assert out2.read_bytes()[:24] == SIMPLETRACE_HEADER
+
+
+def test_capture_into_a_trace_file_that_is_already_on_keeps_its_records(dbg, debug_src: Path, tmp_path: Path):
+    img = make_qcow2(tmp_path / "d.qcow2", size="64M", io=["write 0 64k", "write 32M 64k"])
+    dbg.ctl.cmd("blockdev-add", **{"driver": "qcow2", "node-name": "n", "file": {"driver": "file", "filename": str(img)}})
+    mine = tmp_path / "mine.simpletrace"
+    dbg.hmp_ctl(f"trace-file set {mine}")
+    dbg.hmp_ctl("trace-file on")
+    dbg.ctl.cmd("trace-event-set-state", name="qcow2_cache_get", enable=True)
+    dbg.hmp_ctl('qemu-io n "read 0 4k"')
+    dbg.ctl.cmd("trace-event-set-state", name="qcow2_cache_get", enable=False)
+    dbg.hmp_ctl("trace-file flush")
+    before = _simpletrace_counts(debug_src, str(mine))
+    assert before.get("qcow2_cache_get", 0) >= 1
+
+    async def io(s):
+        await s.hmp('qemu-io n "read 32M 4k"')
+        await s.hmp('qemu-io n "read 0 4k"')
+
+    res = run_sync(str(dbg.qmp_path), builtins.trace_capture, "qcow2_cache_get*", 0, during=io)
+    assert res.file == str(mine) and any("was on" in n for n in res.notes)
+    after = _simpletrace_counts(debug_src, str(mine))
+    assert after["qcow2_cache_get"] > before["qcow2_cache_get"]  # the old records are still there
+    assert res.counts == {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+    assert dbg.hmp_ctl("trace-file").strip() == f'Trace file "{mine}" on.'
+    cp = shell_cmd(str(dbg.qmp_path), "-c", f"/trace capture qcow2_cache_get 0 {tmp_path / 'other.bin'}")
+    assert cp.returncode == 1 and "is on and the capture goes there" in cp.stderr

@@ -214,7 +214,9 @@ async def trace_capture(s: QmpSession, pattern: str, seconds: float, file: Optio
     """Enable the events matching ``pattern`` for ``seconds``, then disable and flush; decode the result.
 
     Simple backend (HMP trace-file works): records into ``file`` (default: a new file in the temp dir)
-    through trace-file set/on/flush/off, then restores the previous trace file and state.
+    through trace-file set/on/flush/off, then restores the previous trace file name. When the trace
+    file is already on, the capture goes into it (reopening it would truncate it) and only the records
+    added during the capture are counted.
     Log backend: reads what QEMU appended to its -D log (or stderr file) meanwhile, saved to ``file``
     when given. Events already enabled before stay enabled. ``during`` is an optional coroutine
     function ``during(session)`` run while the events are on (tests drive block I/O with it).
@@ -230,27 +232,47 @@ async def trace_capture(s: QmpSession, pattern: str, seconds: float, file: Optio
     notes: list[str] = []
     geos = await l2cache(s, node, known_options) if node else None  # a bad node name fails before capturing
     simple = await has_simple_backend(s)
+    skip = 0  # records of the file that were there before the capture
     if simple:
         prev = await trace_file_status(s)
-        if file:
-            out = os.path.abspath(file)
-        else:  # QEMU (same host) truncates and writes it
-            fd, out = tempfile.mkstemp(prefix=f"virtopt-capture-{s.pid or 'qemu'}-", suffix=".simpletrace")
-            os.close(fd)
-        await trace_file(s, "set", out)
-        await trace_file(s, "on")
-        try:
+        if prev.enabled:
+            # Switching files would make QEMU truncate the user's trace file when it is reopened:
+            # capture into it instead and count only the records added meanwhile.
+            if file:
+                raise BadInputError(f'the trace file "{prev.file}" is on and the capture goes there; '
+                                    "turn it off (/trace-file off) to capture into another FILE")
+            if not os.path.isabs(prev.file) and s.pid is None:
+                raise NotAvailableError(f'cannot locate the relative trace file "{prev.file}" of a QEMU on '
+                                        "another host")
+            out = prev.file if os.path.isabs(prev.file) else os.path.join(os.path.realpath(f"/proc/{s.pid}/cwd"),
+                                                                            prev.file)
+            await trace_file(s, "flush")
+            skip = len(_decode(out)[0])
+            notes.append(f"the trace file {out} was on: captured into it, counting only the new records")
             await _set_events(s, to_enable, True)
             try:
                 await _during(s, seconds, during)
             finally:
                 await _set_events(s, to_enable, False)
             await trace_file(s, "flush")
-        finally:
-            await trace_file(s, "off")
-            await _trace_file_hmp(s, f'set "{prev.file}"')
-            if prev.enabled:
-                await _trace_file_hmp(s, "on")
+        else:
+            if file:
+                out = os.path.abspath(file)
+            else:  # QEMU (same host) truncates and writes it
+                fd, out = tempfile.mkstemp(prefix=f"virtopt-capture-{s.pid or 'qemu'}-", suffix=".simpletrace")
+                os.close(fd)
+            await trace_file(s, "set", out)
+            await trace_file(s, "on")
+            try:
+                await _set_events(s, to_enable, True)
+                try:
+                    await _during(s, seconds, during)
+                finally:
+                    await _set_events(s, to_enable, False)
+                await trace_file(s, "flush")
+            finally:
+                await trace_file(s, "off")
+                await _trace_file_hmp(s, f'set "{prev.file}"')
         backend = "simple"
     else:
         if s.pid is None:
@@ -290,6 +312,7 @@ async def trace_capture(s: QmpSession, pattern: str, seconds: float, file: Optio
         notes.append("no event fired during the capture")
     else:
         records, decoder = _decode(out)
+        records = records[skip:]
     counts: dict[str, int] = {}
     for rec in records:
         n = _record_name(rec)
