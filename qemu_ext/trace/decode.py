@@ -16,9 +16,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from typing import BinaryIO, Iterable, Iterator, Optional
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from qemu_ext.trace.records import TraceRecord
 from qemu_ext.trace.simple import SimpleTrace, StringColumn, is_signed_type
@@ -32,136 +34,354 @@ _HEX2 = np.frombuffer(b"".join(f"{i:02x}".encode() for i in range(256)), np.uint
 _DEC3 = np.frombuffer(b"".join(f"{i:03d}".encode() for i in range(1000)), np.uint8).reshape(1000, 3)
 
 BLOCK = 1 << 15
+_DOT = ord(".")
 
 
-def _hex_width(v: np.ndarray) -> tuple[np.ndarray, int]:
-    k = 1 + np.searchsorted(_HEX_THR, v, side="right")
-    return k, int(k.max()) if len(k) else 1
+def _hex_len(v: np.ndarray) -> np.ndarray:
+    return 1 + np.searchsorted(_HEX_THR, v, side="right")
 
 
-def _put_hex(dst: np.ndarray, v: np.ndarray, k: np.ndarray, w: int) -> None:
-    """Write the hex digits of uint64 v right-aligned into dst (n, w); leading positions stay 0."""
-    be = v.astype(">u8").view(np.uint8).reshape(-1, 8)  # most significant byte first
+def _dec_len(v: np.ndarray) -> np.ndarray:
+    return 1 + np.searchsorted(_DEC_THR, v, side="right")
+
+
+def _hex_chars(v: np.ndarray, w: int) -> np.ndarray:
+    """(n, w) hex digits of uint64 v, zero-padded with '0' characters on the left."""
+    le = v.view(np.uint8).reshape(-1, 8)
     nb = (w + 1) // 2
-    two = _HEX2[be[:, 8 - nb :]].view(np.uint8).reshape(-1, 2 * nb)
-    if w > 1 and int(k.min()) < w:
-        np.multiply(two[:, 2 * nb - w :], np.arange(w)[None, :] >= (w - k)[:, None], out=dst)
-    else:
-        dst[:] = two[:, 2 * nb - w :]
+    two = _HEX2[le[:, nb - 1 :: -1]].view(np.uint8).reshape(-1, 2 * nb)  # most significant byte first
+    return two[:, 2 * nb - w :]
 
 
-def _dec_width(v: np.ndarray) -> tuple[np.ndarray, int]:
-    k = 1 + np.searchsorted(_DEC_THR, v, side="right")
-    return k, int(k.max()) if len(k) else 1
-
-
-def _put_dec(dst: np.ndarray, v: np.ndarray, k: np.ndarray, w: int) -> None:
-    """Write the decimal digits of uint64 v right-aligned into dst (n, w); leading positions stay 0."""
+def _dec_chars(v: np.ndarray, w: int) -> np.ndarray:
+    """(n, w) decimal digits of uint64 v, zero-padded with '0' characters on the left."""
     ng = (w + 2) // 3
     groups = np.empty((len(v), 3 * ng), np.uint8)
     x = v.astype(np.uint64, copy=True)
     for g in range(ng - 1, -1, -1):
         groups[:, 3 * g : 3 * g + 3] = _DEC3[(x % np.uint64(1000)).astype(np.intp)]
-        x //= np.uint64(1000)
-    if w > 1 and int(k.min()) < w:
-        np.multiply(groups[:, 3 * ng - w :], np.arange(w)[None, :] >= (w - k)[:, None], out=dst)
+        if g:
+            x //= np.uint64(1000)
+    return groups[:, 3 * ng - w :]
+
+
+def _put_digits(dst: np.ndarray, chars: np.ndarray, k: Optional[np.ndarray], w: int) -> None:
+    """Write right-aligned digits; the positions left of each value's k digits become 0 (squeezed out)."""
+    if k is None or w == 1:
+        dst[:] = chars
     else:
-        dst[:] = groups[:, 3 * ng - w :]
+        np.multiply(chars, np.arange(w)[None, :] >= (w - k)[:, None], out=dst)
 
 
-class _KindLayout:
-    """What is constant about the lines of one event kind."""
+class _Slot:
+    """A variable part of a line: where it goes, how wide it is, and how to make it."""
 
-    def __init__(self, name: str, arg_names: list[str], arg_cols: list) -> None:
-        self.head = np.frombuffer((name + " ").encode(), np.uint8)
-        self.labels = [
-            np.frombuffer((f" {a}=" if isinstance(c, StringColumn) else f" {a}=0x").encode(), np.uint8)
-            for a, c in zip(arg_names, arg_cols)
-        ]
-        self.cols = arg_cols
-        self.string_tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    __slots__ = ("col", "kind", "klen", "pos", "tbl", "values", "width")
 
-
-def _string_table(col: StringColumn, data: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """(matrix of str(bytes) renderings of the distinct strings, zero-padded; index of each record's string)."""
-    uniq, inv = col.unique(data)
-    texts = [str(u).encode("ascii") for u in uniq]
-    w = max(len(t) for t in texts) if texts else 1
-    tbl = np.zeros((max(len(texts), 1), w), np.uint8)
-    for i, t in enumerate(texts):
-        tbl[i, : len(t)] = np.frombuffer(t, np.uint8)
-    return tbl, inv
+    def __init__(self, kind: str, pos: int, width: int, values=None, klen=None, tbl=None, col: int = -1) -> None:
+        self.kind = kind  # "hex", "str", "delta", "pid"
+        self.pos = pos
+        self.width = width
+        self.values = values  # per record of the kind (hex: uint64; str: index into tbl)
+        self.klen = klen  # digits per record, None when all have `width` digits
+        self.tbl = tbl
+        self.col = col
 
 
-_PID = np.frombuffer(b" pid=", np.uint8)
-_DOT = ord(".")
-_NL = ord("\n")
+class _Layout:
+    """One event kind's line: a template with every constant byte in place, and its variable slots."""
+
+    def __init__(self, st: SimpleTrace, k: int, ip_len: np.ndarray, pid_const: Optional[int]) -> None:
+        ev = st.kind_event(k)
+        rows = st.kind_rows(k)
+        parts: list[bytes] = []
+        self.slots: list[_Slot] = []
+        pos = 0
+
+        def const(b: bytes) -> None:
+            nonlocal pos
+            parts.append(b)
+            pos += len(b)
+
+        def var(slot: _Slot) -> None:
+            nonlocal pos
+            parts.append(b"\0" * slot.width)
+            self.slots.append(slot)
+            pos += slot.width
+
+        const((ev.name + " ").encode())
+        wd = int(ip_len[rows].max()) if len(rows) else 1
+        var(_Slot("delta", pos, wd + 1 + 4))  # [-]digits.ddd
+        const(b" pid=")
+        if pid_const is not None:
+            const(str(pid_const).encode())
+        else:
+            pv = st.pids[rows].astype(np.uint64)
+            kl = _dec_len(pv)
+            var(_Slot("pid", pos, int(kl.max()), klen=kl))
+        for a, col in zip(ev.args, st.kind_args(k)):
+            if isinstance(col, StringColumn):
+                const(f" {a.name}=".encode())
+                uniq, inv = col.unique(st.data)
+                texts = [str(u).encode("ascii") for u in uniq]
+                if len(texts) == 1:
+                    const(texts[0])
+                    continue
+                w = max(len(t) for t in texts)
+                tbl = np.zeros((len(texts), w), np.uint8)
+                for i, t in enumerate(texts):
+                    tbl[i, : len(t)] = np.frombuffer(t, np.uint8)
+                var(_Slot("str", pos, w, values=inv, tbl=tbl, klen=np.array([len(t) for t in texts], np.int64)))
+            else:
+                const(f" {a.name}=0x".encode())
+                v0 = col[0] if len(col) else 0
+                if len(col) and not np.any(col != v0):
+                    const(f"{int(v0):x}".encode())
+                    continue
+                kl = _hex_len(col)
+                w = int(kl.max())
+                var(_Slot("hex", pos, w, values=col, klen=None if int(kl.min()) == w else kl))
+        const(b"\n")
+        self.template = np.frombuffer(b"".join(parts), np.uint8)
+        self.width = len(self.template)
+        self.const_len = int(np.count_nonzero(self.template))
 
 
-def _kind_lines(
-    lay: _KindLayout, g: np.ndarray, pk: np.ndarray, ip: np.ndarray, neg: np.ndarray, fp: np.ndarray, pids: np.ndarray
-) -> np.ndarray:
-    """The zero-padded line matrix of the records g (all of one kind; pk their positions within the kind)."""
-    cnt = len(g)
-    # plan the columns: (kind, width, payload)
-    ipv = ip[g]
-    kd, wd = _dec_width(ipv)
-    pv = pids[g]
-    p0 = int(pv[0])
-    const_pid = not np.any(pv != p0)
-    if const_pid:
-        pid_text = np.frombuffer(str(p0).encode(), np.uint8)
-        kp, wp = None, len(pid_text)
-    else:
-        pid_text = None
-        kp, wp = _dec_width(pv.astype(np.uint64))
-    argw: list = []
-    for j, col in enumerate(lay.cols):
+GROUP_CHUNK = 1 << 15
+MAX_GROUPS = 20000
+
+
+def _python_line(st: SimpleTrace, r: int) -> bytes:
+    """One line exactly as simpletrace.py formats it, by Python (for deltas beyond float exactness)."""
+    k = int(st.codes[r])
+    ev = st.kind_event(k)
+    d = int(st.timestamps[r]) - int(st.timestamps[r - 1]) if r > 0 else 0
+    rows = st.kind_rows(k)
+    j = int(np.searchsorted(rows, r))
+    fields = [ev.name, "%0.3f" % (d / 1000.0), f"pid={int(st.pids[r])}"]
+    for a, col in zip(ev.args, st.kind_args(k)):
         if isinstance(col, StringColumn):
-            tbl, inv = lay.string_tables[j]
-            argw.append(("s", tbl.shape[1], (tbl, inv[pk])))
+            raw = st.data[int(col.starts[j]) : int(col.starts[j]) + int(col.lens[j])]
+            fields.append(f"{a.name}={raw!s}")
         else:
-            v = col[pk]
-            k, w = _hex_width(v)
-            argw.append(("x", w, (v, k)))
-    width = len(lay.head) + (wd + 1) + 4 + len(_PID) + wp + sum(len(lay.labels[j]) + a[1] for j, a in enumerate(argw)) + 1
-    G = np.empty((cnt, width), np.uint8)  # every byte is written below
-    c = len(lay.head)
-    G[:, :c] = lay.head
-    # delta: [sign][digits].[3 digits]
-    G[:, c] = 0
-    _put_dec(G[:, c + 1 : c + 1 + wd], ipv, kd, wd)
-    ngr = np.flatnonzero(neg[g])
-    if len(ngr):
-        G[ngr, c + wd - kd[ngr]] = ord("-")
-    c += wd + 1
-    G[:, c] = _DOT
-    G[:, c + 1 : c + 4] = _DEC3[fp[g]]
-    c += 4
-    G[:, c : c + len(_PID)] = _PID
-    c += len(_PID)
-    if pid_text is not None:
-        G[:, c : c + wp] = pid_text
-    else:
-        _put_dec(G[:, c : c + wp], pv.astype(np.uint64), kp, wp)
-    c += wp
-    for j, (kind, w, payload) in enumerate(argw):
-        lab = lay.labels[j]
-        G[:, c : c + len(lab)] = lab
-        c += len(lab)
-        if kind == "s":
-            tbl, idx = payload
-            G[:, c : c + w] = tbl[idx]
-        else:
-            v, k = payload
-            _put_hex(G[:, c : c + w], v, k, w)
-        c += w
-    G[:, c] = _NL
-    return G
+            fields.append(f"{a.name}=0x{int(col[j]):x}")
+    return (" ".join(fields) + "\n").encode()
 
 
-def iter_simpletrace_text(st: SimpleTrace, block: int = BLOCK) -> Iterator[bytes]:
-    """The exact bytes scripts/simpletrace.py prints for st, in blocks."""
+def plan_simpletrace(st: SimpleTrace) -> _Plan:
+    """Plan simpletrace.py's text for st.
+
+    Records are grouped by kind and by the width of every variable field (digits of the delta,
+    of each hex argument, which string); within a group every line has the same layout, so the
+    group is one dense byte matrix (a template plus digit columns) copied row by row to its
+    lines' places in the output.
+    """
+    n = len(st)
+    if n == 0:
+        return _Plan(np.zeros(0, np.int64), [], {})
+    ts = st.timestamps
+    delta = np.empty(n, np.int64)
+    delta[0] = 0
+    delta[1:] = (ts[1:] - ts[:-1]).view(np.int64)
+    slow = np.abs(delta) >= _EXACT_DELTA
+    neg = (delta < 0).astype(np.int64)
+    absd = np.abs(delta).astype(np.uint64)
+    ip = absd // np.uint64(1000)
+    fp = (absd - ip * np.uint64(1000)).astype(np.intp)
+    kd = _dec_len(ip)
+    pids = st.pids.astype(np.uint64)
+    p0 = int(pids[0])
+    pid_const = not np.any(pids != np.uint64(p0))
+    kp = None if pid_const else _dec_len(pids)
+
+    L_row = np.zeros(n, np.int64)
+    groups: list[tuple[np.ndarray, int, np.ndarray, list]] = []  # (global rows, line length, template, slots)
+    for k in range(len(st.kinds)):
+        ev = st.kind_event(k)
+        rows_all = st.kind_rows(k)
+        cols = st.kind_args(k)
+        keep = np.flatnonzero(~slow[rows_all])
+        rows = rows_all[keep]
+        if len(rows) == 0:
+            continue
+        # per-row varying parts: (component array with a small range, how to render it)
+        comps: list[np.ndarray] = [kd[rows] - 1, neg[rows]]
+        specs: list[tuple] = []
+        if not pid_const:
+            assert kp is not None
+            comps.append(kp[rows] - 1)
+        for a, col in zip(ev.args, cols):
+            if isinstance(col, StringColumn):
+                uniq, inv = col.unique(st.data)
+                texts = [str(u).encode("ascii") for u in uniq]
+                comps.append(inv[keep])
+                specs.append(("str", a.name, texts))
+            else:
+                v = col[keep]
+                v0 = v[0]
+                if not np.any(v != v0):
+                    specs.append(("const", a.name, f"{int(v0):x}".encode()))
+                    continue
+                comps.append(_hex_len(v) - 1)
+                specs.append(("hex", a.name, v))
+        sig = np.zeros(len(rows), np.int64)
+        mult = 1
+        for c in comps:
+            c = c.astype(np.int64, copy=False)
+            sig += c * mult
+            mult *= int(c.max()) + 1
+            if mult > 1 << 40:
+                raise _TooManyGroups
+        order = np.argsort(sig.astype(np.uint16) if mult <= 1 << 16 else sig, kind="stable")
+        ss = sig[order]
+        bounds = [0, *(np.flatnonzero(ss[1:] != ss[:-1]) + 1).tolist(), len(ss)]
+        if len(bounds) > MAX_GROUPS:
+            raise _TooManyGroups
+        name_b = (ev.name + " ").encode()
+        for gs, ge in zip(bounds[:-1], bounds[1:]):
+            gi = order[gs:ge]  # positions among the kept rows of this kind, increasing
+            r0 = int(gi[0])
+            parts: list[bytes] = [name_b]
+            slots: list[tuple] = []
+            pos = len(name_b)
+            if neg[rows[r0]]:
+                parts.append(b"-")
+                pos += 1
+            w = int(kd[rows[r0]])
+            slots.append(("dec", pos, w, ip, True))
+            parts += [b"\0" * w, b".", b"\0\0\0", b" pid="]
+            slots.append(("frac", pos + w + 1, 3, fp, True))
+            pos += w + 4 + 5
+            if pid_const:
+                t = str(p0).encode()
+                parts.append(t)
+                pos += len(t)
+            else:
+                assert kp is not None
+                w = int(kp[rows[r0]])
+                slots.append(("dec", pos, w, pids, True))
+                parts.append(b"\0" * w)
+                pos += w
+            ci = 3 if not pid_const else 2
+            for kind, aname, payload in specs:
+                if kind == "const":
+                    t = f" {aname}=0x".encode() + payload
+                    parts.append(t)
+                    pos += len(t)
+                elif kind == "str":
+                    t = f" {aname}=".encode() + payload[int(comps[ci][r0])]
+                    parts.append(t)
+                    pos += len(t)
+                    ci += 1
+                else:
+                    lab = f" {aname}=0x".encode()
+                    w = int(comps[ci][r0]) + 1
+                    parts += [lab, b"\0" * w]
+                    slots.append(("hex", pos + len(lab), w, payload, False))
+                    pos += len(lab) + w
+                    ci += 1
+            parts.append(b"\n")
+            tmpl = np.frombuffer(b"".join(parts), np.uint8)
+            grows = rows[gi]
+            L_row[grows] = len(tmpl)
+            groups.append((grows, gi, tmpl, slots))
+    slow_rows = np.flatnonzero(slow).tolist()
+    slow_lines = {r: _python_line(st, r) for r in slow_rows}
+    for r, line in slow_lines.items():
+        L_row[r] = len(line)
+    return _Plan(L_row, groups, slow_lines)
+
+
+class _Plan:
+    """Every line's length and the groups of same-layout lines: enough to write any range of lines."""
+
+    def __init__(self, L_row: np.ndarray, groups: list, slow_lines: dict[int, bytes]) -> None:
+        self.L_row = L_row
+        self.dst = np.cumsum(L_row) - L_row
+        self.total = int(L_row.sum())
+        self.groups = groups
+        self.slow_lines = slow_lines
+
+    def windows(self, target: int = 16 << 20) -> Iterator[tuple[int, int]]:
+        """Record ranges [a, b) of about `target` bytes of text."""
+        n = len(self.L_row)
+        ends = np.cumsum(self.L_row)
+        a = 0
+        while a < n:
+            b = int(np.searchsorted(ends, int(self.dst[a]) + target, side="right"))
+            b = max(b, a + 1)
+            yield a, min(b, n)
+            a = b
+
+    def render(self, a: int, b: int, buf: np.ndarray) -> int:
+        """Write the text of records [a, b) into buf; return its length."""
+        base = int(self.dst[a])
+        size = int(self.dst[b - 1] + self.L_row[b - 1]) - base
+        for grows, gi, tmpl, slots in self.groups:
+            i0, i1 = np.searchsorted(grows, [a, b]).tolist()
+            if i0 == i1:
+                continue
+            lg = len(tmpl)
+            vt = np.dtype(("V", lg))
+            # one item of lg bytes at every byte offset of buf: a 1-D scatter of whole lines (memcpy each)
+            vd = np.ndarray(shape=(size - lg + 1,), dtype=vt, buffer=buf, strides=(1,))
+            for c0 in range(i0, i1, GROUP_CHUNK):
+                c1 = min(i1, c0 + GROUP_CHUNK)
+                gr = grows[c0:c1]
+                gk = gi[c0:c1]
+                G = np.empty((c1 - c0, lg), np.uint8)
+                G[:] = tmpl
+                for kind, pos, w, src, by_row in slots:
+                    vals = src[gr] if by_row else src[gk]
+                    if kind == "hex":
+                        G[:, pos : pos + w] = _hex_chars(vals, w)
+                    elif kind == "frac":
+                        G[:, pos : pos + 3] = _DEC3[vals]
+                    else:
+                        G[:, pos : pos + w] = _dec_chars(vals, w)
+                vd[self.dst[gr] - base] = G.view(vt).reshape(-1)
+        for r, line in self.slow_lines.items():
+            if a <= r < b:
+                o = int(self.dst[r]) - base
+                buf[o : o + len(line)] = np.frombuffer(line, np.uint8)
+        return size
+
+
+def render_simpletrace(st: SimpleTrace) -> np.ndarray:
+    """All of simpletrace.py's text for st, as one uint8 array."""
+    plan = plan_simpletrace(st)
+    out = np.empty(plan.total, np.uint8)
+    if plan.total:
+        plan.render(0, len(plan.L_row), out)
+    return out
+
+
+class _TooManyGroups(Exception):
+    pass
+
+
+def iter_simpletrace_text(st: SimpleTrace, block: int = BLOCK, threads: int = 1) -> Iterator[bytes]:
+    """The exact bytes scripts/simpletrace.py prints for st, in chunks of about 16 MiB."""
+    try:
+        plan = plan_simpletrace(st)
+    except _TooManyGroups:
+        yield from _iter_simpletrace_text_blocks(st, block, threads)
+        return
+    if plan.total == 0:
+        return
+    buf: Optional[np.ndarray] = None
+    for a, b in plan.windows():
+        need = int(plan.dst[b - 1] + plan.L_row[b - 1] - plan.dst[a])
+        if buf is None or len(buf) < need:
+            buf = np.empty(need, np.uint8)  # reused: its pages are faulted in once
+        size = plan.render(a, b, buf)
+        yield buf[:size].tobytes()
+
+
+def _iter_simpletrace_text_blocks(st: SimpleTrace, block: int = BLOCK, threads: int = 1) -> Iterator[bytes]:
+    """The exact bytes scripts/simpletrace.py prints for st, in blocks (threads: 0 = one per CPU, max 4)."""
+    if threads <= 0:
+        threads = min(4, os.cpu_count() or 1)
     n = len(st)
     if n == 0:
         return
@@ -170,51 +390,105 @@ def iter_simpletrace_text(st: SimpleTrace, block: int = BLOCK) -> Iterator[bytes
     delta[0] = 0
     delta[1:] = (ts[1:] - ts[:-1]).view(np.int64)
     # a delta beyond the exact range (or a wrapped u64 difference) is printed by Python itself
-    slow = np.abs(delta) >= _EXACT_DELTA
-    slow_rows = set(np.flatnonzero(slow).tolist())
-
-    nk = len(st.kinds)
-    layouts: list[_KindLayout] = []
-    pos_in_kind = np.zeros(n, np.int64)
-    for k in range(nk):
-        ev = st.kind_event(k)
-        rows = st.kind_rows(k)
-        pos_in_kind[rows] = np.arange(len(rows))
-        lay = _KindLayout(ev.name, ev.arg_names, st.kind_args(k))
-        for j, c in enumerate(lay.cols):
-            if isinstance(c, StringColumn):
-                lay.string_tables[j] = _string_table(c, st.data)
-        layouts.append(lay)
-
+    slow_rows = set(np.flatnonzero(np.abs(delta) >= _EXACT_DELTA).tolist())
     neg = delta < 0
+    any_neg = bool(neg.any())
     absd = np.abs(delta).astype(np.uint64)
     ip = absd // np.uint64(1000)
-    fp = (absd % np.uint64(1000)).astype(np.intp)
+    fp = (absd - ip * np.uint64(1000)).astype(np.intp)
+    ip_len = _dec_len(ip)
     pids = st.pids
+    p0 = int(pids[0])
+    pid_const = p0 if not np.any(pids != p0) else None
 
-    for a in range(0, n, block):
+    nk = len(st.kinds)
+    layouts = [_Layout(st, k, ip_len, pid_const) for k in range(nk)]
+    pos_in_kind = np.zeros(n, np.int64)
+    for k in range(nk):
+        rows = st.kind_rows(k)
+        pos_in_kind[rows] = np.arange(len(rows))
+    wmax = max(lay.width for lay in layouts)
+    templates = np.zeros((nk, wmax), np.uint8)
+    for k, lay in enumerate(layouts):
+        templates[k, : lay.width] = lay.template
+
+    def kind_block(k: int, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the lines of records g of kind k, concatenated; each line's length)."""
+        lay = layouts[k]
+        cnt = len(g)
+        G = np.empty((cnt, lay.width), np.uint8)
+        G[:] = lay.template
+        L = np.full(cnt, lay.const_len, np.int64)
+        pk = pos_in_kind[g]
+        for sl in lay.slots:
+            dst = G[:, sl.pos : sl.pos + sl.width]
+            if sl.kind == "delta":
+                wd = sl.width - 5
+                kd = ip_len[g]
+                _put_digits(dst[:, 1 : 1 + wd], _dec_chars(ip[g], wd), kd if int(kd.min()) < wd else None, wd)
+                dst[:, 0] = 0
+                L += kd + 4
+                if any_neg:
+                    ngr = np.flatnonzero(neg[g])
+                    if len(ngr):
+                        dst[ngr, wd - kd[ngr]] = ord("-")
+                        L[ngr] += 1
+                dst[:, 1 + wd] = _DOT
+                dst[:, 2 + wd :] = _DEC3[fp[g]]
+            elif sl.kind == "hex":
+                kl = None if sl.klen is None else sl.klen[pk]
+                _put_digits(dst, _hex_chars(sl.values[pk], sl.width), kl, sl.width)
+                L += sl.width if kl is None else kl
+            elif sl.kind == "str":
+                idx = sl.values[pk]
+                dst[:] = sl.tbl[idx]
+                L += sl.klen[idx]
+            else:  # pid
+                kl = sl.klen[pk]
+                _put_digits(dst, _dec_chars(pids[g].astype(np.uint64), sl.width), kl, sl.width)
+                L += kl
+        return G[G != 0], L
+
+    def render(a: int) -> bytes:
         b = min(n, a + block)
         codes = st.codes[a:b]
         m = b - a
         kinds_here = np.flatnonzero(np.bincount(codes, minlength=nk)).tolist()
-        mats: list[tuple[np.ndarray, np.ndarray]] = []
-        width = 0
-        for k in kinds_here:
-            loc = np.flatnonzero(codes == k) if len(kinds_here) > 1 else np.arange(m)
-            g = loc + a
-            mat = _kind_lines(layouts[k], g, pos_in_kind[g], ip, neg, fp, pids)
-            width = max(width, mat.shape[1])
-            mats.append((loc, mat))
-        if len(mats) == 1:
-            out = mats[0][1]
+        if len(kinds_here) == 1:
+            text = kind_block(kinds_here[0], np.arange(a, b))[0].tobytes()
         else:
-            out = np.zeros((m, width), np.uint8)
-            for loc, mat in mats:
-                out[loc, : mat.shape[1]] = mat
-        text = out[out != 0].tobytes()
+            parts = []
+            Lrow = np.empty(m, np.int64)
+            for k in kinds_here:
+                loc = np.flatnonzero(codes == k)
+                C, L = kind_block(k, loc + a)
+                Lrow[loc] = L
+                parts.append((loc, C, L))
+            dst0 = np.cumsum(Lrow) - Lrow
+            flat = np.empty(int(Lrow.sum()), np.uint8)
+            for loc, C, L in parts:
+                src0 = np.cumsum(L) - L
+                d0 = dst0[loc]
+                for ln in np.unique(L).tolist():
+                    sel = np.flatnonzero(L == ln)
+                    vs = as_strided(C, shape=(len(C) - ln + 1, ln), strides=(1, 1), writeable=False)
+                    vd = as_strided(flat, shape=(len(flat) - ln + 1, ln), strides=(1, 1))
+                    vd[d0[sel]] = vs[src0[sel]]
+            text = flat.tobytes()
         if slow_rows and any(a <= r < b for r in slow_rows):
             text = _patch_slow_rows(st, text, a, b, delta, slow_rows)
-        yield text
+        return text
+
+    starts = range(0, n, block)
+    if threads > 1 and n > 4 * block:
+        # numpy releases the GIL in these loops: blocks render in parallel, in order
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as ex:
+            yield from ex.map(render, starts)
+    else:
+        for a in starts:
+            yield render(a)
 
 
 def _patch_slow_rows(st: SimpleTrace, text: bytes, a: int, b: int, delta: np.ndarray, slow_rows: set) -> bytes:

@@ -149,32 +149,66 @@ class EventsFile:
     def __init__(self, events: Iterable[TraceEvent] = (), path: str = "") -> None:
         self.path = path
         self._parsed: dict[str, TraceEvent] = {}
-        self._raw: dict[str, tuple[int, str]] = {}
+        self._raw: Optional[dict[str, tuple[int, str]]] = None
+        self._text: Optional[str] = None
         for e in events:
             self._parsed[e.name] = e
 
     @classmethod
     def from_text(cls, text: str, filename: str = "<events>") -> EventsFile:
         ef = cls((), filename)
-        for lineno, line in enumerate(text.splitlines(), 1):
+        ef._text = text
+        # check the first declaration now, so that a file of garbage fails early with one clear line
+        for lineno, line in enumerate(text.splitlines()[:200], 1):
             s = line.strip()
             if not s or s[0] == "#":
                 continue
-            head = s.split("(", 1)[0].split()
-            if not head or "(" not in s:
-                raise BadInputError(f"{filename}:{lineno}: not a trace-events file: no event declaration")
-            ef._raw[head[-1]] = (lineno, s)
-        if not ef._raw:
+            try:
+                parse_event_line(s, lineno, filename)
+            except ValueError as exc:
+                raise BadInputError(f"{filename}:{lineno}: not a trace-events file: {exc}") from None
+            break
+        else:
             raise BadInputError(f"{filename}: no trace events declared in it (not a trace-events file?)")
-        # parse one line now so that a file of garbage fails early with one clear line
-        ef._parse(next(iter(ef._raw)))
         return ef
+
+    def _index(self) -> dict[str, tuple[int, str]]:
+        if self._raw is None:
+            raw: dict[str, tuple[int, str]] = {}
+            for lineno, line in enumerate((self._text or "").splitlines(), 1):
+                s = line.strip()
+                if not s or s[0] == "#" or "(" not in s:
+                    continue
+                head = s.split("(", 1)[0].split()
+                if head:
+                    raw[head[-1]] = (lineno, s)
+            self._raw = raw
+        return self._raw
+
+    def _find_line(self, name: str) -> Optional[tuple[int, str]]:
+        """The declaration of one event, found with str.find (no full index for a few look-ups)."""
+        if self._raw is not None or self._text is None:
+            return self._index().get(name)
+        text = self._text
+        needle = name + "("
+        start = 0
+        while True:
+            i = text.find(needle, start)
+            if i < 0:
+                return None
+            ls = text.rfind("\n", 0, i) + 1
+            prefix = text[ls:i]
+            if prefix.strip() == "" or (prefix[-1:].isspace() and set(prefix.split()) <= _VALID_PROPS):
+                le = text.find("\n", i)
+                line = text[ls : le if le >= 0 else len(text)].strip()
+                return text.count("\n", 0, ls) + 1, line
+            start = i + 1
 
     def _parse(self, name: str) -> Optional[TraceEvent]:
         e = self._parsed.get(name)
         if e is not None:
             return e
-        raw = self._raw.get(name)
+        raw = self._find_line(name)
         if raw is None:
             return None
         lineno, line = raw
@@ -186,10 +220,10 @@ class EventsFile:
         return e
 
     def names(self) -> list[str]:
-        return list(dict.fromkeys([*self._parsed, *self._raw]))
+        return list(dict.fromkeys([*self._parsed, *self._index()]))
 
     def __contains__(self, name: object) -> bool:
-        return name in self._parsed or name in self._raw
+        return isinstance(name, str) and self._parse(name) is not None
 
     def __getitem__(self, name: str) -> TraceEvent:
         e = self._parse(name)

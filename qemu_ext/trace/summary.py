@@ -185,19 +185,16 @@ def pair_latencies(src: _Source, pair: Pair) -> tuple[np.ndarray, int, int]:
     flag_all[ei] = 1
     sel = np.flatnonzero(sel_mask)
     key, ts, flag = key_all[sel], ts_all[sel], flag_all[sel]
-    uk = np.unique(key[: min(len(key), 4096)])
-    if len(uk) <= 32 and np.isin(key, uk).all():
-        # few keys (coroutines are reused): pair within each key's own sequence
-        lats = []
-        n_hit = 0
-        for kv in uk.tolist():
-            idx = np.flatnonzero(key == kv)
-            f, t = flag[idx], ts[idx]
-            hit = (f[:-1] == 0) & (f[1:] == 1)
-            lats.append(t[1:][hit] - t[:-1][hit])
-            n_hit += int(hit.sum())
-        lat = np.concatenate(lats) if lats else np.zeros(0, np.int64)
-        return lat, len(bi) - n_hit, len(ei) - n_hit
+    # the common case: an end right after its begin (same key) in the begin/end sequence
+    adj = (flag[:-1] == 0) & (flag[1:] == 1) & (key[1:] == key[:-1])
+    # keys that appear anywhere else in a non-adjacent way are paired the general way
+    used = np.zeros(len(key), bool)
+    used[:-1] |= adj
+    used[1:] |= adj
+    if used.all():
+        lat = ts[1:][adj] - ts[:-1][adj]
+        nh = int(adj.sum())
+        return lat, len(bi) - nh, len(ei) - nh
     srt = np.argsort(key, kind="stable")  # by key, then file order
     key, ts, flag = key[srt], ts[srt], flag[srt]
     hit = (key[1:] == key[:-1]) & (flag[:-1] == 0) & (flag[1:] == 1)
