@@ -119,12 +119,13 @@ def _refcount_entry_offset(path: Path, cluster: int) -> int:
 
 
 def corrupt_leak(path: Path) -> None:
-    """A cluster past every used one gets refcount 1: a leaked cluster."""
+    """A cluster appended to the file gets refcount 1 but nothing points to it: a leaked cluster
+    (what a crash between allocation and the L2 update leaves behind)."""
     with open_image(path) as img:
-        cl = img.file_size // img.cluster_size - 1
-        rc = img.refcounts()
-        free = [i for i in range(cl + 1) if rc[i] == 0]
-        target = free[0] if free else cl
+        cs = img.cluster_size
+        target = (img.file_size + cs - 1) // cs
+    with open(path, "r+b") as f:
+        f.truncate((target + 1) * cs)
     _rw(path, _refcount_entry_offset(path, target), ">H", 1)
 
 

@@ -93,6 +93,8 @@ def test_check_matches_qemu_img(images: dict[str, Path], name: str) -> None:
     with _unchanged(p):
         qrc, want = qemu_json("check", "--output=json", str(p))
         cp = virtopt("qcow2", "check", "--output=json", str(p))
+    if name.startswith("corrupt-"):  # the edit really broke the image, by qemu-img's own verdict
+        assert qrc in (2, 3)
     assert cp.returncode == qrc, cp.stderr
     got = json.loads(cp.stdout)
     problems = got.pop("problems")
@@ -141,3 +143,34 @@ def test_dump_l2_agrees_with_map(images: dict[str, Path]) -> None:
     for what in ("header", "extensions", "l1", "refcounts", "snapshots", "bitmaps"):
         cp = virtopt("qcow2", "dump", str(images["snapshots"]), what)
         assert cp.returncode == 0, (what, cp.stderr)
+
+
+def test_check_names_the_referrers(images: dict[str, Path]) -> None:
+    """Data pointed at the L1 table: the cluster qemu-img counts as corrupt is listed with both referrers."""
+    p = images["corrupt-overlap"]
+    q = run(["qemu-img", "check", str(p)], check=False)
+    cp = virtopt("qcow2", "check", "--output=json", str(p))
+    assert cp.returncode == q.returncode == 2
+    bad = [line.split()[2] for line in q.stderr.splitlines() if line.startswith("ERROR cluster")]
+    assert bad, q.stderr
+    got = {x["cluster"]: x for x in json.loads(cp.stdout)["problems"] if x["what"].startswith("cluster ")}
+    for c in bad:
+        refs = got[int(c)]["referrers"]
+        assert any("L1 table" in r for r in refs) and any("L2 table" in r for r in refs)
+    # a leaked cluster is referenced by nothing
+    leak = json.loads(virtopt("qcow2", "check", "--output=json", str(images["corrupt-leak"])).stdout)["problems"]
+    assert [x["referrers"] for x in leak if x["kind"] == "leak"] == [[]]
+
+
+def test_info_extras_agree_with_qemu_img_check(images: dict[str, Path]) -> None:
+    """The allocation/fragmentation/compression figures info adds are the ones qemu-img check counts."""
+    for name in ("zlib", "zstd", "c512", "snapshots", "extl2"):
+        p = images[name]
+        _, chk = qemu_json("check", "--output=json", str(p))
+        x = json.loads(virtopt("qcow2", "info", "--output=json", str(p)).stdout)["virtopt"]
+        assert x["allocated-clusters"] == chk.get("allocated-clusters", 0), name
+        assert x["fragmented-clusters"] == chk.get("fragmented-clusters", 0), name
+        assert x["compressed-clusters"] == chk.get("compressed-clusters", 0), name
+    snaps = run(["qemu-img", "snapshot", "-l", str(images["snapshots"])]).stdout
+    x = json.loads(virtopt("qcow2", "info", "--output=json", str(images["snapshots"])).stdout)["virtopt"]
+    assert [s["name"] for s in x["snapshots"]] == [ln.split()[1] for ln in snaps.splitlines()[2:]]

@@ -37,6 +37,7 @@ class Problem:
     cluster: Optional[int] = None  # host cluster index concerned
     table: Optional[str] = None  # which table (and entry) points there
     guest_offset: Optional[int] = None
+    referrers: Optional[list[str]] = None  # for refcount mismatches: every reference found to the cluster
 
 
 @dataclass
@@ -103,8 +104,12 @@ class CheckResult:
 
 
 class _Checker:
-    def __init__(self, img: Qcow2Image, filename: str, progress: bool) -> None:
+    def __init__(self, img: Qcow2Image, filename: str, progress: bool,
+                 watch: Optional[np.ndarray] = None) -> None:
         self.img = img
+        # watch mode: only record which tables reference the clusters in `watch` (sorted)
+        self.watch = watch
+        self.referrers: dict[int, list[str]] = {}
         self.res = CheckResult(filename=filename)
         self.cs = img.cluster_size
         self.cb = img.cluster_bits
@@ -116,6 +121,8 @@ class _Checker:
 
     # -------------------------------------------------------------- findings
     def problem(self, kind: str, what: str, **kw: Any) -> None:
+        if self.watch is not None:
+            return
         if kind == "corruption":
             self.res.corruptions += 1
         elif kind == "leak":
@@ -125,6 +132,8 @@ class _Checker:
         self.note(kind, what, **kw)
 
     def note(self, kind: str, what: str, **kw: Any) -> None:
+        if self.watch is not None:
+            return
         if len(self.res.problems) < MAX_PROBLEMS:
             if kw.get("offset") is not None and kw.get("cluster") is None:
                 kw["cluster"] = int(kw["offset"]) >> self.cb
@@ -136,7 +145,7 @@ class _Checker:
     def inc(self, offs: np.ndarray, sizes: Any, tables: Any) -> None:
         """qcow2_inc_refcounts_imrt for many regions at once.  tables(i) names region i's referrer."""
         offs = offs.astype(np.int64, copy=False)
-        if isinstance(sizes, int) and sizes == self.cs and len(offs):
+        if isinstance(sizes, int) and sizes == self.cs and len(offs) and self.watch is None:
             # fast path: cluster-sized regions (L2 tables, data clusters)
             bad = offs >= self.file_len
             if not bad.any() and not (offs & (self.cs - 1)).any():
@@ -165,6 +174,8 @@ class _Checker:
         start = o >> self.cb
         last = (o + s - 1) >> self.cb
         spans = last - start + 1
+        if self.watch is not None:
+            self._record(start, last, np.flatnonzero(good), tables)
         if not (spans - 1).any():
             idx = start
         else:
@@ -172,6 +183,19 @@ class _Checker:
             first = np.repeat(np.cumsum(spans) - spans, spans)
             idx = idx + (np.arange(len(idx), dtype=np.int64) - first)
         self._count(idx)
+
+    def _record(self, start: np.ndarray, last: np.ndarray, region: np.ndarray, tables: Any) -> None:
+        """Watch mode: note the referrer of every watched cluster inside [start, last] of each region."""
+        w = self.watch
+        assert w is not None
+        lo = np.searchsorted(w, start, side="left")
+        hi = np.searchsorted(w, last, side="right")
+        for k in np.flatnonzero(hi > lo).tolist():
+            name = tables(int(region[k]))
+            for c in w[lo[k] : hi[k]].tolist():
+                lst = self.referrers.setdefault(int(c), [])
+                if len(lst) < 64:
+                    lst.append(name)
 
     def _count(self, idx: np.ndarray) -> None:
         if not len(idx):
@@ -308,7 +332,7 @@ class _Checker:
         self, sel: np.ndarray, offs: np.ndarray, ent: np.ndarray, bmp: Optional[np.ndarray], label: str, active: bool,
         n_entries: int, data_file: bool, cb: int,
     ) -> None:
-        if bmp is None and not data_file and self._fast_chunk(sel, offs, ent, label, active, n_entries):
+        if bmp is None and not data_file and self.watch is None and self._fast_chunk(sel, offs, ent, label, active, n_entries):
             return
         cs = self.cs
         compressed = (ent & U(F.L2E_COMPRESSED)) != 0
@@ -636,6 +660,8 @@ class _Checker:
                     self.inc1(cx.offset, cx.length, "full disk encryption header extension")
         self.check_bitmaps()
         self.check_refblocks()
+        if self.watch is not None:
+            return self.res
         self.compare()
         return self.res
 
@@ -643,4 +669,14 @@ class _Checker:
 def check_image(path: PathLike, progress: bool = True) -> CheckResult:
     """Check a qcow2 image read-only, like `qemu-img check` (no repair)."""
     with open_image(path) as img:
-        return _Checker(img, os.fspath(path), progress).run()
+        res = _Checker(img, os.fspath(path), progress).run()
+        # which tables point at the clusters whose refcount is wrong: a second, targeted pass
+        clusters = sorted({p.cluster for p in res.problems
+                           if p.kind in ("corruption", "leak") and p.cluster is not None and p.what.startswith("cluster ")})
+        if clusters:
+            w = _Checker(img, os.fspath(path), False, watch=np.array(clusters, dtype=np.int64))
+            w.run()
+            for p in res.problems:
+                if p.what.startswith("cluster ") and p.cluster is not None:
+                    p.referrers = w.referrers.get(p.cluster, [])
+        return res

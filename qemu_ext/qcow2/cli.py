@@ -150,6 +150,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         for p in res.problems:
             where = f" [{p.table}]" if p.table else ""
+            if p.referrers is not None:
+                where += " [referenced by: " + ("; ".join(p.referrers) or "nothing") + "]"
             print(f"{p.kind.upper()}: {p.what}{where}")
         if res.problems_not_listed:
             print(f"... and {res.problems_not_listed} more problems not listed")
