@@ -43,7 +43,9 @@ def vmq(tmp_path_factory: pytest.TempPathFactory):
         name="virtopt-shell",
         smp=2,
         drives=[f"file={img},if=none,id=drv0,node-name=disk0,l2-cache-size=64k"],
-        extra_args=["-qmp", f"unix:{ctl},server=on,wait=off", "-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off"],
+        extra_args=["-qmp", f"unix:{ctl},server=on,wait=off", "-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off",
+                    # a device with an id= at an I/O port of our choice, for /mtree lookup
+                    "-chardev", "null,id=dbgchr", "-device", "isa-debugcon,iobase=0x402,chardev=dbgchr,id=dbgcon"],
     )
     client = None
     try:
@@ -248,6 +250,12 @@ def test_mtree_lookup_names_rtc_for_port_0x70(vmq):
     assert hp
     m = json.loads(sh(vmq, "--output=json", "-c", f"/mtree lookup 0x{hp[1]} memory").stdout)
     assert m["region"] == "hpet" and m["flat_region"] == "hpet"
+    # a device given id= on the command line is named by its id
+    m = json.loads(sh(vmq, "--output=json", "-c", "/mtree lookup 0x402").stdout)
+    owner = vmq.ctl.cmd("human-monitor-command", **{"command-line": "info mtree -o"})
+    assert re.search(r"0000000000000402-0000000000000402 \(prio 0, i/o\): (\S+) owner:\{dev id=dbgcon\}", owner)
+    assert m["device_id"] == "dbgcon" and m["device_type"] == "isa-debugcon"
+    assert m["device_type"] == vmq.ctl.cmd("qom-get", path="/machine/peripheral/dbgcon", property="type")
     # -nodefaults: no serial port, nothing claims 0x3f8 (QEMU's tree has no region there)
     assert not [r for r in _mtree_io_lines(text)[1:] if r[0] <= 0x3f8 <= r[1]]
     cp = sh(vmq, "-c", "/mtree lookup 0x3f8")

@@ -579,7 +579,18 @@ _MTREE_LINE = re.compile(
     r"^(?P<indent>\s*)(?P<start>[0-9a-f]+)-(?P<end>[0-9a-f]+) \(prio (?P<prio>-?\d+), (?P<kind>[^)]+)\): "
     r"(?P<rest>.*)$"
 )
-_OWNER = re.compile(r"\s(?:owner|parent):\{(?:dev|obj)(?: id=(?P<id>\S+))?(?: path=(?P<path>[^}]+))?\}")
+# mtree_expand_owner(): " owner:{dev id=ID}" (devices with id=, at /machine/peripheral/ID),
+# " owner:{dev path=QOM-PATH}", " owner:{obj type=TYPE}"; " parent:{...}" when the owner differs
+_OWNER = re.compile(r"\s(?:owner|parent):\{(?:dev|obj)(?: id=(?P<id>[^}\s]+))?(?: path=(?P<path>[^}]+))?"
+                    r"(?: type=(?P<type>[^}\s]+))?\}")
+
+
+def _owner_path(m: re.Match[str]) -> str:
+    if m["path"]:
+        return m["path"]
+    if m["id"]:
+        return f"/machine/peripheral/{m['id']}"
+    return ""
 
 
 def parse_mtree(text: str) -> dict[str, list[Region]]:
@@ -600,7 +611,7 @@ def parse_mtree(text: str) -> dict[str, list[Region]]:
         owner = ""
         om = _OWNER.search(rest)
         if om:
-            owner = om["path"] or om["id"] or ""
+            owner = _owner_path(om)
             rest = rest[: om.start()]
         enabled = "[disabled]" not in rest
         rest = rest.replace("[disabled]", "").strip()
@@ -636,7 +647,7 @@ def parse_flatview(text: str) -> dict[str, list[Region]]:
             owner = ""
             om = _OWNER.search(rest)
             if om:
-                owner = om["path"] or om["id"] or ""
+                owner = _owner_path(om)
                 rest = rest[: om.start()]
             name = rest.strip().split(" ")[0] if rest.strip() else ""
             ranges.append(Region(int(m["start"], 16), int(m["end"], 16), int(m["prio"]), m["kind"].strip(),
@@ -717,9 +728,8 @@ async def mtree_lookup(s: QmpSession, address: int | str, space: str = "io") -> 
             dev_type = str(await s.execute("qom-get", {"path": owner, "property": "type"}))
         except QmpCommandError:
             dev_type = ""
-        m = re.search(r"/([^/\[]+)$", owner)
-        if m and not owner.startswith("/machine/unattached") and "/peripheral-anon/" not in owner:
-            dev_id = m.group(1) if "/peripheral/" in owner else ""
+        if owner.startswith("/machine/peripheral/"):
+            dev_id = owner.rsplit("/", 1)[1]
     names = [f"{r.name}@{r.alias_of}" if r.alias_of else r.name for r in chain]
     return MtreeMatch(addr, space, as_name, region.name, leaf.name, names, region.start,
                       region.end, owner, dev_type, dev_id, flat_name)
