@@ -54,6 +54,15 @@ def build_matrix(d: Path) -> dict[str, Path]:
     make_qcow2(sub / "mid.qcow2", size="48M", backing="base.qcow2", io=["write -P 0xb1 512k 128k", "write -z 8M 4k"])
     imgs["chain3"] = make_qcow2(sub / "top.qcow2", size="64M", backing="mid.qcow2",
                                 io=["write -P 0xc1 64k 64k", "write -P 0xc2 40M 64k"])
+    # extended L2 over a backing file: unallocated subclusters of allocated clusters read from below
+    make_qcow2(sub / "xbase.qcow2", size="8M", io=["write -P 0x31 0 1M"])
+    imgs["extl2-backing"] = make_qcow2(sub / "xtop.qcow2", size="8M", backing="xbase.qcow2",
+                                       options={"extended_l2": "on", "cluster_size": "128k"},
+                                       io=["write -P 0x32 8k 4k", "write -z 160k 8k", "write -c -P 0x33 512k 128k",
+                                           "write -P 0x34 2M 4k"])
+    mk("rc8", size="16M", options={"refcount_bits": 8, "cluster_size": 8192}, io=IO_BASIC)
+    mk("rc32", size="16M", options={"refcount_bits": 32}, io=IO_BASIC)
+    mk("rc2", size="16M", options={"refcount_bits": 2, "cluster_size": 16384}, io=IO_BASIC)
     # raw backing file
     raw = d / "rawbase.img"
     run(["qemu-img", "create", "-q", "-f", "raw", str(raw), "16M"])
