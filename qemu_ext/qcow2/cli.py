@@ -115,11 +115,20 @@ def _info_human(d: dict[str, Any]) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     _tune_malloc()
+    from qemu_ext.qcow2.format import qemu_json_text, qemu_key_order
     from qemu_ext.qcow2.info import image_info
 
     infos = image_info(args.image, backing_chain=args.backing_chain, with_extras=not args.qemu_only)
     if args.output == "json":
-        print_json(infos if args.backing_chain else infos[0])
+        ordered = []
+        for d in infos:  # qemu-img's own key order for its fields, then ours
+            extra = d.pop("virtopt", None)
+            o = qemu_key_order(d)
+            assert isinstance(o, dict)
+            if extra is not None:
+                o["virtopt"] = extra
+            ordered.append(o)
+        print(qemu_json_text(ordered if args.backing_chain else ordered[0]))
     else:
         print("\n\n".join(_info_human(d) for d in infos))
     return 0
@@ -145,8 +154,16 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     res = check_image(args.image, progress=_progress_wanted())
     if args.output == "json":
-        d = res.qemu_json() if args.qemu_only else res.as_dict()
-        print_json(d)
+        from qemu_ext.qcow2.format import qemu_json_text, qemu_key_order
+
+        d = qemu_key_order(res.qemu_json())
+        assert isinstance(d, dict)
+        if not args.qemu_only:
+            full = res.as_dict()
+            d["problems"] = full["problems"]
+            if "problems-not-listed" in full:
+                d["problems-not-listed"] = full["problems-not-listed"]
+        print(qemu_json_text(d))
     else:
         for p in res.problems:
             where = f" [{p.table}]" if p.table else ""

@@ -234,3 +234,64 @@ MAX_CLUSTER_BITS = 21
 
 def align_up(n: int, a: int) -> int:
     return (n + a - 1) // a * a
+
+
+# ---------------------------------------------------------------- qemu's JSON key order
+def _tdb_hash(name: str) -> int:
+    """qobject/qdict.c tdb_hash(): QEMU's QDict bucket hash (unsigned 32-bit arithmetic)."""
+    b = name.encode()
+    value = (0x238F13AF * len(b)) & 0xFFFFFFFF
+    for i, c in enumerate(b):
+        value = (value + (c << (i * 5 % 24))) & 0xFFFFFFFF
+    return (1103515243 * value + 12345) & 0xFFFFFFFF
+
+
+def qemu_key_order(obj: object) -> object:
+    """Reorder dict keys the way QEMU prints a QDict: by hash bucket (of 512), and within a bucket
+    the key inserted last first.  Dicts must be given in QAPI schema (insertion) order."""
+    if isinstance(obj, dict):
+        keys = list(obj)
+        order = sorted(range(len(keys)), key=lambda i: (_tdb_hash(keys[i]) % 512, -i))
+        return {keys[i]: qemu_key_order(obj[keys[i]]) for i in order}
+    if isinstance(obj, list):
+        return [qemu_key_order(x) for x in obj]
+    return obj
+
+
+def _qjson_str(s: str) -> str:
+    out = ['"']
+    esc = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    for ch in s:
+        cp = ord(ch)
+        if ch in esc:
+            out.append(esc[ch])
+        elif cp > 0xFFFF:
+            out.append(f"\\u{0xD800 + ((cp - 0x10000) >> 10):04X}\\u{0xDC00 + ((cp - 0x10000) & 0x3FF):04X}")
+        elif cp < 0x20 or cp >= 0x7F:
+            out.append(f"\\u{cp:04X}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def qemu_json_text(obj: object, depth: int = 0) -> str:
+    """JSON exactly as QEMU's pretty JSON writer (qobject/json-writer.c) prints it."""
+    if isinstance(obj, dict) or isinstance(obj, list):
+        is_dict = isinstance(obj, dict)
+        items = list(obj.items()) if isinstance(obj, dict) else [(None, v) for v in obj]
+        pad = " " * (4 * (depth + 1))
+        parts = []
+        for k, v in items:
+            name = f"{_qjson_str(str(k))}: " if is_dict else ""
+            parts.append(f"\n{pad}{name}{qemu_json_text(v, depth + 1)}")
+        return ("{" if is_dict else "[") + ",".join(parts) + "\n" + " " * (4 * depth) + ("}" if is_dict else "]")
+    if isinstance(obj, bool):
+        return "true" if obj else "false"
+    if obj is None:
+        return "null"
+    if isinstance(obj, int):
+        return str(obj)
+    if isinstance(obj, float):
+        return repr(obj)
+    return _qjson_str(str(obj))

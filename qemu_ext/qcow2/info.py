@@ -25,15 +25,13 @@ def _actual_size(path: str) -> int:
 def qemu_info(img: Qcow2Image, filename: str) -> dict[str, Any]:
     """The dict `qemu-img info --output=json` prints for one qcow2 image."""
     h = img.header
-    d: dict[str, Any] = {
-        "virtual-size": h.size,
-        "filename": filename,
-        "cluster-size": img.cluster_size,
-        "format": "qcow2",
-    }
+    # keys in QAPI schema order (ImageInfo); the CLI prints them in QEMU's QDict order
+    d: dict[str, Any] = {"filename": filename, "format": "qcow2", "dirty-flag": img.dirty}
     actual = _actual_size(filename)
     if actual >= 0:
         d["actual-size"] = actual
+    d["virtual-size"] = h.size
+    d["cluster-size"] = img.cluster_size
     if h.crypt_method:
         d["encrypted"] = True
     if img.backing_file:
@@ -60,26 +58,23 @@ def qemu_info(img: Qcow2Image, filename: str) -> dict[str, Any]:
         d["snapshots"] = out
     data: dict[str, Any]
     if h.version == 2:
-        data = {"compat": "0.10", "compression-type": img.compression_type, "refcount-bits": img.refcount_bits}
+        data = {"compat": "0.10", "refcount-bits": img.refcount_bits, "compression-type": img.compression_type}
     else:
-        data = {
-            "compat": "1.1",
-            "compression-type": img.compression_type,
-            "lazy-refcounts": img.lazy_refcounts,
-        }
-        if h.autoclear_features & F.AUTOCLEAR_BITMAPS and img.bitmaps_extension() is not None:
-            data["bitmaps"] = [
-                {"flags": bm.flag_names, "name": bm.name, "granularity": bm.granularity} for bm in img.bitmaps()
-            ]
-        data["refcount-bits"] = img.refcount_bits
+        data = {"compat": "1.1"}
         if img.data_file:
             data["data-file"] = img.data_file
         if img.has_data_file:
             data["data-file-raw"] = img.data_file_raw
-        data["corrupt"] = img.corrupt
         data["extended-l2"] = img.extended_l2
+        data["lazy-refcounts"] = img.lazy_refcounts
+        data["corrupt"] = img.corrupt
+        data["refcount-bits"] = img.refcount_bits
+        if h.autoclear_features & F.AUTOCLEAR_BITMAPS and img.bitmaps_extension() is not None:
+            data["bitmaps"] = [
+                {"name": bm.name, "granularity": bm.granularity, "flags": bm.flag_names} for bm in img.bitmaps()
+            ]
+        data["compression-type"] = img.compression_type
     d["format-specific"] = {"type": "qcow2", "data": data}
-    d["dirty-flag"] = img.dirty
     return d
 
 
