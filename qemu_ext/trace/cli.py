@@ -118,7 +118,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
     if fmt == "simple":
         st = decode_simple(args.file, args.events)
         if args.output == "simpletrace":
-            _write(dec.iter_simpletrace_text(st))
+            dec.write_simpletrace_text(st, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
         elif args.output == "json":
             _write(dec.iter_json(st.records()))
         else:

@@ -504,8 +504,20 @@ def _patch_slow_rows(st: SimpleTrace, text: bytes, a: int, b: int, delta: np.nda
 
 
 def write_simpletrace_text(st: SimpleTrace, out: BinaryIO) -> None:
-    for chunk in iter_simpletrace_text(st):
-        out.write(chunk)
+    """Write simpletrace.py's text for st to a binary stream (no copy of the rendered chunks)."""
+    try:
+        plan = plan_simpletrace(st)
+    except _TooManyGroups:
+        for chunk in _iter_simpletrace_text_blocks(st):
+            out.write(chunk)
+        return
+    buf: Optional[np.ndarray] = None
+    for a, b in plan.windows():
+        need = int(plan.dst[b - 1] + plan.L_row[b - 1] - plan.dst[a])
+        if buf is None or len(buf) < need:
+            buf = np.empty(need, np.uint8)
+        size = plan.render(a, b, buf)
+        out.write(memoryview(buf[:size]))
 
 
 def _fmt_arg(v) -> str:

@@ -132,11 +132,12 @@ def check_header(data: Buffer, name: str) -> int:
 class StringColumn:
     """A string argument of many records: where each string sits in the file, and how long it is."""
 
-    __slots__ = ("lens", "starts")
+    __slots__ = ("_unique", "lens", "starts")
 
     def __init__(self, starts: np.ndarray, lens: np.ndarray) -> None:
         self.starts = starts
         self.lens = lens
+        self._unique: Optional[tuple[list[bytes], np.ndarray]] = None
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -146,6 +147,11 @@ class StringColumn:
 
     def unique(self, data: Buffer) -> tuple[list[bytes], np.ndarray]:
         """(distinct strings, index of each record's string among them), without a Python loop per record."""
+        if self._unique is None:
+            self._unique = self._compute_unique(data)
+        return self._unique
+
+    def _compute_unique(self, data: Buffer) -> tuple[list[bytes], np.ndarray]:
         n = len(self.starts)
         inverse = np.zeros(n, np.int64)
         uniq: list[bytes] = []
@@ -159,6 +165,16 @@ class StringColumn:
                 uniq.append(b"")
                 continue
             mat = u8[self.starts[rows][:, None] + np.arange(L)]
+            if L <= 8:
+                # the bytes themselves are the key
+                padded = np.zeros((len(rows), 8), np.uint8)
+                padded[:, :L] = mat
+                key = padded.view("<u8").reshape(-1)
+                strs, inv = _few_distinct(key)
+                if strs is not None:
+                    inverse[rows] = len(uniq) + inv
+                    uniq.extend(bytes(mat[f]) for f in strs)
+                    continue
             # a 64-bit hash of every string, then a check that equal hashes are equal strings
             h = np.zeros(len(rows), np.uint64)
             for i in range(L):
@@ -168,12 +184,29 @@ class StringColumn:
             if not np.array_equal(mat, mat[first[inv]]):
                 u, inv = np.unique(mat, axis=0, return_inverse=True)
                 inv = inv.reshape(-1)
-                strs = [bytes(r) for r in u]
+                strs_b = [bytes(r) for r in u]
             else:
-                strs = [bytes(mat[f]) for f in first.tolist()]
+                strs_b = [bytes(mat[f]) for f in first.tolist()]
             inverse[rows] = len(uniq) + inv
-            uniq.extend(strs)
+            uniq.extend(strs_b)
         return uniq, inverse
+
+
+def _few_distinct(key: np.ndarray, limit: int = 16) -> tuple[Optional[list[int]], np.ndarray]:
+    """(row of the first occurrence of each distinct key, index of each row's key) when there are few."""
+    inv = np.full(len(key), -1, np.int64)
+    firsts: list[int] = []
+    todo = 0
+    while True:
+        left = np.flatnonzero(inv[todo:] < 0)
+        if len(left) == 0:
+            return firsts, inv
+        if len(firsts) >= limit:
+            return None, inv
+        f = todo + int(left[0])
+        inv[key == key[f]] = len(firsts)
+        firsts.append(f)
+        todo = f
 
 
 @dataclass
@@ -225,6 +258,20 @@ class SimpleTrace:
         if a is None:
             a = self._args[k] = _decode_args(self, self.kind_event(k), self.kind_rows(k), self._plans.pop(k, None))
         return a
+
+    def kind_column(self, k: int, j: int):
+        """Argument j of every record of kind k (uint64 array, or StringColumn), reading only that argument."""
+        a = self._args.get(k)
+        ev = self.kind_event(k)
+        if a is not None or ev.has_strings:
+            return self.kind_args(k)[j]
+        return _uint_at(self.data, self.offsets[self.kind_rows(k)] + (EVENT_HEADER_LEN + 8 * j), "<u8", self._views)
+
+    def check(self) -> None:
+        """Check every string-carrying event against its record lengths (decoding does the others)."""
+        for k in range(len(self.kinds)):
+            if self.kind_event(k).has_strings:
+                self.kind_args(k)
 
     def counts(self) -> dict[str, int]:
         c = np.bincount(self.codes, minlength=len(self.kinds)) if len(self.codes) else np.zeros(0, np.int64)
@@ -510,13 +557,22 @@ class _Scanner:
         alignments when that does not cover the file.
         """
         self.cand_start, self.cand_pid, self.all_phases = start, pid, all_phases
-        parts = []
-        for ph in range(4) if all_phases else [start & 3]:
+        if all_phases:
+            parts = []
+            for ph in range(4):
+                v = _view(self.data, "<u4", ph, self.cache)
+                m = np.flatnonzero(v == pid)
+                p = ph + 4 * m.astype(np.int64) - 28
+                parts.append(p[p >= start])
+            c = np.sort(np.concatenate(parts), kind="stable")  # a few sorted runs: a merge
+        else:
+            # only records 8-byte aligned like the first one: their pid is every other u32
+            ph = start & 3
             v = _view(self.data, "<u4", ph, self.cache)
-            m = np.flatnonzero(v == pid)
-            p = ph + 4 * m.astype(np.int64) - 28
-            parts.append(p[p >= start])
-        c = np.sort(np.concatenate(parts), kind="stable")  # a few sorted runs: a merge
+            q = (((start - ph) >> 2) + 7) & 1
+            m = np.flatnonzero(v[q::2] == pid)
+            c = ph + 4 * (q + 2 * m.astype(np.int64)) - 28
+            c = c[c >= start]
         c = c[c + EVENT_HEADER_LEN <= self.size]
         hdr = _words_at(self.data, c, 4, self.cache)
         ln = (hdr[:, 3] & np.uint64(0xFFFFFFFF)).astype(np.int64)
@@ -696,5 +752,4 @@ def _resolve(st: SimpleTrace) -> None:
             bad = st.lengths[rows] != 24 + size
             if np.any(bad):
                 _args_mismatch(st, ev, rows, bad)
-        else:
-            st._plans[k] = _layout_args(st, ev, rows)  # checks the strings against the record lengths
+        # events with strings are checked against their record lengths when their arguments are read

@@ -81,7 +81,7 @@ class _SimpleSource(_Source):
         names = self.st.kind_event(k).arg_names
         if arg not in names:
             return None
-        col = self.st.kind_args(k)[names.index(arg)]
+        col = self.st.kind_column(k, names.index(arg))
         return col if isinstance(col, np.ndarray) else None
 
 
