@@ -143,7 +143,11 @@ def cmd_map(args: argparse.Namespace) -> int:
     if args.output == "json":
         sys.stdout.write(render_json(entries))
     else:
-        sys.stdout.write(render_human(entries))
+        text, error = render_human(entries)
+        sys.stdout.write(text)
+        if error:
+            sys.stdout.flush()
+            raise BadInputError(error)
     return 0
 
 

@@ -438,12 +438,14 @@ def _hex(v: int) -> str:
     return f"{v:#x}" if v else "0"
 
 
-def render_human(entries: list[MapEntry]) -> str:
-    """`qemu-img map` human output (data extents only)."""
+def render_human(entries: list[MapEntry]) -> tuple[str, Optional[str]]:
+    """`qemu-img map` human output (data extents only) and the error qemu-img stops with, if any.
+
+    Like qemu-img, the lines before a compressed (or encrypted) extent are printed, then it fails."""
     lines = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File"]
     for e in entries:
         if e.data and e.offset is None:
-            raise BadInputError("File contains external, encrypted or compressed clusters.")
+            return "\n".join(lines) + "\n", "File contains external, encrypted or compressed clusters."
         if e.data and not e.zero:
             lines.append(f"{_hex(e.start):<16}{_hex(e.length):<16}{_hex(e.offset or 0):<16}{e.filename or ''}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n", None
