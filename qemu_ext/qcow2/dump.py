@@ -52,11 +52,11 @@ def dump(path: PathLike, what: str, l1_index: Optional[int] = None, snapshot: Op
             for bm in img.bitmaps():
                 d = bm.as_dict()
                 tab = img.bitmap_table(bm)
-                d["table"] = [
-                    {"index": i, "raw": f"{int(v):#018x}", "offset": int(v) & F.BME_TABLE_ENTRY_OFFSET_MASK,
-                     "all_ones": bool(int(v) & 1) and not int(v) & F.BME_TABLE_ENTRY_OFFSET_MASK}
-                    for i, v in enumerate(tab[:MAX_ROWS].tolist())
-                ]
+                d["table"] = []
+                for i, v in enumerate(tab[:MAX_ROWS].tolist()):
+                    be = F.BitmapTableEntry.parse(int(v).to_bytes(8, "big"))
+                    d["table"].append({"index": i, "raw": f"{int(v):#018x}", "offset": be.offset_9 << 9,
+                                       "all_ones": be.all_ones and not be.offset_9})
                 out.append(d)
             return {"bitmaps": out}
         if what == "l1":
@@ -70,11 +70,7 @@ def dump(path: PathLike, what: str, l1_index: Optional[int] = None, snapshot: Op
             return {
                 "table": label,
                 "l1_size": len(l1),
-                "entries": [
-                    {"index": int(i), "raw": f"{int(l1[i]):#018x}", "l2_offset": int(l1[i]) & F.L1E_OFFSET_MASK,
-                     "copied": bool(int(l1[i]) & F.L1E_COPIED), "reserved_bits": int(l1[i]) & F.L1E_RESERVED_MASK}
-                    for i in idx.tolist()
-                ],
+                "entries": [_l1_row(int(i), int(l1[i])) for i in idx.tolist()],
             }
         if what == "l2":
             if l1_index is None:
@@ -87,6 +83,7 @@ def dump(path: PathLike, what: str, l1_index: Optional[int] = None, snapshot: Op
             tab = img.read_l2_tables(np.array([off], dtype=U))[0]
             per = img.l2_entries_per_table
             rows = []
+            comp = F.L2CompressedEntry(img.cluster_bits)
             for j in range(per):
                 if img.extended_l2:
                     e, bmp = int(tab[j, 0]), int(tab[j, 1])
@@ -95,15 +92,20 @@ def dump(path: PathLike, what: str, l1_index: Optional[int] = None, snapshot: Op
                 if not e and not bmp:
                     continue
                 t = _l2_type(img, e, bmp)
+                raw = e.to_bytes(8, "big")
                 row: dict[str, Any] = {"index": j, "guest_offset": (l1_index * per + j) * cs, "raw": f"{e:#018x}",
-                                       "type": t, "copied": bool(e & F.L2E_COPIED)}
+                                       "type": t}
                 if t == "compressed":
-                    co, csz = F.decode_compressed(e, img.cluster_bits)
-                    row.update(compressed_offset=co, compressed_bytes=csz)
+                    c = comp.parse(raw)
+                    row.update(copied=c.copied, compressed_offset=c.host_offset,
+                               compressed_bytes=(c.additional_sectors + 1) * 512 - (c.host_offset & 511))
                 else:
-                    row["host_offset"] = e & F.L2E_OFFSET_MASK
+                    d = F.L2StandardEntry.parse(raw)
+                    row.update(copied=d.copied, host_offset=d.host_offset_9 << 9, zero_flag=d.zero,
+                               reserved_bits=(d.reserved_hi << 56) | (d.reserved_lo << 1))
                 if img.extended_l2:
-                    row.update(alloc_bitmap=f"{bmp & 0xFFFFFFFF:032b}"[::-1], zero_bitmap=f"{bmp >> 32:032b}"[::-1])
+                    b = F.L2SubclusterBitmap.parse(bmp.to_bytes(8, "big"))
+                    row.update(alloc_bitmap=f"{b.alloc:032b}"[::-1], zero_bitmap=f"{b.zero:032b}"[::-1])
                 rows.append(row)
             return {"l1_index": l1_index, "l2_offset": off, "entries": rows}
         # refcounts
@@ -111,7 +113,8 @@ def dump(path: PathLike, what: str, l1_index: Optional[int] = None, snapshot: Op
         per = img.refcount_block_entries
         rows = []
         for i in np.nonzero(rt)[0][:MAX_ROWS].tolist():
-            o = int(rt[i]) & F.RT_OFFSET_MASK
+            re_ = F.RefcountTableEntry.parse(int(rt[i]).to_bytes(8, "big"))
+            o = re_.block_offset_9 << 9
             blk = img.decode_refcount_block(img.pread_zero_padded(o, cs)) if o and o % cs == 0 else np.zeros(0, U)
             nz = np.nonzero(blk)[0]
             hist = dict(zip(*(a.tolist() for a in np.unique(blk[nz], return_counts=True)))) if len(nz) else {}
@@ -119,6 +122,12 @@ def dump(path: PathLike, what: str, l1_index: Optional[int] = None, snapshot: Op
                          "used_clusters": len(nz), "refcount_histogram": {str(k): v for k, v in hist.items()}})
         return {"refcount_bits": img.refcount_bits, "refcount_table_offset": h.refcount_table_offset,
                 "refcount_table_entries": len(rt), "entries_per_block": per, "blocks": rows}
+
+
+def _l1_row(i: int, v: int) -> dict[str, Any]:
+    e = F.L1Entry.parse(v.to_bytes(8, "big"))
+    return {"index": i, "raw": f"{v:#018x}", "l2_offset": e.l2_offset_9 << 9, "copied": e.copied,
+            "reserved_bits": (e.reserved_hi << 56) | e.reserved_lo}
 
 
 def _find_snapshot(img: Qcow2Image, key: str) -> Snapshot:

@@ -10,8 +10,12 @@ with numpy by `image.py`, using the masks and bit positions defined here.
 from __future__ import annotations
 
 from construct import (
+    BitsInteger,
+    BitStruct,
     Bytes,
     Const,
+    Construct,
+    Flag,
     Int8ub,
     Int16ub,
     Int32ub,
@@ -145,6 +149,50 @@ L2E_DESCRIPTOR_MASK = (1 << 62) - 1  # bits 0-61: cluster descriptor
 SUBCLUSTERS_PER_CLUSTER = 32
 L2_BITMAP_ALLOC_MASK = 0x00000000FFFFFFFF  # bit x: subcluster x allocated
 L2_BITMAP_ZERO_MASK = 0xFFFFFFFF00000000  # bit 32+x: subcluster x reads as zeros
+
+
+# The same entries as construct BitStructs (most significant bit first).  They document the
+# layout and decode single entries (dump); whole tables are decoded with numpy using the masks
+# above, and the tests check both decoders agree.
+L1Entry = BitStruct(
+    "copied" / Flag,  # bit 63: refcount exactly one
+    "reserved_hi" / BitsInteger(7),  # bits 56-62
+    "l2_offset_9" / BitsInteger(47),  # bits 9-55: L2 table offset >> 9
+    "reserved_lo" / BitsInteger(9),  # bits 0-8
+)
+L2StandardEntry = BitStruct(
+    "copied" / Flag,  # bit 63: refcount exactly one
+    "compressed" / Flag,  # bit 62: 0 here
+    "reserved_hi" / BitsInteger(6),  # bits 56-61
+    "host_offset_9" / BitsInteger(47),  # bits 9-55: host cluster offset >> 9
+    "reserved_lo" / BitsInteger(8),  # bits 1-8
+    "zero" / Flag,  # bit 0: reads as zeros (v3, not with extended L2)
+)
+L2SubclusterBitmap = BitStruct(
+    "zero" / BitsInteger(32),  # bits 32-63: subcluster x reads as zeros (bit 32+x)
+    "alloc" / BitsInteger(32),  # bits 0-31: subcluster x allocated (bit x)
+)
+RefcountTableEntry = BitStruct(
+    "block_offset_9" / BitsInteger(55),  # bits 9-63: refcount block offset >> 9
+    "reserved" / BitsInteger(9),  # bits 0-8
+)
+BitmapTableEntry = BitStruct(
+    "reserved_hi" / BitsInteger(8),  # bits 56-63
+    "offset_9" / BitsInteger(47),  # bits 9-55: data cluster offset >> 9
+    "reserved_lo" / BitsInteger(8),  # bits 1-8
+    "all_ones" / Flag,  # bit 0: unallocated cluster reads as all ones
+)
+
+
+def L2CompressedEntry(cluster_bits: int) -> Construct:  # a construct factory, named like one
+    """Compressed cluster descriptor: x = 62 - (cluster_bits - 8) offset bits, the rest sector count."""
+    x, nbits = compressed_field_widths(cluster_bits)
+    return BitStruct(
+        "copied" / Flag,  # bit 63: never set for compressed clusters
+        "compressed" / Flag,  # bit 62: 1
+        "additional_sectors" / BitsInteger(nbits),  # bits x-61: 512-byte sectors beyond the first
+        "host_offset" / BitsInteger(x),  # bits 0..x-1: byte offset (not aligned)
+    )
 
 
 def compressed_field_widths(cluster_bits: int) -> tuple[int, int]:
