@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Iterable, Iterator, Optional
 
-from qemu_ext.errors import NotAvailableError
+from qemu_ext.errors import BadInputError, NotAvailableError
 from qemu_ext.trace.events import EventsFile, TraceEvent, get_events
 from qemu_ext.trace.records import ArgValue, TraceRecord
 
@@ -193,3 +193,31 @@ def parse_log_lines(lines: Iterable[str], events_file=None) -> Iterator[TraceRec
             p.skipped += 1
             continue
         yield rec
+
+
+def arg_labels(event: str, events_file=None) -> dict[str, str]:
+    """Declared argument name -> the word printed before it in the event's format string.
+
+    TraceRecord.args use the declared names (as simpletrace.py does); the log text shows the
+    format's words, e.g. qcow2_cache_get's ``c`` is printed as ``is_l2_cache``.
+    """
+    ev = get_events(events_file).get(event)
+    if ev is None:
+        raise BadInputError(f"event '{event}' is not in the trace-events file")
+    out: dict[str, str] = {}
+    pos = 0
+    ai = 0
+    names = ev.arg_names
+    for m in _CONV_RE.finditer(ev.fmt):
+        lit = ev.fmt[pos : m.start()]
+        pos = m.end()
+        if m.group(5) == "%":
+            continue
+        if ai >= len(names):
+            break
+        words = re.findall(r"(?<!\w)[A-Za-z_]\w*", lit)
+        out[names[ai]] = words[-1] if words else names[ai]
+        ai += 1
+    for n in names[ai:]:
+        out[n] = n
+    return out

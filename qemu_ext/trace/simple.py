@@ -458,7 +458,7 @@ def _decode_args(st: SimpleTrace, ev: TraceEvent, rows: np.ndarray, plan: Option
             cols.append(item)
         else:
             m = _words_at(st.data, item.q, item.nw, st._views)
-            cols += [np.ascontiguousarray(m[:, t]) for t in range(item.nw)]
+            cols += [m[:, t] for t in range(item.nw)]  # column views of one gathered matrix
     return cols
 
 
