@@ -18,6 +18,27 @@ from qemu_ext.qmp.shell import Shell, ShellOptions
 LAUNCHER = REPO / "qmp" / "virtopt-shell"
 
 
+def connect_ctl(path: Path, timeout: float = 15.0):
+    """A sync QMP client on an extra -qmp socket of a QEMU that start_qemu just started.
+
+    start_qemu waits for the first monitor only; a later one may exist but not listen yet (refused)."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    deadline = time.monotonic() + timeout
+    while True:
+        client = QEMUMonitorProtocol(str(path))
+        try:
+            client.connect()
+        except Exception:
+            client.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+            continue
+        client.settimeout(30)
+        return client
+
+
 def shell_cmd(address: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run qmp/virtopt-shell (the checkout launcher) the way a user would."""
     return subprocess.run([sys.executable, str(LAUNCHER), address, "--history", "", *args],

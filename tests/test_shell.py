@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from helpers import make_qcow2, virtopt
-from shell_util import LAUNCHER, Repl, shell_cmd
+from shell_util import LAUNCHER, Repl, connect_ctl, shell_cmd
 
 from qemu_ext import vm
 from qemu_ext.qmp import builtins
@@ -30,8 +30,6 @@ N_SLICES = 20  # distinct 4 KiB L2 slices the l2cache test touches (each maps 32
 
 @pytest.fixture(scope="module")
 def vmq(tmp_path_factory: pytest.TempPathFactory):
-    from qemu.qmp.legacy import QEMUMonitorProtocol
-
     d = tmp_path_factory.mktemp("shellvm")
     img = make_qcow2(d / "disk.qcow2", size="1G", io=["write 0 64k"])
     l2img = make_qcow2(d / "l2.qcow2", size="1G", io=[f"write {i * 32}M 4k" for i in range(N_SLICES)])
@@ -49,9 +47,7 @@ def vmq(tmp_path_factory: pytest.TempPathFactory):
     )
     client = None
     try:
-        client = QEMUMonitorProtocol(str(ctl))
-        client.connect()
-        client.settimeout(30)
+        client = connect_ctl(ctl)
         qp.ctl = client  # type: ignore[attr-defined]
         qp.img = img  # type: ignore[attr-defined]
         qp.l2img = l2img  # type: ignore[attr-defined]

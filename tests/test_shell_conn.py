@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from shell_util import LAUNCHER, Repl, shell_cmd
+from shell_util import LAUNCHER, Repl, connect_ctl, shell_cmd
 
 
 class FakeServer:
@@ -111,12 +111,9 @@ def test_dead_and_missing_sockets(tmp_path: Path):
 
 
 def test_qemu_killed_mid_command(qemu_factory, tmp_path: Path):
-    from qemu.qmp.legacy import QEMUMonitorProtocol
-
     ctl = tmp_path / "ctl.sock"
     qp = qemu_factory(extra_args=["-qmp", f"unix:{ctl},server=on,wait=off"])
-    client = QEMUMonitorProtocol(str(ctl))
-    client.connect()
+    client = connect_ctl(ctl)
     try:
         proc = subprocess.Popen(
             [sys.executable, str(LAUNCHER), str(qp.qmp_path), "--history", "",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from helpers import make_qcow2
-from shell_util import shell_cmd
+from shell_util import connect_ctl, shell_cmd
 
 from qemu_ext.qmp import builtins
 from qemu_ext.qmp.client import run_sync
@@ -22,13 +22,9 @@ SIMPLETRACE_HEADER = struct.pack("<QQQ", 0xFFFFFFFFFFFFFFFF, 0xF2B177CB0AA429B4,
 
 @pytest.fixture
 def dbg(debug_qemu_factory, tmp_path: Path):
-    from qemu.qmp.legacy import QEMUMonitorProtocol
-
     ctl = tmp_path / "ctl.sock"
     qp = debug_qemu_factory(extra_args=["-qmp", f"unix:{ctl},server=on,wait=off"])
-    client = QEMUMonitorProtocol(str(ctl))
-    client.connect()
-    client.settimeout(30)
+    client = connect_ctl(ctl)
     qp.ctl = client  # type: ignore[attr-defined]
     qp.hmp_ctl = lambda line: client.cmd("human-monitor-command", **{"command-line": line})  # type: ignore[attr-defined]
     try:
