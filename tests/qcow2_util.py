@@ -63,6 +63,7 @@ def build_matrix(d: Path) -> dict[str, Path]:
     mk("rc8", size="16M", options={"refcount_bits": 8, "cluster_size": 8192}, io=IO_BASIC)
     mk("rc32", size="16M", options={"refcount_bits": 32}, io=IO_BASIC)
     mk("rc2", size="16M", options={"refcount_bits": 2, "cluster_size": 16384}, io=IO_BASIC)
+    mk("rc4", size="16M", options={"refcount_bits": 4, "cluster_size": 1024}, io=IO_BASIC)
     # raw backing file
     raw = d / "rawbase.img"
     run(["qemu-img", "create", "-q", "-f", "raw", str(raw), "16M"])
