@@ -70,6 +70,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _objects(args: argparse.Namespace):
     from qemu_ext.l2cache import sim
 
+    if not args.image and not args.virtual_size:
+        raise BadInputError("give an image or --virtual-size")
     if args.qemu_io and args.trace:
         raise BadInputError("give either --qemu-io or --trace, not both")
     disk = sim.Disk(
@@ -195,16 +197,17 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     print(f"QEMU {res['qemu-version']}, workload: {res['workload'].get('source', '')}")
     if cur["hit-ratio"] is not None:
         print(f"current: l2-cache-size {_hs(cur['l2-cache-size'])} (entries of {_hs(cur['l2-cache-entry-size'])})"
-              f" -> hit ratio {cur['hit-ratio']:.4f}, {cur['misses']} of {cur['lookups']} lookups miss")
+              f" -> hit ratio {cur['hit-ratio']:.4f} (warm {cur['warm-hit-ratio']:.4f}),"
+              f" {cur['misses']} of {cur['lookups']} lookups miss")
     best = res["recommended"]
     if best:
-        print(f"smallest for hit ratio {res['target-hit-ratio']}: l2-cache-size {_hs(best['l2-cache-size'])}"
+        print(f"smallest for warm hit ratio {res['target-hit-ratio']}: l2-cache-size {_hs(best['l2-cache-size'])}"
               f" with {_hs(best['l2-cache-entry-size'])} entries (memory {_hs(best['memory'])},"
-              f" hit ratio {best['hit-ratio']:.4f})")
+              f" warm hit ratio {best['warm-hit-ratio']:.4f}, overall {best['hit-ratio']:.4f})")
         print(f"  {best['options']['drive']}")
         print(f"  {best['options']['blockdev']}")
     else:
-        print(f"no cache size reaches hit ratio {res['target-hit-ratio']} (cold misses alone exceed it)")
+        print(f"no cache size reaches hit ratio {res['target-hit-ratio']}")
     f = res["full-coverage"]
     print(f"full coverage: l2-cache-size {_hs(f['l2-cache-size'])} (memory {_hs(f['memory'])})")
     print(f"  {f['options']['drive']}")
@@ -233,7 +236,8 @@ def register(sub: argparse._SubParsersAction, name: str, summary: str) -> None:
     pr = s.add_parser("recommend", help="smallest l2-cache-size for a target hit ratio, and full coverage", epilog=EPILOG,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(pr)
-    pr.add_argument("--target", type=float, default=0.99, help="target hit ratio (default 0.99)")
+    pr.add_argument("--target", type=float, default=0.99,
+                    help="target warm hit ratio, i.e. excluding the first lookup of each slice (default 0.99)")
     pr.set_defaults(func=_cmd_recommend)
 
     def _help(args: argparse.Namespace) -> int:

@@ -205,11 +205,17 @@ class Curve:
     def hit_ratio(self, entries: int) -> float:
         return self.hits(entries) / self.lookups if self.lookups else 1.0
 
-    def smallest_size_for(self, target: float) -> Optional[int]:
-        """Smallest number of entries whose hit ratio reaches target (None: never)."""
-        if self.lookups == 0:
+    def warm_hit_ratio(self, entries: int) -> float:
+        """Hit ratio among re-references: the first lookup of each slice misses at any size."""
+        re = self.lookups - self.distinct
+        return self.hits(entries) / re if re else 1.0
+
+    def smallest_size_for(self, target: float, warm: bool = True) -> Optional[int]:
+        """Smallest number of entries whose (warm) hit ratio reaches target (None: never)."""
+        total = self.lookups - self.distinct if warm else self.lookups
+        if total <= 0:
             return 1
-        need = target * self.lookups
+        need = target * total
         ok = np.flatnonzero(self.hits_by_size >= need - 1e-9)
         return int(ok[0]) + 1 if len(ok) else None
 

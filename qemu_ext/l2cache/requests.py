@@ -191,7 +191,9 @@ class ImageState:
             def loader(i: int) -> tuple[list[int], Optional[list[int]]]:
                 first = i * per
                 n = max(0, min(per, nclusters - first))
-                ents = [((data0 + first + k) * cs) | COPIED for k in range(n)] + [0] * (per - n)
+                a = np.zeros(per, dtype=np.uint64)
+                a[:n] = (np.arange(data0 + first, data0 + first + n, dtype=np.uint64) * np.uint64(cs)) | np.uint64(COPIED)
+                ents = a.tolist()
                 bms = ([0xFFFFFFFF] * n + [0] * (per - n)) if geom.extended_l2 else None
                 return ents, bms
 

@@ -272,7 +272,11 @@ def curve(
 
 
 def recommend(disk: Disk, settings: Settings, wl: WorkloadSpec, target: float = 0.99) -> dict:
-    """Smallest l2-cache-size reaching `target` and the full-coverage size, with their memory cost."""
+    """Smallest l2-cache-size reaching `target` and the full-coverage size, with their memory cost.
+
+    The target applies to the warm hit ratio (lookups after the first of each slice): the first
+    lookup of a slice misses at any cache size, so a short workload would otherwise never reach
+    a high target although a running VM does."""
     if not 0.0 < target <= 1.0:
         raise BadInputError("the target hit ratio must be in (0, 1]")
     res = curve(disk, settings, wl, entry_sizes=None)
@@ -298,6 +302,7 @@ def recommend(disk: Disk, settings: Settings, wl: WorkloadSpec, target: float = 
                 "l2-cache-size": size,
                 "entries": r.l2_cache_entries,
                 "hit-ratio": round(cv.hit_ratio(r.l2_cache_entries), 6),
+                "warm-hit-ratio": round(cv.warm_hit_ratio(r.l2_cache_entries), 6),
                 "memory": r.l2_memory,
                 "options": O.option_text(size, e if _needs_entry_option(geom_cs, vsize, ext, size, e, settings) else None, image),
             }
@@ -314,6 +319,9 @@ def recommend(disk: Disk, settings: Settings, wl: WorkloadSpec, target: float = 
             "l2-cache-size": cfg["l2_memory"],
             "l2-cache-entry-size": cfg["l2_cache_entry_size"],
             "hit-ratio": cur_curve["current"]["hit-ratio"] if cur_curve else None,
+            "warm-hit-ratio": (
+                round(cur_curve["_curve"].warm_hit_ratio(cur_curve["current"]["entries"]), 6) if cur_curve else None
+            ),
             "misses": cur_curve["current"]["misses"] if cur_curve else None,
             "lookups": cur_curve["lookups"] if cur_curve else None,
         },

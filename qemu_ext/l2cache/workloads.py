@@ -76,21 +76,30 @@ def synthetic(
     if not 0.0 <= read_ratio <= 1.0:
         raise BadInputError("read ratio must be between 0 and 1")
     rng = np.random.default_rng(seed)
+
+    def scatter(rank: np.ndarray) -> np.ndarray:
+        # a seeded bijection of [0, nblocks) (affine map with a multiplier coprime to nblocks),
+        # so hot ranks land all over the working set without an O(nblocks) permutation
+        a = int(rng.integers(1, max(2, nblocks)))
+        while np.gcd(a, nblocks) != 1:
+            a += 1
+        b = int(rng.integers(0, nblocks))
+        return (rank.astype(object) * a + b) % nblocks if nblocks > 2**31 else (rank * a + b) % nblocks
+
     if pattern == "sequential":
         blocks = np.arange(count, dtype=np.int64) % nblocks
     elif pattern == "uniform":
         blocks = rng.integers(0, nblocks, size=count, dtype=np.int64)
     elif pattern == "zipf":
-        ranks = np.arange(1, nblocks + 1, dtype=np.float64)
+        ranks = np.arange(1, min(nblocks, 1 << 22) + 1, dtype=np.float64)
         p = ranks ** (-zipf_s)
         p /= p.sum()
-        perm = rng.permutation(nblocks)
-        blocks = perm[rng.choice(nblocks, size=count, p=p)]
+        blocks = scatter(rng.choice(len(ranks), size=count, p=p).astype(np.int64))
     else:
         nhot = max(1, int(nblocks * hot_fraction))
-        perm = rng.permutation(nblocks)
         hot = rng.random(count) < hot_probability
-        blocks = np.where(hot, perm[rng.integers(0, nhot, size=count)], perm[rng.integers(0, nblocks, size=count)])
+        blocks = np.where(hot, scatter(rng.integers(0, nhot, size=count)), rng.integers(0, nblocks, size=count))
+    blocks = np.asarray(blocks, dtype=np.int64)
     is_read = rng.random(count) < read_ratio
     offs = (blocks * request_size).tolist()
     return Workload(

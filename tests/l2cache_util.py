@@ -1,0 +1,92 @@
+"""Helpers for the L2-cache tests: run real qemu-io with qcow2_cache_* tracing, and the simulator."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Optional, Sequence
+
+from qemu_ext.l2cache import sim
+from qemu_ext.l2cache import workloads as W
+
+QEMU_IO = "qemu-io"
+
+
+def qemu_io_trace(
+    image: Path, cmds: Sequence[str], l2_cache_size: Optional[int] = None, entry: Optional[int] = None, extra: str = ""
+) -> tuple[list[W.TraceLookup], str]:
+    """Run qemu-io on image with the commands on stdin and qcow2_cache_* traced: L2 lookups + raw output."""
+    opts = f"driver=qcow2,file.filename={image}"
+    if l2_cache_size is not None:
+        opts += f",l2-cache-size={l2_cache_size}"
+    if entry is not None:
+        opts += f",l2-cache-entry-size={entry}"
+    opts += extra
+    cp = subprocess.run(
+        [QEMU_IO, "-T", "qcow2_cache_*", "--image-opts", opts],
+        input="\n".join([*cmds, "quit"]) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = cp.stdout + cp.stderr
+    if cp.returncode != 0 or ("qemu-io: " in cp.stderr and "Could not" in cp.stderr):
+        raise AssertionError(f"qemu-io failed ({cp.returncode}): {cp.stderr[-2000:]}")
+    lookups = [t for t in W.parse_cache_trace(W.log_records(out.splitlines())) if t.is_l2]
+    return lookups, out
+
+
+def simulate_then_run(
+    image: Path, cmds: Sequence[str], l2_cache_size: int, entry: int, tmp: Path
+) -> tuple[dict, list[W.TraceLookup]]:
+    """Simulate on the image as it is (read-only), then let qemu-io run the same commands on a copy."""
+    cmdfile = tmp / f"cmds-{len(cmds)}-{l2_cache_size}-{entry}.txt"
+    cmdfile.write_text("\n".join(cmds) + "\n")
+    res = sim.simulate(
+        sim.Disk(image=str(image)),
+        sim.Settings(l2_cache_size=l2_cache_size, l2_cache_entry_size=entry),
+        sim.load_workload(qemu_io=str(cmdfile)),
+        detailed=True,
+    )
+    work = tmp / f"run-{image.name}"
+    shutil.copyfile(image, work)
+    trace, _out = qemu_io_trace(work, cmds, l2_cache_size, entry)
+    return res, trace
+
+
+def sequence(res: dict) -> list[tuple[int, int, bool]]:
+    return [(e["offset"], e["index"], e["hit"]) for e in res["events"]]
+
+
+def trace_sequence(trace: list[W.TraceLookup]) -> list[tuple[int, int, bool]]:
+    return [(t.offset, t.index, t.hit) for t in trace]
+
+
+def trace_misses(trace: list[W.TraceLookup]) -> int:
+    return sum(1 for t in trace if not t.hit)
+
+
+def random_cmds(
+    seed: int,
+    n: int,
+    disk: int,
+    ops: Sequence[str] = ("read",),
+    sizes: Sequence[int] = (4096, 65536, 131072),
+    align: int = 512,
+    regions: Optional[Sequence[tuple[int, int]]] = None,
+) -> list[str]:
+    """Reproducible qemu-io commands; regions limits offsets to (start, length) areas."""
+    r = random.Random(seed)
+    out = []
+    for _ in range(n):
+        size = r.choice(list(sizes))
+        if regions:
+            start, length = r.choice(list(regions))
+            off = start + r.randrange(0, max(1, length - size))
+        else:
+            off = r.randrange(0, disk - size)
+        off = off // align * align
+        out.append(f"{r.choice(list(ops))} {off} {size}")
+    return out

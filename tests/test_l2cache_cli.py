@@ -1,0 +1,114 @@
+"""`virtopt l2cache` as a user runs it: real images, qemu-io's own traces as the reference."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from helpers import make_qcow2, sha256, virtopt
+from l2cache_util import qemu_io_trace, random_cmds, trace_misses, trace_sequence
+
+if shutil.which("qemu-io") is None:  # a real user condition: QEMU's tools not installed
+    pytest.skip("qemu-io is not installed (apt-get install qemu-utils)", allow_module_level=True)
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    d = tmp_path_factory.mktemp("l2cli")
+    return make_qcow2(d / "disk.qcow2", size="1G", io=["write -P 3 0 40M", "write -P 4 600M 20M"])
+
+
+def test_simulate_detailed_json_is_qemus_trace(image, tmp_path):
+    cmds = random_cmds(11, 300, 1 << 30, ops=("read",), sizes=(4096, 65536))
+    f = tmp_path / "cmds.txt"
+    f.write_text("\n".join(cmds) + "\n")
+    before = sha256(image)
+    cp = virtopt("l2cache", "simulate", str(image), "--qemu-io", str(f), "--l2-cache-size", "16k",
+                 "--l2-cache-entry-size", "4k", "--detailed", "--output=json")
+    assert cp.returncode == 0, cp.stderr
+    assert sha256(image) == before
+    res = json.loads(cp.stdout)
+    work = tmp_path / "w.qcow2"
+    shutil.copyfile(image, work)
+    trace, _ = qemu_io_trace(work, cmds, 16384, 4096)
+    assert [(e["offset"], e["index"], e["hit"]) for e in res["events"]] == trace_sequence(trace)
+    assert res["misses"] == trace_misses(trace)
+    human = virtopt("l2cache", "simulate", str(image), "--qemu-io", str(f), "--l2-cache-size", "16k",
+                    "--l2-cache-entry-size", "4k")
+    assert human.returncode == 0
+    assert f"misses:              {trace_misses(trace)} " in human.stdout
+
+
+def test_curve_plot_and_recommend(image, tmp_path):
+    png = tmp_path / "c.png"
+    cp = virtopt("l2cache", "curve", str(image), "--pattern", "zipf", "--count", "3000", "--plot", str(png))
+    assert cp.returncode == 0, cp.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cp = virtopt("l2cache", "curve", str(image), "--pattern", "uniform", "--count", "2000", "--entry-sizes", "4k")
+    assert cp.returncode == 0 and "hit ratio" in cp.stdout and "|" in cp.stdout  # terminal plot
+    cp = virtopt("l2cache", "recommend", "--virtual-size", "200G", "--pattern", "hotset", "--count", "3000",
+                 "--output=json")
+    assert cp.returncode == 0, cp.stderr
+    rec = json.loads(cp.stdout)
+    full = rec["full-coverage"]
+    assert full["l2-cache-size"] == 200 * 1024**3 * 8 // 65536  # disk size x 8 / cluster size
+    best = rec["recommended"]
+    assert best["warm-hit-ratio"] >= 0.99 and best["l2-cache-size"] <= full["l2-cache-size"]
+    assert f"l2-cache-size={best['l2-cache-size']}" in best["options"]["drive"]
+
+
+def test_recommended_setting_reaches_target_in_qemu(image, tmp_path):
+    cmds = random_cmds(12, 400, 1 << 30, ops=("read",), sizes=(4096,), regions=[(0, 40 * MiB), (600 * MiB, 20 * MiB)])
+    f = tmp_path / "cmds.txt"
+    f.write_text("\n".join(cmds) + "\n")
+    cp = virtopt("l2cache", "recommend", str(image), "--qemu-io", str(f), "--target", "0.95", "--output=json")
+    assert cp.returncode == 0, cp.stderr
+    best = json.loads(cp.stdout)["recommended"]
+    work = tmp_path / "w.qcow2"
+    shutil.copyfile(image, work)
+    trace, _ = qemu_io_trace(work, cmds, best["l2-cache-size"], best["l2-cache-entry-size"])
+    distinct = len({t.offset for t in trace})
+    warm = 1 - (trace_misses(trace) - distinct) / (len(trace) - distinct)
+    assert warm >= 0.95
+    assert warm == pytest.approx(best["warm-hit-ratio"], abs=1e-6)
+    assert 1 - trace_misses(trace) / len(trace) == pytest.approx(best["hit-ratio"], abs=1e-6)
+    # one entry less would not reach the target in QEMU either (it is the smallest)
+    if best["entries"] > 2:
+        smaller = (best["entries"] - 1) * best["l2-cache-entry-size"]
+        shutil.copyfile(image, work)
+        trace2, _ = qemu_io_trace(work, cmds, smaller, best["l2-cache-entry-size"])
+        assert 1 - (trace_misses(trace2) - distinct) / (len(trace2) - distinct) < 0.95
+
+
+@pytest.mark.parametrize(
+    "args,code,text",
+    [
+        (["simulate", "--virtual-size", "1G", "--l2-cache-entry-size", "3000"], 1, "power of two"),
+        (["simulate", "--virtual-size", "nonsense"], 2, "invalid size"),
+        (["simulate"], 1, "give an image or --virtual-size"),
+        (["simulate", "--virtual-size", "1G", "--cache-size", "64k", "--l2-cache-size", "1M"], 1, "may not exceed"),
+    ],
+)
+def test_bad_input_one_line(args, code, text):
+    cp = virtopt("l2cache", *args)
+    assert cp.returncode == code
+    assert text in cp.stderr
+    assert "Traceback" not in cp.stderr
+
+
+def test_hostile_files_one_line(tmp_path):
+    junk = tmp_path / "junk.qcow2"
+    junk.write_bytes(b"QFI\xfb" + b"\xff" * 200)
+    cp = virtopt("l2cache", "simulate", str(junk), "--pattern", "uniform", "--count", "10")
+    assert cp.returncode == 1 and "Traceback" not in cp.stderr and cp.stderr.count("\n") == 1
+    bad = tmp_path / "cmds.txt"
+    bad.write_text("read 0 4k\nfrobnicate 1 2\n")
+    cp = virtopt("l2cache", "simulate", "--virtual-size", "1G", "--qemu-io", str(bad))
+    assert cp.returncode == 1 and "unsupported qemu-io command" in cp.stderr
+    tr = tmp_path / "t.log"
+    tr.write_text("qcow2_cache_get co 0x1 is_l2_cache 1 offset zzz read_from_disk 1\n")
+    cp = virtopt("l2cache", "simulate", "--virtual-size", "1G", "--trace", str(tr))
+    assert cp.returncode == 1 and "malformed" in cp.stderr
