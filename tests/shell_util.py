@@ -41,7 +41,7 @@ def connect_ctl(path: Path, timeout: float = 15.0):
 
 def shell_cmd(address: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run qmp/virtopt-shell (the checkout launcher) the way a user would."""
-    return subprocess.run([sys.executable, str(LAUNCHER), address, "--history", "", *args],
+    return subprocess.run([sys.executable, str(LAUNCHER), address, "--history", "", "--timeout", "30", *args],
                           capture_output=True, text=True, timeout=timeout, cwd="/")
 
 
