@@ -45,6 +45,19 @@ def _dec_len(v: np.ndarray) -> np.ndarray:
     return 1 + np.searchsorted(_DEC_THR, v, side="right")
 
 
+def _ndigits(v: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Digits of each uint64 in v (uint8), given the powers of the base from base**1 up."""
+    out = np.ones(len(v), np.uint8)
+    if len(v) == 0:
+        return out
+    mx = v.max()
+    for t in thresholds:
+        if t > mx:
+            break
+        out += v >= t
+    return out
+
+
 def _hex_chars(v: np.ndarray, w: int) -> np.ndarray:
     """(n, w) hex digits of uint64 v, zero-padded with '0' characters on the left."""
     le = v.view(np.uint8).reshape(-1, 8)
@@ -180,32 +193,35 @@ def plan_simpletrace(st: SimpleTrace) -> _Plan:
     if n == 0:
         return _Plan(np.zeros(0, np.int64), [], {})
     ts = st.timestamps
-    delta = np.empty(n, np.int64)
-    delta[0] = 0
-    delta[1:] = (ts[1:] - ts[:-1]).view(np.int64)
-    slow = np.abs(delta) >= _EXACT_DELTA
-    neg = (delta < 0).astype(np.int64)
-    absd = np.abs(delta).astype(np.uint64)
-    ip = absd // np.uint64(1000)
-    fp = (absd - ip * np.uint64(1000)).astype(np.intp)
-    kd = _dec_len(ip)
+    ad = np.empty(n, np.int64)
+    ad[0] = 0
+    np.subtract(ts[1:], ts[:-1], out=ad[1:].view(np.uint64))  # u64 differences, read as signed
+    neg = ad < 0
+    np.abs(ad, out=ad)
+    slow = ad >= _EXACT_DELTA
+    any_slow = bool(slow.any())
+    ip = ad // 1000
+    np.subtract(ad, ip * 1000, out=ad)
+    fp = ad  # 0..999, index into _DEC3
+    ipu = ip.view(np.uint64)
+    kd = _ndigits(ipu, _DEC_THR)
     pids = st.pids.astype(np.uint64)
     p0 = int(pids[0])
     pid_const = not np.any(pids != np.uint64(p0))
-    kp = None if pid_const else _dec_len(pids)
+    kp = None if pid_const else _ndigits(pids, _DEC_THR)
 
-    L_row = np.zeros(n, np.int64)
+    L_row = np.zeros(n, np.int32)
     groups: list[tuple[np.ndarray, int, np.ndarray, list]] = []  # (global rows, line length, template, slots)
     for k in range(len(st.kinds)):
         ev = st.kind_event(k)
         rows_all = st.kind_rows(k)
         cols = st.kind_args(k)
-        keep = np.flatnonzero(~slow[rows_all])
-        rows = rows_all[keep]
+        keep = np.flatnonzero(~slow[rows_all]) if any_slow else None
+        rows = rows_all[keep] if keep is not None else rows_all
         if len(rows) == 0:
             continue
         # per-row varying parts: (component array with a small range, how to render it)
-        comps: list[np.ndarray] = [kd[rows] - 1, neg[rows]]
+        comps: list[np.ndarray] = [kd[rows] - 1, neg[rows].view(np.uint8)]
         specs: list[tuple] = []
         if not pid_const:
             assert kp is not None
@@ -214,15 +230,15 @@ def plan_simpletrace(st: SimpleTrace) -> _Plan:
             if isinstance(col, StringColumn):
                 uniq, inv = col.unique(st.data)
                 texts = [str(u).encode("ascii") for u in uniq]
-                comps.append(inv[keep])
+                comps.append(inv[keep] if keep is not None else inv)
                 specs.append(("str", a.name, texts))
             else:
-                v = col[keep]
+                v = col[keep] if keep is not None else col
                 v0 = v[0]
                 if not np.any(v != v0):
                     specs.append(("const", a.name, f"{int(v0):x}".encode()))
                     continue
-                comps.append(_hex_len(v) - 1)
+                comps.append(_ndigits(v, _HEX_THR) - 1)
                 specs.append(("hex", a.name, v))
         sig = np.zeros(len(rows), np.int64)
         mult = 1
@@ -248,7 +264,7 @@ def plan_simpletrace(st: SimpleTrace) -> _Plan:
                 parts.append(b"-")
                 pos += 1
             w = int(kd[rows[r0]])
-            slots.append(("dec", pos, w, ip, True))
+            slots.append(("dec", pos, w, ipu, True))
             parts += [b"\0" * w, b".", b"\0\0\0", b" pid="]
             slots.append(("frac", pos + w + 1, 3, fp, True))
             pos += w + 4 + 5
@@ -297,7 +313,7 @@ class _Plan:
 
     def __init__(self, L_row: np.ndarray, groups: list, slow_lines: dict[int, bytes]) -> None:
         self.L_row = L_row
-        self.dst = np.cumsum(L_row) - L_row
+        self.dst = np.cumsum(L_row, dtype=np.int64) - L_row
         self.total = int(L_row.sum())
         self.groups = groups
         self.slow_lines = slow_lines
