@@ -91,6 +91,14 @@ def build_matrix(d: Path) -> dict[str, Path]:
     run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xf1 0 128k", "-c", "write -P 0xf2 2M 64k", "-c", "abort", str(p)],
         check=False)
     imgs["lazy-dirty"] = p
+    # LUKS encrypted (qemu-img info shows the LUKS header without the key)
+    p = d / "luks.qcow2"
+    sec = "secret,id=sec0,data=virtopt-test"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "--object", sec, "-o",
+         "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", str(p), "8M"])
+    run(["qemu-io", "--object", sec, "--image-opts", f"driver=qcow2,file.filename={p},encrypt.key-secret=sec0",
+         "-c", "write -P 0x66 0 128k"])
+    imgs["luks"] = p
     mk("v2", size="32M", options={"compat": "0.10"}, io=["write -P 0x12 0 64k", "write -z 64k 64k"])
     mk("prealloc-meta", size="32M", options={"preallocation": "metadata"}, io=["write -P 0x13 1M 64k"])
     mk("discard", size="32M", io=["write -P 0x14 0 1M", "discard 256k 256k", "write -z -u 512k 64k"])

@@ -10,6 +10,7 @@ with numpy by `image.py`, using the masks and bit positions defined here.
 from __future__ import annotations
 
 from construct import (
+    Array,
     BitsInteger,
     BitStruct,
     Bytes,
@@ -130,6 +131,33 @@ CryptoHeaderExtension = Struct(
     "length" / Int64ub,  # 8-15 bytes of the written encryption header
 )
 CRYPTO_HEADER_EXTENSION_SIZE = 16
+
+# LUKS1 partition header at the start of the encryption header clusters (crypt_method 2), 592 bytes.
+LUKS_MAGIC = b"LUKS\xba\xbe"
+LuksKeySlot = Struct(
+    "active" / Int32ub,  # 0x00AC71F3 enabled, 0x0000DEAD disabled
+    "iterations" / Int32ub,  # PBKDF2 iterations
+    "salt" / Bytes(32),
+    "key_offset_sector" / Int32ub,  # key material, in 512-byte sectors from the header start
+    "stripes" / Int32ub,  # anti-forensic stripes
+)
+LUKS_KEY_SLOT_ENABLED = 0x00AC71F3
+LuksHeader = Struct(
+    "magic" / Const(LUKS_MAGIC),  # 0-5
+    "version" / Int16ub,  # 6-7     1
+    "cipher_name" / Bytes(32),  # 8-39    e.g. "aes"
+    "cipher_mode" / Bytes(32),  # 40-71   e.g. "xts-plain64", "cbc-essiv:sha256"
+    "hash_spec" / Bytes(32),  # 72-103  e.g. "sha256"
+    "payload_offset_sector" / Int32ub,  # 104-107
+    "master_key_len" / Int32ub,  # 108-111 key bytes
+    "master_key_digest" / Bytes(20),  # 112-131
+    "master_key_salt" / Bytes(32),  # 132-163
+    "master_key_iterations" / Int32ub,  # 164-167
+    "uuid" / Bytes(40),  # 168-207
+    "key_slots" / Array(8, LuksKeySlot),  # 208-591
+)
+LUKS_HEADER_SIZE = 592
+
 
 # ---------------------------------------------------------------- cluster mapping
 # L1 table entry (64 bits)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
+from construct import ConstructError
 
+from qemu_ext.errors import BadInputError
 from qemu_ext.qcow2 import format as F
 from qemu_ext.qcow2.chain import Layer, open_chain, path_combine
 from qemu_ext.qcow2.image import PathLike, Qcow2Image
@@ -74,7 +76,56 @@ def qemu_info(img: Qcow2Image, filename: str) -> dict[str, Any]:
                 {"name": bm.name, "granularity": bm.granularity, "flags": bm.flag_names} for bm in img.bitmaps()
             ]
         data["compression-type"] = img.compression_type
+    if h.crypt_method == 2:
+        enc = luks_info(img)
+        if enc is not None:
+            data["encrypt"] = enc
+    elif h.crypt_method == 1:
+        data["encrypt"] = {"format": "aes"}
     d["format-specific"] = {"type": "qcow2", "data": data}
+    return d
+
+
+def _cstr(b: bytes) -> str:
+    return b.split(b"\0", 1)[0].decode("ascii", "replace")
+
+
+def luks_info(img: Qcow2Image) -> Optional[dict[str, Any]]:
+    """The "encrypt" object qemu-img info shows for LUKS images (crypto/block-luks.c get_info)."""
+    ext = next((e for e in img.extensions if e.type == F.EXT_CRYPTO_HEADER and len(e.data) >= 16), None)
+    if ext is None:
+        return None
+    cx = F.CryptoHeaderExtension.parse(ext.data[:16])
+    try:
+        h = F.LuksHeader.parse(img.pread(cx.offset, F.LUKS_HEADER_SIZE, "LUKS header"))
+    except ConstructError:
+        raise BadInputError(f"{img.path}: the encryption header is not a LUKS header") from None
+    mode_spec = _cstr(h.cipher_mode)
+    mode, _, ivgen = mode_spec.partition("-")
+    ivgen_alg, _, ivgen_hash = ivgen.partition(":")
+    key_bytes = h.master_key_len // 2 if mode == "xts" else h.master_key_len
+    d: dict[str, Any] = {
+        "format": "luks",
+        "cipher-alg": f"{_cstr(h.cipher_name)}-{key_bytes * 8}",
+        "cipher-mode": mode,
+        "ivgen-alg": ivgen_alg,
+    }
+    if ivgen_alg == "essiv":
+        d["ivgen-hash-alg"] = ivgen_hash
+    d["hash-alg"] = _cstr(h.hash_spec)
+    d["payload-offset"] = h.payload_offset_sector * 512
+    d["master-key-iters"] = h.master_key_iterations
+    d["uuid"] = _cstr(h.uuid)
+    slots = []
+    for ks in h.key_slots:
+        active = ks.active == F.LUKS_KEY_SLOT_ENABLED
+        slot: dict[str, Any] = {"active": active}
+        if active:
+            slot["iters"] = ks.iterations
+            slot["stripes"] = ks.stripes
+        slot["key-offset"] = ks.key_offset_sector * 512
+        slots.append(slot)
+    d["slots"] = slots
     return d
 
 
