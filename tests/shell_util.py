@@ -55,6 +55,7 @@ class Repl:
         self.out = io.StringIO()
         self.err = io.StringIO()
         opts.setdefault("history", None)
+        opts.setdefault("timeout", 30.0)
         self.shell = Shell(ShellOptions(address=address, **opts), stdout=self.out, stderr=self.err)  # type: ignore[arg-type]
         self._pipe_cm = create_pipe_input()
         self.pipe = self._pipe_cm.__enter__()
