@@ -190,8 +190,7 @@ class Shell:
             self.log(exc.reply)
             return exc.exit_code
         except ParseError as exc:
-            self.err(f"parse error: {exc}")
-            self.err("command format: <command-name> [arg-name1=arg1] ... [arg-nameN=argN]")
+            self.err(f"parse error: {exc} (format: command-name [arg-name1=arg1] ... [arg-nameN=argN])")
             return exc.exit_code
         except VirtoptError as exc:
             self.err(f"error: {exc}")
