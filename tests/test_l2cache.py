@@ -184,3 +184,33 @@ def test_slice_trace_replay_and_curve_agree_with_qemu(images, tmp_path):
     c = cv["curves"][0]["_curve"]
     for l2size, (trace, _out) in runs.items():
         assert c.lookups - c.hits(l2size // 4096) == trace_misses(trace)
+
+
+def test_simpletrace_file_from_debug_qemu_io(images, tmp_path, debug_src):
+    """The debug build writes a simpletrace file (and the same events as log text on stderr):
+    replaying the file gives QEMU's misses, and the image-based simulation agrees."""
+    import subprocess
+
+    img = tmp_path / "st.qcow2"
+    shutil.copyfile(images["used64k"], img)
+    cmds = random_cmds(13, 300, GiB, ops=("read",), sizes=(4096, 65536))
+    binfile = tmp_path / "trace.bin"
+    cp = subprocess.run(
+        [str(debug_src / "build" / "qemu-io"), "-T", f"enable=qcow2_cache_*,file={binfile}", "--image-opts",
+         f"driver=qcow2,file.filename={img},l2-cache-size=12288,l2-cache-entry-size=4096"],
+        input="\n".join([*cmds, "quit"]) + "\n", capture_output=True, text=True, timeout=120,
+    )
+    assert cp.returncode == 0, cp.stderr
+    from qemu_ext.l2cache import workloads as W
+
+    log_trace = [t for t in W.parse_cache_trace(W.log_records((cp.stdout + cp.stderr).splitlines())) if t.is_l2]
+    disk = sim.Disk(virtual_size=GiB)
+    settings = sim.Settings(l2_cache_size=12288, l2_cache_entry_size=4096)
+    res = sim.simulate(disk, settings, sim.load_workload(trace=str(binfile)), detailed=True)
+    assert res["lookups"] == len(log_trace) > 100
+    assert res["misses"] == trace_misses(log_trace)
+    assert sequence(res) == trace_sequence(log_trace)
+    cmdfile = tmp_path / "c.txt"
+    cmdfile.write_text("\n".join(cmds) + "\n")
+    res2 = sim.simulate(sim.Disk(image=str(images["used64k"])), settings, sim.load_workload(qemu_io=str(cmdfile)))
+    assert res2["misses"] == res["misses"]

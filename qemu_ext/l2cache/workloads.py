@@ -4,7 +4,6 @@ captured QEMU traces (log-backend text or simpletrace files) at slice level
 
 from __future__ import annotations
 
-import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,43 +182,43 @@ class TraceLookup:
     timestamp_ns: Optional[int] = None
 
 
-# log backend: "[pid@sec.usec:]name key value key value ..." (the prefix appears with -d trace:..)
-_LOG_RE = re.compile(r"^(?:\d+@(?P<ts>\d+\.\d+):)?(?P<name>qcow2_[a-z_]+) (?P<rest>.*)$")
+# the trace engineer's decoders key arguments by their declared names (qcow2_cache_get's `c`
+# is the log's `is_l2_cache`, `i` its `index`); this module uses the log words
+_ARG_WORDS = {"c": "is_l2_cache", "i": "index"}
+_PROMPT = "qemu-io> "
 
 
-def _kv(rest: str) -> dict[str, str]:
-    parts = rest.split()
-    return {parts[i]: parts[i + 1] for i in range(0, len(parts) - 1, 2)}
-
-
-def _records_from_log(lines: Iterable[str]) -> Iterator[tuple[str, dict[str, str], Optional[int]]]:
-    for line in lines:
-        s = line.strip()
-        # qemu-io's prompt may prefix the first event of a command
-        while s.startswith("qemu-io> "):
-            s = s[len("qemu-io> ") :]
-        m = _LOG_RE.match(s)
-        if not m:
-            continue
-        ts = m.group("ts")
-        yield m.group("name"), _kv(m.group("rest")), (int(float(ts) * 1e9) if ts else None)
-
-
-def _records_from_simpletrace(path: Path) -> Iterator[tuple[str, dict[str, str], Optional[int]]]:
-    try:
-        from qemu_ext import trace as vtrace  # the trace engineer's decoder
-    except ImportError as exc:
-        raise BadInputError("simpletrace files need qemu_ext.trace, which is not available") from exc
-    reader = getattr(vtrace, "read_trace", None)
-    if reader is None:
-        raise BadInputError("qemu_ext.trace.read_trace is not available in this build")
-    for rec in reader(str(path)):
-        args = {k: (hex(v) if k == "offset" and isinstance(v, int) else str(v)) for k, v in dict(rec.args).items()}
+def _normalise(records) -> Iterator[tuple[str, dict[str, str], Optional[int]]]:
+    for rec in records:
+        args = {_ARG_WORDS.get(k, k): str(v) for k, v in dict(rec.args).items()}
         yield rec.name, args, getattr(rec, "timestamp_ns", None)
 
 
+def _strip_prompt(lines: Iterable[str]) -> Iterator[str]:
+    for line in lines:
+        # qemu-io's prompt prefixes the first event printed while a command runs
+        while line.startswith(_PROMPT):
+            line = line[len(_PROMPT) :]
+        yield line
+
+
+def _records_from_log(lines: Iterable[str]) -> Iterator[tuple[str, dict[str, str], Optional[int]]]:
+    from qemu_ext.trace import parse_log_lines
+
+    try:
+        yield from _normalise(parse_log_lines(_strip_prompt(lines)))
+    except ValueError as exc:
+        raise BadInputError(f"malformed trace: {exc}") from None
+
+
+def _records_from_simpletrace(path: Path) -> Iterator[tuple[str, dict[str, str], Optional[int]]]:
+    from qemu_ext.trace import read_trace
+
+    yield from _normalise(read_trace(str(path)))
+
+
 def _int(v: str) -> int:
-    return int(v, 0)
+    return int(str(v), 0)
 
 
 def parse_cache_trace(records: Iterable[tuple[str, dict[str, str], Optional[int]]]) -> list[TraceLookup]:
@@ -260,7 +259,7 @@ def parse_request_trace(records: Iterable[tuple[str, dict[str, str], Optional[in
                 w.ops.append("w")
                 w.offsets.append(_int(a["offset"]))
                 w.lengths.append(_int(a["bytes"]))
-            elif name == "qcow2_add_task" and a.get("action") in ("read", "\"read\""):
+            elif name == "qcow2_add_task" and a.get("action", "").strip('"') == "read":
                 w.ops.append("r")
                 w.offsets.append(_int(a["offset"]))
                 w.lengths.append(_int(a["bytes"]))
@@ -276,12 +275,9 @@ def parse_request_trace(records: Iterable[tuple[str, dict[str, str], Optional[in
 def trace_records(path: str | Path) -> Iterator[tuple[str, dict[str, str], Optional[int]]]:
     """Records of a log-backend text file or a simpletrace binary file."""
     p = Path(path)
-    try:
-        with open(p, "rb") as f:
-            head = f.read(16)
-    except OSError as exc:
-        raise BadInputError(f"cannot read {path}: {exc.strerror}") from None
-    if head[:8] == (0xFFFFFFFFFFFFFFFF).to_bytes(8, "little"):
+    from qemu_ext.trace import detect_format
+
+    if detect_format(p) != "log":
         return _records_from_simpletrace(p)
     text = p.read_text(errors="replace")
     return _records_from_log(text.splitlines())
