@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -129,8 +130,9 @@ def test_smoke_every_command_in_both_qemus(any_qemu):
 
 
 def test_threads_match_proc_and_query_cpus_fast(any_qemu):
-    (data,) = gdb_json(any_qemu.pid, "threads --json")
-    truth = proc_threads(any_qemu.pid)
+    with GdbSession(any_qemu.pid) as s:
+        data = s.run("threads --json").data
+        truth = proc_threads(any_qemu.pid)  # read while gdb holds QEMU stopped: no thread comes or goes
     mine = {t["tid"]: t for t in data["threads"]}
     assert set(mine) == set(truth)
     for tid, comm in truth.items():
@@ -311,3 +313,32 @@ def test_non_qemu_process_gives_one_line_error(tmp_path: Path):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_in_flight_coroutine_found_and_backtraced_then_completes(debug_qemu_factory, image_factory):
+    """A read suspended by blkdebug is a yielded coroutine: found via tracked_requests, unwound, resumed."""
+    img = image_factory("bk.qcow2", size="16M", io=["write -P 0x55 0 64k"])
+    qp = debug_qemu_factory(name="virtopt-co", drives=[
+        f"if=none,id=d1,driver=qcow2,file.driver=blkdebug,file.image.filename={img}"])
+    qp.client = qp.qmp()
+    hmp(qp, 'qemu-io d1 "break read_aio A"')
+    hmp(qp, 'qemu-io d1 "aio_read -P 0x55 0 4k"')
+    deadline = time.monotonic() + 10
+    while "Suspended request 'A'" not in qp.stderr_text():
+        assert time.monotonic() < deadline, qp.stderr_text()
+        time.sleep(0.05)
+    with GdbSession(qp.pid) as s:
+        listing = s.run("coroutines --json").data
+        inflight = [c for c in listing["coroutines"] if c["source"].startswith("tracked-request:")]
+        assert len(inflight) == 1
+        bt = s.run(f"coroutines --bt {inflight[0]['address']:#x} --json").data
+    frames = [f["function"] for f in bt["backtrace"]["frames"]]
+    assert frames[:3] == ["qemu_coroutine_switch", "qemu_coroutine_yield", "blkdebug_debug_event"]
+    assert "qcow2_co_preadv_part" in frames and "coroutine_trampoline" in frames
+    # the coroutine's registers were only borrowed: resuming completes the read with the right data
+    hmp(qp, 'qemu-io d1 "resume A"')
+    while "read 4096/4096 bytes at offset 0" not in qp.stderr_text():
+        assert time.monotonic() < deadline + 10, qp.stderr_text()
+        time.sleep(0.05)
+    assert "Pattern verification failed" not in qp.stderr_text()
+    assert qp.client.cmd("query-status")["running"] is True

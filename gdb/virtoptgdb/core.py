@@ -60,7 +60,37 @@ class NoDebugInfoParameter(gdb.Parameter):
         return ""
 
 
+class JsonDirParameter(gdb.Parameter):
+    """Directory where --json output goes as files (set by virtopt's pygdbmi driver: large JSON
+    through gdb/MI console records is slow). Empty: --json prints to the console."""
+
+    set_doc = "Set the directory virtopt writes --json output to (empty: the console)."
+    show_doc = "Show the directory virtopt writes --json output to."
+
+    def __init__(self) -> None:
+        super().__init__("virtopt-json-dir", gdb.COMMAND_DATA, gdb.PARAM_OPTIONAL_FILENAME)
+        self.value = ""
+
+
+JSON_MARKER = "@virtopt-json-file "
+_json_seq = [0]
+
+
+def emit_json(data: Any) -> None:
+    text = json.dumps(data, indent=4)
+    d = JSON_DIR.value if JSON_DIR is not None else ""
+    if d and os.path.isdir(d):
+        _json_seq[0] += 1
+        path = os.path.join(d, f"{os.getpid()}-{_json_seq[0]}.json")
+        with open(path, "w") as f:
+            f.write(text + "\n")
+        gdb.write(f"{JSON_MARKER}{path}\n")
+    else:
+        gdb.write(text + "\n")
+
+
 DEBUG: Optional[DebugParameter] = None
+JSON_DIR: Optional[JsonDirParameter] = None
 IGNORE_DEBUG_INFO: Optional[NoDebugInfoParameter] = None
 
 
@@ -514,7 +544,7 @@ class VirtoptCommand(gdb.Command):
         raise NotImplementedError
 
     def render(self, data: Any, args: argparse.Namespace) -> None:
-        gdb.write(json.dumps(data, indent=4) + "\n")
+        emit_json(data)
 
     def check(self) -> None:
         check_process(self.name)
@@ -532,7 +562,7 @@ class VirtoptCommand(gdb.Command):
             self.check()
             data = self.collect(args)
             if getattr(args, "json", False):
-                gdb.write(json.dumps(data, indent=4) + "\n")
+                emit_json(data)
             else:
                 self.render(data, args)
         except gdb.GdbError:
@@ -546,6 +576,16 @@ class VirtoptCommand(gdb.Command):
             raise gdb.GdbError(msg) from None
         except KeyboardInterrupt:
             raise gdb.GdbError(f"virtopt {self.name}: interrupted") from None
+        except gdb.MemoryError as exc:
+            if debug_enabled():
+                traceback.print_exc()
+            raise gdb.GdbError(f"virtopt {self.name}: cannot read QEMU's memory: {exc} "
+                               "(a dangling pointer, or QEMU's structures differ)") from None
+        except gdb.error as exc:
+            if debug_enabled():
+                traceback.print_exc()
+            raise gdb.GdbError(f"virtopt {self.name}: this QEMU's structures differ from what virtopt knows: "
+                               f"{exc}") from None
         except Exception as exc:
             if debug_enabled():
                 traceback.print_exc()
@@ -565,8 +605,9 @@ def table(rows: list[list[Any]], headers: list[str]) -> str:
 
 
 def init() -> None:
-    global DEBUG, IGNORE_DEBUG_INFO
+    global DEBUG, IGNORE_DEBUG_INFO, JSON_DIR
     if DEBUG is None:
         DEBUG = DebugParameter()
+        JSON_DIR = JsonDirParameter()
         IGNORE_DEBUG_INFO = NoDebugInfoParameter()
         connect_events()

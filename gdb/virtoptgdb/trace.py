@@ -175,7 +175,9 @@ class TracePrefix(core.VirtoptCommand):
         p.add_argument("rest", nargs="*", help="list | enable | disable, then patterns")
 
     def collect(self, args: argparse.Namespace) -> Any:
-        raise core.VirtoptGdbError("say what to do: virtopt trace list|enable|disable PATTERN")
+        what = " ".join(args.rest)
+        raise core.VirtoptGdbError(f"unknown trace sub-command {what!r}: use virtopt trace list|enable|disable PATTERN"
+                                   if what else "say what to do: virtopt trace list|enable|disable PATTERN")
 
 
 class _TraceSub(core.VirtoptCommand):

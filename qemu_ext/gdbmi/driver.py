@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Optional, Sequence
 from qemu_ext.errors import NotAvailableError, QemuError, VirtoptError
 
 #: first words that are virtopt gdb commands (so `-c threads` means `virtopt threads`)
+JSON_MARKER = "@virtopt-json-file "  # what the pack prints instead of JSON when virtopt-json-dir is set
 VIRTOPT_COMMANDS = ("info", "threads", "vcpus", "mtree", "timers", "trace", "qcow2", "coroutines")
 
 
@@ -85,6 +87,7 @@ class GdbSession:
     pack: Optional[Path] = None
     _ctl: Any = None
     _token: int = 100
+    _json_dir: Optional[str] = None
     log: list = field(default_factory=list)
 
     def __enter__(self) -> GdbSession:
@@ -120,6 +123,9 @@ class GdbSession:
             res = self.console(f"source {pack}")
             if not res.ok or "did not load" in res.output:
                 raise QemuError(f"the virtopt gdb pack did not load: {res.error or res.output.strip()}")
+            # large JSON through MI console records is slow: let the pack hand it over in files
+            self._json_dir = tempfile.mkdtemp(prefix="virtopt-gdb-")
+            self.console(f"set virtopt-json-dir {self._json_dir}")
         except BaseException:
             self.close()
             raise
@@ -160,12 +166,32 @@ class GdbSession:
         """Run a CLI command (e.g. `virtopt threads --json`) and return what it printed."""
         res = self.mi(f"-interpreter-exec console {_mi_quote(command)}", timeout)
         res.command = command
+        if self._json_dir and JSON_MARKER in res.output:
+            res.output = self._take_json_files(res.output)
         return res
+
+    def _take_json_files(self, output: str) -> str:
+        parts = []
+        for line in output.splitlines(keepends=True):
+            if line.startswith(JSON_MARKER):
+                path = Path(line[len(JSON_MARKER):].strip())
+                if path.parent == Path(self._json_dir or ""):
+                    try:
+                        parts.append(path.read_text())
+                        path.unlink()
+                        continue
+                    except OSError:
+                        pass
+            parts.append(line)
+        return "".join(parts)
 
     def run(self, command: str, timeout: Optional[float] = None) -> GdbResult:
         return self.console(normalize(command), timeout)
 
     def close(self) -> None:
+        if self._json_dir:
+            shutil.rmtree(self._json_dir, ignore_errors=True)
+            self._json_dir = None
         ctl, self._ctl = self._ctl, None
         if ctl is None:
             return
