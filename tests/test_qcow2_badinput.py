@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import resource
 import shutil
 import struct
@@ -127,3 +128,20 @@ def test_fuzz_mutated_images(seed: Path, tmp_path_factory: pytest.TempPathFactor
         except VirtoptError:
             pass
     assert sha256(p) == digest
+
+
+def test_unknown_incompatible_feature(seed: Path, tmp_path: Path) -> None:
+    """qemu-img refuses an unknown incompatible bit; virtopt names it in info and refuses to map or convert."""
+    with open(seed, "rb") as f:
+        f.seek(72)
+        incompat = struct.unpack(">Q", f.read(8))[0]
+    p = _patched(seed, tmp_path, "unknown-feature.qcow2", 72, ">Q", incompat | 1 << 9)
+    q = run(["qemu-img", "info", str(p)], check=False)
+    assert q.returncode != 0 and "Unsupported qcow2 feature" in q.stderr
+    cp = virtopt("qcow2", "info", "--output=json", str(p))
+    assert cp.returncode == 0
+    assert "unknown bit 9" in json.loads(cp.stdout)["virtopt"]["features"]["incompatible"]
+    for args in (("map", str(p)), ("convert", str(p), str(tmp_path / "o.raw"))):
+        cp = virtopt("qcow2", *args)
+        _one_line_error(cp)
+        assert cp.returncode == 2 and "unsupported qcow2 feature" in cp.stderr

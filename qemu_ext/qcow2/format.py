@@ -69,6 +69,7 @@ INCOMPAT_CORRUPT = 1 << 1  # any structure may be corrupt; do not write
 INCOMPAT_DATA_FILE = 1 << 2  # guest clusters live in an external data file
 INCOMPAT_COMPRESSION = 1 << 3  # compression_type field present and != 0
 INCOMPAT_EXTL2 = 1 << 4  # extended (128-bit) L2 entries, 32 subclusters
+INCOMPAT_KNOWN_MASK = 0x1F
 # compatible_features (bytes 80-87)
 COMPAT_LAZY_REFCOUNTS = 1 << 0
 # autoclear_features (bytes 88-95)

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Optional, Union
 import numpy as np
 from construct import ConstructError
 
-from qemu_ext.errors import BadInputError
+from qemu_ext.errors import BadInputError, NotAvailableError
 from qemu_ext.qcow2 import format as F
 
 PathLike = Union[str, os.PathLike]
@@ -412,6 +412,16 @@ class Qcow2Image:
                 if value >> bit & 1:
                     lst.append(names.get((kind, bit)) or F.KNOWN_FEATURE_NAMES.get((kind, bit)) or f"unknown bit {bit}")
         return out
+
+    def require_known_features(self) -> None:
+        """Refuse (like QEMU) to interpret guest data when an unknown incompatible feature bit is set."""
+        unknown = self.header.incompatible_features & ~F.INCOMPAT_KNOWN_MASK
+        if unknown:
+            names = self.features().incompatible
+            known = {F.KNOWN_FEATURE_NAMES[("incompatible", b)] for b in range(5)}
+            raise NotAvailableError(
+                f"{self.path}: unsupported qcow2 feature(s): {', '.join(n for n in names if n not in known)}"
+            )
 
     # ------------------------------------------------------------ L1 / L2
     def l1_entries(self) -> np.ndarray:

@@ -284,6 +284,7 @@ def layer_runs(layer: Layer, progress_bar: Any = None) -> Runs:
         r.off[z] = r.start[z]
         return merge(r)
     img = layer.img
+    img.require_known_features()
     l1 = img.l1_entries()
     l2_offs = l1 & U(F.L1E_OFFSET_MASK)
     used = np.nonzero(l2_offs)[0]
