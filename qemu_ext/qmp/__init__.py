@@ -12,16 +12,31 @@
 
 from __future__ import annotations
 
-from qemu_ext.qmp.client import QmpSession, connect, run_sync
-from qemu_ext.qmp.errors import (
-    HmpError,
-    QmpCommandError,
-    QmpConnectError,
-    QmpError,
-    QmpGoneError,
-    QmpGreetingError,
-    QmpTimeoutError,
-)
+from typing import Any
+
+# Exports load on first use, so that `virtopt --help` (which imports qemu_ext.qmp.shell_cli) stays fast.
+_EXPORTS = {
+    "QmpSession": "qemu_ext.qmp.client",
+    "connect": "qemu_ext.qmp.client",
+    "run_sync": "qemu_ext.qmp.client",
+    "HmpError": "qemu_ext.qmp.errors",
+    "QmpCommandError": "qemu_ext.qmp.errors",
+    "QmpConnectError": "qemu_ext.qmp.errors",
+    "QmpError": "qemu_ext.qmp.errors",
+    "QmpGoneError": "qemu_ext.qmp.errors",
+    "QmpGreetingError": "qemu_ext.qmp.errors",
+    "QmpTimeoutError": "qemu_ext.qmp.errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'qemu_ext.qmp' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(mod), name)
+
 
 __all__ = [
     "HmpError",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import sys
 import time
@@ -27,8 +26,8 @@ from qemu_ext.qmp.client import QmpSession
 from qemu_ext.qmp.completion import CompletionData, ShellCompleter
 from qemu_ext.qmp.errors import QmpCommandError, QmpError, QmpGoneError
 from qemu_ext.qmp.parse import BuiltinCommand, LineParser, ParseError, QmpCommand
+from qemu_ext.qmp.shell_cli import DEFAULT_HISTORY
 
-DEFAULT_HISTORY = os.path.join(os.path.expanduser("~"), ".virtopt-shell_history")
 RECONNECT_POLL = 0.25
 
 HELP = """\

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+
+DEFAULT_HISTORY = os.path.join(os.path.expanduser("~"), ".virtopt-shell_history")
 
 EPILOG = """\
 examples:
@@ -31,7 +34,8 @@ def register(sub: argparse._SubParsersAction, name: str, summary: str) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from qemu_ext.output import add_output_option
-    from qemu_ext.qmp.shell import DEFAULT_HISTORY
+
+    default_history = DEFAULT_HISTORY
 
     p.add_argument("address", metavar="SOCKET|HOST:PORT", help="QMP unix socket path, or HOST:PORT for TCP")
     p.add_argument("-H", "--hmp", action="store_true", help="HMP mode: lines are HMP commands (built-ins still work)")
@@ -40,8 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-l", "--logfile", metavar="LOGFILE", help="append commands, replies and events (JSON lines)")
     p.add_argument("-c", "--command", dest="commands", action="append", default=[], metavar="LINE",
                    help="run LINE and exit (repeatable; stops at the first error with a non-zero exit)")
-    p.add_argument("--history", metavar="FILE", default=DEFAULT_HISTORY,
-                   help=f"history file (default {DEFAULT_HISTORY}; '' for none)")
+    p.add_argument("--history", metavar="FILE", default=default_history,
+                   help=f"history file (default {default_history}; '' for none)")
     p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                    help="seconds to wait for the connection and greeting (default 5)")
     p.add_argument("--no-reconnect", dest="reconnect", action="store_false",
