@@ -544,6 +544,8 @@ class _Scanner:
                 return None
             if self.cand is None:
                 self._find_candidates(pos, pid)
+                if len(self.cand) and int(self.cand[0]) == pos:
+                    return pos  # the bulk pass takes it from here
             self.singles.append(pos)
             return pos + 8 + ln
         raise BadInputError(
@@ -570,9 +572,10 @@ class _Scanner:
             ph = start & 3
             v = _view(self.data, "<u4", ph, self.cache)
             q = (((start - ph) >> 2) + 7) & 1
-            m = np.flatnonzero(v[q::2] == pid)
-            c = ph + 4 * (q + 2 * m.astype(np.int64)) - 28
-            c = c[c >= start]
+            c = np.flatnonzero(v[q::2] == pid)  # int64 indices
+            c <<= 3
+            c += ph + 4 * q - 28
+            c = c[np.searchsorted(c, start) :]
         c = c[c + EVENT_HEADER_LEN <= self.size]
         hdr = _words_at(self.data, c, 4, self.cache)
         ln = (hdr[:, 3] & np.uint64(0xFFFFFFFF)).astype(np.int64)
@@ -672,8 +675,11 @@ def decode_simple(
     sc = _Scanner(data, name)
     end = sc.scan(TraceHeaderLen)
     hdrs = [h if h is not None else _words_at(data, o, 4, sc.cache) for o, h in sc.chunks]
-    offsets = np.concatenate([o for o, _ in sc.chunks]) if sc.chunks else np.zeros(0, np.int64)
-    hdr = np.concatenate(hdrs) if hdrs else np.zeros((0, 4), np.uint64)
+    if len(sc.chunks) == 1:  # the usual case: one proven run from the first record to the end
+        offsets, hdr = sc.chunks[0][0], hdrs[0]
+    else:
+        offsets = np.concatenate([o for o, _ in sc.chunks]) if sc.chunks else np.zeros(0, np.int64)
+        hdr = np.concatenate(hdrs) if hdrs else np.zeros((0, 4), np.uint64)
     st = SimpleTrace(
         path=name,
         size=len(data),
@@ -690,8 +696,8 @@ def decode_simple(
         data=data,
     )
     st._views = sc.cache
-    st.event_ids = np.ascontiguousarray(hdr[:, 1])
-    st.timestamps = np.ascontiguousarray(hdr[:, 2])
+    st.event_ids = hdr[:, 1]  # column views: no copies
+    st.timestamps = hdr[:, 2]
     lw = hdr[:, 3]
     st.lengths = (lw & np.uint64(0xFFFFFFFF)).astype(np.uint32)
     st.pids = (lw >> np.uint64(32)).astype(np.uint32)
