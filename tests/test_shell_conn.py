@@ -147,9 +147,14 @@ def test_reconnect_when_qemu_returns_on_the_same_socket(qemu_factory):
         r.wait_line("Connected to QEMU")
         r.send("query-name\n")
         r.wait_line('{"return": {"name": "virtopt-first"}}')
+        # QEMU dies while the shell runs a long built-in: one error line, then the shell waits for it
+        r.send("/trace capture qcow2_cache_get 60\n")
+        time.sleep(0.5)
         first.proc.kill()
         first.proc.wait()
         r.wait_line("went away; waiting for it to come back")
+        r.wait_for(lambda t: any(ln.startswith("error: ") and "went away" in ln for ln in t.splitlines()))
+        assert "Traceback" not in r.text()
         # a command typed while QEMU is away fails with one line
         r.send("query-name\n")
         r.wait_line("error: not connected: QEMU at")
