@@ -219,3 +219,16 @@ def test_check_json_text_identical(images: dict[str, Path], name: str) -> None:
     q = run(["qemu-img", "check", "--output=json", str(p)], check=False)
     cp = virtopt("qcow2", "check", "--qemu-only", "--output=json", str(p))
     assert (cp.returncode, cp.stdout) == (q.returncode, q.stdout)
+
+
+@pytest.mark.parametrize("name", ["snapshots", "bitmaps", "chain3", "lazy-dirty", "luks", "v2", "datafile"])
+def test_info_human_matches_qemu_img(images: dict[str, Path], name: str) -> None:
+    """The human text for qemu-img's fields is qemu-img info's text; virtopt's extras follow it."""
+    p = images[name]
+    q = run(["qemu-img", "info", "--backing-chain", str(p)])
+    cp = virtopt("qcow2", "info", "--backing-chain", "--qemu-only", str(p))
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout == q.stdout
+    full = virtopt("qcow2", "info", str(p)).stdout
+    top = run(["qemu-img", "info", str(p)]).stdout
+    assert full.startswith(top) and "virtopt (not shown by qemu-img):" in full

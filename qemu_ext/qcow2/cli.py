@@ -47,46 +47,83 @@ def _tune_malloc() -> None:
 
 
 # ------------------------------------------------------------------ info
+def size_to_str(val: int) -> str:
+    """QEMU's size_to_str() (util/cutils.c): 348 KiB, 64 MiB, 1 TiB."""
+    import math
+
+    _m, e = math.frexp(val / (1000.0 / 1024.0))
+    e = int((e - 1) / 10) * 10  # C division truncates toward zero
+    prefix = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"][e // 10]
+    return f"{val / (1 << e):0.3g} {prefix}B"
+
+
+def _dump_qobject(indent: int, obj: Any, out: list[str]) -> None:
+    """block/qapi.c dump_qobject(): the "Format specific information" rendering."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            comp = isinstance(v, (dict, list))
+            out.append(f"{' ' * (indent * 4)}{k.replace('-', ' ')}:{chr(10) if comp else ' '}")
+            _dump_qobject(indent + 1, v, out)
+            if not comp:
+                out.append("\n")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            comp = isinstance(v, (dict, list))
+            out.append(f"{' ' * (indent * 4)}[{i}]:{chr(10) if comp else ' '}")
+            _dump_qobject(indent + 1, v, out)
+            if not comp:
+                out.append("\n")
+    elif isinstance(obj, bool):
+        out.append("true" if obj else "false")
+    else:
+        out.append(str(obj))
+
+
 def _info_human(d: dict[str, Any]) -> str:
-    lines = [
-        f"image: {d['filename']}",
-        f"file format: {d['format']}",
-        f"virtual size: {human_size(d['virtual-size'])} ({d['virtual-size']} bytes)",
+    """qemu-img info's human text (bdrv_image_info_dump) for qemu's fields, then virtopt's extras."""
+    import datetime
+
+    from qemu_ext.qcow2.format import qemu_key_order
+
+    out = [
+        f"image: {d['filename']}\n",
+        f"file format: {d['format']}\n",
+        f"virtual size: {size_to_str(d['virtual-size'])} ({d['virtual-size']} bytes)\n",
+        f"disk size: {size_to_str(d['actual-size']) if 'actual-size' in d else 'unavailable'}\n",
     ]
-    if "actual-size" in d:
-        lines.append(f"disk size: {human_size(d['actual-size'])}")
+    if d.get("encrypted"):
+        out.append("encrypted: yes\n")
     if "cluster-size" in d:
-        lines.append(f"cluster_size: {d['cluster-size']}")
+        out.append(f"cluster_size: {d['cluster-size']}\n")
+    if d.get("dirty-flag"):
+        out.append("cleanly shut down: no\n")
     if "backing-filename" in d:
         bf = d["backing-filename"]
         full = d.get("full-backing-filename")
-        lines.append(f"backing file: {bf}" + (f" (actual path: {full})" if full and full != bf else ""))
+        line = f"backing file: {bf}"
+        if full is None:
+            line += " (cannot determine actual path)"
+        elif full != bf:
+            line += f" (actual path: {full})"
+        out.append(line + "\n")
         if "backing-filename-format" in d:
-            lines.append(f"backing file format: {d['backing-filename-format']}")
+            out.append(f"backing file format: {d['backing-filename-format']}\n")
     if d.get("snapshots"):
-        lines.append("Snapshot list:")
-        lines.append(f"{'ID':<10}{'TAG':<18}{'VM SIZE':>8} {'DATE':>19} {'VM CLOCK':>12} {'ICOUNT':>10}")
-        import datetime
-
-        for s in d["snapshots"]:
-            date = datetime.datetime.fromtimestamp(s["date-sec"]).strftime("%Y-%m-%d %H:%M:%S")
-            secs = s["vm-clock-sec"]
-            clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{s['vm-clock-nsec'] // 1000000:03d}"
-            lines.append(f"{s['id']:<10}{s['name']:<18}{human_size(s['vm-state-size']):>8} {date:>19} {clock:>12} "
-                         f"{s.get('icount', ''):>10}")
-    fs = d.get("format-specific", {}).get("data", {})
+        out.append("Snapshot list:\n")
+        out.append(f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}\n")
+        for sn in d["snapshots"]:
+            date = datetime.datetime.fromtimestamp(sn["date-sec"]).strftime("%Y-%m-%d %H:%M:%S")
+            secs = sn["vm-clock-sec"] + sn["vm-clock-nsec"] // 1_000_000_000
+            ms = (sn["vm-clock-sec"] * 1000 + sn["vm-clock-nsec"] // 1_000_000) % 1000
+            clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{ms:03d}"
+            icount = str(sn["icount"]) if "icount" in sn else ""
+            out.append(f"{sn['id']:<9} {sn['name']:<16} {size_to_str(sn['vm-state-size']):>8}{date:>20}{clock:>13}"
+                       f"{icount:>11}\n")
+    fs = d.get("format-specific")
     if fs:
-        lines.append("Format specific information:")
-        for k, v in fs.items():
-            key = k.replace("-", " ")
-            if k == "bitmaps":
-                lines.append("    bitmaps:")
-                for i, bm in enumerate(v):
-                    lines.append(f"        [{i}]: {bm['name']} granularity {bm['granularity']} flags {','.join(bm['flags']) or '-'}")
-            else:
-                lines.append(f"    {key}: {str(v).lower() if isinstance(v, bool) else v}")
-    if d.get("dirty-flag"):
-        lines.append("dirty flag: true")
+        out.append("Format specific information:\n")
+        _dump_qobject(1, qemu_key_order(fs["data"]), out)
+    lines = ["".join(out).rstrip("\n")]
     x = d.get("virtopt")
     if x:
         lines.append("virtopt (not shown by qemu-img):")
