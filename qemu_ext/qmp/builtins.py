@@ -312,7 +312,9 @@ async def trace_capture(s: QmpSession, pattern: str, seconds: float, file: Optio
         notes.append("no event fired during the capture")
     else:
         records, decoder = _decode(out)
-        records = records[skip:]
+        # only what the capture asked for: not older records, not other events the user had enabled
+        wanted = {e.name for e in before}
+        records = [r for r in records[skip:] if _record_name(r) in wanted]
     counts: dict[str, int] = {}
     for rec in records:
         n = _record_name(rec)
