@@ -210,9 +210,10 @@ def cmd_check(args: argparse.Namespace) -> int:
             where = f" [{p.table}]" if p.table else ""
             if p.referrers is not None:
                 where += " [referenced by: " + ("; ".join(p.referrers) or "nothing") + "]"
-            print(f"{p.kind.upper()}: {p.what}{where}")
+            # like qemu-img's own ERROR/Leaked lines, the findings go to stderr; stdout is qemu-img's summary
+            print(f"{p.kind.upper()}: {p.what}{where}", file=sys.stderr)
         if res.problems_not_listed:
-            print(f"... and {res.problems_not_listed} more problems not listed")
+            print(f"... and {res.problems_not_listed} more problems not listed", file=sys.stderr)
         if not (res.corruptions or res.leaks or res.check_errors):
             print("No errors were found on the image.")
         else:
