@@ -93,6 +93,24 @@ def test_pack_loads_beside_qemus_own_scripts_and_info_matches_qmp(dbg):
     assert_alive(dbg)
 
 
+def test_symbol_only_paths_on_the_debug_build(dbg):
+    """With its DWARF ignored, the debug build behaves like a stripped QEMU: trace still works from the
+    symbol table, the DWARF-only commands refuse in one line, and info says so."""
+    with GdbSession(dbg.pid) as s:
+        s.run("set virtopt-ignore-debug-info on")
+        info = s.run("info --json").data
+        lst = s.run("trace list 'qcow2_cache_get*' --json")
+        vc = s.run("vcpus")
+        s.run("set virtopt-ignore-debug-info off")
+        vc2 = s.run("vcpus --json")
+    assert info["debug-info"] is False
+    assert {n for n, c in info["commands"].items() if not c["available"]} == DEBUG_ONLY
+    states = {e["name"]: e["state"] for e in lst.data["events"]}
+    assert states == _qmp_state(dbg, "qcow2_cache_get*")
+    assert not vc.ok and "needs QEMU's debug info" in vc.error and "\n" not in vc.error
+    assert vc2.ok and len(vc2.data["vcpus"]) == 2
+
+
 def test_info_on_debian_qemu_says_what_works_without_debug_info(deb):
     (info,) = gdb_json(deb.pid, "info --json")
     assert info["version"] == _qmp_version(deb)
@@ -303,6 +321,9 @@ def test_timers_list_the_qcow2_cache_clean_timer(dbg):
 
 
 def test_non_qemu_process_gives_one_line_error(tmp_path: Path):
+    cp = subprocess.run(["gdb", "-q", "-nx", "-batch", "-ex", f"source {PACK}", "-ex", "virtopt threads"],
+                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert cp.stderr.strip() == "virtopt threads: no process: attach to a running QEMU first (gdb -p PID)"
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         cp = gdb_batch(sleeper.pid, [f"source {PACK}", "virtopt threads", "virtopt trace list"])
@@ -342,3 +363,25 @@ def test_in_flight_coroutine_found_and_backtraced_then_completes(debug_qemu_fact
         time.sleep(0.05)
     assert "Pattern verification failed" not in qp.stderr_text()
     assert qp.client.cmd("query-status")["running"] is True
+
+
+def test_vcpu_threads_found_without_names_or_debug_info(qemu_factory):
+    """debug-threads=off and no DWARF: vCPU threads are still found, from ioctl(KVM_RUN) on kvm-vcpu:N fds."""
+    if not vm.kvm_available():
+        pytest.skip("/dev/kvm does not open here: the KVM_RUN ioctl heuristic needs KVM")
+    qp = qemu_factory(name="virtopt-nonames", smp=2, extra_args=["-name", "virtopt-nonames,debug-threads=off"])
+    qp.client = qp.qmp()
+    cpus = {c["thread-id"]: c["cpu-index"] for c in qp.client.cmd("query-cpus-fast")}
+    assert set(proc_threads(qp.pid).values()) <= {"qemu-system-x86", "kvm-nx-lpage-re"}  # really unnamed
+    found: dict[int, int] = {}
+    for _ in range(8):  # a vCPU caught in userspace (handling an exit) is not in KVM_RUN: look again
+        (data,) = gdb_json(qp.pid, "threads --json")
+        for t in data["threads"]:
+            if t["role"] == "vcpu":
+                assert t["identified-by"] == "kvm-vcpu-fd"
+                found[t["tid"]] = t["vcpu"]
+        if set(found) == set(cpus):
+            break
+        time.sleep(0.3)
+    assert found == cpus
+    assert_alive(qp)

@@ -527,7 +527,8 @@ class VirtoptCommand(gdb.Command):
         return None
 
     def _doc(self) -> str:
-        return self.parser().format_help().rstrip()
+        # gdb shows the first line in `help virtopt`: the summary, then the full argparse help
+        return self.summary + "\n\n" + self.parser().format_help().rstrip()
 
     def parser(self) -> ArgParser:
         p = ArgParser(prog="virtopt " + self.name, description=self.summary, epilog=self.epilog,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from typing import Any, Optional
 
@@ -45,6 +46,25 @@ def bql_owner() -> tuple[bool, Optional[int]]:
         owner = core.read_s32(addr + 8)
         return True, owner or None
     return False, None
+
+
+SYS_IOCTL = 16  # x86-64
+KVM_RUN = 0xAE80
+
+
+def kvm_vcpu_of_thread(pid: int, tid: int) -> Optional[int]:
+    """The vCPU id a thread runs, when it sits in ioctl(fd, KVM_RUN) on a kvm-vcpu:N fd (no debug info,
+    no thread names needed: /proc/PID/task/TID/syscall and the fd's anon-inode name tell)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+            fields = f.read().split()
+        if len(fields) < 3 or fields[0] != str(SYS_IOCTL) or int(fields[2], 16) != KVM_RUN:
+            return None
+        link = os.readlink(f"/proc/{pid}/fd/{int(fields[1], 16)}")
+    except (OSError, ValueError):
+        return None
+    mo = re.match(r"^anon_inode:kvm-vcpu:(\d+)$", link)
+    return int(mo.group(1)) if mo else None
 
 
 def _frame_role() -> Optional[str]:
@@ -98,6 +118,10 @@ def collect_threads(use_frames: bool = True) -> dict[str, Any]:
                 role, via, vcpu = "vcpu", "cpu-state", cpu_by_tid[tid]
             elif tid == pid:
                 role, via = "main-loop", "pid"
+            if role == "unknown":
+                kv = kvm_vcpu_of_thread(pid, tid)
+                if kv is not None:
+                    role, via, vcpu = "vcpu", "kvm-vcpu-fd", kv
             if role == "unknown" and use_frames:
                 th.switch()
                 fr = _frame_role()

@@ -158,6 +158,7 @@ class GdbSession:
                     if not ok:
                         payload = r.get("payload") or {}
                         err = payload.get("msg") if isinstance(payload, dict) else str(payload)
+                        err = "; ".join(ln.strip() for ln in str(err).splitlines() if ln.strip())
                     return GdbResult(command, ok, "".join(out), err, time.monotonic() - t0)
             if self._ctl.gdb_process.poll() is not None:
                 raise QemuError(f"gdb exited while running {command!r}")
