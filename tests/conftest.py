@@ -48,6 +48,8 @@ def qemu(qemu_factory) -> vm.QemuProcess:
     """One running Debian QEMU (KVM when /dev/kvm opens, else TCG) with a QMP socket.
 
     ``qemu.pid``, ``qemu.qmp_path``, ``qemu.client`` (connected sync QMP client).
+    QEMU's QMP socket serves one client at a time: a test that runs the CLI or
+    the shell against ``qemu.qmp_path`` calls ``qemu.client.close()`` first.
     """
     qp = qemu_factory(name="virtopt-test")
     qp.client = qp.qmp()  # type: ignore[attr-defined]
