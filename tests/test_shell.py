@@ -140,6 +140,16 @@ def test_tcp_address_and_oob(vmq):
     assert cp.returncode == 1 and "postcopy" in cp.stderr and "unexpected" not in cp.stderr
 
 
+def test_lines_piped_on_stdin_run_like_c(vmq):
+    cp = subprocess.run([sys.executable, str(LAUNCHER), str(vmq.qmp_path), "--history", ""],
+                        input="query-name\n\n/mtree lookup 0x70\nno-such-command\nquery-status\n",
+                        capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 1
+    assert json_lines(cp.stdout) == [{"return": vmq.ctl.cmd("query-name")}]  # stopped at the error
+    assert "port 0x70 -> rtc" in cp.stdout and "(QEMU)" not in cp.stdout  # no prompt when not a terminal
+    assert cp.stderr.strip() == "error: CommandNotFound: The command no-such-command has not been found"
+
+
 def test_pretty_verbose_and_logfile(vmq, tmp_path: Path):
     log = tmp_path / "shell.log"
     cp = sh(vmq, "-p", "-v", "-l", str(log), "-c", "query-status")

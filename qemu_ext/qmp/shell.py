@@ -370,11 +370,16 @@ class Shell:
 
     # -- modes ------------------------------------------------------------------------------------
 
-    async def run_script(self, lines: list[str]) -> int:
-        """``-c`` mode: run lines in order; stop at the first error and return its exit code."""
+    async def run_script(self, lines: Any) -> int:
+        """``-c`` mode (and stdin that is not a terminal): run lines in order; stop at the first error and
+        return its exit code. ``lines``: a list, or a callable returning the next line ('' at the end)."""
         await self.start(completion=False)
+        if callable(lines):
+            lines = _AsyncLines(lines)
+        else:
+            lines = _AsyncLines(iter([*lines, ""]).__next__)
         try:
-            for line in lines:
+            async for line in lines:
                 try:
                     rc = await self.execute_line(line)
                 except EOFError:
@@ -461,6 +466,43 @@ class Shell:
                 loop.remove_signal_handler(signal.SIGINT)
 
 
+class _AsyncLines:
+    """Lines from a blocking reader (stdin) without blocking the event loop (events keep printing).
+
+    The reader runs in a daemon thread, so an early exit (first error) never waits for more input."""
+
+    def __init__(self, readline: Callable[[], str]) -> None:
+        self.readline = readline
+        self.queue: Optional[asyncio.Queue[str]] = None
+
+    def __aiter__(self) -> _AsyncLines:
+        return self
+
+    def _pump(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str]) -> None:
+        while True:
+            try:
+                line = self.readline()
+            except (OSError, ValueError):
+                line = ""
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, line)
+            except RuntimeError:  # the loop is gone: the shell exited
+                return
+            if not line:
+                return
+
+    async def __anext__(self) -> str:
+        if self.queue is None:
+            import threading
+
+            self.queue = asyncio.Queue()
+            threading.Thread(target=self._pump, args=(asyncio.get_running_loop(), self.queue), daemon=True).start()
+        line = await self.queue.get()
+        if not line:
+            raise StopAsyncIteration
+        return line.rstrip("\n")
+
+
 def _hmp_words(help_text: str, n: int = 1) -> list[str]:
     """Command names from HMP ``help`` (first ``n`` words of each entry; continuation lines are indented)."""
     out = set()
@@ -488,6 +530,8 @@ def run(opts: ShellOptions, stdout: Optional[TextIO] = None, stderr: Optional[Te
     shell = Shell(opts, stdout, stderr)
     if opts.commands:
         return asyncio.run(shell.run_script(opts.commands))
+    if not sys.stdin.isatty():  # lines piped in: run them like -c, no prompt
+        return asyncio.run(shell.run_script(sys.stdin.readline))
     return asyncio.run(shell.repl())
 
 
