@@ -17,7 +17,7 @@ examples:
   virtopt shell vm.qmp -c '/stats vcpu --watch 1 --count 10'
   virtopt shell vm.qmp -c '/mtree lookup 0x70 io' --output=json
   virtopt shell vm.qmp -c 'blockdev-add driver=qcow2 node-name=d0 file.driver=file file.filename=/tmp/d.qcow2'
-  printf 'stop\ncont\n' | virtopt shell vm.qmp        lines on stdin run like -c
+  printf 'stop\\ncont\\n' | virtopt shell vm.qmp     lines on stdin run like -c
 
 input as QEMU's qmp-shell: cmd key=value key.sub=value, JSON or Python literal values,
 transaction( ... ), raw JSON lines; built-ins start with / (type /help in the shell).
