@@ -88,6 +88,9 @@ def open_chain(path: PathLike, follow_backing: bool = True) -> Chain:
     fmt: Optional[str] = None
     try:
         while True:
+            if "\0" in filename or not filename:
+                raise BadInputError(f"{layers[-1].filename if layers else filename!r}: invalid backing file name "
+                                    f"{filename!r}")
             if "://" in filename or filename.startswith("json:"):
                 raise NotAvailableError(f"backing file {filename!r}: only local files are supported")
             real = os.path.realpath(filename)

@@ -24,8 +24,8 @@ U = np.uint64
 
 
 def data_file_path(img: Qcow2Image) -> str:
-    if not img.data_file:
-        raise BadInputError(f"{img.path}: external data file bit set but no data file name extension")
+    if not img.data_file or "\0" in img.data_file:
+        raise BadInputError(f"{img.path}: external data file bit set but no usable data file name")
     # QEMU opens the data file as a child node by its name: relative names are relative to the
     # current directory (unlike backing files, which are relative to the overlay)
     return img.data_file
