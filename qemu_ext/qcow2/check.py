@@ -340,11 +340,9 @@ class _Checker:
         zero_flag = ((ent & U(F.L2E_ZERO)) != 0) & (not self.img.extended_l2)
         copied = (ent & U(F.L2E_COPIED)) != 0
         zero_alloc = ~compressed & zero_flag & (off != 0)
-        zero_plain = ~compressed & zero_flag & (off == 0)
         nz_off = (off != 0) | (copied if data_file else False)
         normal = ~compressed & ~zero_flag & nz_off
-        unalloc = ~compressed & ~zero_flag & ~nz_off
-        del zero_plain
+        unalloc = ~compressed & ~zero_flag & ~nz_off  # (zero_flag without offset: plain zero, nothing to count)
 
         def report(mask: np.ndarray, what: Any, kind: str = "corruption") -> None:
             rr, jj = np.nonzero(mask)
