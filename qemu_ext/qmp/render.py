@@ -70,6 +70,8 @@ def stats(rep: Any, all_rows: bool = False) -> str:
     body = []
     for r in rows:
         unit = r.unit if r.unit and r.unit != "boolean" else ""
+        if r.type.endswith("histogram"):
+            unit = f"samples ({r.unit} buckets)" if r.unit else "samples"
         per = ""
         if r.per_vcpu and r.rate is not None:
             per = " ".join(f"{k}:{_rate(v)}" for k, v in sorted(r.per_vcpu.items(), key=lambda kv: str(kv[0])))
