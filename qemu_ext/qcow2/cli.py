@@ -155,7 +155,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     from qemu_ext.qcow2.format import qemu_json_text, qemu_key_order
     from qemu_ext.qcow2.info import image_info
 
-    infos = image_info(args.image, backing_chain=args.backing_chain, with_extras=not args.qemu_only)
+    infos = image_info(args.image, backing_chain=args.backing_chain, with_extras=not args.qemu_only,
+                       progress=_progress_wanted())
     if args.output == "json":
         ordered = []
         for d in infos:  # qemu-img's own key order for its fields, then ours

@@ -138,7 +138,7 @@ def _raw_info(layer: Layer) -> dict[str, Any]:
     return d
 
 
-def extras(img: Qcow2Image) -> dict[str, Any]:
+def extras(img: Qcow2Image, progress: bool = False) -> dict[str, Any]:
     """What qemu-img info hides: L2 tables, metadata bytes, fragmentation, compression, snapshot sizes, bitmaps."""
     cs = img.cluster_size
     h = img.header
@@ -150,8 +150,13 @@ def extras(img: Qcow2Image) -> dict[str, Any]:
     x, nbits = F.compressed_field_widths(img.cluster_bits)
     chunk = max(1, (8 << 20) // cs)
     active_l2 = set(int(v) for v in l2_offs[used].tolist())
+    from qemu_ext.output import progress as make_bar
+
+    bar = make_bar(len(used), "qcow2 info", unit="L2") if progress else None
     for s in range(0, len(used), chunk):
-        tabs = img.read_l2_tables(l2_offs[used[s : s + chunk]])
+        if bar is not None:
+            bar.update(min(chunk, len(used) - s))
+        tabs = img.read_l2_tables(l2_offs[used[s : s + chunk]], reuse=True)
         ent = tabs[:, :, 0] if img.extended_l2 else tabs
         comp = (ent & U(F.L2E_COMPRESSED)) != 0
         off = (ent & U(F.L2E_OFFSET_MASK)).astype(np.int64)
@@ -172,6 +177,8 @@ def extras(img: Qcow2Image) -> dict[str, Any]:
         o = off[rr, jj]
         if len(o) > 1:
             fragmented += int(((rr[1:] == rr[:-1]) & (o[1:] != o[:-1] + cs)).sum())
+    if bar is not None:
+        bar.close()
     fragmented += compressed
     rt = img.refcount_table()
     refblocks = int(np.count_nonzero(rt & U(F.RT_OFFSET_MASK)))
@@ -279,7 +286,8 @@ def extras(img: Qcow2Image) -> dict[str, Any]:
     }
 
 
-def image_info(path: PathLike, backing_chain: bool = False, with_extras: bool = True) -> list[dict[str, Any]]:
+def image_info(path: PathLike, backing_chain: bool = False, with_extras: bool = True,
+               progress: bool = False) -> list[dict[str, Any]]:
     """One dict per image (the top only, or the whole chain): qemu-img's fields plus "virtopt" extras."""
     out = []
     with open_chain(path, follow_backing=backing_chain) as chain:
@@ -289,6 +297,6 @@ def image_info(path: PathLike, backing_chain: bool = False, with_extras: bool = 
                 continue
             d = qemu_info(layer.img, layer.filename)
             if with_extras:
-                d["virtopt"] = extras(layer.img)
+                d["virtopt"] = extras(layer.img, progress)
             out.append(d)
     return out
