@@ -55,6 +55,8 @@ KVM_RUN = 0xAE80
 def kvm_vcpu_of_thread(pid: int, tid: int) -> Optional[int]:
     """The vCPU id a thread runs, when it sits in ioctl(fd, KVM_RUN) on a kvm-vcpu:N fd (no debug info,
     no thread names needed: /proc/PID/task/TID/syscall and the fd's anon-inode name tell)."""
+    if core.comm(tid).startswith("kvm-"):
+        return None  # KVM's kernel workers (kvm-nx-lpage-recovery) start from a vCPU thread's registers
     try:
         with open(f"/proc/{pid}/task/{tid}/syscall") as f:
             fields = f.read().split()
