@@ -72,6 +72,14 @@ def options_from_args(args: argparse.Namespace):  # -> ShellOptions
 
 
 def run(args: argparse.Namespace) -> int:
+    from qemu_ext.errors import NotAvailableError
+
+    try:
+        import prompt_toolkit  # noqa: F401
+        import qemu.qmp  # noqa: F401
+    except ImportError as exc:
+        raise NotAvailableError(f"virtopt shell needs the Python packages qemu.qmp and prompt_toolkit ({exc}): "
+                                "pip install qemu.qmp prompt_toolkit") from exc
     from qemu_ext.qmp import shell
 
     return shell.run(options_from_args(args))
