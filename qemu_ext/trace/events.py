@@ -159,7 +159,7 @@ class EventsFile:
         ef = cls((), filename)
         ef._text = text
         # check the first declaration now, so that a file of garbage fails early with one clear line
-        for lineno, line in enumerate(text.splitlines()[:200], 1):
+        for lineno, line in enumerate(text[:65536].splitlines()[:200], 1):
             s = line.strip()
             if not s or s[0] == "#":
                 continue
@@ -263,12 +263,12 @@ def load_events(path: Union[str, os.PathLike]) -> EventsFile:
     return parse_events(text, str(p))
 
 
-def _candidates() -> list[Path]:
-    cands: list[Path] = []
+def _candidates() -> Iterator[Path]:
     env = os.environ.get("VIRTOPT_TRACE_EVENTS")
     if env:
-        cands.append(Path(env))
-    cands += [Path(p) for p in SYSTEM_EVENTS_FILES]
+        yield Path(env)
+    for p in SYSTEM_EVENTS_FILES:
+        yield Path(p)
     try:
         from qemu_ext.vm import debug_qemu_dir
 
@@ -276,11 +276,8 @@ def _candidates() -> list[Path]:
     except Exception:  # a broken cache must not stop decoding
         d = None
     if d is not None:
-        cands += [
-            d / "build" / "trace" / "trace-events-all",
-            d / "build" / "qemu-bundle" / "usr" / "local" / "share" / "qemu" / "trace-events-all",
-        ]
-    return cands
+        yield d / "build" / "trace" / "trace-events-all"
+        yield d / "build" / "qemu-bundle" / "usr" / "local" / "share" / "qemu" / "trace-events-all"
 
 
 def find_events_file() -> Path:

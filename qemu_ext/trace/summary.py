@@ -170,21 +170,12 @@ def pair_latencies(src: _Source, pair: Pair) -> tuple[np.ndarray, int, int]:
     if bk is None or ek is None:
         bk = np.zeros(len(bi), np.uint64)
         ek = np.zeros(len(ei), np.uint64)
-    # merge begins and ends into file order without a sort (they are record indices)
-    n = int(max(bi.max() if len(bi) else -1, ei.max() if len(ei) else -1)) + 1
-    sel_mask = np.zeros(n, bool)
-    sel_mask[bi] = True
-    sel_mask[ei] = True
-    key_all = np.empty(n, np.uint64)
-    key_all[bi] = bk
-    key_all[ei] = ek
-    ts_all = np.empty(n, np.int64)
-    ts_all[bi] = bt
-    ts_all[ei] = et
-    flag_all = np.zeros(n, np.int8)
-    flag_all[ei] = 1
-    sel = np.flatnonzero(sel_mask)
-    key, ts, flag = key_all[sel], ts_all[sel], flag_all[sel]
+    # merge begins and ends into file order: two sorted runs, which a stable sort merges in one pass
+    rows = np.concatenate([bi, ei])
+    order = np.argsort(rows, kind="stable")
+    key = np.concatenate([bk.astype(np.uint64, copy=False), ek.astype(np.uint64, copy=False)])[order]
+    ts = np.concatenate([bt, et]).astype(np.int64, copy=False)[order]
+    flag = (order >= len(bi)).view(np.int8)
     # the common case: an end right after its begin (same key) in the begin/end sequence
     adj = (flag[:-1] == 0) & (flag[1:] == 1) & (key[1:] == key[:-1])
     # keys that appear anywhere else in a non-adjacent way are paired the general way
