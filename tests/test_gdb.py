@@ -37,7 +37,7 @@ REFCOUNT_CACHE = 256 << 10
 CLEAN_INTERVAL = 30
 DRIVE_OPTS = (f"l2-cache-size={L2_CACHE},l2-cache-entry-size={L2_ENTRY},"
               f"refcount-cache-size={REFCOUNT_CACHE},cache-clean-interval={CLEAN_INTERVAL}")
-DEBUG_ONLY = {"mtree", "mtree lookup", "timers", "qcow2", "coroutines"}
+DEBUG_ONLY = {"mtree", "mtree lookup", "qcow2", "coroutines"}
 # without DWARF, vcpus works from KVM's own view (kvm_run mappings) and so needs KVM
 DEBUG_ONLY_HERE = DEBUG_ONLY if vm.kvm_available() else DEBUG_ONLY | {"vcpus"}
 
@@ -104,13 +104,18 @@ def test_symbol_only_paths_on_the_debug_build(dbg):
         lst = s.run("trace list 'qcow2_cache_get*' --json")
         vc = s.run("vcpus --json")
         mt = s.run("mtree")
+        tm = s.run("timers --json").data
         s.run("set virtopt-ignore-debug-info off")
+        tm2 = s.run("timers --json").data
         vc2 = s.run("vcpus --json")
     assert info["debug-info"] is False
     assert {n for n, c in info["commands"].items() if not c["available"]} == DEBUG_ONLY_HERE
     states = {e["name"]: e["state"] for e in lst.data["events"]}
     assert states == _qmp_state(dbg, "qcow2_cache_get*")
     assert not mt.ok and "needs QEMU's debug info" in mt.error and "\n" not in mt.error
+    # timers: the hand-cast 7.2 layouts walk exactly what the DWARF walk finds
+    assert (tm["source"], tm2["source"]) == ("symbols", "debug-info")
+    assert _strip_now(tm["clocks"]) == _strip_now(tm2["clocks"])
     if dbg.accel == "kvm":  # same stopped process, two ways: KVM's kvm_run pages agree with CPUState's
         assert vc.data["source"] == "kvm" and vc2.data["source"] == "CPUState"
         key = ("cpu-index", "thread-id", "kvm-fd", "kvm-exit-reason")
@@ -342,16 +347,31 @@ def test_coroutines_found_and_backtraced_without_calls(dbg):
     assert_alive(dbg)
 
 
-def test_timers_list_the_qcow2_cache_clean_timer(dbg):
-    (data,) = gdb_json(dbg.pid, "timers --json")
+def _strip_now(clocks: list) -> list:
+    """Timer data without the one field computed from the reader's own clock."""
+    return [{**c, "timer-lists": [{**tl, "timers": [{k: v for k, v in t.items() if k != "expires-in-ns"}
+                                                    for t in tl["timers"]]} for tl in c["timer-lists"]]}
+            for c in clocks]
+
+
+def test_timers_list_the_qcow2_cache_clean_timer(any_qemu):
+    """A qcow2 node arms a QEMU_CLOCK_VIRTUAL timer (SCALE_MS) at now + cache-clean-interval:
+    30 s as given to the debug QEMU's -drive, QEMU's default 600 s on Debian's."""
+    debug = "debug" in any_qemu.binary
+    interval = CLEAN_INTERVAL if debug else 600
+    (data,) = gdb_json(any_qemu.pid, "timers --json")
+    assert data["source"] == ("debug-info" if debug else "symbols")
     clocks = {c["clock"]: c for c in data["clocks"]}
     assert list(clocks) == ["realtime", "virtual", "host", "virtual_rt"]
-    virt = [t for tl in clocks["virtual"]["timer-lists"] for t in tl["timers"]]
-    # cache-clean-interval=30 arms a QEMU_CLOCK_VIRTUAL timer in ms (SCALE_MS) with this callback
-    clean = [t for t in virt if t["cb"] == "cache_clean_timer_cb"]
-    assert len(clean) == 1 and clean[0]["scale"] == 1000000
-    assert any(tl["owner"] == "main-loop" for c in data["clocks"] for tl in c["timer-lists"])
-    assert_alive(dbg)
+    virt = [t for tl in clocks["virtual"]["timer-lists"] for t in tl["timers"] if t["scale"] == 1000000]
+    assert len(virt) == 1
+    if debug:
+        assert virt[0]["cb"] == "cache_clean_timer_cb"
+    # expire_time is in ns of the virtual clock, which starts near 0 with the VM
+    assert interval * 10**9 <= virt[0]["expire-time"] < (interval + 3600) * 10**9
+    for c in data["clocks"]:
+        assert c["enabled"] and sum(tl["owner"] == "main-loop" for tl in c["timer-lists"]) == 1
+    assert_alive(any_qemu)
 
 
 def test_non_qemu_process_gives_one_line_error(tmp_path: Path):
