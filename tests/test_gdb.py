@@ -445,3 +445,25 @@ def test_vcpu_threads_found_without_names_or_debug_info(qemu_factory):
         time.sleep(0.3)
     assert {v["thread-id"]: v["cpu-index"] for v in vc["vcpus"]} == cpus
     assert_alive(qp)
+
+
+def test_pack_installed_in_a_virtualenv_finds_its_site_packages(deb, tmp_path: Path):
+    """A copy of the pack under <venv>/share/virtopt/gdb, sourced from elsewhere by a gdb whose Python
+    is the system's: it finds qemu_ext only through the venv's site-packages."""
+    import shutil
+    import sys
+
+    venv = tmp_path / "venv"
+    site = venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    site.mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    (site / "qemu_ext").symlink_to(PACK.parent.parent / "qemu_ext")
+    dest = venv / "share" / "virtopt" / "gdb"
+    shutil.copytree(PACK.parent, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    cp = subprocess.run(["gdb", "-q", "-nx", "-batch", "-p", str(deb.pid), "-ex", f"source {dest / PACK.name}",
+                         "-ex", "python import qemu_ext; print('QEMU_EXT', qemu_ext.__file__)",
+                         "-ex", "virtopt info"], capture_output=True, text=True, timeout=60, cwd="/")
+    assert "did not load" not in cp.stderr and "Traceback" not in cp.stderr, cp.stderr
+    assert f"QEMU_EXT {site / 'qemu_ext' / '__init__.py'}" in cp.stdout
+    assert "trace backends: log" in cp.stdout
+    assert_alive(deb)

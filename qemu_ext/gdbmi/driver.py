@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -23,12 +24,16 @@ VIRTOPT_COMMANDS = ("info", "threads", "vcpus", "mtree", "timers", "trace", "qco
 
 
 def pack_path() -> Path:
-    """gdb/virtopt-gdb.py of this checkout (the file users `source`)."""
+    """The gdb pack users `source`: $VIRTOPT_GDB_PACK, gdb/virtopt-gdb.py beside this qemu_ext
+    (a checkout), or <prefix>/share/virtopt/gdb/virtopt-gdb.py (an installed virtualenv)."""
     here = Path(__file__).resolve()
-    cand = here.parent.parent.parent / "gdb" / "virtopt-gdb.py"
-    if not cand.is_file():
-        raise NotAvailableError(f"the gdb pack is not installed beside qemu_ext ({cand} is missing)")
-    return cand
+    cands = [Path(os.environ["VIRTOPT_GDB_PACK"])] if os.environ.get("VIRTOPT_GDB_PACK") else []
+    cands += [here.parent.parent.parent / "gdb" / "virtopt-gdb.py",
+              Path(sys.prefix) / "share" / "virtopt" / "gdb" / "virtopt-gdb.py"]
+    for cand in cands:
+        if cand.is_file():
+            return cand
+    raise NotAvailableError(f"the virtopt gdb pack is not installed (looked for {', '.join(map(str, cands))})")
 
 
 @dataclass
