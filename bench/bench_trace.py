@@ -107,7 +107,7 @@ def main() -> int:
         (work / "ref.txt").unlink()
         (work / "ours.txt").unlink()
         # timed runs, text to /dev/null
-        t_ref, c_ref = timed([py, str(src / "scripts" / "simpletrace.py"), str(ev), str(trace)], null)
+        t_ref, c_ref = timed([py, str(src / "scripts" / "simpletrace.py"), str(ev), str(trace)], null, runs=2)
         t_dec, c_dec = timed([*virtopt, "trace", "decode", str(trace), "--events", str(ev)], null, runs=3)
         t_sum, c_sum = timed([*virtopt, "trace", "summary", str(trace), "--events", str(ev)], null, runs=3)
         t_sumj, _ = timed([*virtopt, "trace", "summary", str(trace), "--output=json"], null, runs=3)

@@ -47,13 +47,13 @@ def _dec_len(v: np.ndarray) -> np.ndarray:
 
 def _ndigits(v: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """Digits of each uint64 in v (uint8), given the powers of the base from base**1 up."""
-    out = np.ones(len(v), np.uint8)
     if len(v) == 0:
-        return out
-    mx = v.max()
-    for t in thresholds:
-        if t > mx:
-            break
+        return np.ones(0, np.uint8)
+    lo, hi = v.min(), v.max()
+    klo = 1 + int(np.searchsorted(thresholds, lo, side="right"))
+    khi = 1 + int(np.searchsorted(thresholds, hi, side="right"))
+    out = np.full(len(v), klo, np.uint8)
+    for t in thresholds[klo - 1 : khi - 1]:  # only the powers between the smallest and largest value
         out += v >= t
     return out
 
