@@ -148,7 +148,7 @@ def extras(img: Qcow2Image, progress: bool = False) -> dict[str, Any]:
     normal = zero_alloc = zero_plain = compressed = fragmented = 0
     compressed_bytes = 0
     x, nbits = F.compressed_field_widths(img.cluster_bits)
-    chunk = max(1, (8 << 20) // cs)
+    chunk = max(1, (2 << 20) // cs)
     active_l2 = set(int(v) for v in l2_offs[used].tolist())
     from qemu_ext.output import progress as make_bar
 
@@ -158,6 +158,17 @@ def extras(img: Qcow2Image, progress: bool = False) -> dict[str, Any]:
             bar.update(min(chunk, len(used) - s))
         tabs = img.read_l2_tables(l2_offs[used[s : s + chunk]], reuse=True)
         ent = tabs[:, :, 0] if img.extended_l2 else tabs
+        if not img.extended_l2 and not (ent & U(F.L2E_COMPRESSED | F.L2E_ZERO)).any():
+            # only normal or unallocated entries: count and measure contiguity in a few passes
+            o = (ent & U(F.L2E_OFFSET_MASK)).view(np.int64)
+            a = o != 0
+            if img.has_data_file:
+                a |= ent >= U(F.L2E_COPIED)
+            if a.all():
+                normal += a.size
+                brk = o[:, 1:] != o[:, :-1] + cs
+                fragmented += int(np.count_nonzero(brk))
+                continue
         comp = (ent & U(F.L2E_COMPRESSED)) != 0
         off = (ent & U(F.L2E_OFFSET_MASK)).astype(np.int64)
         zf = ~comp & ((ent & U(F.L2E_ZERO)) != 0) & (not img.extended_l2)
