@@ -84,6 +84,8 @@ def bench_qemu(label: str, qp: vm.QemuProcess) -> list[str]:
         print(f"  end to end: virtopt gdb PID -c '{cmd}': {t:.3f} s{flag}")
         if t >= E2E_TARGET:
             missed.append(f"{label}: end to end {cmd} {t:.2f} s")
+    tv = timed(lambda: subprocess.run([sys.executable, "-m", "qemu_ext", "--version"], capture_output=True, cwd=REPO))
+    print(f"  (of which python start + virtopt CLI import: {tv:.3f} s)")
     assert client.cmd("query-status")["status"] in ("running", "prelaunch")
     return missed
 
