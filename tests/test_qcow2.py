@@ -276,3 +276,11 @@ def test_random_workload_agrees(tmp_path: Path, seed: int) -> None:
         run(["qemu-img", "convert", "-O", "raw", str(p), str(tmp_path / "q.raw")])
         assert virtopt("qcow2", "convert", str(p), str(tmp_path / "v.raw")).returncode == 0
         assert sha256(tmp_path / "q.raw") == sha256(tmp_path / "v.raw"), (opts, io)
+
+
+@pytest.mark.parametrize("window", [["-s", "65536"], ["-s", "100000", "-l", "3000000"], ["-l", "1"], ["-s", "70M"]])
+def test_map_window_matches_qemu_img(images: dict[str, Path], window: list[str]) -> None:
+    p = images["chain3"]
+    q = run(["qemu-img", "map", "--output=json", *window, str(p)])
+    cp = virtopt("qcow2", "map", "--output=json", *window, str(p))
+    assert cp.stdout == q.stdout

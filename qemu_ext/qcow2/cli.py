@@ -177,7 +177,7 @@ def cmd_map(args: argparse.Namespace) -> int:
     _tune_malloc()
     from qemu_ext.qcow2.map import image_map, render_human, render_json
 
-    entries = image_map(args.image, progress=_progress_wanted())
+    entries = image_map(args.image, progress=_progress_wanted(), start=args.start_offset, max_length=args.max_length)
     if args.output == "json":
         sys.stdout.write(render_json(entries))
     else:
@@ -308,8 +308,11 @@ def register(sub: Any, name: str, summary: str) -> None:
                      epilog="""examples:
   virtopt qcow2 map disk.qcow2
   virtopt qcow2 map top.qcow2 --output=json     # same bytes as qemu-img map --output=json
+  virtopt qcow2 map disk.qcow2 --start-offset 1G --max-length 64M
 """)
     m.add_argument("image")
+    m.add_argument("-s", "--start-offset", type=_num, default=0, help="first guest byte to map (as qemu-img map)")
+    m.add_argument("-l", "--max-length", type=_num, default=None, help="map at most this many bytes")
     add_output_option(m)
     m.set_defaults(func=cmd_map)
 

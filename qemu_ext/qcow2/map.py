@@ -412,13 +412,33 @@ def _merge_entries(entries: list[MapEntry]) -> list[MapEntry]:
     return out
 
 
-def image_map(path: PathLike, progress: bool = False) -> list[MapEntry]:
+def clip(entries: list[MapEntry], start: int, max_length: Optional[int]) -> list[MapEntry]:
+    """qemu-img map --start-offset/--max-length: the entries inside [start, start + max_length)."""
+    end = entries[-1].start + entries[-1].length if entries else 0
+    if max_length is not None:
+        end = min(end, start + max_length)
+    out = []
+    for e in entries:
+        a, b = max(e.start, start), min(e.start + e.length, end)
+        if a >= b:
+            continue
+        off = None if e.offset is None else e.offset + (a - e.start)
+        out.append(MapEntry(a, b - a, e.depth, e.present, e.zero, e.data, off, e.filename))
+    return out
+
+
+def image_map(path: PathLike, progress: bool = False, start: int = 0,
+              max_length: Optional[int] = None) -> list[MapEntry]:
     """The `qemu-img map` entries of an image through its backing chain."""
     with open_chain(path) as chain:
         entries = chain_map(chain, progress)
         names = [L.filename for L in chain.layers]
         for e in entries:
             e.filename = names[e.depth] if e.offset is not None else None
+        if start or max_length is not None:
+            entries = clip(entries, start, max_length)
+        if not entries:  # qemu-img prints its empty initial entry
+            entries = [MapEntry(start, 0, 0, False, False, False, None)]
         return entries
 
 
