@@ -210,7 +210,7 @@ def plan_simpletrace(st: SimpleTrace) -> _Plan:
     pid_const = not np.any(pids != np.uint64(p0))
     kp = None if pid_const else _ndigits(pids, _DEC_THR)
 
-    L_row = np.zeros(n, np.int32)
+    L_row = np.zeros(n, np.int64)
     groups: list[tuple[np.ndarray, int, np.ndarray, list]] = []  # (global rows, line length, template, slots)
     for k in range(len(st.kinds)):
         ev = st.kind_event(k)
@@ -313,7 +313,8 @@ class _Plan:
 
     def __init__(self, L_row: np.ndarray, groups: list, slow_lines: dict[int, bytes]) -> None:
         self.L_row = L_row
-        self.dst = np.cumsum(L_row, dtype=np.int64) - L_row
+        self.dst = np.cumsum(L_row)
+        self.dst -= L_row
         self.total = int(L_row.sum())
         self.groups = groups
         self.slow_lines = slow_lines

@@ -164,17 +164,18 @@ class StringColumn:
                 inverse[rows] = len(uniq)
                 uniq.append(b"")
                 continue
-            mat = u8[self.starts[rows][:, None] + np.arange(L)]
-            if L <= 8:
-                # the bytes themselves are the key
-                padded = np.zeros((len(rows), 8), np.uint8)
-                padded[:, :L] = mat
-                key = padded.view("<u8").reshape(-1)
+            st_rows = self.starts[rows]
+            if L <= 8 and int(st_rows.max()) + 8 <= len(data):
+                # the bytes themselves are the key: one unaligned u64 read per string, masked to L bytes
+                key = _uint_at(data, st_rows, "<u8", {})
+                if L < 8:
+                    key &= np.uint64((1 << (8 * L)) - 1)
                 strs, inv = _few_distinct(key)
                 if strs is not None:
                     inverse[rows] = len(uniq) + inv
-                    uniq.extend(bytes(mat[f]) for f in strs)
+                    uniq.extend(bytes(data[int(st_rows[f]) : int(st_rows[f]) + L]) for f in strs)
                     continue
+            mat = u8[st_rows[:, None] + np.arange(L)]
             # a 64-bit hash of every string, then a check that equal hashes are equal strings
             h = np.zeros(len(rows), np.uint64)
             for i in range(L):
