@@ -1,15 +1,25 @@
 """qcow2 inspection, read-only: decoders (format.py), image object (image.py) and reports.
 
-Public API::
+Public API (stable)::
 
     from qemu_ext.qcow2 import open_image
-    with open_image("disk.qcow2") as img:
+    with open_image("disk.qcow2") as img:          # validated against the file size, never written
         img.cluster_bits, img.cluster_size, img.virtual_size, img.extended_l2, img.l2_entry_size
-        img.l1_entries()          # numpy uint64, raw L1 entries
-        img.l2_table_offset(i)    # host offset of L2 table i (0 = unallocated)
-        img.header, img.file_size
+        img.header, img.file_size, img.refcount_bits, img.has_data_file, img.backing_file
+        img.l1_entries()            # numpy uint64, raw active L1 entries
+        img.l2_table_offset(i)      # host offset of L2 table i (0 = unallocated)
+        img.read_l2_table(off)      # numpy uint64 (n,) or (n, 2) for extended L2
+        img.refcount_table(), img.refcounts()   # raw reftable; decoded refcount per cluster
+        img.snapshots(), img.bitmaps(), img.extensions, img.features()
 
-The names are imported lazily so that `virtopt --help` does not pay for numpy/construct.
+    qemu_ext.qcow2.info.image_info(path, backing_chain=False)  -> [dict]   (qemu-img info + "virtopt" extras)
+    qemu_ext.qcow2.map.image_map(path)                          -> [MapEntry] (qemu-img map)
+    qemu_ext.qcow2.check.check_image(path)                      -> CheckResult (qemu-img check + problems)
+    qemu_ext.qcow2.dump.dump(path, what, l1_index=None)         -> dict
+    qemu_ext.qcow2.data.read_guest(path, offset, length)        -> bytes
+    qemu_ext.qcow2.data.convert_to_raw(path, out)               -> int
+
+The names here are imported lazily so that `virtopt --help` does not pay for numpy/construct.
 """
 
 from __future__ import annotations
