@@ -54,7 +54,9 @@ def _not_landed(name: str, reason: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
+    """The argparse tree. With ``only``, just that group's module is imported (fast start-up);
+    the other groups appear in the top-level help by their summaries."""
     parser = argparse.ArgumentParser(
         prog="virtopt",
         description="Tune and debug QEMU/KVM virtual machines.",
@@ -64,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"virtopt {__version__}")
     sub = parser.add_subparsers(dest="group", metavar="COMMAND")
     for name, (modname, summary) in GROUPS.items():
+        if only is not None and name != only:
+            p = sub.add_parser(name, help=summary, description=summary, add_help=False)
+            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            continue
         try:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as exc:
@@ -77,16 +83,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _group_of(argv: Sequence[str]) -> Optional[str]:
+    """The group named on the command line (the first word that is not an option), if any."""
+    for word in argv:
+        if word.startswith("-"):
+            continue
+        return word if word in GROUPS else None
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     debug = bool(os.environ.get("VIRTOPT_DEBUG"))
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    group = _group_of(argv)
+    # Import only the group asked for; with no group (top-level --help) import none.
+    parser = build_parser(only=group or "")
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:
+        # no command, or a group without its sub-command: show the help that applies, exit 2
+        helper = parser
         if args.group is not None:
-            # a group without a sub-command: show its help
-            parser.parse_args([args.group, "--help"])
-        parser.print_help()
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            helper = sub.choices[args.group]
+        helper.print_help(sys.stderr)
         return 2
     try:
         return int(func(args) or 0)
