@@ -82,6 +82,17 @@ def register(sub: argparse._SubParsersAction, name: str, summary: str) -> None:
     p.set_defaults(func=no_sub)
 
 
+def _tune_runtime() -> None:
+    """Before numpy is imported: no OpenBLAS thread pool (virtopt does no linear algebra; starting
+    the pool costs more than a tenth of a second on 2 cores), and malloc tuning."""
+    import os
+
+    if "numpy" not in sys.modules:
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+            os.environ.setdefault(var, "1")
+    _tune_malloc()
+
+
 def _tune_malloc() -> None:
     """Keep freed big arrays for reuse instead of returning them to the kernel.
 
@@ -108,12 +119,12 @@ def _write(chunks) -> None:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
+    _tune_runtime()
     from qemu_ext.trace import decode as dec
     from qemu_ext.trace.api import _log_lines, detect_format
     from qemu_ext.trace.log import parse_log_lines
     from qemu_ext.trace.simple import decode_simple
 
-    _tune_malloc()
     fmt = detect_format(args.file)
     if fmt == "simple":
         st = decode_simple(args.file, args.events)
@@ -260,10 +271,10 @@ def save_summary_plot(res: dict, path: str) -> None:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
+    _tune_runtime()
     from qemu_ext.output import print_json
     from qemu_ext.trace.summary import summarize
 
-    _tune_malloc()
     res = summarize(args.file, args.events, bins=args.bins, pairs=_parse_pairs(args.pair))
     if args.plot:
         save_summary_plot(res, args.plot)
