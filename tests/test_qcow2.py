@@ -284,3 +284,19 @@ def test_map_window_matches_qemu_img(images: dict[str, Path], window: list[str])
     q = run(["qemu-img", "map", "--output=json", *window, str(p)])
     cp = virtopt("qcow2", "map", "--output=json", *window, str(p))
     assert cp.stdout == q.stdout
+
+
+def test_convert_snapshot_matches_qemu_img(images: dict[str, Path], tmp_path: Path) -> None:
+    """convert --snapshot NAME equals qemu-img convert -l snapshot.name=NAME (and differs from the active state)."""
+    p = images["snapshots"]
+    active = tmp_path / "active.raw"
+    run(["qemu-img", "convert", "-O", "raw", str(p), str(active)])
+    for name in ("first", "second"):
+        want, got = tmp_path / f"q-{name}.raw", tmp_path / f"v-{name}.raw"
+        with _unchanged(p):
+            run(["qemu-img", "convert", "-O", "raw", "-l", f"snapshot.name={name}", str(p), str(want)])
+            cp = virtopt("qcow2", "convert", str(p), str(got), "--snapshot", name)
+        assert cp.returncode == 0, cp.stderr
+        assert sha256(got) == sha256(want) != sha256(active)
+    cp = virtopt("qcow2", "read", str(p), "65536", "16", "--snapshot", "first", "--output=json")
+    assert bytes.fromhex(json.loads(cp.stdout)["data"]) == (tmp_path / "q-first.raw").read_bytes()[65536:65552]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from qemu_ext.errors import BadInputError, NotAvailableError
 from qemu_ext.qcow2 import format as F
@@ -31,6 +31,11 @@ class Layer:
     img: Optional[Qcow2Image] = None
     fd: int = -1
     file_size: int = 0
+    l1: Optional[Any] = None  # numpy L1 entries to use instead of the active table (a snapshot's)
+
+    def l1_entries(self) -> Any:
+        assert self.img is not None
+        return self.l1 if self.l1 is not None else self.img.l1_entries()
 
     def close(self) -> None:
         if self.img is not None:
@@ -80,8 +85,11 @@ def _open_layer(filename: str, fmt: Optional[str]) -> Layer:
     raise NotAvailableError(f"{filename}: backing format {fmt!r} is not supported (qcow2 and raw are)")
 
 
-def open_chain(path: PathLike, follow_backing: bool = True) -> Chain:
-    """Open path and (unless follow_backing is False) its whole backing chain."""
+def open_chain(path: PathLike, follow_backing: bool = True, snapshot: Optional[str] = None) -> Chain:
+    """Open path and (unless follow_backing is False) its whole backing chain.
+
+    snapshot: id or name of an internal snapshot of the top image whose L1 table (and disk size)
+    replace the active ones, as `qemu-img convert -l` does."""
     filename = os.fspath(path)
     layers: list[Layer] = []
     seen: set[str] = set()
@@ -112,6 +120,14 @@ def open_chain(path: PathLike, follow_backing: bool = True) -> Chain:
                 pass
             fmt = img.backing_format
             filename = path_combine(layer.filename, img.backing_file)
+        if snapshot is not None:
+            top = layers[0]
+            assert top.img is not None
+            sn = next((x for x in top.img.snapshots() if snapshot in (x.id, x.name)), None)
+            if sn is None:
+                raise BadInputError(f"{top.filename}: no snapshot with id or name {snapshot!r}")
+            top.l1 = top.img.snapshot_l1_entries(sn)
+            top.size = sn.disk_size
     except BaseException:
         for layer in layers:
             layer.close()

@@ -253,7 +253,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
 def cmd_read(args: argparse.Namespace) -> int:
     from qemu_ext.qcow2.data import read_guest
 
-    data = read_guest(args.image, args.offset, args.length)
+    data = read_guest(args.image, args.offset, args.length, snapshot=args.snapshot)
     if args.output == "json":
         print_json({"offset": args.offset, "length": len(data), "data": data.hex()})
     elif args.output == "hex":
@@ -272,7 +272,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     _tune_malloc()
     from qemu_ext.qcow2.data import convert_to_raw
 
-    size = convert_to_raw(args.image, args.out, progress=_progress_wanted())
+    size = convert_to_raw(args.image, args.out, progress=_progress_wanted(), snapshot=args.snapshot)
     if args.output == "json":
         print_json({"filename": args.image, "output": args.out, "virtual-size": size})
     else:
@@ -289,6 +289,7 @@ def register(sub: Any, name: str, summary: str) -> None:
   virtopt qcow2 check disk.qcow2
   virtopt qcow2 dump disk.qcow2 l2 --l1-index 0
   virtopt qcow2 convert disk.qcow2 disk.raw
+  virtopt qcow2 convert disk.qcow2 before-upgrade.raw --snapshot before-upgrade
 """)
     s = p.add_subparsers(dest="qcow2_cmd", metavar="COMMAND")
 
@@ -336,11 +337,12 @@ exit codes (as qemu-img check): 0 clean, 2 corruptions, 3 leaked clusters only,
   virtopt qcow2 dump disk.qcow2 header
   virtopt qcow2 dump disk.qcow2 l2 --l1-index 0 --output=json
   virtopt qcow2 dump disk.qcow2 l1 --snapshot snap1
+  virtopt qcow2 dump disk.qcow2 l2 --l1-index 0 --snapshot snap1
 """)
     d.add_argument("image")
     d.add_argument("what", choices=WHAT)
     d.add_argument("--l1-index", type=_num, help="which L2 table (for 'l2')")
-    d.add_argument("--snapshot", help="a snapshot's L1 table (for 'l1'): id or name")
+    d.add_argument("--snapshot", help="use this snapshot's tables (for 'l1' and 'l2'): id or name")
     add_output_option(d)
     d.set_defaults(func=cmd_dump)
 
@@ -351,15 +353,18 @@ exit codes (as qemu-img check): 0 clean, 2 corruptions, 3 leaked clusters only,
     r.add_argument("image")
     r.add_argument("offset", type=_num)
     r.add_argument("length", type=_num)
+    r.add_argument("-l", "--snapshot", help="read an internal snapshot (id or name) instead of the active state")
     add_output_option(r, ("raw", "hex", "json"))
     r.set_defaults(func=cmd_read)
 
     v = s.add_parser("convert", help="write the guest disk as raw (same bytes as qemu-img convert -O raw)",
                      formatter_class=RAW, epilog="""examples:
   virtopt qcow2 convert disk.qcow2 disk.raw
+  virtopt qcow2 convert disk.qcow2 before-upgrade.raw --snapshot before-upgrade
 """)
     v.add_argument("image")
     v.add_argument("out")
+    v.add_argument("-l", "--snapshot", help="convert an internal snapshot (id or name), like qemu-img convert -l")
     add_output_option(v)
     v.set_defaults(func=cmd_convert)
 

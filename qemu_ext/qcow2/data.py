@@ -66,10 +66,13 @@ class _Reader:
     runs: list[Runs]
     data_fds: list[int]
 
-    def l2_entry(self, img: Qcow2Image, guest: int) -> int:
+    def l2_entry(self, layer: Layer, guest: int) -> int:
+        img = layer.img
+        assert img is not None
         cl = guest >> img.cluster_bits
         per = img.l2_entries_per_table
-        l2 = img.l2_table_offset(cl // per)
+        l1 = layer.l1_entries()
+        l2 = int(l1[cl // per]) & F.L1E_OFFSET_MASK if cl // per < len(l1) else 0
         raw = img.pread_zero_padded(l2 + (cl % per) * img.l2_entry_size, 8)
         return int.from_bytes(raw, "big")
 
@@ -90,7 +93,7 @@ class _Reader:
         end = start + length
         while g < end:
             cstart = g - g % cs
-            e = self.l2_entry(img, g)
+            e = self.l2_entry(layer, g)
             if not e & F.L2E_COMPRESSED:
                 raise BadInputError(f"{img.path}: guest offset {g:#x}: data without a host offset")
             blob = decompress_cluster(img, e)
@@ -137,11 +140,12 @@ def _close_reader(r: _Reader) -> None:
             os.close(fd)
 
 
-def read_guest(path: PathLike, offset: int, length: int) -> bytes:
-    """Guest bytes [offset, offset+length) through the backing chain (clamped to the virtual size)."""
+def read_guest(path: PathLike, offset: int, length: int, snapshot: Optional[str] = None) -> bytes:
+    """Guest bytes [offset, offset+length) through the backing chain (clamped to the virtual size),
+    of the active layer or of an internal snapshot (id or name)."""
     if offset < 0 or length < 0:
         raise BadInputError("offset and length must not be negative")
-    with open_chain(path) as chain:
+    with open_chain(path, snapshot=snapshot) as chain:
         size = chain.layers[0].size
         if offset >= size:
             return b""
@@ -153,9 +157,10 @@ def read_guest(path: PathLike, offset: int, length: int) -> bytes:
             _close_reader(r)
 
 
-def iter_guest(path: PathLike, chunk: int = 4 << 20) -> Iterator[tuple[int, Optional[bytes]]]:
+def iter_guest(path: PathLike, chunk: int = 4 << 20,
+               snapshot: Optional[str] = None) -> Iterator[tuple[int, Optional[bytes]]]:
     """(offset, bytes or None for an all-zero chunk) over the whole disk."""
-    with open_chain(path) as chain:
+    with open_chain(path, snapshot=snapshot) as chain:
         size = chain.layers[0].size
         r = _open_reader(chain)
         try:
@@ -176,16 +181,18 @@ def iter_guest(path: PathLike, chunk: int = 4 << 20) -> Iterator[tuple[int, Opti
             _close_reader(r)
 
 
-def convert_to_raw(path: PathLike, out_path: PathLike, progress: bool = False) -> int:
-    """Write the guest disk as a raw file (sparse where the guest reads zeros); returns its size."""
+def convert_to_raw(path: PathLike, out_path: PathLike, progress: bool = False,
+                   snapshot: Optional[str] = None) -> int:
+    """Write the guest disk (or an internal snapshot of it) as a raw file, sparse where the guest
+    reads zeros; returns its size."""
     from qemu_ext.output import progress as make_bar
 
-    with open_chain(path) as chain:
+    with open_chain(path, snapshot=snapshot) as chain:
         size = chain.layers[0].size
     bar = make_bar(size, "qcow2 convert", unit="B", unit_scale=True) if progress else None
     try:
         with open(out_path, "wb") as f:
-            _write(f, path, bar)
+            _write(f, path, bar, snapshot)
             f.truncate(size)
     finally:
         if bar is not None:
@@ -193,8 +200,8 @@ def convert_to_raw(path: PathLike, out_path: PathLike, progress: bool = False) -
     return size
 
 
-def _write(f: BinaryIO, path: PathLike, bar: object) -> None:
-    for off, data in iter_guest(path):
+def _write(f: BinaryIO, path: PathLike, bar: object, snapshot: Optional[str]) -> None:
+    for off, data in iter_guest(path, snapshot=snapshot):
         if data is None:
             continue
         if data == bytes(len(data)):  # keep the output sparse like qemu-img

@@ -75,11 +75,18 @@ def dump(path: PathLike, what: str, l1_index: Optional[int] = None, snapshot: Op
         if what == "l2":
             if l1_index is None:
                 raise BadInputError("dump l2 needs --l1-index N")
-            if not 0 <= l1_index < h.l1_size:
-                raise BadInputError(f"--l1-index {l1_index} is outside the L1 table (l1_size {h.l1_size})")
-            off = img.l2_table_offset(l1_index)
+            if snapshot is not None:
+                sn = _find_snapshot(img, snapshot)
+                l1 = img.snapshot_l1_entries(sn)
+                table = f"snapshot {sn.id}"
+            else:
+                l1 = img.l1_entries()
+                table = "active"
+            if not 0 <= l1_index < len(l1):
+                raise BadInputError(f"--l1-index {l1_index} is outside the {table} L1 table ({len(l1)} entries)")
+            off = int(l1[l1_index]) & F.L1E_OFFSET_MASK
             if not off:
-                return {"l1_index": l1_index, "l2_offset": 0, "entries": []}
+                return {"table": table, "l1_index": l1_index, "l2_offset": 0, "entries": []}
             tab = img.read_l2_tables(np.array([off], dtype=U))[0]
             per = img.l2_entries_per_table
             rows = []
@@ -107,7 +114,7 @@ def dump(path: PathLike, what: str, l1_index: Optional[int] = None, snapshot: Op
                     b = F.L2SubclusterBitmap.parse(bmp.to_bytes(8, "big"))
                     row.update(alloc_bitmap=f"{b.alloc:032b}"[::-1], zero_bitmap=f"{b.zero:032b}"[::-1])
                 rows.append(row)
-            return {"l1_index": l1_index, "l2_offset": off, "entries": rows}
+            return {"table": table, "l1_index": l1_index, "l2_offset": off, "entries": rows}
         # refcounts
         rt = img.refcount_table()
         per = img.refcount_block_entries

@@ -285,7 +285,7 @@ def layer_runs(layer: Layer, progress_bar: Any = None) -> Runs:
         return merge(r)
     img = layer.img
     img.require_known_features()
-    l1 = img.l1_entries()
+    l1 = layer.l1_entries()
     l2_offs = l1 & U(F.L1E_OFFSET_MASK)
     used = np.nonzero(l2_offs)[0]
     bad = used[(l2_offs[used] % U(img.cluster_size)) != 0]
@@ -369,7 +369,7 @@ def chain_map(chain: Chain, progress: bool = False) -> list[MapEntry]:
 
     layers = chain.layers
     runs: list[Runs] = []
-    total = sum(int(np.count_nonzero(L.img.l1_entries() & U(F.L1E_OFFSET_MASK))) for L in layers if L.img is not None)
+    total = sum(int(np.count_nonzero(L.l1_entries() & U(F.L1E_OFFSET_MASK))) for L in layers if L.img is not None)
     bar = make_bar(total, "qcow2 map", unit="L2") if progress else None
     try:
         for L in layers:
