@@ -163,3 +163,14 @@ def test_unknown_incompatible_feature(seed: Path, tmp_path: Path) -> None:
         cp = virtopt("qcow2", *args)
         _one_line_error(cp)
         assert cp.returncode == 2 and "unsupported qcow2 feature" in cp.stderr
+
+
+def test_convert_never_overwrites_its_inputs(tmp_path: Path) -> None:
+    base = make_qcow2(tmp_path / "base.qcow2", size="1M", io=["write -P 1 0 64k"])
+    top = make_qcow2(tmp_path / "top.qcow2", size="1M", backing="base.qcow2", io=["write -P 2 64k 64k"])
+    digests = {p: sha256(p) for p in (base, top)}
+    for out in (top, base):
+        cp = virtopt("qcow2", "convert", str(top), str(out))
+        _one_line_error(cp)
+        assert "refusing to overwrite" in cp.stderr
+    assert {p: sha256(p) for p in (base, top)} == digests

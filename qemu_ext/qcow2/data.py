@@ -189,6 +189,16 @@ def convert_to_raw(path: PathLike, out_path: PathLike, progress: bool = False,
 
     with open_chain(path, snapshot=snapshot) as chain:
         size = chain.layers[0].size
+        inputs = [layer.filename for layer in chain.layers]
+        inputs += [data_file_path(layer.img) for layer in chain.layers if layer.img is not None and layer.img.has_data_file]
+    if os.path.exists(out_path):
+        for name in inputs:
+            try:
+                same = os.path.samefile(out_path, name)
+            except OSError:
+                same = False
+            if same:
+                raise BadInputError(f"{out_path}: refusing to overwrite an input of the conversion ({name})")
     bar = make_bar(size, "qcow2 convert", unit="B", unit_scale=True) if progress else None
     try:
         with open(out_path, "wb") as f:
