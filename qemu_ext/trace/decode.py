@@ -60,9 +60,11 @@ def _ndigits(v: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
 
 def _hex_chars(v: np.ndarray, w: int) -> np.ndarray:
     """(n, w) hex digits of uint64 v, zero-padded with '0' characters on the left."""
-    le = v.view(np.uint8).reshape(-1, 8)
+    be = v.astype(">u8").view(np.uint8).reshape(-1, 8)  # most significant byte first, contiguous
     nb = (w + 1) // 2
-    two = _HEX2[le[:, nb - 1 :: -1]].view(np.uint8).reshape(-1, 2 * nb)  # most significant byte first
+    if nb < 8:
+        be = be[:, 8 - nb :]
+    two = np.take(_HEX2, be).view(np.uint8).reshape(-1, 2 * nb)
     return two[:, 2 * nb - w :]
 
 
@@ -353,7 +355,7 @@ class _Plan:
                     if kind == "hex":
                         G[:, pos : pos + w] = _hex_chars(vals, w)
                     elif kind == "frac":
-                        G[:, pos : pos + 3] = _DEC3[vals]
+                        G[:, pos : pos + 3] = np.take(_DEC3, vals, axis=0)
                     else:
                         G[:, pos : pos + w] = _dec_chars(vals, w)
                 vd[self.dst[gr] - base] = G.view(vt).reshape(-1)
