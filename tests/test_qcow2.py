@@ -6,7 +6,9 @@ images are proven unchanged by sha256 before/after.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,17 +31,12 @@ MATRIX = [
 CORRUPT = ["corrupt-leak", "corrupt-refcount-low", "corrupt-l2-past-eof", "corrupt-overlap", "corrupt-unaligned"]
 
 
-def _unchanged(path: Path):
+@contextlib.contextmanager
+def _unchanged(path: Path) -> Iterator[None]:
+    """The image (and so its metadata) is byte-identical after the block: proven by sha256."""
     before = sha256(path)
-
-    class _Guard:
-        def __enter__(self) -> None:
-            return None
-
-        def __exit__(self, *exc: object) -> None:
-            assert sha256(path) == before, f"{path} was modified"
-
-    return _Guard()
+    yield
+    assert sha256(path) == before, f"{path} was modified"
 
 
 @pytest.mark.parametrize("name", MATRIX + CORRUPT)
