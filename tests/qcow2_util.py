@@ -192,4 +192,12 @@ def build_corrupted(d: Path) -> dict[str, Path]:
         shutil.copyfile(base, p)
         fn(p)
         out[f"corrupt-{name}"] = p
+    # a snapshot table entry whose L1 size exceeds QEMU's limit (qemu-img check: corruption + leaks)
+    p = make_qcow2(d / "corrupt-snapshot-l1.qcow2", size="16M", io=["write -P 0x5c 0 128k"])
+    run(["qemu-img", "snapshot", "-c", "s1", str(p)])
+    qemu_io_cmds(p, ["write -P 0x5d 0 64k"])
+    with open_image(p) as img:
+        entry = img.snapshots()[0].entry_offset
+    _rw(p, entry + 8, ">I", 0x800000)
+    out["corrupt-snapshot-l1"] = p
     return out

@@ -28,7 +28,8 @@ MATRIX = [
     "c512", "c4k-rc1", "c64k-rc16", "c64k-rc64", "c2M", "extl2", "zlib", "zstd", "zstd-c4k", "chain3",
     "extl2-backing", "rc2", "rc4", "rc8", "rc32", "rawbacking", "snapshots", "bitmaps", "datafile", "lazy-dirty", "v2", "prealloc-meta", "discard",
 ]
-CORRUPT = ["corrupt-leak", "corrupt-refcount-low", "corrupt-l2-past-eof", "corrupt-overlap", "corrupt-unaligned"]
+CORRUPT = ["corrupt-leak", "corrupt-refcount-low", "corrupt-l2-past-eof", "corrupt-overlap", "corrupt-unaligned",
+           "corrupt-snapshot-l1"]
 
 
 @contextlib.contextmanager

@@ -566,8 +566,6 @@ class Qcow2Image:
                 disk_size = int.from_bytes(extra[8:16], "big")
             if sh.extra_data_size >= 24:
                 icount = int.from_bytes(extra[16:24], "big", signed=True)
-            if sh.l1_size > F.QCOW_MAX_L1_SIZE // 8:
-                raise self.bad(f"snapshot {i}: L1 table too large ({sh.l1_size} entries)")
             out.append(
                 Snapshot(
                     index=i,
@@ -594,6 +592,8 @@ class Qcow2Image:
         return getattr(self, "_snapshot_table_size", 0)
 
     def snapshot_l1_entries(self, sn: Snapshot) -> np.ndarray:
+        if sn.l1_size > F.QCOW_MAX_L1_SIZE // 8:
+            raise self.bad(f"snapshot {sn.id}: L1 table too large ({sn.l1_size} entries)")
         if not sn.l1_size:
             return np.zeros(0, dtype=np.uint64)
         if sn.l1_table_offset % self.cluster_size:
