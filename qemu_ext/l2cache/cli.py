@@ -69,7 +69,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _objects(args: argparse.Namespace):
     from qemu_ext.l2cache import sim
+    from qemu_ext.l2cache.curve import tune_malloc
 
+    tune_malloc()
     if not args.image and not args.virtual_size:
         raise BadInputError("give an image or --virtual-size")
     if args.qemu_io and args.trace:

@@ -27,57 +27,94 @@ from typing import Optional
 import numpy as np
 
 BASE_BITS = 5  # brute force inside aligned blocks of 32 indices
+CHUNK_BITS = 12
+CHUNK_SHIFT = 1  # chunks of about U/2 lookups: fewer chunks vs fewer levels
+
+
+def tune_malloc() -> None:
+    """Keep freed big arrays for reuse instead of returning them to the kernel (glibc).
+
+    The curve allocates and frees arrays of tens of MB; with glibc's defaults each is a fresh
+    mmap whose pages fault in again, which on a VM costs as much as the arithmetic. Process-wide:
+    the CLI and the benchmark call it; library users may.
+    """
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+    mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD
+
+
+I32 = np.int32
 
 
 def _compact_ids(keys: np.ndarray) -> np.ndarray:
-    """Small dense ids for the looked-up offsets (same id = same slice)."""
+    """Small dense ids (int32) for the looked-up offsets (same id = same slice)."""
     keys = np.asarray(keys).astype(np.int64, copy=False)
     if len(keys) == 0:
-        return np.zeros(0, np.int64)
+        return np.zeros(0, I32)
     lo = int(keys.min())
     span = int(keys.max()) - lo
     g = 1
     # offsets are multiples of the entry size: divide by the largest power of two they share
-    low = np.bitwise_or.reduce(keys - lo) if span else 0
+    low = int(np.bitwise_or.reduce(keys - lo)) if span else 0
     if low:
-        g = int(low & -low)
+        g = low & -low
     if span // g < 1 << 26:
-        k = (keys - lo) // g
-        present = np.zeros(span // g + 1, np.int64)
+        k = (keys - lo) >> (g.bit_length() - 1)
+        present = np.zeros(span // g + 1, I32)
         present[k] = 1
-        remap = np.cumsum(present) - 1
+        remap = np.cumsum(present, dtype=I32)
+        remap -= 1
         return remap[k]
     _u, inv = np.unique(keys, return_inverse=True)
-    return inv.reshape(-1).astype(np.int64)
+    return inv.reshape(-1).astype(I32)
+
+
+def _prev_next(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """prev[i] / nxt[i] (int32): the previous / next position with the same id, or -1."""
+    n = len(ids)
+    prev = np.empty(n, I32)
+    nxt = np.empty(n, I32)
+    if n == 0:
+        return prev, nxt
+    prev[:] = -1
+    nxt[:] = -1
+    if n < 2:
+        return prev, nxt
+    if int(ids.max()) < 65536:
+        order = np.argsort(ids.astype(np.uint16), kind="stable").astype(I32)  # radix sort
+    else:
+        order = np.argsort(ids, kind="stable").astype(I32)
+    sid = ids[order]
+    same = sid[1:] == sid[:-1]
+    del sid
+    prev[order[1:]] = np.where(same, order[:-1], I32(-1))
+    nxt[order[:-1]] = np.where(same, order[1:], I32(-1))
+    return prev, nxt
 
 
 def _prev_occurrence(ids: np.ndarray) -> np.ndarray:
-    """prev[i] = largest j < i with ids[j] == ids[i], or -1."""
-    n = len(ids)
-    prev = np.full(n, -1, np.int64)
-    if n < 2:
-        return prev
-    if int(ids.max()) < 65536:
-        order = np.argsort(ids.astype(np.uint16), kind="stable")  # radix sort
-    else:
-        order = np.argsort(ids, kind="stable")
-    sid = ids[order]
-    same = sid[1:] == sid[:-1]
-    prev[order[1:][same]] = order[:-1][same]
-    return prev
+    return _prev_next(ids)[0]
+
+
+def _prev_order(prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+    """Positions sorted by (prev, position) without sorting: first references in position
+    order, then for q ascending the reference whose previous one is q."""
+    return np.concatenate([np.flatnonzero(prev < 0).astype(I32), nxt[nxt >= 0]])
 
 
 def dominance_counts_prev(prev: np.ndarray) -> np.ndarray:
     """c[i] = #{j < i : prev[j] <= prev[i]} for a prev-occurrence array (values distinct but -1)."""
+    prev = np.asarray(prev)
     n = len(prev)
-    # arrangement sorted by (value, index) without sorting: first references in index order,
-    # then, for q ascending, the reference whose previous one is q
-    first = np.flatnonzero(prev < 0)
-    nxt = np.full(n, -1, np.int64)
+    nxt = np.full(n, -1, I32)
     has = prev >= 0
     nxt[prev[has]] = np.flatnonzero(has)
-    arr = np.concatenate([first, nxt[nxt >= 0]])
-    return _dominance_from_arrangement(arr)
+    return _dominance_from_arrangement(_prev_order(prev, nxt)).astype(np.int64)
 
 
 def dominance_counts(v: np.ndarray) -> np.ndarray:
@@ -85,57 +122,61 @@ def dominance_counts(v: np.ndarray) -> np.ndarray:
     v = np.asarray(v)
     if len(v) == 0:
         return np.zeros(0, np.int64)
-    return _dominance_from_arrangement(np.argsort(v, kind="stable").astype(np.int64))
+    return _dominance_from_arrangement(np.argsort(v, kind="stable").astype(I32)).astype(np.int64)
 
 
-def _dominance_from_arrangement(arr: np.ndarray) -> np.ndarray:
-    """arr: original indices in (value, index) order. Work buffers are allocated once (fresh
-    large allocations cost page faults) and every step writes into them; a node is an aligned
-    block of positions, handled as rows of a 2-D view so that node starts need no gathers."""
+def _dominance_from_arrangement(arr: np.ndarray, top_bits: Optional[int] = None) -> np.ndarray:
+    """Counts (int32, by original position) for arr = original positions in value order.
+
+    Top-down over the index bits: a node is an aligned block of positions, kept in value order
+    and handled as a row of a 2-D view; each level stably partitions every node by the next index
+    bit (zeros first) and gives each element of the right half the number of left-half elements
+    before it. With top_bits, arr is in value order inside aligned blocks of 2**top_bits positions
+    and only pairs inside those blocks are counted. Buffers are allocated once."""
     n = len(arr)
     if n == 0:
-        return np.zeros(0, np.int64)
-    w = np.int32 if n < 2**31 - 1 else np.int64
-    arr = arr.astype(w, copy=True)
-    arr2 = np.empty(n, w)
-    cnt = np.zeros(n, w)
-    cnt2 = np.empty(n, w)
-    bit = np.empty(n, w)
-    ob = np.empty(n, w)
-    zb = np.empty(n, w)
-    tw = np.empty(n, w)
-    npos = np.empty(n, np.int64)
-    t64 = np.empty(n, np.int64)
+        return np.zeros(0, I32)
+    if n >= 2**31 - 1:
+        raise ValueError("too many lookups for one curve (2**31)")
+    arr = arr.astype(I32, copy=True)
+    arr2 = np.empty(n, I32)
+    cnt = np.zeros(n, I32)
+    cnt2 = np.empty(n, I32)
+    ob = np.empty(n, I32)
+    zb = np.empty(n, I32)
+    tmp = np.empty(n, I32)
+    npos = np.empty(n, np.intp)
     mask = np.empty(n, bool)
     bits = max(0, (n - 1).bit_length())
+    if top_bits is not None:
+        bits = min(bits, top_bits)
     for k in range(bits - 1, BASE_BITS - 1, -1):
         size = 1 << (k + 1)
-        np.right_shift(arr, k, out=bit)
-        np.bitwise_and(bit, 1, out=bit)
+        np.bitwise_and(arr, 1 << k, out=zb)
+        np.not_equal(zb, 0, out=mask)
         m, r = divmod(n, size)
         for lo, rows, cols in ((0, m, size), (m * size, 1 if r else 0, r)):
             if rows == 0:
                 continue
             hi = lo + rows * cols
-            b2 = bit[lo:hi].reshape(rows, cols)
+            mk = mask[lo:hi].reshape(rows, cols)
             o2 = ob[lo:hi].reshape(rows, cols)
             z2 = zb[lo:hi].reshape(rows, cols)
-            np.cumsum(b2, axis=1, out=o2)
-            ones_in = o2[:, -1:].astype(np.int64)
-            np.subtract(o2, b2, out=o2)  # ones before, within the node
-            np.subtract(np.arange(cols, dtype=w), o2, out=z2)  # zeros before, within the node
-            t2 = tw[lo:hi].reshape(rows, cols)
-            np.multiply(b2, z2, out=t2)
+            np.cumsum(mk, axis=1, dtype=I32, out=o2)
+            ones_in = o2[:, -1:].astype(np.intp)
+            np.subtract(o2, mk, out=o2)  # ones before, within the node
+            np.subtract(np.arange(cols, dtype=I32), o2, out=z2)  # zeros before, within the node
             c2 = cnt[lo:hi].reshape(rows, cols)
-            np.add(c2, t2, out=c2)  # right-half elements gain the left-half elements before them
-            p2 = npos[lo:hi].reshape(rows, cols)
-            base = (lo + np.arange(rows, dtype=np.int64) * cols)[:, None]
-            np.add(z2, base, out=p2)  # zeros keep their order at the front
-            mk = mask[lo:hi].reshape(rows, cols)
-            np.not_equal(b2, 0, out=mk)
-            q2 = t64[lo:hi].reshape(rows, cols)
-            np.add(o2, base + (cols - ones_in), out=q2)
-            np.copyto(p2, q2, where=mk)  # ones after the zeros
+            t2 = tmp[lo:hi].reshape(rows, cols)
+            np.multiply(z2, mk, out=t2)
+            np.add(c2, t2, out=c2)  # right-half elements gain the left-half ones before them
+            # new position in the node: zeros keep their order at the front, ones follow them
+            np.subtract(o2, z2, out=t2)
+            np.add(t2, (cols - ones_in).astype(I32), out=t2)
+            np.multiply(t2, mk, out=t2)
+            np.add(t2, z2, out=t2)
+            base = (lo + np.arange(rows, dtype=np.intp) * cols)[:, None]
+            np.add(t2, base, out=npos[lo:hi].reshape(rows, cols))
         arr2[npos] = arr
         cnt2[npos] = cnt
         arr, arr2 = arr2, arr
@@ -149,41 +190,87 @@ def _dominance_from_arrangement(arr: np.ndarray) -> np.ndarray:
         flat = cnt[:full].reshape(-1, b)
         for r0 in range(0, len(blk), step):
             x = blk[r0 : r0 + step]
-            flat[r0 : r0 + step] += ((x[:, None, :] < x[:, :, None]) & tri).sum(axis=2, dtype=w)
+            flat[r0 : r0 + step] += ((x[:, None, :] < x[:, :, None]) & tri).sum(axis=2, dtype=I32)
     if full < n:
         tail = arr[full:]
         mm = len(tail)
         tri = np.tri(mm, mm, -1, dtype=bool)
-        cnt[full:] += ((tail[None, :] < tail[:, None]) & tri).sum(axis=1, dtype=w)
-    out = np.empty(n, np.int64)
+        cnt[full:] += ((tail[None, :] < tail[:, None]) & tri).sum(axis=1, dtype=I32)
+    out = cnt2
     out[arr] = cnt
     return out
 
 
 def stack_distances(keys: np.ndarray) -> np.ndarray:
-    """LRU stack distance of every lookup (-1 for a first reference)."""
+    """LRU stack distance (int32) of every lookup (-1 for a first reference).
+
+    The trace is cut into chunks of C = 2**cb lookups. Inside a chunk starting at t0,
+    W(i) = #{j in [t0, i) : prev[j] <= prev[i]} comes from the dominance counting restricted to
+    the chunk. Then, with p = prev[i]:
+      p >= t0 (previous use in the chunk):  d(i) = W(i) - (p - t0 + 1)
+      p <  t0:                              d(i) = #{slices last used in (p, t0)} + W(i)
+    where the positions of the last use of every slice before t0 are kept as one sorted array
+    (at most one per distinct slice), updated once per chunk.
+    """
     keys = np.asarray(keys)
-    n = len(keys)
-    if n == 0:
-        return np.zeros(0, np.int64)
+    n_all = len(keys)
+    if n_all == 0:
+        return np.zeros(0, I32)
     ids = _compact_ids(keys)
     # immediate repeats have distance 0 and do not change any other distance: drop them
-    keep = np.ones(n, bool)
-    keep[1:] = ids[1:] != ids[:-1]
-    if keep.all():
-        rid = ids
-        kidx = None
+    keep = np.empty(n_all, bool)
+    keep[0] = True
+    np.not_equal(ids[1:], ids[:-1], out=keep[1:])
+    # (only worth it when there are many: a few cost more to drop than to count)
+    kidx = None if int(np.count_nonzero(keep)) > n_all - n_all // 8 else np.flatnonzero(keep)
+    rid = ids if kidx is None else ids[kidx]
+    del ids
+    n = len(rid)
+    prev, nxt = _prev_next(rid)
+    u = int(rid.max()) + 1
+    del rid
+    cb = max(CHUNK_BITS, (u - 1).bit_length() - CHUNK_SHIFT)
+    arr = _prev_order(prev, nxt)
+    if n <= (1 << cb):
+        w = _dominance_from_arrangement(arr)
+        d = w - (prev + 1)
+        d[prev < 0] = -1
     else:
-        kidx = np.flatnonzero(keep)
-        rid = ids[kidx]
-    prev = _prev_occurrence(rid)
-    c = dominance_counts_prev(prev)
-    np.subtract(c, prev + 1, out=c)
-    c[prev < 0] = -1
+        chunk = arr >> cb
+        ck = chunk.astype(np.uint16) if int(chunk.max()) < 65536 else chunk
+        del chunk
+        arr = arr[np.argsort(ck, kind="stable")]  # (chunk, prev) order: a radix partition
+        del ck
+        w = _dominance_from_arrangement(arr, top_bits=cb)
+        d = w  # computed in place, chunk by chunk
+        live = np.zeros(0, I32)  # sorted positions of the last use of each slice so far
+        rank = np.empty(n, I32)  # rank[q] = index of q in live, for q in live
+        c = 1 << cb
+        for t0 in range(0, n, c):
+            t1 = min(n, t0 + c)
+            p = prev[t0:t1]
+            dc = d[t0:t1]
+            before = p < t0
+            wb = dc[before]
+            dc -= p - (t0 - 1)  # previous use inside the chunk: W - (p - t0 + 1)
+            pb = p[before]
+            ref = pb >= 0
+            k = rank[pb[ref]]
+            wb[ref] += (len(live) - 1) - k  # slices last used after p and before the chunk
+            wb[~ref] = -1  # first references
+            dc[before] = wb
+            if len(k):
+                m = np.ones(len(live), bool)
+                m[k] = False  # those slices are used again: their old last-use positions go
+                live = live[m]
+            nx = nxt[t0:t1]
+            live = np.concatenate([live, (t0 + np.flatnonzero((nx < 0) | (nx >= t1))).astype(I32)])
+            rank[live] = np.arange(len(live), dtype=I32)
+        del arr
     if kidx is None:
-        return c
-    out = np.zeros(n, np.int64)
-    out[kidx] = c
+        return d
+    out = np.zeros(n_all, I32)
+    out[kidx] = d
     return out
 
 
