@@ -201,3 +201,30 @@ def build_corrupted(d: Path) -> dict[str, Path]:
     _rw(p, entry + 8, ">I", 0x800000)
     out["corrupt-snapshot-l1"] = p
     return out
+
+
+def build_metadata_edits(d: Path) -> dict[str, Path]:
+    """More single-field edits on copies of one image: reserved bits, unaligned tables, flags."""
+    base = make_qcow2(d / "edit-base.qcow2", size="16M", io=["write -P 1 0 128k", "write -c 1M 64k"])
+    with open_image(base) as img:
+        l1 = img.header.l1_table_offset
+        l2 = img.l2_table_offset(0)
+        rt = img.header.refcount_table_offset
+    edits: dict[str, tuple[int, Callable[[int], int]]] = {
+        "l1-unaligned": (l1, lambda v: v + 0x200),
+        "l1-reserved": (l1, lambda v: v | 1 << 60),
+        "l2-reserved": (l2, lambda v: v | 1 << 58),
+        "compressed-copied": (l2 + 16 * 8, lambda v: v | 1 << 63),
+        "reftable-unaligned": (rt, lambda v: v + 0x200),
+        "refblock-outside": (rt + 8, lambda v: 0x10000000),
+        "reftable-reserved": (rt, lambda v: v | 1),
+        "l2-zero-plain": (l2 + 5 * 8, lambda v: 1),
+        "l2-zero-alloc": (l2 + 8, lambda v: v | 1),
+    }
+    out = {}
+    for name, (off, fn) in edits.items():
+        p = d / f"edit-{name}.qcow2"
+        shutil.copyfile(base, p)
+        _rw(p, off, ">Q", fn(_rw(p, off, ">Q")))
+        out[name] = p
+    return out

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from helpers import make_qcow2, run, sha256, virtopt
-from qcow2_util import build_corrupted, build_matrix, qemu_json
+from qcow2_util import build_corrupted, build_matrix, build_metadata_edits, qemu_json
 
 
 @pytest.fixture(scope="module")
@@ -298,3 +298,29 @@ def test_convert_snapshot_matches_qemu_img(images: dict[str, Path], tmp_path: Pa
         assert sha256(got) == sha256(want) != sha256(active)
     cp = virtopt("qcow2", "read", str(p), "65536", "16", "--snapshot", "first", "--output=json")
     assert bytes.fromhex(json.loads(cp.stdout)["data"]) == (tmp_path / "q-first.raw").read_bytes()[65536:65552]
+
+
+EDITS = ["l1-unaligned", "l1-reserved", "l2-reserved", "compressed-copied", "reftable-unaligned", "refblock-outside",
+         "reftable-reserved", "l2-zero-plain", "l2-zero-alloc"]
+
+
+@pytest.fixture(scope="module")
+def edited(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_metadata_edits(tmp_path_factory.mktemp("qcow2edits"))
+
+
+@pytest.mark.parametrize("name", EDITS)
+def test_metadata_edits_check_and_map_like_qemu_img(edited: dict[str, Path], name: str) -> None:
+    """check: same JSON text and exit code (1 when qemu-img's check cannot finish); map: same text, or
+    both refuse."""
+    p = edited[name]
+    with _unchanged(p):
+        q = run(["qemu-img", "check", "--output=json", str(p)], check=False)
+        cp = virtopt("qcow2", "check", "--qemu-only", "--output=json", str(p))
+        assert (cp.returncode, cp.stdout) == (q.returncode, q.stdout)
+        q = run(["qemu-img", "map", "--output=json", str(p)], check=False)
+        cp = virtopt("qcow2", "map", "--output=json", str(p))
+        if q.returncode:
+            assert cp.returncode != 0 and cp.stderr.count("\n") == 1
+        else:
+            assert (cp.returncode, cp.stdout) == (0, q.stdout)
