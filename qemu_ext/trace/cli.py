@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 DECODE_EPILOG = """\
@@ -99,6 +100,8 @@ def _tune_malloc() -> None:
     Bulk decoding allocates and frees many arrays of tens of MB; with glibc's defaults each
     one is a fresh mmap whose pages fault in again (a third of the run time on a VM).
     """
+    if os.environ.get("VIRTOPT_MALLOPT") == "0":
+        return
     try:
         import ctypes
 

@@ -207,9 +207,9 @@ def plan_simpletrace(st: SimpleTrace) -> _Plan:
     fp = ad  # 0..999, index into _DEC3
     ipu = ip.view(np.uint64)
     kd = _ndigits(ipu, _DEC_THR)
-    pids = st.pids.astype(np.uint64)
-    p0 = int(pids[0])
-    pid_const = not np.any(pids != np.uint64(p0))
+    p0 = int(st.pids[0])
+    pid_const = not np.any(st.pids != p0)
+    pids = st.pids if pid_const else st.pids.astype(np.uint64)
     kp = None if pid_const else _ndigits(pids, _DEC_THR)
 
     L_row = np.zeros(n, np.int64)

@@ -579,13 +579,16 @@ class _Scanner:
             c = c[np.searchsorted(c, start) :]
         c = c[c + EVENT_HEADER_LEN <= self.size]
         hdr = _words_at(self.data, c, 4, self.cache)
-        ln = (hdr[:, 3] & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        ln = hdr.view(np.uint32)[:, 6]  # the length field: low half of the 4th word (a view)
         ok = (hdr[:, 0] == RECORD_TYPE_EVENT) & (ln >= 24)
         if not ok.all():
-            c, ln, hdr = c[ok], ln[ok], hdr[ok]
+            c, hdr = c[ok], hdr[ok]
+            ln = hdr.view(np.uint32)[:, 6]
         self.cand = c
         self.cand_hdr = hdr
-        self.cand_next = c + 8 + ln
+        nxt = c + 8
+        nxt += ln
+        self.cand_next = nxt
         self.breaks = np.flatnonzero(c[1:] != self.cand_next[:-1])  # i: cand[i + 1] does not follow cand[i]
 
     def _follow(self, pos: int) -> int:
@@ -699,9 +702,9 @@ def decode_simple(
     st._views = sc.cache
     st.event_ids = hdr[:, 1]  # column views: no copies
     st.timestamps = hdr[:, 2]
-    lw = hdr[:, 3]
-    st.lengths = (lw & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-    st.pids = (lw >> np.uint64(32)).astype(np.uint32)
+    h32 = hdr.view(np.uint32)  # little-endian: word 3 is (length, pid)
+    st.lengths = h32[:, 6]
+    st.pids = h32[:, 7]
     _resolve(st)
     return st
 
@@ -715,16 +718,17 @@ def _resolve(st: SimpleTrace) -> None:
         st.kinds = []
         return
     is_drop = ids == np.uint64(DROPPED_EVENT_ID)
-    small = np.where(is_drop, np.uint64(0), ids)
+    any_drop = bool(is_drop.any())
+    small = np.where(is_drop, np.uint64(0), ids) if any_drop else ids
     mx = int(small.max())
     if mx < (1 << 22):
-        small_i = small.astype(np.int64)
-        present = np.bincount(small_i[~is_drop], minlength=mx + 1)
+        small_i = small.view(np.int64) if not any_drop else small.astype(np.int64)
+        present = np.bincount(small_i[~is_drop] if any_drop else small_i, minlength=mx + 1)
         uniq = np.flatnonzero(present).tolist()
         lut = np.full(mx + 2, -1, np.int32)
         lut[uniq] = np.arange(len(uniq), dtype=np.int32)
         kinds = [int(u) for u in uniq]
-        if is_drop.any():
+        if any_drop:
             lut[mx + 1] = len(kinds)
             kinds.append(DROPPED_EVENT_ID)
             small_i[is_drop] = mx + 1

@@ -224,13 +224,17 @@ def _summarize(src: _Source, total: int, bins: int, pairs: Optional[list[Pair]])
     res: dict = {"records": total, "events": total - dropped_records}
     rate: Optional[dict] = None
     if ts is not None and len(ts):
-        known = ts[ts >= 0]
-        t0, t1 = int(known.min()), int(known.max())
+        t0, t1 = int(ts.min()), int(ts.max())
+        known = ts if t0 >= 0 else ts[ts >= 0]
+        if t0 < 0:
+            t0 = int(known.min())
         dur = t1 - t0
         res.update({"first_timestamp_ns": t0, "last_timestamp_ns": t1, "duration_ns": dur})
         nb = max(1, min(bins, MAX_BINS))
         width = max(1, -(-max(dur, 1) // nb))
-        idx = np.minimum((known - t0) // width, nb - 1)
+        idx = known - t0
+        idx //= width
+        np.minimum(idx, nb - 1, out=idx)
         per_bin = np.bincount(idx, minlength=nb)
         rate = {
             "bin_ns": int(width),
