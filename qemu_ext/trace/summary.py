@@ -15,6 +15,7 @@ import numpy as np
 from qemu_ext.errors import BadInputError
 from qemu_ext.trace.events import EventsFile
 from qemu_ext.trace.records import DROPPED
+from qemu_ext.trace.simple import EVENT_HEADER_LEN, _uint_at
 
 EventsArg = Union[str, os.PathLike, EventsFile, None]
 
@@ -54,6 +55,32 @@ class _Source:
     def arg_is_pointer(self, name: str, arg: str) -> bool:
         return True
 
+    def merged(self, pair: Pair) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+        """(key, timestamp, is-end flag) of the begin and end records in file order, #begins, #ends."""
+        bi, bt = self.kind(pair.begin)
+        ei, et = self.kind(pair.end)
+        bk = ek = None
+        if pair.key is not None:
+            bk = self.arg(pair.begin, pair.key)
+            ek = self.arg(pair.end, pair.key)
+        if bk is None or ek is None:
+            bk = np.zeros(len(bi), np.uint64)
+            ek = np.zeros(len(ei), np.uint64)
+        # two sorted runs of record numbers, which a stable sort merges in one pass
+        order = np.argsort(np.concatenate([bi, ei]), kind="stable")
+        key = np.concatenate([bk.astype(np.uint64, copy=False), ek.astype(np.uint64, copy=False)])[order]
+        ts = np.concatenate([bt, et]).astype(np.int64, copy=False)[order]
+        flag = (order >= len(bi)).view(np.int8)
+        return key, ts, flag, len(bi), len(ei)
+
+    def rates_by_event(self, names: list[str], t0: int, width: int, nb: int) -> dict[str, list[int]]:
+        out = {}
+        for n in names:
+            _, kt = self.kind(n)
+            kt = kt[kt >= 0]
+            out[n] = np.bincount(np.minimum((kt - t0) // width, nb - 1), minlength=nb).tolist()
+        return out
+
 
 class _SimpleSource(_Source):
     def __init__(self, st) -> None:
@@ -75,6 +102,36 @@ class _SimpleSource(_Source):
     def arg_is_pointer(self, name: str, arg: str) -> bool:
         ev = self.st.kind_event(self.index[name])
         return any(a.name == arg and "*" in a.type and not a.is_string for a in ev.args)
+
+    def merged(self, pair: Pair) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+        st = self.st
+        kb, ke = self.index[pair.begin], self.index[pair.end]
+        evb, eve = st.kind_event(kb), st.kind_event(ke)
+        if evb.has_strings or eve.has_strings:
+            return super().merged(pair)
+        mask = st.codes == kb
+        mask |= st.codes == ke
+        sel = np.flatnonzero(mask)
+        is_end = st.codes[sel] == ke
+        ts = st.timestamps[sel].view(np.int64)
+        if pair.key is not None and pair.key in evb.arg_names and pair.key in eve.arg_names:
+            jb, je = evb.arg_names.index(pair.key), eve.arg_names.index(pair.key)
+            off = st.offsets[sel] + (EVENT_HEADER_LEN + 8 * jb)
+            if je != jb:
+                off += is_end * (8 * (je - jb))
+            key = _uint_at(st.data, off, "<u8", st._views)  # only the key argument, read from the file
+        else:
+            key = np.zeros(len(sel), np.uint64)
+        nb = int(np.count_nonzero(~is_end))
+        return key, ts, is_end.view(np.int8), nb, len(sel) - nb
+
+    def rates_by_event(self, names: list[str], t0: int, width: int, nb: int) -> dict[str, list[int]]:
+        idx = self.st.timestamps.view(np.int64) - t0
+        idx //= width
+        np.minimum(idx, nb - 1, out=idx)
+        idx += self.st.codes.astype(np.int64) * nb
+        m = np.bincount(idx, minlength=nb * len(self.names)).reshape(len(self.names), nb)
+        return {n: m[self.index[n]].tolist() for n in names}
 
     def arg(self, name: str, arg: str) -> Optional[np.ndarray]:
         k = self.index[name]
@@ -160,22 +217,7 @@ def find_pairs(src: _Source, extra: Optional[list[Pair]] = None) -> list[Pair]:
 
 def pair_latencies(src: _Source, pair: Pair) -> tuple[np.ndarray, int, int]:
     """(latencies in ns, unmatched begins, unmatched ends): each end goes with the latest begin of its key."""
-    bi, bt = src.kind(pair.begin)
-    ei, et = src.kind(pair.end)
-    if pair.key is not None:
-        bk = src.arg(pair.begin, pair.key)
-        ek = src.arg(pair.end, pair.key)
-    else:
-        bk = ek = None
-    if bk is None or ek is None:
-        bk = np.zeros(len(bi), np.uint64)
-        ek = np.zeros(len(ei), np.uint64)
-    # merge begins and ends into file order: two sorted runs, which a stable sort merges in one pass
-    rows = np.concatenate([bi, ei])
-    order = np.argsort(rows, kind="stable")
-    key = np.concatenate([bk.astype(np.uint64, copy=False), ek.astype(np.uint64, copy=False)])[order]
-    ts = np.concatenate([bt, et]).astype(np.int64, copy=False)[order]
-    flag = (order >= len(bi)).view(np.int8)
+    key, ts, flag, nbeg, nend = src.merged(pair)
     # the common case: an end right after its begin (same key) in the begin/end sequence
     adj = (flag[:-1] == 0) & (flag[1:] == 1) & (key[1:] == key[:-1])
     # keys that appear anywhere else in a non-adjacent way are paired the general way
@@ -185,13 +227,13 @@ def pair_latencies(src: _Source, pair: Pair) -> tuple[np.ndarray, int, int]:
     if used.all():
         lat = ts[1:][adj] - ts[:-1][adj]
         nh = int(adj.sum())
-        return lat, len(bi) - nh, len(ei) - nh
+        return lat, nbeg - nh, nend - nh
     srt = np.argsort(key, kind="stable")  # by key, then file order
     key, ts, flag = key[srt], ts[srt], flag[srt]
     hit = (key[1:] == key[:-1]) & (flag[:-1] == 0) & (flag[1:] == 1)
     lat = ts[1:][hit] - ts[:-1][hit]
     nh = int(hit.sum())
-    return lat, len(bi) - nh, len(ei) - nh
+    return lat, nbeg - nh, nend - nh
 
 
 def _latency_stats(lat: np.ndarray) -> dict:
@@ -244,11 +286,7 @@ def _summarize(src: _Source, total: int, bins: int, pairs: Optional[list[Pair]])
         }
         # per event, for the plot: the busiest few
         top = sorted(counts, key=lambda n: -counts[n])[:6]
-        rate["by_event"] = {}
-        for n in top:
-            _, kt = src.kind(n)
-            kt = kt[kt >= 0]
-            rate["by_event"][n] = np.bincount(np.minimum((kt - t0) // width, nb - 1), minlength=nb).tolist()
+        rate["by_event"] = src.rates_by_event(top, t0, width, nb)
     else:
         res.update({"first_timestamp_ns": None, "last_timestamp_ns": None, "duration_ns": None})
     dur_s = (res["duration_ns"] or 0) / 1e9
