@@ -69,3 +69,19 @@ def test_qemu_entry_choice_empty_first_then_lru():
     assert [e[2] for e in ev] == [False, False, False, True, False, False]
     # 16384 evicts the least recently put (8192, put 2nd); 8192 then evicts 12288
     assert ev[4][1] == ev[1][1] and ev[5][1] == ev[2][1]
+
+
+def test_chunked_and_segmented_path_matches_model():
+    # long enough for several chunks and segments of the vectorized algorithm, with runs of
+    # immediate repeats (dropped before counting) mixed in
+    rng = np.random.default_rng(11)
+    base = rng.integers(0, 5000, 150_000)
+    offs = (np.repeat(base, rng.integers(1, 3, len(base))) + 1).astype(np.int64) * 4096
+    assert len(offs) > 2 * C.SEGMENT
+    cv = C.lru_curve(offs)
+    for size in (3, 700, 4999):
+        assert M.replay(offs, size, 4096).hits == cv.hits(size), size
+    offs2 = (rng.integers(0, 5000, 200_000) + 1).astype(np.int64) * 512  # few repeats: kept
+    cv2 = C.lru_curve(offs2)
+    for size in (2, 1234, 4999):
+        assert M.replay(offs2, size, 512).hits == cv2.hits(size), size

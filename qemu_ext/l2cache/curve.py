@@ -28,6 +28,7 @@ import numpy as np
 
 BASE_BITS = 5  # brute force inside aligned blocks of 32 indices
 CHUNK_BITS = 12
+SEGMENT = 1 << 16  # lookups per call of the in-chunk counting (cache-sized buffers)
 CHUNK_SHIFT = 1  # chunks of about U/2 lookups: fewer chunks vs fewer levels
 
 
@@ -241,7 +242,12 @@ def stack_distances(keys: np.ndarray) -> np.ndarray:
         del chunk
         arr = arr[np.argsort(ck, kind="stable")]  # (chunk, prev) order: a radix partition
         del ck
-        w = _dominance_from_arrangement(arr, top_bits=cb)
+        # chunks are independent here: run them in segments that stay in the CPU caches
+        w = np.empty(n, I32)
+        seg_len = max(1 << cb, SEGMENT)
+        for s0 in range(0, n, seg_len):
+            s1 = min(n, s0 + seg_len)
+            w[s0:s1] = _dominance_from_arrangement(arr[s0:s1] - s0, top_bits=cb)
         d = w  # computed in place, chunk by chunk
         live = np.zeros(0, I32)  # sorted positions of the last use of each slice so far
         rank = np.empty(n, I32)  # rank[q] = index of q in live, for q in live
