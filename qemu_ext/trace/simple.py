@@ -158,7 +158,7 @@ class StringColumn:
         if n == 0:
             return uniq, inverse
         u8 = np.frombuffer(data, np.uint8)
-        for L in np.unique(self.lens).tolist():
+        for L in np.flatnonzero(np.bincount(self.lens)).tolist():
             rows = np.flatnonzero(self.lens == L)
             if L == 0:
                 inverse[rows] = len(uniq)
@@ -374,7 +374,7 @@ def _uint_at(data: Buffer, pos: np.ndarray, dtype: str, cache: dict) -> np.ndarr
     if not np.any(ph != p0):
         return _view(data, dtype, p0, cache)[(pos - p0) // item]
     out = np.empty(len(pos), dtype)
-    for p in np.unique(ph).tolist():
+    for p in np.flatnonzero(np.bincount(ph)).tolist():  # (np.unique would import numpy.ma)
         m = ph == p
         out[m] = _view(data, dtype, p, cache)[(pos[m] - p) // item]
     return out
@@ -400,7 +400,7 @@ def _words_at(data: Buffer, pos: np.ndarray, nwords: int, cache: dict) -> np.nda
     if not np.any(ph != p0):
         return rows(p0)[(pos - p0) >> 3]
     out = np.empty((len(pos), nwords), np.uint64)
-    for p in np.unique(ph).tolist():
+    for p in np.flatnonzero(np.bincount(ph)).tolist():  # (np.unique would import numpy.ma)
         m = np.flatnonzero(ph == p)
         out[m] = rows(p)[(pos[m] - p) >> 3]
     return out

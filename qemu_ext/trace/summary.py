@@ -236,11 +236,19 @@ def pair_latencies(src: _Source, pair: Pair) -> tuple[np.ndarray, int, int]:
     return lat, nbeg - nh, nend - nh
 
 
+def _percentiles(a: np.ndarray, qs: tuple[int, ...]) -> list[int]:
+    """Nearest-rank percentiles (the smallest value with at least q% of the values at or below it)."""
+    n = len(a)
+    ranks = [max(1, -(-q * n // 100)) - 1 for q in qs]  # ceil(q * n / 100) - 1, exact in integers
+    part = np.partition(a, sorted(set(ranks)))
+    return [int(part[r]) for r in ranks]
+
+
 def _latency_stats(lat: np.ndarray) -> dict:
     if len(lat) == 0:
         return {"pairs": 0}
     lat = np.maximum(lat, 0)
-    q = np.percentile(lat, [50, 90, 99]).tolist()
+    q = _percentiles(lat, (50, 90, 99))
     # log2 histogram: bucket b holds latencies in [2^(b-1), 2^b) ns (b = 0: 0 ns)
     b = np.zeros(len(lat), np.int64)
     nz = lat > 0
@@ -251,9 +259,9 @@ def _latency_stats(lat: np.ndarray) -> dict:
         "pairs": len(lat),
         "min_ns": int(lat.min()),
         "mean_ns": float(lat.mean()),
-        "p50_ns": float(q[0]),
-        "p90_ns": float(q[1]),
-        "p99_ns": float(q[2]),
+        "p50_ns": q[0],
+        "p90_ns": q[1],
+        "p99_ns": q[2],
         "max_ns": int(lat.max()),
         "histogram": hist,
     }
