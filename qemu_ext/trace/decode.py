@@ -202,9 +202,8 @@ def plan_simpletrace(st: SimpleTrace) -> _Plan:
     np.abs(ad, out=ad)
     slow = ad >= _EXACT_DELTA
     any_slow = bool(slow.any())
-    ip = ad // 1000
-    np.subtract(ad, ip * 1000, out=ad)
-    fp = ad  # 0..999, index into _DEC3
+    ip, fp = np.divmod(ad, 1000)  # fp: 0..999, an index into _DEC3
+    del ad
     ipu = ip.view(np.uint64)
     kd = _ndigits(ipu, _DEC_THR)
     p0 = int(st.pids[0])
