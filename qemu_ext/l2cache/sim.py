@@ -136,7 +136,9 @@ def _state(geom: R.Geometry, img: Any, disk: Disk, entry: int) -> R.ImageState:
     return R.ImageState.from_geometry(geom, entry, disk.allocation)
 
 
-def lookups_for(disk: Disk, geom: R.Geometry, img: Any, wl: WorkloadSpec, entry: int) -> tuple[np.ndarray, np.ndarray, Optional[list], R.Lookups | None]:
+def lookups_for(
+    disk: Disk, geom: R.Geometry, img: Any, wl: WorkloadSpec, entry: int
+) -> tuple[np.ndarray, np.ndarray, Optional[list], Optional[R.Lookups]]:
     """(L2 slice offsets, read_from_disk flags, timestamps or None, full lookup stream) for one entry size."""
     if wl.slice_trace is not None:
         offs = np.array([t.offset for t in wl.slice_trace], dtype=np.int64)
@@ -161,11 +163,20 @@ def lookups_for(disk: Disk, geom: R.Geometry, img: Any, wl: WorkloadSpec, entry:
     return lk.l2_offsets().astype(np.int64), lk.l2_read_flags(), ts, lk
 
 
-def _replay(offs: np.ndarray, rfd: np.ndarray, cfg: O.CacheConfig, ts: Optional[list], detailed: bool) -> M.Qcow2Cache:
+def _replay(
+    offs: np.ndarray,
+    rfd: np.ndarray,
+    cfg: O.CacheConfig,
+    ts: Optional[list],
+    detailed: bool,
+    opened_ns: Optional[int] = None,
+) -> M.Qcow2Cache:
+    """Run the lookups through QEMU's cache; with timestamps, the cache-clean-interval timer
+    (armed when the image is opened, re-armed each time it fires) runs qcow2_cache_clean_unused."""
     c = M.Qcow2Cache(cfg.l2_cache_entries, cfg.l2_cache_entry_size, detailed=detailed)
     interval_ns = cfg.cache_clean_interval * 10**9
     if ts and interval_ns:
-        next_clean = ts[0] + interval_ns
+        next_clean = (ts[0] if opened_ns is None else opened_ns) + interval_ns
         for o, r, t in zip(offs.tolist(), rfd.tolist(), ts):
             while t >= next_clean:
                 c.clean_unused()
@@ -182,7 +193,8 @@ def simulate(disk: Disk, settings: Settings, wl: WorkloadSpec, detailed: bool = 
     with _opened(disk) as (geom, img):
         cfg = settings.resolve(geom)
         offs, rfd, ts, lk = lookups_for(disk, geom, img, wl, cfg.l2_cache_entry_size)
-        c = _replay(offs, rfd, cfg, ts, detailed)
+        opened = wl.requests.opened_ns if wl.requests is not None else None
+        c = _replay(offs, rfd, cfg, ts, detailed, opened)
         rc_stats = None
         if lk is not None:
             rcache = M.Qcow2Cache(cfg.refcount_cache_entries, cfg.cluster_size)

@@ -26,6 +26,8 @@ class Workload:
     lengths: list[int] = field(default_factory=list)
     timestamps: Optional[list[int]] = None
     source: str = ""
+    # when the image was opened, on the timestamps' clock (None: at the first request)
+    opened_ns: Optional[int] = None
 
     def __len__(self) -> int:
         return len(self.ops)
@@ -117,10 +119,12 @@ _QIO_ARG_OPTS = {"-P", "-l", "-s", "-C"}
 
 
 def parse_qemu_io(lines: Iterable[str], source: str = "qemu-io commands") -> Workload:
-    """qemu-io commands as given on stdin or with -c: read/write/readv/writev/aio_*; the rest
-    (quit, flush, open, ...) are skipped; `-z` (write zeroes) and `-c` (compressed) writes are
-    refused because their lookups differ."""
-    w = Workload(source=source)
+    """qemu-io commands as given on stdin or with -c: read/write/readv/writev/aio_*; `sleep MS`
+    advances the clock (requests get timestamps from it, so cache-clean-interval applies; the
+    commands themselves are taken as instantaneous); the rest (quit, flush, ...) are skipped;
+    `-z` (write zeroes) and `-c` (compressed) writes are refused because their lookups differ."""
+    w = Workload(source=source, timestamps=[], opened_ns=0)
+    now_ns = 0
     for lineno, raw in enumerate(lines, 1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -130,7 +134,13 @@ def parse_qemu_io(lines: Iterable[str], source: str = "qemu-io commands") -> Wor
         except ValueError as exc:
             raise BadInputError(f"{source}:{lineno}: {exc}") from None
         cmd = words[0]
-        if cmd in ("quit", "q", "exit", "flush", "f", "aio_flush", "sleep", "help", "open", "close", "info"):
+        if cmd == "sleep":
+            try:
+                now_ns += int(words[1]) * 1_000_000
+            except (IndexError, ValueError):
+                raise BadInputError(f"{source}:{lineno}: 'sleep' needs milliseconds") from None
+            continue
+        if cmd in ("quit", "q", "exit", "flush", "f", "aio_flush", "help", "open", "close", "info"):
             continue
         if cmd not in _QIO_READ and cmd not in _QIO_WRITE:
             raise BadInputError(f"{source}:{lineno}: unsupported qemu-io command {cmd!r}")
@@ -158,6 +168,7 @@ def parse_qemu_io(lines: Iterable[str], source: str = "qemu-io commands") -> Wor
         w.ops.append("r" if cmd in _QIO_READ else "w")
         w.offsets.append(off)
         w.lengths.append(n)
+        w.timestamps.append(now_ns)  # type: ignore[union-attr]
     return w
 
 
