@@ -15,6 +15,7 @@ from qemu_ext.errors import BadInputError, NotAvailableError
 from qemu_ext.trace.events import EventsFile, TraceEvent, get_events
 from qemu_ext.trace.records import ArgValue, TraceRecord
 
+_PROMPTS = ("qemu-io> ", "(qemu) ")
 _PREFIX_RE = re.compile(r"^(\d+)@(\d+)\.(\d+):(\w+)(?: (.*))?$")
 _PLAIN_RE = re.compile(r"^([A-Za-z_]\w*)(?: (.*))?$")
 _CONV_RE = re.compile(r"%([-+ #0]*)(\d+|\*)?(?:\.(\d+|\*))?(hh|h|ll|l|z|j|t|L|q)?([diouxXcspfFeEgGaA%])")
@@ -144,6 +145,8 @@ class LogParser:
 
     def parse_line(self, line: str) -> Optional[TraceRecord]:
         line = line.rstrip("\r\n")
+        while line.startswith(_PROMPTS):  # qemu-io's prompt shares the terminal with stderr
+            line = line.split(" ", 1)[1] if " " in line else ""
         pid: Optional[int] = None
         ts: Optional[int] = None
         m = _PREFIX_RE.match(line)
