@@ -401,3 +401,38 @@ def test_arg_labels_name_the_words_of_the_log_text(qio):
     for arg, label in labels.items():
         value = words[words.index(label) + 1]
         assert int(value, 0) == rec.args[arg]
+
+
+def test_two_process_rendering_writes_in_order(qio, tmp_path, monkeypatch):
+    """The forked helper that renders every other window: same bytes, in order, no process left."""
+    import os
+
+    from qemu_ext.trace import decode as dec
+
+    monkeypatch.setattr(dec, "WINDOW_BYTES", 4096)  # many small windows
+    st = decode_simple(qio["trace"])
+    before = _children()
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}.txt"
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            dec.write_simpletrace_fd(st, fd, jobs=jobs)
+        finally:
+            os.close(fd)
+        assert out.read_bytes() == qio["ref"]
+    assert _children() <= before  # the helper was reaped
+
+
+def _children() -> set[int]:
+    import os
+
+    out = set()
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == os.getpid():
+                out.add(int(p.name))
+    return out

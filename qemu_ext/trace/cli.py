@@ -132,8 +132,14 @@ def cmd_decode(args: argparse.Namespace) -> int:
     if fmt == "simple":
         st = decode_simple(args.file, args.events)
         if args.output == "simpletrace":
-            dec.write_simpletrace_text(st, sys.stdout.buffer)
-            sys.stdout.buffer.flush()
+            sys.stdout.flush()
+            jobs = os.environ.get("VIRTOPT_JOBS", "")
+            try:
+                fd = sys.stdout.fileno()
+            except (OSError, ValueError, AttributeError):  # not a real file: no fork, no fd
+                dec.write_simpletrace_text(st, sys.stdout.buffer)
+            else:
+                dec.write_simpletrace_fd(st, fd, int(jobs) if jobs.isdigit() else min(2, os.cpu_count() or 1))
         elif args.output == "json":
             _write(dec.iter_json(st.records()))
         else:

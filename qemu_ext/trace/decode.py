@@ -22,6 +22,7 @@ from typing import BinaryIO, Iterable, Iterator, Optional
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from qemu_ext.errors import VirtoptError
 from qemu_ext.trace.records import TraceRecord
 from qemu_ext.trace.simple import SimpleTrace, StringColumn, is_signed_type
 
@@ -163,6 +164,7 @@ class _Layout:
 
 
 GROUP_CHUNK = 1 << 15
+WINDOW_BYTES = 16 << 20  # text rendered at a time (one reused buffer)
 MAX_GROUPS = 20000
 
 
@@ -320,8 +322,9 @@ class _Plan:
         self.groups = groups
         self.slow_lines = slow_lines
 
-    def windows(self, target: int = 16 << 20) -> Iterator[tuple[int, int]]:
-        """Record ranges [a, b) of about `target` bytes of text."""
+    def windows(self, target: int = 0) -> Iterator[tuple[int, int]]:
+        """Record ranges [a, b) of about `target` bytes of text (default WINDOW_BYTES)."""
+        target = target or WINDOW_BYTES
         n = len(self.L_row)
         ends = np.cumsum(self.L_row)
         a = 0
@@ -536,6 +539,105 @@ def write_simpletrace_text(st: SimpleTrace, out: BinaryIO) -> None:
             buf = np.empty(need, np.uint8)
         size = plan.render(a, b, buf)
         out.write(memoryview(buf[:size]))
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while len(view):
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class _Windows:
+    """Renders the windows of a plan into one reused buffer."""
+
+    def __init__(self, plan: _Plan) -> None:
+        self.plan = plan
+        self.buf: Optional[np.ndarray] = None
+
+    def render(self, a: int, b: int) -> memoryview:
+        plan = self.plan
+        need = int(plan.dst[b - 1] + plan.L_row[b - 1] - plan.dst[a])
+        if self.buf is None or len(self.buf) < need:
+            self.buf = np.empty(need, np.uint8)
+        size = plan.render(a, b, self.buf)
+        return memoryview(self.buf[:size])
+
+
+def write_simpletrace_fd(st: SimpleTrace, fd: int, jobs: int = 2) -> None:
+    """Write simpletrace.py's text for st to a file descriptor.
+
+    With jobs >= 2 and a large trace, a forked helper renders every other window while this
+    process renders and writes the others; the two take turns to write, so the output is in
+    order. (Rendering is numpy work that holds the GIL: threads would not run it in parallel.)
+    """
+    try:
+        plan = plan_simpletrace(st)
+    except _TooManyGroups:
+        for chunk in _iter_simpletrace_text_blocks(st):
+            _write_all(fd, memoryview(chunk))
+        return
+    wins = list(plan.windows())
+    if jobs < 2 or len(wins) < 4 or not hasattr(os, "fork"):
+        w = _Windows(plan)
+        for a, b in wins:
+            _write_all(fd, w.render(a, b))
+        return
+    to_child_r, to_child_w = os.pipe()
+    to_parent_r, to_parent_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the helper: odd windows
+        code = 0
+        try:
+            os.close(to_child_w)
+            os.close(to_parent_r)
+            w = _Windows(plan)
+            for i in range(1, len(wins), 2):
+                view = w.render(*wins[i])
+                if os.read(to_child_r, 1) != b"g":
+                    code = 1  # the parent gave up
+                    break
+                _write_all(fd, view)
+                os.write(to_parent_w, b"g")
+        except BrokenPipeError:
+            code = 3
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(to_child_r)
+    os.close(to_parent_w)
+    ok = False
+    try:
+        w = _Windows(plan)
+        for i in range(0, len(wins), 2):
+            view = w.render(*wins[i])
+            if i > 0:
+                _wait_turn(to_parent_r, pid)
+            _write_all(fd, view)
+            if i + 1 < len(wins):
+                os.write(to_child_w, b"g")
+        if len(wins) % 2 == 0:
+            _wait_turn(to_parent_r, pid)  # the helper writes the last window
+        ok = True
+    finally:
+        os.close(to_child_w)
+        os.close(to_parent_r)
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:  # already reaped by _wait_turn
+            status = 0
+        if ok and os.waitstatus_to_exitcode(status) != 0:
+            raise VirtoptError("the helper process that renders half of the text failed")
+
+
+def _wait_turn(fd: int, pid: int) -> None:
+    if os.read(fd, 1) == b"g":
+        return
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code == 3:
+        raise BrokenPipeError("the reader of the output went away")
+    raise VirtoptError(f"the helper process that renders half of the text failed (exit {code})")
 
 
 def _fmt_arg(v) -> str:
