@@ -38,6 +38,11 @@ def qemu_io_trace(
     return lookups, out
 
 
+def refcount_lookups(out: str) -> int:
+    """qcow2_cache_get calls on the refcount block cache in qemu-io's output."""
+    return sum(1 for t in W.parse_cache_trace(W.log_records(out.splitlines())) if not t.is_l2)
+
+
 def simulate_then_run(
     image: Path, cmds: Sequence[str], l2_cache_size: int, entry: int, tmp: Path
 ) -> tuple[dict, list[W.TraceLookup]]:
@@ -52,7 +57,8 @@ def simulate_then_run(
     )
     work = tmp / f"run-{image.name}"
     shutil.copyfile(image, work)
-    trace, _out = qemu_io_trace(work, cmds, l2_cache_size, entry)
+    trace, out = qemu_io_trace(work, cmds, l2_cache_size, entry)
+    res["_qemu_refcount_lookups"] = refcount_lookups(out)
     return res, trace
 
 
