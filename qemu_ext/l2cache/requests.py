@@ -357,6 +357,9 @@ class ImageState:
                     self.reftable[rti] = (rti << self.refblock_bits) * self.cs or self.cs
                 self._emit(REFCOUNT_CACHE, self.reftable[rti])
             if idx >= len(self.used):
+                if idx > len(self.used) + (1 << 26):
+                    # an L2 entry points far beyond the file: do not grow the map without bound
+                    raise BadInputError(f"allocation at host offset {idx << self.cb:#x}, far beyond the image file")
                 self.used.extend(b"\x00" * (idx + 1 - len(self.used) + 4096))
             self.used[idx] = 1
 
