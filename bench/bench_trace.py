@@ -60,6 +60,12 @@ def capture(src: Path) -> Path:
     return trace
 
 
+# Both sides run with compiled bytecode kept in a private cache (as after a normal install),
+# also where PYTHONDONTWRITEBYTECODE is set: nothing is written into the source trees.
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+ENV["PYTHONPYCACHEPREFIX"] = str(CACHE / "pycache")
+
+
 def timed(argv: list[str], out: Path, runs: int = 1) -> tuple[float, float]:
     """(best wall-clock seconds, CPU seconds of that run) of a command writing to out."""
     best = (float("inf"), 0.0)
@@ -67,7 +73,7 @@ def timed(argv: list[str], out: Path, runs: int = 1) -> tuple[float, float]:
         r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         with open(out, "wb") as f:
             t = time.perf_counter()
-            cp = subprocess.run(argv, stdout=f, stderr=subprocess.PIPE)
+            cp = subprocess.run(argv, stdout=f, stderr=subprocess.PIPE, env=ENV)
             dt = time.perf_counter() - t
         r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         if cp.returncode != 0:

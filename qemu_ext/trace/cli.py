@@ -139,7 +139,9 @@ def cmd_decode(args: argparse.Namespace) -> int:
             except (OSError, ValueError, AttributeError):  # not a real file: no fork, no fd
                 dec.write_simpletrace_text(st, sys.stdout.buffer)
             else:
-                dec.write_simpletrace_fd(st, fd, int(jobs) if jobs.isdigit() else min(2, os.cpu_count() or 1))
+                # VIRTOPT_JOBS=2: a forked helper renders half of the text (faster on an idle
+                # machine, slower on a busy one: copy-on-write faults), hence not the default
+                dec.write_simpletrace_fd(st, fd, int(jobs) if jobs.isdigit() else 1)
         elif args.output == "json":
             _write(dec.iter_json(st.records()))
         else:
