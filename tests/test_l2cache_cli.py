@@ -112,3 +112,29 @@ def test_hostile_files_one_line(tmp_path):
     tr.write_text("qcow2_cache_get co 0x1 is_l2_cache 1 offset zzz read_from_disk 1\n")
     cp = virtopt("l2cache", "simulate", "--virtual-size", "1G", "--trace", str(tr))
     assert cp.returncode == 1 and "malformed" in cp.stderr
+
+
+def test_hostile_l2_entries_one_line(image, tmp_path):
+    """L2 entries pointing far beyond the file, or an L1 entry pointing past EOF: one clear line."""
+    from qemu_ext.qcow2 import open_image
+
+    bad = tmp_path / "bad.qcow2"
+    shutil.copyfile(image, bad)
+    with open_image(bad) as img:
+        l2 = img.l2_table_offset(0)
+        l1_off = img.header.l1_table_offset
+    with open(bad, "r+b") as f:
+        f.seek(l2)
+        f.write(((0x00FFFFFFFFFF0000 | 1 << 63).to_bytes(8, "big")) + bytes(8))  # cluster 0 far away, cluster 1 empty
+    cmds = tmp_path / "w.txt"
+    cmds.write_text("write 0 128k\n")
+    before = sha256(bad)
+    cp = virtopt("l2cache", "simulate", str(bad), "--qemu-io", str(cmds))
+    assert cp.returncode == 1 and "far beyond the image file" in cp.stderr and "Traceback" not in cp.stderr
+    assert sha256(bad) == before
+    with open(bad, "r+b") as f:
+        f.seek(l1_off)
+        f.write((0x40000000000 | 1 << 63).to_bytes(8, "big"))  # L2 table past EOF
+    cmds.write_text("read 0 4k\n")
+    cp = virtopt("l2cache", "simulate", str(bad), "--qemu-io", str(cmds))
+    assert cp.returncode == 1 and cp.stderr.count("\n") == 1 and "Traceback" not in cp.stderr
