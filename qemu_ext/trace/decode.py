@@ -5,10 +5,12 @@ scripts/simpletrace.py prints, for every record::
     NAME DELTA_US pid=PID arg=0xHEX ... arg=b'string' ...
 
 with DELTA_US = ``'%0.3f' % ((ts - previous ts) / 1000.0)`` and dropped records as
-``Dropped_Event ... num_events_dropped=0x..``. The simpletrace text of a SimpleTrace is
-built with numpy, a block of records at a time: each event kind is laid out in a
-fixed-width byte matrix (digits right-aligned, padding zero bytes), the kinds are
-merged in file order, and the zero bytes are squeezed out.
+``Dropped_Event ... num_events_dropped=0x..``. The text of a SimpleTrace is built with
+numpy, never a Python loop per record: records are grouped by kind and by the number of
+digits of every variable field, so that within a group every line has the same layout;
+a group is one byte matrix (a template with the constant text, plus digit columns) whose
+rows are copied to their lines' offsets in the output, about 16 MiB of text at a time.
+Deltas beyond float exactness (>= 2**52 ns) are printed by Python's own '%0.3f'.
 """
 
 from __future__ import annotations
@@ -381,12 +383,12 @@ class _TooManyGroups(Exception):
     pass
 
 
-def iter_simpletrace_text(st: SimpleTrace, block: int = BLOCK, threads: int = 1) -> Iterator[bytes]:
+def iter_simpletrace_text(st: SimpleTrace, block: int = BLOCK) -> Iterator[bytes]:
     """The exact bytes scripts/simpletrace.py prints for st, in chunks of about 16 MiB."""
     try:
         plan = plan_simpletrace(st)
     except _TooManyGroups:
-        yield from _iter_simpletrace_text_blocks(st, block, threads)
+        yield from _iter_simpletrace_text_blocks(st, block)
         return
     if plan.total == 0:
         return
@@ -399,10 +401,10 @@ def iter_simpletrace_text(st: SimpleTrace, block: int = BLOCK, threads: int = 1)
         yield buf[:size].tobytes()
 
 
-def _iter_simpletrace_text_blocks(st: SimpleTrace, block: int = BLOCK, threads: int = 1) -> Iterator[bytes]:
-    """The exact bytes scripts/simpletrace.py prints for st, in blocks (threads: 0 = one per CPU, max 4)."""
-    if threads <= 0:
-        threads = min(4, os.cpu_count() or 1)
+def _iter_simpletrace_text_blocks(st: SimpleTrace, block: int = BLOCK) -> Iterator[bytes]:
+    """The exact bytes scripts/simpletrace.py prints for st, in blocks of records: each kind laid out
+    in a fixed-width byte matrix (digits right-aligned, zero bytes as padding), the kinds merged in
+    file order, the zero bytes squeezed out. Used when lines have too many different layouts."""
     n = len(st)
     if n == 0:
         return
@@ -500,16 +502,8 @@ def _iter_simpletrace_text_blocks(st: SimpleTrace, block: int = BLOCK, threads: 
             text = _patch_slow_rows(st, text, a, b, delta, slow_rows)
         return text
 
-    starts = range(0, n, block)
-    if threads > 1 and n > 4 * block:
-        # numpy releases the GIL in these loops: blocks render in parallel, in order
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(threads) as ex:
-            yield from ex.map(render, starts)
-    else:
-        for a in starts:
-            yield render(a)
+    for a in range(0, n, block):
+        yield render(a)
 
 
 def _patch_slow_rows(st: SimpleTrace, text: bytes, a: int, b: int, delta: np.ndarray, slow_rows: set) -> bytes:
@@ -667,11 +661,6 @@ def iter_simpletrace_text_records(records: Iterable[TraceRecord]) -> Iterator[by
             buf = []
     if buf:
         yield ("\n".join(buf) + "\n").encode()
-
-
-def _record_dicts(st: SimpleTrace) -> Iterator[dict]:
-    for r in st.records():
-        yield {"event": r.name, "timestamp_ns": r.timestamp_ns, "pid": r.pid, "args": r.args}
 
 
 def iter_json(records: Iterable[TraceRecord]) -> Iterator[bytes]:
