@@ -219,7 +219,9 @@ def render_summary(res: dict) -> str:
         key = f" (key {lat['key']})" if lat["key"] else ""
         lines.append(f"latency {lat['begin']} -> {lat['end']}{key}: {lat['pairs']} pairs, "
                      f"{lat['unmatched_begin']} begins and {lat['unmatched_end']} ends unmatched")
-        if lat["pairs"]:
+        if lat["pairs"] and "min_ns" not in lat:
+            lines.append("  (no timestamps in this trace: log lines without the pid@sec.usec: prefix)")
+        elif lat["pairs"]:
             lines.append(
                 f"  min {_fmt_ns(lat['min_ns'])}  p50 {_fmt_ns(lat['p50_ns'])}  p90 {_fmt_ns(lat['p90_ns'])}  "
                 f"p99 {_fmt_ns(lat['p99_ns'])}  max {_fmt_ns(lat['max_ns'])}  mean {_fmt_ns(lat['mean_ns'])}"
@@ -242,7 +244,7 @@ def save_summary_plot(res: dict, path: str) -> None:
     except ImportError as exc:
         raise NotAvailableError("--plot needs matplotlib: pip install 'virtopt[plot]'") from exc
     rate = res.get("rate")
-    lats = [lat for lat in res["latency"] if lat["pairs"]]
+    lats = [lat for lat in res["latency"] if lat["pairs"] and "histogram" in lat]
     nplots = 1 + (1 if lats else 0)
     fig, axes = plt.subplots(nplots, 1, figsize=(9, 4 * nplots), dpi=100, squeeze=False)
     try:

@@ -307,7 +307,10 @@ def _summarize(src: _Source, total: int, bins: int, pairs: Optional[list[Pair]])
     for p in find_pairs(src, pairs):
         lat, ub, ue = pair_latencies(src, p)
         d = {"begin": p.begin, "end": p.end, "key": p.key, "unmatched_begin": ub, "unmatched_end": ue}
-        d.update(_latency_stats(lat))
+        if ts is None:  # log lines without the pid@sec.usec: prefix: pairs, but no times
+            d["pairs"] = len(lat)
+        else:
+            d.update(_latency_stats(lat))
         lat_out.append(d)
     res["latency"] = lat_out
     return res
