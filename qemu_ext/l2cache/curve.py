@@ -76,25 +76,42 @@ def _compact_ids(keys: np.ndarray) -> np.ndarray:
 
 
 def _prev_next(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """prev[i] / nxt[i] (int32): the previous / next position with the same id, or -1."""
+    """prev[i] / nxt[i] (int32): the previous / next position with the same id, or -1.
+
+    Segment by segment (cache-sized): inside a segment, a stable sort by id pairs each lookup
+    with the next one of the same slice; across segments, last[id] holds the latest position
+    seen so far."""
     n = len(ids)
-    prev = np.empty(n, I32)
-    nxt = np.empty(n, I32)
-    if n == 0:
-        return prev, nxt
-    prev[:] = -1
-    nxt[:] = -1
+    prev = np.full(n, -1, I32)
+    nxt = np.full(n, -1, I32)
     if n < 2:
         return prev, nxt
-    if int(ids.max()) < 65536:
-        order = np.argsort(ids.astype(np.uint16), kind="stable").astype(I32)  # radix sort
-    else:
-        order = np.argsort(ids, kind="stable").astype(I32)
-    sid = ids[order]
-    same = sid[1:] == sid[:-1]
-    del sid
-    prev[order[1:]] = np.where(same, order[:-1], I32(-1))
-    nxt[order[:-1]] = np.where(same, order[1:], I32(-1))
+    u = int(ids.max()) + 1
+    small = u <= 65536
+    last = np.full(u, -1, I32)
+    seg_len = SEGMENT
+    for s0 in range(0, n, seg_len):
+        s1 = min(n, s0 + seg_len)
+        sid = ids[s0:s1]
+        order = np.argsort(sid.astype(np.uint16) if small else sid, kind="stable").astype(I32)
+        srt = sid[order]
+        same = srt[1:] == srt[:-1]
+        pos = order + s0
+        pv = prev[s0:s1]
+        nx = nxt[s0:s1]
+        pv[order[1:]] = np.where(same, pos[:-1], I32(-1))
+        nx[order[:-1]] = np.where(same, pos[1:], I32(-1))
+        # first occurrence of each id in the segment: its previous one is the latest seen before
+        firsts = np.flatnonzero(np.concatenate(([True], ~same)))
+        fo = order[firsts]
+        fid = srt[firsts]
+        before = last[fid]
+        pv[fo] = before
+        had = before >= 0
+        nxt[before[had]] = fo[had] + s0
+        # last occurrence of each id in the segment
+        lasts = np.flatnonzero(np.concatenate((~same, [True])))
+        last[srt[lasts]] = order[lasts] + s0
     return prev, nxt
 
 
