@@ -15,7 +15,11 @@ Sources:
 * 2.12: the older ratio rules (DEFAULT_L2_CACHE_BYTE_SIZE 1 MiB or DEFAULT_L2_CACHE_CLUSTERS 8
   clusters, whichever is more; refcount cache = L2 / DEFAULT_L2_REFCOUNT_SIZE_RATIO 4;
   cache-size alone splits 4:1), l2-cache-entry-size new in 2.12 (default cluster size),
-  cache-clean-interval default 0.
+  cache-clean-interval default 0. Not verified against a 2.12 build: the ratio rules are read
+  from the pre-2.12 read_cache_sizes(); docs/qcow2-cache.txt (written for 3.1) says the 1/4
+  refcount default ended "before QEMU 2.12", while commit 52253998ec ("Give the refcount cache
+  the minimum possible size by default") is from the 2018 cache series that shipped in 3.1.
+  Only the refcount-cache size depends on that, not the L2 cache.
 
 Sizes are byte counts after QEMU's size parsing (the caller converts "1M" with parse_size).
 """
