@@ -1,0 +1,18 @@
+"""QEMU qcow2 L2-cache simulator and sizing advisor, held to real qemu-io traces.
+
+Public API::
+
+    from qemu_ext.l2cache import sim
+    disk = sim.Disk(image="disk.qcow2")            # or sim.Disk(virtual_size=1 << 40, cluster_size=65536)
+    settings = sim.Settings(l2_cache_size=1 << 20, l2_cache_entry_size=4096, qemu_version="7.2")
+    wl = sim.load_workload(qemu_io="cmds.txt")      # or trace="qemu.log" / synthetic={...}, virtual_size=...
+    sim.simulate(disk, settings, wl, detailed=False)  # lookups, hits, misses, hit-ratio, ...
+    sim.curve(disk, settings, wl, entry_sizes=None)   # hit ratio for every cache size, per entry size
+    sim.recommend(disk, settings, wl, target=0.99)    # smallest l2-cache-size, full coverage, option text
+
+    qemu_ext.l2cache.options.resolve(...)     # QEMU's cache option resolution per version
+    qemu_ext.l2cache.model.Qcow2Cache         # block/qcow2-cache.c's replacement policy
+    qemu_ext.l2cache.curve.lru_curve(offsets) # stack-distance curve of a lookup stream
+    qemu_ext.l2cache.requests.ImageState      # which lookups qcow2 makes per request
+    qemu_ext.l2cache.workloads                # synthetic / qemu-io / trace workloads
+"""
