@@ -99,7 +99,6 @@ def run(args: argparse.Namespace) -> int:
         extra = ["-blockdev", blockdev, "-D", str(work / "qemu.log"),
                  "-qmp", f"unix:{shell_sock},server=on,wait=off"]
         with vm.start_qemu(name="virtopt-demo", extra_args=extra, smp=2) as qp:
-            _wait_socket(shell_sock, qp)
             io = qp.qmp()
             ver = io.cmd("query-version")["qemu"]
             print(f"QEMU {ver['major']}.{ver['minor']}.{ver['micro']} (pid {qp.pid}, accel {qp.accel}); "
@@ -145,26 +144,3 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-
-
-def _wait_socket(path: Path, qp: vm.QemuProcess, timeout: float = 10.0) -> None:
-    """start_qemu waits for the first QMP socket; the second one opens a moment later."""
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect(str(path))
-                return
-            except OSError:
-                pass
-            finally:
-                s.close()
-        if not qp.alive():
-            break
-        time.sleep(0.02)
-    raise VirtoptError(f"QEMU did not open {path}")
-
-

@@ -164,24 +164,41 @@ def start_qemu(
     with open(stderr_path, "wb") as err:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, cwd=wd)
     qp = QemuProcess(binary, argv, wd, qmp_path, proc, accel, stderr_path, own)
-    deadline = time.monotonic() + timeout
     try:
-        while True:
-            if proc.poll() is not None:
-                raise QemuError(f"QEMU exited with status {proc.returncode}: {qp.stderr_text().strip()[-400:]}")
-            if qmp_path.exists():
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                try:
-                    s.connect(str(qmp_path))
-                    break
-                except OSError:
-                    pass
-                finally:
-                    s.close()
-            if time.monotonic() > deadline:
-                raise QemuError(f"QEMU did not open its QMP socket within {timeout:.0f} s")
-            time.sleep(0.02)
+        # every QMP unix socket on the command line, ours first: QEMU opens them one after another
+        for path in [qmp_path, *_extra_qmp_sockets(extra_args, wd)]:
+            wait_for_socket(path, proc, timeout, qp.stderr_text)
     except BaseException:
         qp.stop()
         raise
     return qp
+
+
+def _extra_qmp_sockets(args: Sequence[str], cwd: Path) -> list[Path]:
+    out = []
+    for opt, val in zip(args, args[1:]):
+        if opt in ("-qmp", "-qmp-pretty") and val.startswith("unix:"):
+            p = Path(val[5:].split(",", 1)[0])
+            out.append(p if p.is_absolute() else cwd / p)
+    return out
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float, why=lambda: "") -> None:
+    """Wait until the unix socket at path accepts a connection (closed at once), or fail
+    with QEMU's own words when it exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise QemuError(f"QEMU exited with status {proc.returncode}: {why().strip()[-400:]}")
+        if path.exists():
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(str(path))
+                return
+            except OSError:
+                pass
+            finally:
+                s.close()
+        if time.monotonic() > deadline:
+            raise QemuError(f"QEMU did not open its QMP socket {path} within {timeout:.0f} s")
+        time.sleep(0.02)

@@ -32,15 +32,19 @@ def _factory(binary: str | None) -> Callable[..., vm.QemuProcess]:
     return start
 
 
-@pytest.fixture
-def qemu_factory() -> Iterator[Callable[..., vm.QemuProcess]]:
-    """Start any number of Debian QEMUs: ``qemu_factory(drives=[...], extra_args=[...])``."""
-    start = _factory(None)
+def _factory_fixture(binary: str | None) -> Iterator[Callable[..., vm.QemuProcess]]:
+    start = _factory(binary)
     try:
         yield start
     finally:
         for qp in start.started:  # type: ignore[attr-defined]
             qp.stop()
+
+
+@pytest.fixture
+def qemu_factory() -> Iterator[Callable[..., vm.QemuProcess]]:
+    """Start any number of Debian QEMUs: ``qemu_factory(drives=[...], extra_args=[...])``."""
+    yield from _factory_fixture(None)
 
 
 @pytest.fixture
@@ -69,13 +73,7 @@ def debug_qemu_src() -> Path:
 
 @pytest.fixture
 def debug_qemu_factory() -> Iterator[Callable[..., vm.QemuProcess]]:
-    src = debug_qemu_src()
-    start = _factory(str(src / "build" / "qemu-system-x86_64"))
-    try:
-        yield start
-    finally:
-        for qp in start.started:  # type: ignore[attr-defined]
-            qp.stop()
+    yield from _factory_fixture(str(debug_qemu_src() / "build" / "qemu-system-x86_64"))
 
 
 @pytest.fixture

@@ -175,6 +175,17 @@ class LogParser:
         return TraceRecord(name, args, ts, pid)
 
 
+def optional_events(events_file=None) -> Optional[EventsFile]:
+    """The events file asked for (its errors are the user's), else the installed QEMU's, else None:
+    log text can still be parsed without one."""
+    try:
+        return get_events(events_file)
+    except NotAvailableError:
+        if events_file is not None:
+            raise
+        return None
+
+
 def parse_log_lines(lines: Iterable[str], events_file=None) -> Iterator[TraceRecord]:
     """Parse log-backend lines (with or without ``pid@sec.usec:``); other lines are skipped.
 
@@ -182,13 +193,7 @@ def parse_log_lines(lines: Iterable[str], events_file=None) -> Iterator[TraceRec
     Without any events file, lines that look like ``name_with_underscore key value ...`` are
     accepted and their ``key value`` pairs taken as arguments.
     """
-    try:
-        events: Optional[EventsFile] = get_events(events_file)
-    except NotAvailableError:
-        if events_file is not None:
-            raise
-        events = None
-    p = LogParser(events)
+    p = LogParser(optional_events(events_file))
     for line in lines:
         p.lines += 1
         rec = p.parse_line(line)

@@ -324,8 +324,7 @@ def summarize(
 ) -> dict:
     """Summary of a trace file (simpletrace or log text) as a dict (the JSON of `virtopt trace summary`)."""
     from qemu_ext.trace.api import _log_lines, detect_format
-    from qemu_ext.trace.events import get_events
-    from qemu_ext.trace.log import LogParser
+    from qemu_ext.trace.log import LogParser, optional_events
     from qemu_ext.trace.simple import decode_simple
 
     fmt = detect_format(path)
@@ -338,14 +337,7 @@ def summarize(
         res["dropped"] = {"records": st.dropped_records, "events": st.dropped_events}
         res["truncated_bytes"] = st.truncated_bytes
         return res
-    from qemu_ext.errors import NotAvailableError
-
-    try:
-        events: Optional[EventsFile] = get_events(events_file)
-    except NotAvailableError:
-        if events_file is not None:
-            raise
-        events = None
+    events = optional_events(events_file)
     parser = LogParser(events)
     recs = []
     for line in _log_lines(path):
