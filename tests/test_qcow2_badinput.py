@@ -89,6 +89,10 @@ def test_truncated_and_not_qcow2(seed: Path, tmp_path: Path) -> None:
     p.write_text("hello, not an image\n" * 10)
     _one_line_error(virtopt("qcow2", "check", str(p)))
     _one_line_error(virtopt("qcow2", "info", str(tmp_path / "missing.qcow2")))
+    # a directory or a character device named by mistake: one line, not an internal error
+    for cmd in ("info", "check", "map"):
+        _one_line_error(virtopt("qcow2", cmd, str(tmp_path)))
+    _one_line_error(virtopt("qcow2", "info", "/dev/null"))
 
 
 def test_backing_chain_loop(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ and blocks) are decoded with numpy in one go per table.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -170,7 +171,15 @@ class Qcow2Image:
         except OSError as exc:
             raise BadInputError(f"{path}: cannot open: {exc.strerror}") from None
         try:
-            self.file_size = os.fstat(self._fd).st_size
+            st = os.fstat(self._fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise BadInputError(f"{path}: is a directory, not an image")
+            if stat.S_ISBLK(st.st_mode):  # qcow2 on an LV or a disk: its size is where it ends
+                self.file_size = os.lseek(self._fd, 0, os.SEEK_END)
+            elif stat.S_ISREG(st.st_mode):
+                self.file_size = st.st_size
+            else:
+                raise BadInputError(f"{path}: not a regular file or block device")
             self._parse()
         except BaseException:
             self.close()
