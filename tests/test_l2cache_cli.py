@@ -90,6 +90,8 @@ def test_recommended_setting_reaches_target_in_qemu(image, tmp_path):
         (["simulate", "--virtual-size", "nonsense"], 2, "invalid size"),
         (["simulate"], 1, "give an image or --virtual-size"),
         (["simulate", "--virtual-size", "1G", "--cache-size", "64k", "--l2-cache-size", "1M"], 1, "may not exceed"),
+        # refused before any array is allocated for it (was a MemoryError)
+        (["simulate", "--virtual-size", "1T", "--pattern", "uniform", "--count", "100000000000"], 1, "too large"),
     ],
 )
 def test_bad_input_one_line(args, code, text):

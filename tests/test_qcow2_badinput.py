@@ -95,6 +95,17 @@ def test_truncated_and_not_qcow2(seed: Path, tmp_path: Path) -> None:
     _one_line_error(virtopt("qcow2", "info", "/dev/null"))
 
 
+def test_read_refuses_more_than_it_can_hold(tmp_path: Path) -> None:
+    """read returns bytes: beyond 1 GiB it points to convert instead of filling memory."""
+    img = make_qcow2(tmp_path / "big.qcow2", size="3G")
+    cp = _bounded("qcow2", "read", str(img), "0", "2G")
+    _one_line_error(cp)
+    assert "convert" in cp.stderr
+    # a request past the end of the disk is clamped to it, as a raw read of the disk would be
+    cp = virtopt("qcow2", "read", str(img), str((3 << 30) - 512), "4096")
+    assert cp.returncode == 0 and len(cp.stdout.encode("latin-1")) == 512
+
+
 def test_backing_chain_loop(tmp_path: Path) -> None:
     a = make_qcow2(tmp_path / "a.qcow2", size="1M")
     make_qcow2(tmp_path / "b.qcow2", size="1M", backing="a.qcow2")

@@ -45,6 +45,9 @@ class Workload:
         }
 
 
+MAX_SYNTHETIC_REQUESTS = 200_000_000
+
+
 def synthetic(
     virtual_size: int,
     pattern: str = "uniform",
@@ -74,6 +77,9 @@ def synthetic(
         raise BadInputError("the working set is smaller than one request")
     if count < 0:
         raise BadInputError("count must not be negative")
+    if count > MAX_SYNTHETIC_REQUESTS:
+        # each request costs some tens of bytes in the arrays below: refuse before allocating
+        raise BadInputError(f"count {count} is too large (at most {MAX_SYNTHETIC_REQUESTS:,} requests)")
     if not 0.0 <= read_ratio <= 1.0:
         raise BadInputError("read ratio must be between 0 and 1")
     rng = np.random.default_rng(seed)

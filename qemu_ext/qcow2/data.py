@@ -140,6 +140,9 @@ def _close_reader(r: _Reader) -> None:
             os.close(fd)
 
 
+READ_MAX = 1 << 30  # read_guest returns bytes in memory: bigger pieces go through convert
+
+
 def read_guest(path: PathLike, offset: int, length: int, snapshot: Optional[str] = None) -> bytes:
     """Guest bytes [offset, offset+length) through the backing chain (clamped to the virtual size),
     of the active layer or of an internal snapshot (id or name)."""
@@ -149,7 +152,10 @@ def read_guest(path: PathLike, offset: int, length: int, snapshot: Optional[str]
         size = chain.layers[0].size
         if offset >= size:
             return b""
-        length = min(length, size - offset, 1 << 30)
+        length = min(length, size - offset)
+        if length > READ_MAX:
+            raise BadInputError(f"read returns at most {READ_MAX >> 30} GiB at a time; "
+                                "use 'virtopt qcow2 convert' for the whole disk")
         r = _open_reader(chain)
         try:
             return r.read(offset, length)
