@@ -28,6 +28,8 @@ free_cluster_index back (refcount-cache lookups are within 10%).
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -150,6 +152,8 @@ class ImageState:
         table_loader: Callable[[int], tuple[list[int], Optional[list[int]]]],
         used: bytearray,
         refcount_table: list[int],
+        file_length: Optional[int] = None,
+        file_allocated: Optional[int] = None,
     ) -> None:
         if slice_bytes < 512 or slice_bytes > geom.cluster_size or slice_bytes & (slice_bytes - 1):
             raise BadInputError(f"L2 cache entry size must be a power of two between 512 and {geom.cluster_size}")
@@ -170,6 +174,11 @@ class ImageState:
         self.reftable = list(refcount_table)
         self.refblock_bits = self.cb + 3 - geom.refcount_order
         self.free_cluster_index = 0
+        # the image file as the host sees it: its length and the bytes it occupies (st_blocks);
+        # qcow2_detect_metadata_preallocation reads both at the first block-status call
+        self.file_length = len(used) * self.cs if file_length is None else file_length
+        self.file_allocated = self.file_length if file_allocated is None else file_allocated
+        self.prealloc_checked = False
         self.out = Lookups()
         self.request_no = 0
 
@@ -209,7 +218,13 @@ class ImageState:
                 bms = ([0xFFFFFFFF] * n + [0] * (per - n)) if geom.extended_l2 else None
                 return ents, bms
 
-        return cls(geom, slice_bytes, l1, loader, used, [2 * cs])
+        # qemu-img create writes the header, refcount table and block, and the L1 table (the
+        # last one only as far as its entries go); ext4 and tmpfs allocate them in 4 KiB blocks
+        if allocation == "empty":
+            flen = (meta_end - l1_clusters) * cs + l1n * 8
+        else:
+            flen = len(used) * cs
+        return cls(geom, slice_bytes, l1, loader, used, [2 * cs], flen, -(-flen // 4096) * 4096)
 
     @classmethod
     def from_image(cls, img, slice_bytes: int) -> ImageState:
@@ -232,7 +247,12 @@ class ImageState:
         rc = img.refcounts()
         used = bytearray((rc != 0).astype(np.uint8).tobytes())
         rt = [int(x) & ~0x1FF & 0x00FFFFFFFFFFFFFF for x in img.refcount_table().tolist()]
-        return cls(geom, slice_bytes, l1, loader, used, rt)
+        try:
+            st = os.stat(img.path)
+            allocated = st.st_blocks * 512 if stat.S_ISREG(st.st_mode) else fsize
+        except (OSError, AttributeError):
+            allocated = fsize
+        return cls(geom, slice_bytes, l1, loader, used, rt, fsize, allocated)
 
     # -- tables ------------------------------------------------------------------------------
     def _table(self, l1i: int) -> tuple[list[int], Optional[list[int]]]:
@@ -372,6 +392,28 @@ class ImageState:
                 self.used.extend(b"\x00" * (idx + 1 - len(self.used) + 4096))
             self.used[idx] = 1
 
+    def _file_write(self, start: int, end: int) -> None:
+        """The image file after a write of [start, end): longer, and holding the bytes past its old end."""
+        if end > self.file_length:
+            self.file_allocated += end - max(start, self.file_length)
+            self.file_length = end
+
+    def _detect_metadata_preallocation(self) -> None:
+        """qcow2_detect_metadata_preallocation, run once per open by the first qcow2_co_block_status:
+        qcow2_get_refcount for clusters 0, 1, ... of the file until the file ends or the count of
+        referenced clusters reaches max(real * 10 / 9, real + 2), real being the clusters the file
+        occupies on the host (st_blocks) at that moment."""
+        self.prealloc_checked = True
+        end_cluster = -(-self.file_length // self.cs)
+        real = self.file_allocated // self.cs
+        threshold = max(real * 10 // 9, real + 2)
+        count = 0
+        i = 0
+        while i < end_cluster and count < threshold:
+            self._get_refcount(i)
+            count += self._is_used(i)
+            i += 1
+
     def _alloc_clusters(self, n: int) -> int:
         """qcow2_alloc_clusters -> alloc_clusters_noref (first fit from free_cluster_index)."""
         i = 0
@@ -425,6 +467,7 @@ class ImageState:
             self._emit(L2_CACHE, new + k * self.slice_bytes, False)  # qcow2_cache_get_empty
             if old:
                 self._emit(L2_CACHE, old + k * self.slice_bytes)
+        self._file_write(new, new + self.cs)  # qcow2_cache_flush writes the new table
         self.l1[l1i] = new | COPIED
         self._tables[l1i] = (ents, bms)
 
@@ -562,6 +605,8 @@ class ImageState:
 
     def _region_is_zero(self, offset: int, nbytes: int) -> bool:
         """bdrv_co_is_zero_fast -> qcow2_co_block_status -> one qcow2_get_host_offset."""
+        if not self.prealloc_checked:
+            self._detect_metadata_preallocation()
         got, t = self._get_host_offset(offset, nbytes)
         return got >= nbytes and t in (ZERO_PLAIN, ZERO_ALLOC, UNALLOC_PLAIN, UNALLOC_ALLOC)
 
@@ -615,6 +660,8 @@ class ImageState:
                 raise BadInputError("write made no progress (unsupported image state)")
             order = list(reversed(metas))
             skips = [self._alloc_space(m) for m in order]
+            for m in order:  # the data write (with its COW or zeroed COW areas) of each piece
+                self._file_write(m.alloc_offset + m.cow_start[0], m.alloc_offset + m.cow_end[0] + m.cow_end[1])
             if first and cur == nbytes:
                 for m, sk in zip(order, skips):
                     self._link_l2(m, sk)
