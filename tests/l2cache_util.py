@@ -96,3 +96,35 @@ def random_cmds(
         off = off // align * align
         out.append(f"{r.choice(list(ops))} {off} {size}")
     return out
+
+
+def refcount_trace(out: str) -> list[tuple[int, bool]]:
+    """(refcount block offset, hit) of every qcow2_cache_get on the refcount cache (is_l2_cache 0)."""
+    return [(t.offset, t.hit) for t in W.parse_cache_trace(W.log_records(out.splitlines())) if not t.is_l2]
+
+
+def simulated_refcount_sequence(
+    image: Path, cmds: Sequence[str], entry: Optional[int] = None, **options: int
+) -> list[tuple[int, bool]]:
+    """The simulator's refcount-cache lookups for qemu-io commands on image (L2 slices of entry
+    bytes, default a whole table), replayed through QEMU's cache policy at the refcount-cache
+    size QEMU 7.2 resolves from options."""
+    from qemu_ext.l2cache import model as M
+    from qemu_ext.l2cache import options as O
+    from qemu_ext.l2cache import requests as R
+    from qemu_ext.qcow2 import open_image
+
+    ops = []
+    for c in cmds:
+        op, off, n = c.split()[-3:]
+        ops.append((op[0], int(off), int(n)))
+    with open_image(str(image)) as img:
+        state = R.ImageState.from_image(img, entry or img.cluster_size)
+        lk = R.lookups_for(state, ops)
+        cfg = O.resolve(img.cluster_size, img.virtual_size, bool(img.extended_l2), qemu_version="7.2", **options)
+    cache = M.Qcow2Cache(cfg.refcount_cache_entries, cfg.cluster_size, detailed=True)
+    for which, off, rd in zip(lk.cache, lk.offset, lk.read):
+        if which == R.REFCOUNT_CACHE:
+            cache.put(cache.get(off, rd))
+    assert cache.stats.events is not None
+    return [(e.offset, e.hit) for e in cache.stats.events]

@@ -13,17 +13,27 @@ Writes (qcow2_co_pwritev_part -> qcow2_alloc_host_offset, handle_copied, handle_
 qcow2_alloc_cluster_link_l2 per QCowL2Meta): handle_copied looks the slice up; if the cluster
 must be allocated handle_alloc looks it up again; a new L2 table (l2_allocate) takes every slice
 of the table with qcow2_cache_get_empty (a miss that reads nothing); link_l2 looks the slice up
-once more after the data is written. Allocation goes through the refcount cache
-(qcow2_get_refcount per probed cluster, one get per refcount block in update_refcount).
+once more after the data is written. Allocation goes through the refcount cache: first fit from
+free_cluster_index (0 after opening, so the first allocation scans the file from cluster 0),
+qcow2_get_refcount per probed cluster, one get per refcount block in update_refcount; a missing
+refcount block is allocated (qcow2_cache_get_empty, -EAGAIN, the search retried); clusters that
+a write replaces (compressed ones) are freed (update_refcount decreasing, free_cluster_index moved
+back). The first block-status call (the COW zero check of the first allocating write with COW
+areas) runs qcow2_detect_metadata_preallocation: qcow2_get_refcount for clusters 0, 1, ... of the
+file until its end or until the referenced ones outnumber those the file occupies on the host
+(st_blocks) by max(2, 11%); the image's length and st_blocks are read when it is opened and
+grown with the writes modelled.
 
-Fidelity (tests/test_l2cache.py, against qemu-io traces): reads and in-place overwrites give
-QEMU's exact sequence of (slice offset, cache entry, hit/miss); allocating writes make exactly
-QEMU's lookups, but a write split into several pieces runs the pieces' L2 updates in concurrent
-tasks whose order follows I/O completion, so their order (and a few hits/misses) can differ
-(within 1% of the misses in the tests). Not modelled: internal snapshots (L2 COW of shared
-tables), compressed writes, zero writes / discard, backing files, external data files, refcount
-block allocation when the file outgrows its refcount blocks, and cluster frees that move QEMU's
-free_cluster_index back (refcount-cache lookups are within 10%).
+Fidelity (tests/test_l2cache.py, tests/test_l2cache_refcount.py, against qemu-io traces): reads
+and in-place overwrites give QEMU's exact sequence of (slice offset, cache entry, hit/miss);
+allocating writes make exactly QEMU's L2 lookups, but a write split into several pieces runs the
+pieces' L2 updates in concurrent tasks whose order follows I/O completion, so their order (and a
+few hits/misses) can differ (within 1% of the misses in the tests). Refcount-cache lookups of
+allocating writes equal QEMU's, block for block with hits and misses, on fresh, partly written,
+compressed and discarded images with 64 KiB, 2 MiB and 4 KiB clusters. Not modelled: internal
+snapshots (L2 COW of shared tables), compressed writes, zero writes / discard requests, backing
+files, external data files, growing the refcount table (qcow2_refcount_area), and host file
+systems that allocate the image file differently from the writes (st_blocks is only read once).
 """
 
 from __future__ import annotations
@@ -224,7 +234,18 @@ class ImageState:
             flen = (meta_end - l1_clusters) * cs + l1n * 8
         else:
             flen = len(used) * cs
-        return cls(geom, slice_bytes, l1, loader, used, [2 * cs], flen, -(-flen // 4096) * 4096)
+        reftable = [2 * cs] + [0] * (cs // 8 - 1)  # one cluster of refcount table
+        per_block = 1 << (geom.cluster_bits + 3 - geom.refcount_order)
+        if allocation == "full" and len(used) > per_block:
+            # more refcount blocks, placed after the data
+            nblocks = -(-(len(used) + len(used) // per_block + 1) // per_block)
+            first = len(used)
+            used.extend(b"\x01" * (nblocks - 1))
+            flen = len(used) * cs
+            for k in range(1, nblocks):
+                if k < len(reftable):
+                    reftable[k] = (first + k - 1) * cs
+        return cls(geom, slice_bytes, l1, loader, used, reftable, flen, -(-flen // 4096) * 4096)
 
     @classmethod
     def from_image(cls, img, slice_bytes: int) -> ImageState:
@@ -245,7 +266,7 @@ class ImageState:
             return [int(x) for x in t.tolist()], None
 
         rc = img.refcounts()
-        used = bytearray((rc != 0).astype(np.uint8).tobytes())
+        used = bytearray(np.minimum(rc, 255).astype(np.uint8).tobytes())  # refcounts (capped)
         rt = [int(x) & ~0x1FF & 0x00FFFFFFFFFFFFFF for x in img.refcount_table().tolist()]
         try:
             st = os.stat(img.path)
@@ -373,24 +394,62 @@ class ImageState:
         if rti < len(self.reftable) and self.reftable[rti]:
             self._emit(REFCOUNT_CACHE, self.reftable[rti])
 
-    def _update_refcount(self, start: int, n: int) -> None:
+    def _add_ref(self, idx: int, delta: int) -> int:
+        """Change a cluster's refcount (kept in self.used, capped at 255); returns the new one."""
+        if idx >= len(self.used):
+            if idx > len(self.used) + (1 << 26):
+                # an L2 entry points far beyond the file: do not grow the map without bound
+                raise BadInputError(f"allocation at host offset {idx << self.cb:#x}, far beyond the image file")
+            self.used.extend(b"\x00" * (idx + 1 - len(self.used) + 4096))
+        v = self.used[idx]
+        if v < 255:
+            v = max(0, v + delta)
+            self.used[idx] = min(v, 255)
+        return v
+
+    def _update_refcount(self, start: int, n: int, decrease: bool = False) -> bool:
+        """update_refcount for clusters start..start+n-1 (addend 1): one refcount-block lookup
+        per block crossed. False where QEMU returns -EAGAIN (a refcount block had to be
+        allocated first; the clusters already counted are undone and the caller retries)."""
         last = -1
-        for idx in range(start, start + n):
+        for k, idx in enumerate(range(start, start + n)):
             rti = idx >> self.refblock_bits
             if rti != last:
+                if not self._alloc_refcount_block(idx):
+                    if self.free_cluster_index > start:
+                        self.free_cluster_index = start
+                    if k:
+                        self._update_refcount(start, k, not decrease)
+                    return False
                 last = rti
-                if rti >= len(self.reftable):
-                    self.reftable.extend([0] * (rti + 1 - len(self.reftable)))
-                if not self.reftable[rti]:
-                    # alloc_refcount_block: a new block inside its own range (simplified)
-                    self.reftable[rti] = (rti << self.refblock_bits) * self.cs or self.cs
-                self._emit(REFCOUNT_CACHE, self.reftable[rti])
-            if idx >= len(self.used):
-                if idx > len(self.used) + (1 << 26):
-                    # an L2 entry points far beyond the file: do not grow the map without bound
-                    raise BadInputError(f"allocation at host offset {idx << self.cb:#x}, far beyond the image file")
-                self.used.extend(b"\x00" * (idx + 1 - len(self.used) + 4096))
-            self.used[idx] = 1
+            if self._add_ref(idx, -1 if decrease else 1) == 0 and idx < self.free_cluster_index:
+                self.free_cluster_index = idx
+        return True
+
+    def _alloc_refcount_block(self, idx: int) -> bool:
+        """alloc_refcount_block: a lookup of the existing block, or a new block (found by
+        alloc_clusters_noref, taken with qcow2_cache_get_empty, hooked into the refcount table)
+        and -EAGAIN (False)."""
+        rti = idx >> self.refblock_bits
+        if rti < len(self.reftable) and self.reftable[rti]:
+            self._emit(REFCOUNT_CACHE, self.reftable[rti])
+            return True
+        if rti >= len(self.reftable):
+            # the refcount table must grow (qcow2_refcount_area): not modelled; the new block is
+            # taken inside its own range and looked up once
+            self.reftable.extend([0] * (rti + 1 - len(self.reftable)))
+            self.reftable[rti] = (rti << self.refblock_bits) * self.cs or self.cs
+            self._emit(REFCOUNT_CACHE, self.reftable[rti])
+            return True
+        new = self._alloc_noref(1)
+        if new >> self.refblock_bits == rti:
+            self._add_ref(new, 1)  # the block counts itself
+        elif not self._update_refcount(new, 1):
+            return False
+        self._emit(REFCOUNT_CACHE, new << self.cb, False)  # qcow2_cache_get_empty
+        self._file_write(new << self.cb, (new + 1) << self.cb)  # qcow2_cache_flush
+        self.reftable[rti] = new << self.cb
+        return False
 
     def _file_write(self, start: int, end: int) -> None:
         """The image file after a write of [start, end): longer, and holding the bytes past its old end."""
@@ -414,8 +473,9 @@ class ImageState:
             count += self._is_used(i)
             i += 1
 
-    def _alloc_clusters(self, n: int) -> int:
-        """qcow2_alloc_clusters -> alloc_clusters_noref (first fit from free_cluster_index)."""
+    def _alloc_noref(self, n: int) -> int:
+        """alloc_clusters_noref: first fit from free_cluster_index, one qcow2_get_refcount per
+        cluster probed (none where the refcount block does not exist yet)."""
         i = 0
         while i < n:
             idx = self.free_cluster_index
@@ -425,21 +485,27 @@ class ImageState:
                 i = 0
             else:
                 i += 1
-        start = self.free_cluster_index - n
-        self._update_refcount(start, n)
-        return start << self.cb
+        return self.free_cluster_index - n
+
+    def _alloc_clusters(self, n: int) -> int:
+        """qcow2_alloc_clusters: alloc_clusters_noref + update_refcount, again after -EAGAIN."""
+        while True:
+            start = self._alloc_noref(n)
+            if self._update_refcount(start, n):
+                return start << self.cb
 
     def _alloc_clusters_at(self, host: int, n: int) -> int:
+        """qcow2_alloc_clusters_at: how many clusters from host on are free, then count them."""
         idx = host >> self.cb
-        i = 0
-        while i < n:
-            self._get_refcount(idx + i)
-            if self._is_used(idx + i):
-                break
-            i += 1
-        if i:
-            self._update_refcount(idx, i)
-        return i
+        while True:
+            i = 0
+            while i < n:
+                self._get_refcount(idx + i)
+                if self._is_used(idx + i):
+                    break
+                i += 1
+            if i == 0 or self._update_refcount(idx, i):
+                return i
 
     # -- writes ------------------------------------------------------------------------------
     def _get_cluster_table(self, offset: int) -> tuple[list[int], Optional[list[int]], int]:
@@ -634,6 +700,7 @@ class ImageState:
                         o += got
                         left -= got
         ents, bms, idx = self._get_cluster_table(m.offset)
+        old = [e for e in ents[idx : idx + m.nb_clusters] if e]
         for i in range(m.nb_clusters):
             ents[idx + i] = (m.alloc_offset + (i << cb)) | COPIED
             if bms is not None:
@@ -643,6 +710,24 @@ class ImageState:
                 lsc = (wt - 1 - (i << cb)) >> self.sc_bits
                 r = _range_mask(fsc, lsc + 1)
                 bms[idx + i] = (bms[idx + i] | r) & ~(r << 32)
+        if not m.keep_old:
+            for e in old:  # a COW of clusters the new ones replace: qcow2_free_any_cluster
+                self._free_any_cluster(e)
+
+    def _free_any_cluster(self, entry: int) -> None:
+        """qcow2_free_any_cluster -> qcow2_free_clusters -> update_refcount(decrease)."""
+        cb, cs = self.cb, self.cs
+        if entry & COMPRESSED:
+            csize_shift = 62 - (cb - 8)
+            coffset = entry & ((1 << csize_shift) - 1)
+            nb_csectors = ((entry >> csize_shift) & ((1 << (cb - 8)) - 1)) + 1
+            csize = nb_csectors * 512 - (coffset & 511)
+            first, last = coffset >> cb, (coffset + csize - 1) >> cb
+        elif entry & OFFSET_MASK and not (entry & (cs - 1) & OFFSET_MASK):
+            first = last = (entry & OFFSET_MASK) >> cb
+        else:
+            return  # zero or unallocated: nothing to free
+        self._update_refcount(first, last - first + 1, True)
 
     def write(self, offset: int, nbytes: int) -> None:
         """qcow2_co_pwritev_part. Per piece: the allocation (qcow2_alloc_host_offset), then the
