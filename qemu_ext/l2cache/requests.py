@@ -21,8 +21,10 @@ a write replaces (compressed ones) are freed (update_refcount decreasing, free_c
 back). The first block-status call (the COW zero check of the first allocating write with COW
 areas) runs qcow2_detect_metadata_preallocation: qcow2_get_refcount for clusters 0, 1, ... of the
 file until its end or until the referenced ones outnumber those the file occupies on the host
-(st_blocks) by max(2, 11%); the image's length and st_blocks are read when it is opened and
-grown with the writes modelled.
+(st_blocks) by max(2, 11%). st_blocks is read when the image is opened and grown by the 4 KiB
+blocks QEMU writes before that call that were holes (SEEK_DATA/SEEK_HOLE) or past the end: data
+with its COW areas, new L2 tables, L1 entries, and dirty L2 slices and refcount blocks at each
+flush (l2_allocate, alloc_refcount_block, and after every write: qemu-io runs writethrough).
 
 Fidelity (tests/test_l2cache.py, tests/test_l2cache_refcount.py, against qemu-io traces): reads
 and in-place overwrites give QEMU's exact sequence of (slice offset, cache entry, hit/miss);
@@ -30,10 +32,11 @@ allocating writes make exactly QEMU's L2 lookups, but a write split into several
 pieces' L2 updates in concurrent tasks whose order follows I/O completion, so their order (and a
 few hits/misses) can differ (within 1% of the misses in the tests). Refcount-cache lookups of
 allocating writes equal QEMU's, block for block with hits and misses, on fresh, partly written,
-compressed and discarded images with 64 KiB, 2 MiB and 4 KiB clusters. Not modelled: internal
+compressed, discarded and sparse-copied images with 64 KiB, 2 MiB and 4 KiB clusters. Not modelled: internal
 snapshots (L2 COW of shared tables), compressed writes, zero writes / discard requests, backing
-files, external data files, growing the refcount table (qcow2_refcount_area), and host file
-systems that allocate the image file differently from the writes (st_blocks is only read once).
+files, external data files, growing the refcount table (qcow2_refcount_area), cache=writeback
+(dirty tables written later than after each write), and host file systems that allocate other
+than 4 KiB blocks per write (the scan's stop point depends on st_blocks).
 """
 
 from __future__ import annotations
@@ -164,6 +167,8 @@ class ImageState:
         refcount_table: list[int],
         file_length: Optional[int] = None,
         file_allocated: Optional[int] = None,
+        path: Optional[str] = None,
+        l1_table_offset: Optional[int] = None,
     ) -> None:
         if slice_bytes < 512 or slice_bytes > geom.cluster_size or slice_bytes & (slice_bytes - 1):
             raise BadInputError(f"L2 cache entry size must be a power of two between 512 and {geom.cluster_size}")
@@ -187,8 +192,15 @@ class ImageState:
         # the image file as the host sees it: its length and the bytes it occupies (st_blocks);
         # qcow2_detect_metadata_preallocation reads both at the first block-status call
         self.file_length = len(used) * self.cs if file_length is None else file_length
+        self._opened_length = self.file_length
         self.file_allocated = self.file_length if file_allocated is None else file_allocated
         self.prealloc_checked = False
+        # until that check: what QEMU has written to the file since it was opened (qemu-io runs
+        # writethrough, so dirty L2 slices and refcount blocks are written at the end of each write)
+        self.path = path
+        self.l1_table_offset = 3 * self.cs if l1_table_offset is None else l1_table_offset
+        self._written: list[tuple[int, int]] = []
+        self._dirty: set[tuple[int, int]] = set()
         self.out = Lookups()
         self.request_no = 0
 
@@ -268,12 +280,16 @@ class ImageState:
         rc = img.refcounts()
         used = bytearray(np.minimum(rc, 255).astype(np.uint8).tobytes())  # refcounts (capped)
         rt = [int(x) & ~0x1FF & 0x00FFFFFFFFFFFFFF for x in img.refcount_table().tolist()]
+        path: Optional[str] = None
         try:
             st = os.stat(img.path)
-            allocated = st.st_blocks * 512 if stat.S_ISREG(st.st_mode) else fsize
+            if stat.S_ISREG(st.st_mode):
+                allocated, path = st.st_blocks * 512, str(img.path)
+            else:
+                allocated = fsize
         except (OSError, AttributeError):
             allocated = fsize
-        return cls(geom, slice_bytes, l1, loader, used, rt, fsize, allocated)
+        return cls(geom, slice_bytes, l1, loader, used, rt, fsize, allocated, path, int(h.l1_table_offset))
 
     # -- tables ------------------------------------------------------------------------------
     def _table(self, l1i: int) -> tuple[list[int], Optional[list[int]]]:
@@ -422,6 +438,7 @@ class ImageState:
                         self._update_refcount(start, k, not decrease)
                     return False
                 last = rti
+                self._mark_dirty(self.reftable[rti], self.cs)
             if self._add_ref(idx, -1 if decrease else 1) == 0 and idx < self.free_cluster_index:
                 self.free_cluster_index = idx
         return True
@@ -441,37 +458,99 @@ class ImageState:
             self.reftable[rti] = (rti << self.refblock_bits) * self.cs or self.cs
             self._emit(REFCOUNT_CACHE, self.reftable[rti])
             return True
+        self._flush()  # qcow2_cache_flush of the L2 cache (the refcount cache with it)
         new = self._alloc_noref(1)
         if new >> self.refblock_bits == rti:
             self._add_ref(new, 1)  # the block counts itself
         elif not self._update_refcount(new, 1):
             return False
         self._emit(REFCOUNT_CACHE, new << self.cb, False)  # qcow2_cache_get_empty
+        self._flush()
         self._file_write(new << self.cb, (new + 1) << self.cb)  # qcow2_cache_flush
         self.reftable[rti] = new << self.cb
         return False
 
     def _file_write(self, start: int, end: int) -> None:
-        """The image file after a write of [start, end): longer, and holding the bytes past its old end."""
+        """The image file after a write of [start, end)."""
+        if not self.prealloc_checked:
+            self._written.append((start, end))
         if end > self.file_length:
-            self.file_allocated += end - max(start, self.file_length)
             self.file_length = end
+
+    def _mark_dirty(self, start: int, size: int) -> None:
+        if not self.prealloc_checked:
+            self._dirty.add((start, start + size))
+
+    def _flush(self) -> None:
+        """qcow2_cache_flush: the dirty tables (whole slices / blocks) reach the file."""
+        for a, b in self._dirty:
+            self._file_write(a, b)
+        self._dirty.clear()
+
+    def _hole_bytes(self, a: int, b: int) -> int:
+        """Bytes of [a, b) that the image file did not occupy on the host when it was opened."""
+        if self.path is None:
+            return max(0, b - max(a, -(-self._opened_length // 4096) * 4096))
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return max(0, b - max(a, self._opened_length))
+        try:
+            holes = 0
+            pos = a
+            while pos < b:
+                try:
+                    data = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError:  # ENXIO: no data from pos to the end of the file
+                    data = b
+                holes += min(data, b) - pos
+                if data >= b:
+                    break
+                pos = os.lseek(fd, data, os.SEEK_HOLE)
+            return holes
+        finally:
+            os.close(fd)
+
+    def _allocated_now(self) -> int:
+        """st_blocks * 512 now: at open, plus the 4 KiB blocks written since that were holes or past the end."""
+        spans = sorted((a // 4096 * 4096, -(-b // 4096) * 4096) for a, b in self._written)
+        total = self.file_allocated
+        cur_a, cur_b = -1, -1
+        for a, b in spans:
+            if a > cur_b:
+                if cur_b > cur_a:
+                    total += self._hole_bytes(cur_a, cur_b)
+                cur_a, cur_b = a, b
+            else:
+                cur_b = max(cur_b, b)
+        if cur_b > cur_a:
+            total += self._hole_bytes(cur_a, cur_b)
+        return total
 
     def _detect_metadata_preallocation(self) -> None:
         """qcow2_detect_metadata_preallocation, run once per open by the first qcow2_co_block_status:
         qcow2_get_refcount for clusters 0, 1, ... of the file until the file ends or the count of
         referenced clusters reaches max(real * 10 / 9, real + 2), real being the clusters the file
         occupies on the host (st_blocks) at that moment."""
+        real = self._allocated_now() // self.cs
         self.prealloc_checked = True
+        self._written.clear()
+        self._dirty.clear()
         end_cluster = -(-self.file_length // self.cs)
-        real = self.file_allocated // self.cs
         threshold = max(real * 10 // 9, real + 2)
-        count = 0
-        i = 0
-        while i < end_cluster and count < threshold:
-            self._get_refcount(i)
-            count += self._is_used(i)
-            i += 1
+        used = np.frombuffer(bytes(self.used[:end_cluster]), dtype=np.uint8) != 0
+        hits = np.flatnonzero(used)
+        # the loop stops after the cluster that makes count reach threshold
+        stop = end_cluster if len(hits) < threshold else int(hits[threshold - 1]) + 1
+        per = 1 << self.refblock_bits
+        o = self.out
+        for rti in range(-(-stop // per)):
+            n = min(stop, (rti + 1) * per) - rti * per
+            if rti < len(self.reftable) and self.reftable[rti]:  # one qcow2_get_refcount each
+                o.cache.extend([REFCOUNT_CACHE] * n)
+                o.offset.extend([self.reftable[rti]] * n)
+                o.read.extend([True] * n)
+                o.request.extend([self.request_no] * n)
 
     def _alloc_noref(self, n: int) -> int:
         """alloc_clusters_noref: first fit from free_cluster_index, one qcow2_get_refcount per
@@ -522,6 +601,7 @@ class ImageState:
     def _l2_allocate(self, l1i: int) -> None:
         old = self.l1[l1i] & OFFSET_MASK
         new = self._alloc_clusters(1)
+        self._flush()  # l2_allocate flushes the refcount cache (and the L2 cache before the L1 update)
         n_slices = self.cs // self.slice_bytes
         if old:
             ents, bms = self._table(l1i)
@@ -534,6 +614,7 @@ class ImageState:
             if old:
                 self._emit(L2_CACHE, old + k * self.slice_bytes)
         self._file_write(new, new + self.cs)  # qcow2_cache_flush writes the new table
+        self._file_write(self.l1_table_offset + 8 * l1i, self.l1_table_offset + 8 * l1i + 8)
         self.l1[l1i] = new | COPIED
         self._tables[l1i] = (ents, bms)
 
@@ -700,6 +781,9 @@ class ImageState:
                         o += got
                         left -= got
         ents, bms, idx = self._get_cluster_table(m.offset)
+        if not self.prealloc_checked:
+            l2_offset = self.l1[m.offset >> (cb + cb - (4 if self.ext else 3))] & OFFSET_MASK
+            self._mark_dirty(l2_offset + self.l2e * (idx - idx % self.slice_size), self.slice_bytes)
         old = [e for e in ents[idx : idx + m.nb_clusters] if e]
         for i in range(m.nb_clusters):
             ents[idx + i] = (m.alloc_offset + (i << cb)) | COPIED
@@ -758,6 +842,7 @@ class ImageState:
         for order, skips in (reversed(pending) if LINK_LAST_PIECE_FIRST else pending):
             for m, sk in zip(order, skips):
                 self._link_l2(m, sk)
+        self._flush()  # writethrough (qemu-io's default): the caches are flushed after each write
         self.request_no += 1
 
 
