@@ -208,6 +208,16 @@ async def _set_events(s: QmpSession, names: list[str], enable: bool) -> None:
         await s.execute("trace-event-set-state", {"name": n, "enable": enable})
 
 
+async def _window(s: QmpSession, names: list[str], seconds: float, during: Optional[Any]) -> None:
+    """The capture window: the events on, ``during`` run (or ``seconds`` waited), the events off
+    again whatever happened meanwhile."""
+    await _set_events(s, names, True)
+    try:
+        await _during(s, seconds, during)
+    finally:
+        await _set_events(s, names, False)
+
+
 async def trace_capture(s: QmpSession, pattern: str, seconds: float, file: Optional[str] = None,
                         during: Optional[Any] = None, node: Optional[str] = None,
                         known_options: Optional[dict[str, dict[str, Any]]] = None) -> CaptureResult:
@@ -249,11 +259,7 @@ async def trace_capture(s: QmpSession, pattern: str, seconds: float, file: Optio
             await trace_file(s, "flush")
             skip = len(_decode(out)[0])
             notes.append(f"the trace file {out} was on: captured into it, counting only the new records")
-            await _set_events(s, to_enable, True)
-            try:
-                await _during(s, seconds, during)
-            finally:
-                await _set_events(s, to_enable, False)
+            await _window(s, to_enable, seconds, during)
             await trace_file(s, "flush")
         else:
             if file:
@@ -264,11 +270,7 @@ async def trace_capture(s: QmpSession, pattern: str, seconds: float, file: Optio
             await trace_file(s, "set", out)
             await trace_file(s, "on")
             try:
-                await _set_events(s, to_enable, True)
-                try:
-                    await _during(s, seconds, during)
-                finally:
-                    await _set_events(s, to_enable, False)
+                await _window(s, to_enable, seconds, during)
                 await trace_file(s, "flush")
             finally:
                 await trace_file(s, "off")
@@ -285,11 +287,7 @@ async def trace_capture(s: QmpSession, pattern: str, seconds: float, file: Optio
         with open(log, "rb") as fh:
             fh.seek(0, os.SEEK_END)
             start = fh.tell()
-            await _set_events(s, to_enable, True)
-            try:
-                await _during(s, seconds, during)
-            finally:
-                await _set_events(s, to_enable, False)
+            await _window(s, to_enable, seconds, during)
             await asyncio.sleep(0.05)  # let the last lines reach the file
             fh.seek(start)
             data = fh.read()
