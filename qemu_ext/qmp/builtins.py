@@ -593,6 +593,14 @@ def _owner_path(m: re.Match[str]) -> str:
     return ""
 
 
+def _split_owner(rest: str) -> tuple[str, str]:
+    """An `info mtree -o` line's tail -> (region text, owner path or "")."""
+    om = _OWNER.search(rest)
+    if not om:
+        return rest, ""
+    return rest[: om.start()], _owner_path(om)
+
+
 def parse_mtree(text: str) -> dict[str, list[Region]]:
     """``info mtree -o`` -> {address-space name: regions in print order (with depth)}."""
     spaces: dict[str, list[Region]] = {}
@@ -607,12 +615,7 @@ def parse_mtree(text: str) -> dict[str, list[Region]]:
         m = _MTREE_LINE.match(line)
         if not m or cur is None:
             continue
-        rest = m["rest"]
-        owner = ""
-        om = _OWNER.search(rest)
-        if om:
-            owner = _owner_path(om)
-            rest = rest[: om.start()]
+        rest, owner = _split_owner(m["rest"])
         enabled = "[disabled]" not in rest
         rest = rest.replace("[disabled]", "").strip()
         alias_of = ""
@@ -643,12 +646,7 @@ def parse_flatview(text: str) -> dict[str, list[Region]]:
             continue
         m = _MTREE_LINE.match(line)
         if m and names:
-            rest = m["rest"]
-            owner = ""
-            om = _OWNER.search(rest)
-            if om:
-                owner = _owner_path(om)
-                rest = rest[: om.start()]
+            rest, owner = _split_owner(m["rest"])
             name = rest.strip().split(" ")[0] if rest.strip() else ""
             ranges.append(Region(int(m["start"], 16), int(m["end"], 16), int(m["prio"]), m["kind"].strip(),
                                  name, 0, owner))
