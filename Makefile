@@ -1,6 +1,7 @@
 # virtopt: two commands on a fresh Debian 12 machine as root.
 #   make demo   install what is needed, run the demo on a throw-away VM
-#   make test   install, build the debug QEMU once (cached outside the repo), lint, run the suite
+#   make test   install, add QEMU 10.0 beside Debian's 7.2 and build a debug QEMU of each once
+#               (cached outside the repo, in $VIRTOPT_CACHE or ~/.cache/virtopt), lint, run the suite
 #   make bench  benchmarks against QEMU's own tools (ratios printed)
 
 PYTHON ?= python3
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 APT_PKGS := qemu-system-x86 qemu-utils gdb python3-venv procps
 STAMP := $(VENV)/.virtopt-installed
 
-.PHONY: install demo test lint bench debug-qemu clean
+.PHONY: install demo test lint bench qemus debug-qemu clean
 
 install: $(STAMP)
 
@@ -27,16 +28,21 @@ $(STAMP): setup.cfg pyproject.toml
 demo: install
 	$(BIN)/virtopt demo
 
-debug-qemu:
-	tests/qemu/build-debug-qemu
+# QEMU 10.0 from bookworm-backports into a private prefix (no system change), then a debug
+# build (DWARF, simple+log trace backends) of 7.2 and of 10.0.
+qemus: install
+	tests/qemu/install-qemu-current
+	tests/qemu/build-debug-qemu all
+
+debug-qemu: qemus
 
 lint: install
 	$(BIN)/ruff check .
 
-test: install debug-qemu lint
+test: install qemus lint
 	VIRTOPT_REQUIRE_DEBUG_QEMU=1 $(BIN)/pytest -q -ra
 
-bench: install debug-qemu
+bench: install qemus
 	$(BIN)/python bench/run.py
 
 clean:

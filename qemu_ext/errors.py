@@ -33,3 +33,37 @@ class NotAvailableError(VirtoptError):
 
 class QemuError(VirtoptError):
     """Talking to QEMU failed: dead or garbled socket, QMP error, process gone."""
+
+
+# One wording per condition, for every front door (see CONTRIBUTING.md).
+
+
+def open_error(path: object, exc: OSError) -> BadInputError:
+    """``cannot open PATH: No such file or directory`` (the OS's own words)."""
+    return BadInputError(f"cannot open {path}: {exc.strerror or exc}")
+
+
+def not_a_file(path: object) -> BadInputError:
+    """A FIFO, socket or character device given where a file is read."""
+    return BadInputError(f"{path}: not a regular file or block device")
+
+
+def empty_file(path: object) -> BadInputError:
+    return BadInputError(f"{path}: empty file")
+
+
+def binary_file(path: object, kind: str) -> BadInputError:
+    """Binary data where text of ``kind`` (a trace-events file, a qemu-io command file) is expected."""
+    return BadInputError(f"{path}: not a {kind} (binary data)")
+
+
+def no_process(pid: int) -> VirtoptError:
+    return VirtoptError(f"no process {pid}")
+
+
+def not_qemu(pid: int, name: str, exe: str) -> VirtoptError:
+    return VirtoptError(f"process {pid} is not QEMU ({name}, {exe})")
+
+
+def qmp_unreachable(addr: object, reason: str) -> QemuError:
+    return QemuError(f"cannot connect to QMP at {addr}: {reason}")

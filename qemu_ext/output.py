@@ -29,18 +29,66 @@ def print_json(obj: Any) -> None:
     sys.stdout.write(dumps_json(obj) + "\n")
 
 
-def human_size(n: float) -> str:
-    """qemu-img's size rendering: 1 KiB, 64 MiB, 1.5 GiB (base 1024, up to 3 significant digits)."""
-    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
-    i = 0
-    v = float(n)
-    while v >= 1024 and i < len(units) - 1:
-        v /= 1024
-        i += 1
-    if i == 0:
-        return f"{int(n)} B"
-    text = f"{v:.3g}"
-    return f"{text} {units[i]}"
+def human_size(val: float) -> str:
+    """QEMU's size_to_str() (util/cutils.c, 7.2 and 10.0), as qemu-img prints sizes: 512 B, 348 KiB,
+    64 MiB, 1.5 GiB. The one size formatter of every front door's human output."""
+    import math
+
+    val = int(val)
+    if val <= 0:
+        return f"{val} B" if val < 0 else "0 B"
+    _m, e = math.frexp(val / (1000.0 / 1024.0))
+    e = int((e - 1) / 10) * 10  # C division truncates toward zero
+    prefix = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"][min(e // 10, 6)]
+    return f"{val / (1 << e):0.3g} {prefix}B"
+
+
+def percent(fraction: Optional[float], digits: int = 1) -> str:
+    """A ratio for people: 0.305 -> "30.5%". JSON carries the fraction itself (0.305)."""
+    if fraction is None:
+        return "-"
+    return f"{fraction * 100:.{digits}f}%"
+
+
+def duration(seconds: Optional[float]) -> str:
+    """The one duration format of human output: 850 ns, 234 µs, 1.20 ms, 3.40 s, 2 min 05 s, 1 h 02 min."""
+    if seconds is None:
+        return "-"
+    s = float(seconds)
+    neg, s = s < 0, abs(s)
+    if s < 1e-6:
+        text = f"{s * 1e9:.0f} ns"
+    elif s < 1e-3:
+        text = f"{s * 1e6:.3g} µs"
+    elif s < 1:
+        text = f"{s * 1e3:.3g} ms"
+    elif s < 60:
+        text = f"{s:.3g} s"
+    elif s < 3600:
+        text = f"{int(s // 60)} min {int(s % 60):02d} s"
+    else:
+        text = f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
+    return "-" + text if neg else text
+
+
+def count(n: Optional[float]) -> str:
+    """An integer count with thousands separators (1,234,567), the form of every total and rate."""
+    if n is None:
+        return "-"
+    if isinstance(n, float) and not n.is_integer():
+        return f"{n:,.1f}"
+    return f"{int(n):,}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
+    """The one text table of every front door: headers, then rows; columns in ``right`` are right-aligned."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    out = []
+    for r in cells:
+        parts = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(r)]
+        out.append("  ".join(parts).rstrip())
+    return "\n".join(out)
 
 
 def progress(total: Optional[int], desc: str, unit: str = "it", unit_scale: bool = False):  # -> tqdm

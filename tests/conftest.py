@@ -1,4 +1,5 @@
-"""Fixtures on real QEMU: Debian's qemu-system-x86_64 and a debug build of the same version.
+"""Fixtures on real QEMU: every test that takes a QEMU runs once per series (Debian's 7.2 and the
+current 10.0 from bookworm-backports, see qemu_ext.vm.QemuBuild), stock or debug build.
 
 Every QEMU a fixture starts is killed and reaped at teardown, also when the test
 fails; the session checks at its end that none of them is left.
@@ -7,7 +8,6 @@ fails; the session checks at its end that none of them is left.
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -19,21 +19,22 @@ from qemu_ext import vm
 _STARTED: list[vm.QemuProcess] = []
 
 
-def _factory(binary: str | None) -> Callable[..., vm.QemuProcess]:
+def _factory(build: vm.QemuBuild) -> Callable[..., vm.QemuProcess]:
     started: list[vm.QemuProcess] = []
 
     def start(**kw) -> vm.QemuProcess:
-        qp = vm.start_qemu(binary=binary, **kw)
+        qp = vm.start_qemu(build=build, **kw)
         started.append(qp)
         _STARTED.append(qp)
         return qp
 
     start.started = started  # type: ignore[attr-defined]
+    start.build = build  # type: ignore[attr-defined]
     return start
 
 
-def _factory_fixture(binary: str | None) -> Iterator[Callable[..., vm.QemuProcess]]:
-    start = _factory(binary)
+def _factory_fixture(build: vm.QemuBuild) -> Iterator[Callable[..., vm.QemuProcess]]:
+    start = _factory(build)
     try:
         yield start
     finally:
@@ -41,17 +42,52 @@ def _factory_fixture(binary: str | None) -> Iterator[Callable[..., vm.QemuProces
             qp.stop()
 
 
+def _require(series: str, debug: bool) -> vm.QemuBuild:
+    """The installed QEMU of that series, or skip (fail under make test) when it is missing."""
+    b = vm.find_build(series, debug)
+    if b is not None:
+        return b
+    if debug:
+        what, how = f"the debug QEMU {series} is not built", f"tests/qemu/build-debug-qemu {series}"
+    elif series == "7.2":
+        what, how = "Debian's QEMU 7.2 is not installed", "apt-get install qemu-system-x86 qemu-utils"
+    else:
+        what, how = f"QEMU {series} is not installed", "tests/qemu/install-qemu-current"
+    msg = f"{what}: run {how} (make test does)"
+    if os.environ.get("VIRTOPT_REQUIRE_DEBUG_QEMU"):
+        pytest.fail(msg)
+    # A user running pytest by hand before installing it: a real condition.
+    pytest.skip(msg)
+
+
+def _series_id(s: str) -> str:
+    return f"qemu{s}"
+
+
+@pytest.fixture(params=vm.SERIES, ids=_series_id)
+def qemu_build(request) -> vm.QemuBuild:
+    """Each stock QEMU in turn (Debian's 7.2, the current 10.0): ``.system``, ``.img``, ``.io``,
+    ``.env()``. A test that takes it runs once per QEMU: the comparison suite."""
+    return _require(request.param, debug=False)
+
+
+@pytest.fixture(params=vm.SERIES, ids=_series_id)
+def debug_build(request) -> vm.QemuBuild:
+    """Each debug QEMU in turn (DWARF, simple+log trace backends): ``.src`` is its source tree."""
+    return _require(request.param, debug=True)
+
+
 @pytest.fixture
-def qemu_factory() -> Iterator[Callable[..., vm.QemuProcess]]:
-    """Start any number of Debian QEMUs: ``qemu_factory(drives=[...], extra_args=[...])``."""
-    yield from _factory_fixture(None)
+def qemu_factory(qemu_build) -> Iterator[Callable[..., vm.QemuProcess]]:
+    """Start any number of stock QEMUs of the series under test: ``qemu_factory(drives=[...], extra_args=[...])``."""
+    yield from _factory_fixture(qemu_build)
 
 
 @pytest.fixture
 def qemu(qemu_factory) -> vm.QemuProcess:
-    """One running Debian QEMU (KVM when /dev/kvm opens, else TCG) with a QMP socket.
+    """One running stock QEMU per series (KVM when /dev/kvm opens, else TCG) with a QMP socket.
 
-    ``qemu.pid``, ``qemu.qmp_path``, ``qemu.client`` (connected sync QMP client).
+    ``qemu.pid``, ``qemu.qmp_path``, ``qemu.client`` (connected sync QMP client), ``qemu.build``.
     QEMU's QMP socket serves one client at a time: a test that runs the CLI or
     the shell against ``qemu.qmp_path`` calls ``qemu.client.close()`` first.
     """
@@ -60,34 +96,30 @@ def qemu(qemu_factory) -> vm.QemuProcess:
     return qp
 
 
-def debug_qemu_src() -> Path:
-    d = vm.debug_qemu_dir()
-    if d is None:
-        msg = "the debug QEMU is not built: run tests/qemu/build-debug-qemu (make test does)"
-        if os.environ.get("VIRTOPT_REQUIRE_DEBUG_QEMU"):
-            pytest.fail(msg)
-        # A user running pytest by hand before building it: a real condition.
-        pytest.skip(msg)
-    return d
+def debug_qemu_src(series: str = "7.2") -> Path:
+    b = _require(series, debug=True)
+    assert b.src is not None
+    return b.src
 
 
 @pytest.fixture
-def debug_qemu_factory() -> Iterator[Callable[..., vm.QemuProcess]]:
-    yield from _factory_fixture(str(debug_qemu_src() / "build" / "qemu-system-x86_64"))
+def debug_qemu_factory(debug_build) -> Iterator[Callable[..., vm.QemuProcess]]:
+    yield from _factory_fixture(debug_build)
 
 
 @pytest.fixture
 def debug_qemu(debug_qemu_factory) -> vm.QemuProcess:
-    """One running debug-build QEMU (DWARF, simple+log trace backends) with a QMP socket."""
+    """One running debug-build QEMU per series (DWARF, simple+log trace backends) with a QMP socket."""
     qp = debug_qemu_factory(name="virtopt-test")
     qp.client = qp.qmp()  # type: ignore[attr-defined]
     return qp
 
 
 @pytest.fixture
-def debug_src() -> Path:
+def debug_src(debug_build) -> Path:
     """The debug QEMU's source tree (scripts/simpletrace.py, scripts/qemu-gdb.py, build/)."""
-    return debug_qemu_src()
+    assert debug_build.src is not None
+    return debug_build.src
 
 
 @pytest.fixture
@@ -98,11 +130,6 @@ def image_factory(tmp_path: Path) -> Callable[..., Path]:
         return make_qcow2(tmp_path / name, **kw)
 
     return make
-
-
-def _qemu_pids() -> list[int]:
-    cp = subprocess.run(["pgrep", "-f", "qemu-system-x86_64"], capture_output=True, text=True)
-    return [int(x) for x in cp.stdout.split()]
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -49,13 +49,18 @@ def make_qcow2(
     io: Iterable[str] = (),
     qemu_img: str = QEMU_IMG,
     qemu_io: str = QEMU_IO,
+    build=None,
 ) -> Path:
     """Create a qcow2 image with qemu-img and write to it with qemu-io.
 
     options: -o key=value pairs (cluster_size, refcount_bits, extended_l2, compression_type, ...).
     io: qemu-io commands, e.g. ``"write -P 0xab 0 64k"``, ``"write -c 1M 64k"`` (compressed).
+    build: a qemu_ext.vm.QemuBuild whose qemu-img/qemu-io make the image (default: the system's).
     """
     path = Path(path)
+    env = None
+    if build is not None:
+        qemu_img, qemu_io, env = build.img, build.io, build.env()
     argv = [qemu_img, "create", "-q", "-f", "qcow2"]
     opts = dict(options or {})
     if backing:
@@ -65,19 +70,26 @@ def make_qcow2(
     argv += [str(path)]
     if size is not None:
         argv.append(size)
-    run(argv)
+    run(argv, env=env)
     cmds = list(io)
     if cmds:
-        qemu_io_cmds(path, cmds, qemu_io=qemu_io)
+        qemu_io_cmds(path, cmds, qemu_io=qemu_io, build=build)
     return path
 
 
-def qemu_io_cmds(path: os.PathLike, cmds: Sequence[str], fmt: str = "qcow2", qemu_io: str = QEMU_IO) -> str:
-    argv = [qemu_io, "-f", fmt]
+def qemu_io_cmds(path: os.PathLike, cmds: Sequence[str], fmt: str = "qcow2", qemu_io: str = QEMU_IO,
+                 build=None) -> str:
+    argv = [build.io if build is not None else qemu_io, "-f", fmt]
     for c in cmds:
         argv += ["-c", c]
     argv.append(str(path))
-    return run(argv).stdout
+    return run(argv, env=build.env() if build is not None else None).stdout
+
+
+def qemu_tool(build, tool: str, *args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """Run one of a QemuBuild's tools (``"img"``, ``"io"``, ``"system"``) with its environment:
+    ``qemu_tool(qemu_build, "img", "info", "--output=json", path)``."""
+    return run([getattr(build, tool), *args], check=check, env=build.env(), **kw)
 
 
 def gdb_batch(pid: int, commands: Sequence[str], timeout: float = 60, extra: Sequence[str] = ()) -> subprocess.CompletedProcess:

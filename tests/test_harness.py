@@ -63,11 +63,28 @@ def test_image_factory_makes_real_qcow2(image_factory):
     assert info["virtual-size"] == 16 << 20
 
 
-def test_debug_qemu_is_the_same_version_with_dwarf_and_simple_trace(debug_qemu, debug_src, tmp_path):
+def test_each_series_runs_its_own_version(qemu, qemu_build):
+    """The fixture's QEMU is the series it says (10.0 must not fall back to 7.2's binary or modules)."""
     import subprocess
 
+    ver = qemu.client.cmd("query-version")["qemu"]
+    assert f"{ver['major']}.{ver['minor']}" == qemu_build.series
+    img = subprocess.run([qemu_build.img, "--version"], capture_output=True, text=True, env=qemu_build.env()).stdout
+    assert f"version {qemu_build.series}." in img
+    # a device from a loadable module (10.0 loads 7.2's modules and loses it without its own
+    # QEMU_MODULE_DIR): hw-display-virtio-gpu-pci.so
+    devs = {d["name"] for d in qemu.client.cmd("qom-list-types", abstract=False)}
+    assert "virtio-gpu-pci" in devs
+
+
+def test_debug_qemu_is_the_same_version_with_dwarf_and_simple_trace(debug_qemu, debug_build, tmp_path):
+    import subprocess
+
+    debug_src = debug_build.src
+    stock = vm.find_build(debug_build.series, debug=False)
+    assert stock is not None, f"no stock QEMU {debug_build.series} beside its debug build"
     ver = debug_qemu.client.cmd("query-version")["qemu"]
-    deb = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout
+    deb = subprocess.run([stock.system, "--version"], capture_output=True, text=True, env=stock.env()).stdout
     assert f"{ver['major']}.{ver['minor']}.{ver['micro']}" in deb
     # the simple backend answers HMP trace-file (Debian's log-only build says "unknown command")
     out = debug_qemu.hmp(f"trace-file set {tmp_path / 't.bin'}")
