@@ -64,14 +64,14 @@ def _series_id(s: str) -> str:
     return f"qemu{s}"
 
 
-@pytest.fixture(params=vm.SERIES, ids=_series_id)
+@pytest.fixture(scope="module", params=vm.SERIES, ids=_series_id)
 def qemu_build(request) -> vm.QemuBuild:
     """Each stock QEMU in turn (Debian's 7.2, the current 10.0): ``.system``, ``.img``, ``.io``,
     ``.env()``. A test that takes it runs once per QEMU: the comparison suite."""
     return _require(request.param, debug=False)
 
 
-@pytest.fixture(params=vm.SERIES, ids=_series_id)
+@pytest.fixture(scope="module", params=vm.SERIES, ids=_series_id)
 def debug_build(request) -> vm.QemuBuild:
     """Each debug QEMU in turn (DWARF, simple+log trace backends): ``.src`` is its source tree."""
     return _require(request.param, debug=True)
@@ -81,6 +81,18 @@ def debug_build(request) -> vm.QemuBuild:
 def qemu_factory(qemu_build) -> Iterator[Callable[..., vm.QemuProcess]]:
     """Start any number of stock QEMUs of the series under test: ``qemu_factory(drives=[...], extra_args=[...])``."""
     yield from _factory_fixture(qemu_build)
+
+
+@pytest.fixture(scope="module")
+def module_qemu_factory(qemu_build) -> Iterator[Callable[..., vm.QemuProcess]]:
+    """Like qemu_factory, for module-scoped fixtures (one QEMU shared by a module's tests, per series)."""
+    yield from _factory_fixture(qemu_build)
+
+
+@pytest.fixture(scope="module")
+def module_debug_qemu_factory(debug_build) -> Iterator[Callable[..., vm.QemuProcess]]:
+    """Like debug_qemu_factory, for module-scoped fixtures."""
+    yield from _factory_fixture(debug_build)
 
 
 @pytest.fixture
