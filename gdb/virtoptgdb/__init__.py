@@ -1,4 +1,6 @@
-"""virtopt's gdb commands, one small module per QEMU subsystem (like Linux's scripts/gdb/linux).
+"""virtopt's gdb commands (like Linux's scripts/gdb/linux): ``command`` (the command base,
+parser, parameters, JSON output), ``utils`` (the Target the views read through), and one small
+module per command that renders a view of qemu_ext.introspect.
 
 Loaded by gdb/virtopt-gdb.py; ``load()`` registers every command under the ``virtopt`` prefix.
 """
@@ -12,10 +14,10 @@ def load() -> None:
     global _LOADED
     if _LOADED:
         return
-    from . import core, coroutines, info, mtree, qcow2, threads, timers, trace, vcpus
+    from . import command, coroutines, info, mtree, qcow2, threads, timers, trace, vcpus
 
-    core.init()
-    core.PREFIX.append(core.VirtoptPrefix())
+    command.init()
+    command.PREFIX.append(command.VirtoptPrefix())
     for mod in (info, threads, vcpus, mtree, timers, trace, qcow2, coroutines):
         mod.register()
     _LOADED = True

@@ -1,0 +1,225 @@
+"""The command machinery of the virtopt gdb pack (like Linux's scripts/gdb command modules):
+the ``virtopt`` prefix, the command base with argparse parsing and ``--json``, the parameters,
+and the one place where errors become one gdb error line.
+
+A command names the view it renders (qemu_ext.introspect.views): the view's requirements decide
+whether it runs here, the view collects, the command only renders (qemu_ext.introspect.render).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import traceback
+from typing import Any, Optional
+
+import gdb  # type: ignore[import-not-found]
+from qemu_ext.errors import VirtoptError
+from qemu_ext.gdbmi.driver import JSON_MARKER
+from qemu_ext.introspect import common, views
+from qemu_ext.introspect.target import IntrospectError
+
+from . import utils
+
+# ---------------------------------------------------------------- parameters
+
+
+class DebugParameter(gdb.Parameter):
+    """Show Python tracebacks of virtopt commands (off by default)."""
+
+    set_doc = "Set whether virtopt commands show Python tracebacks."
+    show_doc = "Show whether virtopt commands show Python tracebacks."
+
+    def __init__(self) -> None:
+        super().__init__("virtopt-debug", gdb.COMMAND_DATA, gdb.PARAM_BOOLEAN)
+        self.value = bool(os.environ.get("VIRTOPT_DEBUG"))
+
+
+class NoDebugInfoParameter(gdb.Parameter):
+    """Pretend the inferior has no debug info (to check the symbol-only paths on a debug build)."""
+
+    set_doc = "Set whether virtopt ignores QEMU's debug info."
+    show_doc = "Show whether virtopt ignores QEMU's debug info."
+
+    def __init__(self) -> None:
+        super().__init__("virtopt-ignore-debug-info", gdb.COMMAND_DATA, gdb.PARAM_BOOLEAN)
+        self.value = False
+
+    def get_set_string(self) -> str:
+        utils.clear_caches()
+        return ""
+
+
+class JsonDirParameter(gdb.Parameter):
+    """Directory where --json output goes as files (set by virtopt's pygdbmi driver: large JSON
+    through gdb/MI console records is slow). Empty: --json prints to the console."""
+
+    set_doc = "Set the directory virtopt writes --json output to (empty: the console)."
+    show_doc = "Show the directory virtopt writes --json output to."
+
+    def __init__(self) -> None:
+        super().__init__("virtopt-json-dir", gdb.COMMAND_DATA, gdb.PARAM_OPTIONAL_FILENAME)
+        self.value = ""
+
+
+PARAMS: dict[str, Any] = {}
+_json_seq = [0]
+
+
+def emit_json(data: Any) -> None:
+    text = json.dumps(data, indent=4)
+    d = PARAMS["json-dir"].value if "json-dir" in PARAMS else ""
+    if d and os.path.isdir(d):
+        _json_seq[0] += 1
+        path = os.path.join(d, f"{os.getpid()}-{_json_seq[0]}.json")
+        with open(path, "w") as f:
+            f.write(text + "\n")
+        gdb.write(f"{JSON_MARKER}{path}\n")
+    else:
+        gdb.write(text + "\n")
+
+
+def debug_enabled() -> bool:
+    return bool("debug" in PARAMS and PARAMS["debug"].value)
+
+
+def init() -> None:
+    if PARAMS:
+        return
+    PARAMS["debug"] = DebugParameter()
+    PARAMS["json-dir"] = JsonDirParameter()
+    PARAMS["ignore-debug-info"] = NoDebugInfoParameter()
+    utils.connect_events(lambda: bool(PARAMS["ignore-debug-info"].value))
+
+
+# ---------------------------------------------------------------- commands
+
+
+class _ParserExit(Exception):
+    pass
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse that reports through gdb: errors are GdbErrors, --help does not exit gdb."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise gdb.GdbError(f"{self.prog}: {message} (see: help {self.prog})")
+
+    def exit(self, status: int = 0, message: Optional[str] = None) -> None:  # type: ignore[override]
+        if message:
+            gdb.write(message)
+        raise _ParserExit()
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        if message:
+            gdb.write(message)
+
+
+class VirtoptPrefix(gdb.Command):
+    """virtopt: QEMU debugging commands that only read (and, for trace, write) QEMU's memory.
+
+They never call functions in QEMU, so they are safe on a live VM and work where gdb
+cannot call into the inferior, and on core files (gdb QEMU CORE). Every command takes --json.
+`virtopt inspect` runs the same views without stopping QEMU (drgn).
+
+Commands: info, threads, vcpus, mtree, mtree lookup, timers, trace list|enable|disable,
+qcow2, coroutines. `help virtopt COMMAND` for each."""
+
+    def __init__(self, name: str = "virtopt") -> None:
+        super().__init__(name, gdb.COMMAND_DATA, gdb.COMPLETE_NONE, True)
+
+
+COMMANDS: list[VirtoptCommand] = []
+PREFIX: list[VirtoptPrefix] = []
+
+
+class VirtoptCommand(gdb.Command):
+    """Base class: subclasses set name (and view when it differs), summary, epilog; implement
+    add_arguments, view_args and render."""
+
+    name = ""
+    view: Optional[str] = None  # the qemu_ext.introspect view rendered (default: name)
+    summary = ""
+    epilog = ""
+    prefix = False
+    json_option = True
+
+    def __init__(self) -> None:
+        self.__doc__ = self._doc()
+        super().__init__("virtopt " + self.name, gdb.COMMAND_DATA, gdb.COMPLETE_NONE, self.prefix)
+        COMMANDS.append(self)
+
+    @property
+    def view_name(self) -> str:
+        return self.view or self.name
+
+    def availability(self) -> Optional[str]:
+        """None when the command can run in this process, else the one-line reason."""
+        try:
+            common.check(utils.target(), self.view_name)
+        except (VirtoptError, IntrospectError) as exc:
+            return str(exc)
+        return None
+
+    def _doc(self) -> str:
+        # gdb shows the first line in `help virtopt`: the summary, then the full argparse help
+        return self.summary + "\n\n" + self.parser().format_help().rstrip()
+
+    def parser(self) -> ArgParser:
+        p = ArgParser(prog="virtopt " + self.name, description=self.summary, epilog=self.epilog,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+        self.add_arguments(p)
+        if self.json_option:
+            p.add_argument("--json", action="store_true", help="print the data as JSON")
+        return p
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        pass
+
+    def view_args(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {}
+
+    def collect(self, args: argparse.Namespace) -> Any:
+        return views.run(utils.target(), self.view_name, **self.view_args(args))
+
+    def render(self, data: Any, args: argparse.Namespace) -> str:
+        return json.dumps(data, indent=4) + "\n"
+
+    def invoke(self, arg: str, from_tty: bool) -> None:
+        try:
+            args = self.parser().parse_args(gdb.string_to_argv(arg))
+        except _ParserExit:
+            return
+        try:
+            data = self.collect(args)
+            if getattr(args, "json", False):
+                emit_json(data)
+            else:
+                gdb.write(self.render(data, args))
+        except gdb.GdbError:
+            raise
+        except (VirtoptError, IntrospectError) as exc:
+            if debug_enabled():
+                traceback.print_exc()
+            msg = str(exc)
+            if not msg.startswith("virtopt "):
+                msg = f"virtopt {self.name}: {msg}"
+            raise gdb.GdbError(msg) from None
+        except KeyboardInterrupt:
+            raise gdb.GdbError(f"virtopt {self.name}: interrupted") from None
+        except gdb.MemoryError as exc:
+            if debug_enabled():
+                traceback.print_exc()
+            raise gdb.GdbError(f"virtopt {self.name}: cannot read QEMU's memory: {exc} "
+                               "(a dangling pointer, or QEMU's structures differ)") from None
+        except gdb.error as exc:
+            if debug_enabled():
+                traceback.print_exc()
+            raise gdb.GdbError(f"virtopt {self.name}: this QEMU's structures differ from what virtopt knows: "
+                               f"{exc}") from None
+        except Exception as exc:
+            if debug_enabled():
+                traceback.print_exc()
+            raise gdb.GdbError(
+                f"virtopt {self.name}: {type(exc).__name__}: {exc} (set virtopt-debug on for the traceback)") from None

@@ -1,0 +1,198 @@
+"""The gdb backend: a Target over gdb's Python API (only imported inside gdb).
+
+Memory through ``Inferior.read_memory``/``write_memory`` (a live process gdb holds stopped,
+or a core file), types through ``gdb.lookup_type`` converted to TypeInfo, variables through
+``gdb.lookup_global_symbol``/``lookup_static_symbol``, registers through the selected thread's
+frame. gdb never calls a function in QEMU.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import gdb  # type: ignore[import-not-found]
+
+from .target import Field, IntrospectError, MemoryReadError, Target, ThreadInfo, TypeInfo, proc_comm
+
+_CODES = {
+    gdb.TYPE_CODE_PTR: "ptr", gdb.TYPE_CODE_ARRAY: "array", gdb.TYPE_CODE_STRUCT: "struct",
+    gdb.TYPE_CODE_UNION: "union", gdb.TYPE_CODE_ENUM: "enum", gdb.TYPE_CODE_INT: "int",
+    gdb.TYPE_CODE_BOOL: "bool", gdb.TYPE_CODE_CHAR: "int", gdb.TYPE_CODE_FLT: "float",
+    gdb.TYPE_CODE_FUNC: "func", gdb.TYPE_CODE_VOID: "void",
+}
+
+
+def convert(t: Any) -> TypeInfo:
+    """gdb.Type -> TypeInfo (fields and targets converted when first used)."""
+    name = str(t)
+    s = t.strip_typedefs()
+    kind = _CODES.get(s.code, "int")
+    size = 0 if kind in ("void", "func") else s.sizeof
+    signed = False
+    if kind in ("int", "enum"):
+        try:
+            signed = bool(s.is_signed)
+        except (AttributeError, ValueError, gdb.error):
+            signed = False
+    length = None
+    if kind == "array":
+        lo, hi = s.range()
+        length = hi - lo + 1
+    return TypeInfo(name, kind, size, signed, length, native=s, conv=_lazy)
+
+
+def _lazy(what: tuple[str, Any]) -> Any:
+    part, s = what
+    if part == "target":
+        return convert(s.target())
+    out: dict[str, Field] = {}
+    _collect_fields(s, 0, out)
+    return out
+
+
+def _collect_fields(s: Any, base: int, out: dict[str, Field]) -> None:
+    for f in s.fields():
+        if not hasattr(f, "bitpos"):
+            continue  # static members (C++ only)
+        ft = f.type
+        if not f.name:  # an anonymous struct/union: its members are the parent's
+            _collect_fields(ft.strip_typedefs(), base + f.bitpos, out)
+            continue
+        out.setdefault(f.name, Field(f.name, base + f.bitpos, f.bitsize, convert(ft)))
+
+
+class GdbTarget(Target):
+    backend = "gdb"
+    stops_process = True
+
+    def __init__(self, ignore_debug_info: bool = False) -> None:
+        super().__init__()
+        inf = gdb.selected_inferior()
+        if inf is None or inf.pid == 0:
+            raise IntrospectError("no process: attach to a running QEMU first (gdb -p PID)")
+        self.inf = inf
+        self.ignore_debug_info = ignore_debug_info
+        self._debug: Optional[bool] = None
+        # a core: gdb has a core target and /proc of the dead pid says nothing
+        self.kind = "core" if _is_core() else "live"
+        self.pid = inf.pid
+        self.can_write = self.kind == "live"
+        self.can_read_registers = True
+
+    def exe(self) -> str:
+        if self.kind == "live":
+            proc = f"/proc/{self.pid}/exe"
+            if os.access(proc, os.R_OK):
+                return proc
+        name = gdb.current_progspace().filename
+        if not name:
+            raise IntrospectError("gdb does not know the executable of this process (use: file QEMU)")
+        return name
+
+    def has_debug_info(self) -> bool:
+        if self.ignore_debug_info:
+            return False
+        if self._debug is None:
+            try:
+                gdb.lookup_type("CPUState")
+                self._debug = True
+            except gdb.error:
+                self._debug = False
+        return self._debug
+
+    def _read_raw(self, addr: int, n: int) -> bytes:
+        try:
+            return bytes(self.inf.read_memory(addr, n))
+        except (gdb.MemoryError, gdb.error, OverflowError, ValueError) as exc:
+            raise MemoryReadError(f"cannot read {n} bytes at {addr:#x}: {exc}") from None
+
+    def _write_raw(self, addr: int, data: bytes) -> None:
+        try:
+            self.inf.write_memory(addr, data)
+        except (gdb.MemoryError, gdb.error) as exc:
+            raise MemoryReadError(f"cannot write {len(data)} bytes at {addr:#x}: {exc}") from None
+
+    def _native_type(self, name: str) -> Optional[TypeInfo]:
+        try:
+            return convert(gdb.lookup_type(name))
+        except gdb.error:
+            return None
+
+    def _native_var(self, name: str) -> Optional[tuple[int, TypeInfo]]:
+        try:
+            sym = gdb.lookup_global_symbol(name) or gdb.lookup_static_symbol(name)
+        except gdb.error:
+            sym = None
+        if sym is None or sym.is_function or sym.addr_class == gdb.SYMBOL_LOC_TYPEDEF:
+            return None
+        try:
+            v = sym.value()
+            addr = v.address
+        except gdb.error:
+            return None
+        if addr is None:
+            return None
+        return int(addr), convert(sym.type)
+
+    def _runtime_address(self, name: str) -> Optional[int]:
+        try:
+            return int(gdb.parse_and_eval(f"(unsigned long)&'{name}'"))
+        except gdb.error:
+            return None
+
+    def threads(self) -> list[ThreadInfo]:
+        out = []
+        for th in sorted(self.inf.threads(), key=lambda t: t.num):
+            tid = th.ptid[1] or th.ptid[2]
+            name = proc_comm(self.pid, tid) if self.kind == "live" else None
+            out.append(ThreadInfo(th.num, tid, name))
+        return out
+
+    def _thread(self, tid: int) -> Any:
+        for th in self.inf.threads():
+            if (th.ptid[1] or th.ptid[2]) == tid:
+                return th
+        return None
+
+    def register(self, tid: int, name: str) -> Optional[int]:
+        th = self._thread(tid)
+        if th is None:
+            return None
+        selected = gdb.selected_thread()
+        try:
+            th.switch()
+            return int(gdb.parse_and_eval(f"(unsigned long)${name}"))
+        except gdb.error:
+            return None
+        finally:
+            if selected is not None and selected.is_valid():
+                selected.switch()
+
+    def frame_functions(self, tid: int, limit: int = 40) -> list[str]:
+        """The function names of thread tid's stack, newest first (gdb unwinds from memory)."""
+        th = self._thread(tid)
+        if th is None:
+            return []
+        selected = gdb.selected_thread()
+        out: list[str] = []
+        try:
+            th.switch()
+            f = gdb.newest_frame()
+            while f is not None and len(out) < limit:
+                out.append(f.name() or "")
+                f = f.older()
+        except gdb.error:
+            pass
+        finally:
+            if selected is not None and selected.is_valid():
+                selected.switch()
+        return out
+
+
+def _is_core() -> bool:
+    try:
+        text = gdb.execute("info target", to_string=True)
+    except gdb.error:
+        return False
+    return "Local core dump file" in text

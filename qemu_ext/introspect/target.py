@@ -1,0 +1,586 @@
+"""The backend interface every view is written against, and the backend-neutral pieces on top of it.
+
+A backend (gdb, drgn) supplies a handful of primitives: raw memory reads (and writes where it
+can), a QEMU-global variable's address and type, a named type, the threads, one register of a
+thread where it can. Everything else lives here, once, for both:
+
+- ``TypeInfo``: a C type reduced to what the views need (kind, size, fields with offsets,
+  pointer/array targets), converted lazily from the backend's own type and cached per objfile.
+- ``Value``: a typed address: ``v["field"]``, ``v.deref()``, ``v.index(i)``, ``int(v)``,
+  ``v.cstring()``. Reads go through the target's snapshot cache (one page read serves many
+  fields; a live reader sees one consistent page per read).
+- symbols from the executable itself (``elfsyms``: address, size, exported or not), the load
+  bias, symbolization, thread-local variables from a thread's $fs_base.
+
+Standard library only: gdb's own Python imports this module.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import os
+import struct
+import time
+from typing import Any, Callable, Iterator, Optional
+
+from qemu_ext.errors import NotAvailableError, QemuError
+from qemu_ext.gdbmi import elfsyms
+
+PAGE = 4096
+U64 = (1 << 64) - 1
+STT_TLS = 6
+
+
+class IntrospectError(QemuError):
+    """A user-facing problem reading QEMU (one line)."""
+
+
+class NotAvailable(NotAvailableError, IntrospectError):
+    """The view cannot work on this target (no debug info, no KVM, a core, ...): one line."""
+
+
+class MemoryReadError(IntrospectError):
+    """Memory that cannot be read: a dangling pointer, or (live) a structure that changed under us."""
+
+
+class TornRead(IntrospectError):
+    """A live structure changed while it was walked (a cycle, a list longer than its bound)."""
+
+
+# ---------------------------------------------------------------- types
+
+
+@dataclasses.dataclass
+class Field:
+    name: str
+    bitpos: int
+    bitsize: int  # 0 unless a bit field
+    type: TypeInfo
+
+
+class TypeInfo:
+    """A C type as the views see it. ``kind``: int, bool, enum, float, ptr, array, struct, union,
+    func, void. Fields and targets are converted from the backend's type on first use."""
+
+    __slots__ = ("_conv", "_fields", "_native", "_target", "kind", "length", "name", "signed", "size")
+
+    def __init__(self, name: str, kind: str, size: int, signed: bool = False, length: Optional[int] = None,
+                 native: Any = None, conv: Optional[Callable[[Any], TypeInfo]] = None,
+                 target: Optional[TypeInfo] = None, fields: Optional[dict[str, Field]] = None) -> None:
+        self.name, self.kind, self.size, self.signed, self.length = name, kind, size, signed, length
+        self._native, self._conv, self._target, self._fields = native, conv, target, fields
+
+    def __repr__(self) -> str:
+        return f"<TypeInfo {self.name} {self.kind} {self.size}>"
+
+    @property
+    def target(self) -> TypeInfo:
+        if self._target is None:
+            if self._conv is None:
+                raise IntrospectError(f"type {self.name} has no target type")
+            self._target = self._conv(("target", self._native))
+        return self._target
+
+    @property
+    def fields(self) -> dict[str, Field]:
+        if self._fields is None:
+            self._fields = self._conv(("fields", self._native)) if self._conv is not None else {}
+        return self._fields
+
+    def field(self, name: str) -> Field:
+        f = self.fields.get(name)
+        if f is None:
+            raise NotAvailable(f"{self.name} has no member {name}: this QEMU's structures differ")
+        return f
+
+    def has(self, name: str) -> bool:
+        return name in self.fields
+
+    def offset(self, name: str) -> int:
+        return self.field(name).bitpos // 8
+
+
+def scalar(name: str, size: int, signed: bool = False, kind: str = "int") -> TypeInfo:
+    return TypeInfo(name, kind, size, signed)
+
+
+def pointer_to(t: Optional[TypeInfo], name: str = "") -> TypeInfo:
+    return TypeInfo(name or (f"{t.name} *" if t is not None else "void *"), "ptr", 8, target=t)
+
+
+def struct_type(name: str, size: int, fields: dict[str, tuple[int, TypeInfo]]) -> TypeInfo:
+    """A hand-made layout (no DWARF): every offset must be confirmed by the caller (see layouts)."""
+    return TypeInfo(name, "struct", size, fields={n: Field(n, off * 8, 0, t) for n, (off, t) in fields.items()})
+
+
+U8, U16, U32, S32, U64T, S64 = (scalar("uint8_t", 1), scalar("uint16_t", 2), scalar("uint32_t", 4),
+                                scalar("int32_t", 4, True), scalar("uint64_t", 8), scalar("int64_t", 8, True))
+BOOL = scalar("bool", 1, kind="bool")
+VOIDP = pointer_to(None)
+CHARP = TypeInfo("char *", "ptr", 8, target=scalar("char", 1, True))
+
+
+class CachedType:
+    """A named type looked up on first use, per target (the target caches per objfile). Declared
+    at the top of each view module, like Linux's scripts/gdb utils.CachedType, so a module's
+    type dependencies are visible at a glance."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def get(self, t: Target) -> TypeInfo:
+        return t.type(self.name)
+
+
+# ---------------------------------------------------------------- values
+
+
+class Value:
+    """A typed object in QEMU's memory (the address and its TypeInfo)."""
+
+    __slots__ = ("addr", "t", "type")
+
+    def __init__(self, target: Target, addr: int, type_: TypeInfo) -> None:
+        self.t, self.addr, self.type = target, addr, type_
+
+    def __repr__(self) -> str:
+        return f"<Value {self.type.name} at {self.addr:#x}>"
+
+    def __getitem__(self, name: str) -> Value:
+        f = self.type.field(name)
+        return Value(self.t, self.addr + f.bitpos // 8, f.type) if not f.bitsize else _BitValue(self, f)
+
+    def has(self, name: str) -> bool:
+        return self.type.has(name)
+
+    def __int__(self) -> int:
+        ty = self.type
+        k = ty.kind
+        if k in ("struct", "union", "array", "func", "void"):
+            if ty.kind == "struct" and ty.size == 16 and ty.has("lo") and ty.has("hi"):
+                return int128(self)
+            raise IntrospectError(f"{ty.name} is not a number")
+        n = ty.size
+        raw = self.t.read(self.addr, n)
+        return int.from_bytes(raw, "little", signed=ty.signed and k != "ptr")
+
+    def __index__(self) -> int:
+        return int(self)
+
+    def __bool__(self) -> bool:  # explicit: a Value is never silently true
+        raise TypeError("use int(v) or v.is_null()")
+
+    def is_null(self) -> bool:
+        return int(self) == 0
+
+    def bool(self) -> bool:
+        return int(self) != 0
+
+    def ptr(self) -> int:
+        """The pointer value (an address; 0 for NULL)."""
+        return int(self) & U64
+
+    def deref(self) -> Value:
+        p = self.ptr()
+        if not p:
+            raise MemoryReadError(f"NULL {self.type.name} dereferenced")
+        return Value(self.t, p, self.type.target)
+
+    def cast(self, ty: TypeInfo | str) -> Value:
+        if isinstance(ty, str):
+            ty = self.t.type(ty)
+        return Value(self.t, self.addr, ty)
+
+    def as_pointer_to(self, ty: TypeInfo | str) -> Value:
+        """The object this pointer-sized value points to, seen as ty (e.g. bs->opaque as BDRVQcow2State)."""
+        if isinstance(ty, str):
+            ty = self.t.type(ty)
+        p = self.ptr()
+        if not p:
+            raise MemoryReadError(f"NULL pointer where a {ty.name} was expected")
+        return Value(self.t, p, ty)
+
+    def index(self, i: int) -> Value:
+        ty = self.type
+        if ty.kind == "array":
+            elem = ty.target
+            return Value(self.t, self.addr + i * elem.size, elem)
+        if ty.kind == "ptr":
+            elem = ty.target
+            return Value(self.t, self.ptr() + i * elem.size, elem)
+        raise IntrospectError(f"{ty.name} cannot be indexed")
+
+    def cstring(self, limit: int = 256) -> str:
+        """A char* (or char[]) as text; "" for NULL; "<unreadable>" for a bad pointer."""
+        try:
+            if self.type.kind == "array":
+                return self.t.read_cstring(self.addr, min(limit, self.type.size or limit))
+            return self.t.read_cstring(self.ptr(), limit)
+        except MemoryReadError:
+            return "<unreadable>"
+
+
+class _BitValue(Value):
+    __slots__ = ("bitoff", "bits")
+
+    def __init__(self, parent: Value, f: Field) -> None:
+        super().__init__(parent.t, parent.addr + f.bitpos // 8, f.type)
+        self.bitoff, self.bits = f.bitpos % 8, f.bitsize
+
+    def __int__(self) -> int:
+        nbytes = (self.bitoff + self.bits + 7) // 8
+        raw = int.from_bytes(self.t.read(self.addr, nbytes), "little")
+        return (raw >> self.bitoff) & ((1 << self.bits) - 1)
+
+
+def int128(v: Value) -> int:
+    """An Int128 (QEMU's struct {lo, hi} or a native __int128) as a Python int."""
+    if v.type.kind == "struct":
+        return int(v["lo"]) + (int(v["hi"]) << 64)
+    return int.from_bytes(v.t.read(v.addr, 16), "little", signed=True)
+
+
+# ---------------------------------------------------------------- QEMU lists
+
+
+MAX_LIST = 100000
+_FIRST = ("tqh_first", "lh_first", "slh_first", "sqh_first")
+_NEXT = ("tqe_next", "le_next", "sle_next", "sqe_next")
+
+
+def walk(head: Value, link: str, limit: int = MAX_LIST) -> Iterator[Value]:
+    """The elements (pointer Values) of a QTAILQ/QLIST/QSLIST/QSIMPLEQ head linked through member
+    ``link``. Bounded and cycle-checked: a cycle or an overlong list is a TornRead (retried on a
+    live target, an error on a stopped one)."""
+    first = next((n for n in _FIRST if head.has(n)), None)
+    if first is None:
+        raise NotAvailable(f"{head.type.name} is not a QEMU list head")
+    node = head[first]
+    seen: set[int] = set()
+    nxt_name: Optional[str] = None
+    while True:
+        p = node.ptr()
+        if not p:
+            return
+        if p in seen:
+            raise TornRead(f"the list at {head.addr:#x} loops back to {p:#x}")
+        if len(seen) >= limit:
+            raise TornRead(f"the list at {head.addr:#x} is longer than {limit} elements")
+        seen.add(p)
+        yield node
+        entry = node.deref()[link]
+        if nxt_name is None:
+            nxt_name = next((n for n in _NEXT if entry.has(n)), None)
+            if nxt_name is None:
+                raise NotAvailable(f"{entry.type.name} is not a QEMU list entry")
+        node = entry[nxt_name]
+
+
+def qlist(head: Value, link: str, limit: int = MAX_LIST) -> list[Value]:
+    return list(walk(head, link, limit))
+
+
+# ---------------------------------------------------------------- targets
+
+
+@dataclasses.dataclass
+class ThreadInfo:
+    num: int  # the backend's thread number (gdb's); 1.. in order otherwise
+    tid: int
+    name: Optional[str]  # the OS thread name where the backend knows it (live: /proc comm)
+
+
+@dataclasses.dataclass
+class Symbol:
+    name: str
+    address: int  # run-time address
+    size: int
+    exported: bool  # in .dynsym: there on stripped builds too
+
+
+class Target:
+    """What a view reads from: one QEMU process (live, or its core)."""
+
+    backend = "?"
+    #: does reading stop QEMU (gdb: yes; drgn: never)
+    stops_process = True
+
+    def __init__(self) -> None:
+        self._pages: dict[int, bytes] = {}
+        self._types: dict[str, Optional[TypeInfo]] = {}
+        self._vars: dict[str, Optional[tuple[int, TypeInfo]]] = {}
+        self._syms: Optional[dict[str, elfsyms.ElfSymbol]] = None
+        self._dyn: Optional[set[str]] = None
+        self._bias: Optional[int] = None
+        self._sorted: Optional[tuple[list[int], list[elfsyms.ElfSymbol]]] = None
+        self._tls: Optional[tuple[int, int, int]] = None
+        self.memo: dict[str, Any] = {}  # per-target results other modules cache (events, layouts)
+        self.snapshot_time: float = time.time()
+
+    # -- what the target is (backends override)
+    kind = "live"  # or "core"
+    pid: Optional[int] = None
+    can_write = False
+    can_read_registers = False
+
+    def exe(self) -> str:
+        raise NotImplementedError
+
+    def has_debug_info(self) -> bool:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.backend, "kind": self.kind, "pid": self.pid, "executable": self.exe(),
+                "debug-info": self.has_debug_info(), "can-write": self.can_write,
+                "can-read-registers": self.can_read_registers, "stops-process": self.stops_process}
+
+    # -- primitives (backends implement)
+    def _read_raw(self, addr: int, n: int) -> bytes:
+        raise NotImplementedError
+
+    def _write_raw(self, addr: int, data: bytes) -> None:
+        raise NotAvailable("this reader cannot write QEMU's memory")
+
+    def _native_type(self, name: str) -> Optional[TypeInfo]:
+        """A named type from the debug info (None when absent)."""
+        raise NotImplementedError
+
+    def _native_var(self, name: str) -> Optional[tuple[int, TypeInfo]]:
+        """(address, type) of a global or file-static variable from the debug info."""
+        raise NotImplementedError
+
+    def _runtime_address(self, name: str) -> Optional[int]:
+        """The run-time address of an ELF symbol as the backend sees it (for the load bias)."""
+        raise NotImplementedError
+
+    def threads(self) -> list[ThreadInfo]:
+        raise NotImplementedError
+
+    def register(self, tid: int, name: str) -> Optional[int]:
+        """One register of a thread (rip, rsp, fs_base, ...), None when this reader cannot see it."""
+        return None
+
+    # -- snapshot cache
+    def begin_snapshot(self) -> None:
+        """Forget cached memory: the next reads see QEMU as it is now."""
+        self._pages.clear()
+        self.snapshot_time = time.time()
+
+    def read(self, addr: int, n: int) -> bytes:
+        if n <= 0:
+            return b""
+        if addr < 0 or addr + n > U64:
+            raise MemoryReadError(f"cannot read {n} bytes at {addr:#x}")
+        first, last = addr // PAGE, (addr + n - 1) // PAGE
+        if last - first > 64:  # big reads (cache tables, event spans) go straight to the backend
+            return self._read_direct(addr, n)
+        parts = []
+        for pg in range(first, last + 1):
+            data = self._pages.get(pg)
+            if data is None:
+                try:
+                    data = self._read_raw(pg * PAGE, PAGE)
+                except MemoryReadError:
+                    return self._read_direct(addr, n)  # at the edge of a mapping: exactly what was asked
+                self._pages[pg] = data
+            parts.append(data)
+        blob = parts[0] if len(parts) == 1 else b"".join(parts)
+        off = addr - first * PAGE
+        return blob[off:off + n]
+
+    def _read_direct(self, addr: int, n: int) -> bytes:
+        data = self._read_raw(addr, n)
+        if len(data) != n:
+            raise MemoryReadError(f"cannot read {n} bytes at {addr:#x}")
+        return data
+
+    def read_u8(self, addr: int) -> int:
+        return self.read(addr, 1)[0]
+
+    def read_u32(self, addr: int) -> int:
+        return struct.unpack("<I", self.read(addr, 4))[0]
+
+    def read_s32(self, addr: int) -> int:
+        return struct.unpack("<i", self.read(addr, 4))[0]
+
+    def read_u64(self, addr: int) -> int:
+        return struct.unpack("<Q", self.read(addr, 8))[0]
+
+    def read_cstring(self, addr: int, limit: int = 256) -> str:
+        if not addr:
+            return ""
+        out = b""
+        pos = addr
+        while len(out) < limit:
+            chunk = min(limit - len(out), PAGE - pos % PAGE)
+            data = self.read(pos, chunk)
+            i = data.find(b"\0")
+            if i >= 0:
+                out += data[:i]
+                break
+            out += data
+            pos += chunk
+        return out.decode("utf-8", "replace")
+
+    def write(self, addr: int, data: bytes) -> None:
+        if not self.can_write:
+            raise NotAvailable("this reader cannot write QEMU's memory")
+        self._write_raw(addr, data)
+        for pg in range(addr // PAGE, (addr + len(data) - 1) // PAGE + 1):
+            self._pages.pop(pg, None)
+
+    # -- types and variables
+    def type(self, name: str) -> TypeInfo:
+        t = self.find_type(name)
+        if t is None:
+            raise NotAvailable(f"type {name} not found in the debug info: this QEMU differs")
+        return t
+
+    def find_type(self, name: str) -> Optional[TypeInfo]:
+        if not self.has_debug_info():
+            return None
+        if name not in self._types:
+            self._types[name] = self._native_type(name)
+        return self._types[name]
+
+    def var(self, name: str) -> Value:
+        """A global or file-static variable with its debug type."""
+        found = self.find_var(name)
+        if found is None:
+            raise NotAvailable(f"variable {name} not found: this QEMU differs")
+        return found
+
+    def find_var(self, name: str) -> Optional[Value]:
+        if not self.has_debug_info():
+            return None
+        if name not in self._vars:
+            self._vars[name] = self._native_var(name)
+        got = self._vars[name]
+        return None if got is None else Value(self, got[0], got[1])
+
+    def first_var(self, *names: str) -> Value:
+        """The first of names that exists (QEMU renames: cpus -> cpus_queue in 8.2, ...)."""
+        for n in names:
+            v = self.find_var(n)
+            if v is not None:
+                return v
+        raise NotAvailable(f"none of {', '.join(names)} found: this QEMU differs")
+
+    def value(self, addr: int, ty: TypeInfo | str) -> Value:
+        return Value(self, addr, self.type(ty) if isinstance(ty, str) else ty)
+
+    # -- symbols of the executable itself
+    def elf_symbols(self) -> dict[str, elfsyms.ElfSymbol]:
+        if self._syms is None:
+            path = self.exe()
+            try:
+                self._syms = elfsyms.read_symbols(path)
+            except Exception as exc:  # BadInputError, a vanished file
+                raise IntrospectError(f"cannot read the symbols of {path}: {exc}") from exc
+        return self._syms
+
+    def exported(self) -> set[str]:
+        if self._dyn is None:
+            try:
+                self._dyn = set(elfsyms.read_symbols(self.exe(), prefer="dynsym"))
+            except Exception:
+                self._dyn = set()
+        return self._dyn
+
+    def load_bias(self) -> int:
+        """Run-time minus link-time address of the executable (PIE)."""
+        if self._bias is None:
+            syms = self.elf_symbols()
+            for anchor in ("trace_events_enabled_count", "main_loop_tlg", "qemu_loglevel", "main"):
+                if anchor in syms:
+                    a = self._runtime_address(anchor)
+                    if a is not None:
+                        self._bias = a - syms[anchor].value
+                        break
+            if self._bias is None:
+                raise NotAvailable("cannot relate the executable's symbols to the process (no anchor symbol)")
+        return self._bias
+
+    def symbol(self, name: str) -> Optional[Symbol]:
+        s = self.elf_symbols().get(name)
+        if s is None or s.kind == STT_TLS:
+            return None
+        return Symbol(name, s.value + self.load_bias(), s.size, name in self.exported())
+
+    def symbol_address(self, name: str) -> Optional[int]:
+        s = self.symbol(name)
+        return None if s is None else s.address
+
+    def symbolize(self, addr: int) -> Optional[str]:
+        """The function or variable of the executable that contains addr (no offset), else None."""
+        if not addr:
+            return None
+        if self._sorted is None:
+            syms = sorted((s for s in self.elf_symbols().values() if s.kind in (1, 2) and s.value),
+                          key=lambda s: (s.value, -s.size, s.name))
+            self._sorted = ([s.value for s in syms], syms)
+        starts, syms = self._sorted
+        try:
+            rel = addr - self.load_bias()
+        except NotAvailable:
+            return None
+        i = bisect.bisect_right(starts, rel) - 1
+        if i < 0:
+            return None
+        s = syms[i]
+        if rel == s.value or rel < s.value + s.size:
+            return s.name
+        return None
+
+    # -- thread-local variables (x86-64 static TLS of the executable, glibc's TLS_TCB_AT_TP)
+    def tls_address(self, tid: int, name: str) -> Optional[int]:
+        """Where thread tid keeps its copy of the __thread variable name, from the thread pointer
+        ($fs_base) and the executable's PT_TLS segment (glibc _dl_determine_tlsoffset, module 1)."""
+        s = self.elf_symbols().get(name)
+        if s is None or s.kind != STT_TLS:
+            return None
+        fs = self.register(tid, "fs_base")
+        if not fs:
+            return None
+        if self._tls is None:
+            self._tls = _pt_tls(self.exe())
+        memsz, align, vaddr = self._tls
+        firstbyte = (-vaddr) & (align - 1)
+        off = ((memsz - firstbyte + align - 1) // align) * align + firstbyte
+        return fs - off + s.value
+
+
+def _pt_tls(path: str) -> tuple[int, int, int]:
+    """(p_memsz, p_align, p_vaddr) of the executable's PT_TLS program header."""
+    with open(path, "rb") as f:
+        hdr = f.read(64)
+        if hdr[:4] != b"\x7fELF":
+            raise IntrospectError(f"{path}: not an ELF file")
+        phoff, = struct.unpack_from("<Q", hdr, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", hdr, 0x36)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    for i in range(phnum):
+        p_type, _flags, _off, vaddr, _paddr, _filesz, memsz, align = struct.unpack_from("<IIQQQQQQ", table,
+                                                                                        i * phentsize)
+        if p_type == 7:  # PT_TLS
+            return memsz, max(align, 1), vaddr
+    raise IntrospectError(f"{path} has no thread-local storage segment")
+
+
+def proc_comm(pid: int, tid: int) -> Optional[str]:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def real_exe(pid: int) -> Optional[str]:
+    try:
+        return os.path.realpath(f"/proc/{pid}/exe")
+    except OSError:
+        return None

@@ -1,0 +1,191 @@
+"""`trace list|enable|disable PATTERN`: QEMU's trace-event states through memory only.
+
+Works without debug info: the events come from the executable's symbol table
+(``_TRACE_<NAME>_DSTATE``, ``_TRACE_<NAME>_EVENT``) and each event's own name string (so
+mixed-case names such as ``scsi_disk_dma_command_READ`` stay as QEMU spells them). Toggling does
+what QEMU's trace_event_set_state_dynamic() does (trace/control.c, 7.2 and 10.0) — set
+``*ev->dstate`` and adjust ``trace_events_enabled_count`` — by writing memory, never by calling QEMU.
+struct TraceEvent is read by the running QEMU's layout (layouts.trace_event).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import struct
+from typing import Any, Optional
+
+from . import common, layouts
+from .target import IntrospectError, NotAvailable, Target
+
+LOG_TRACE = 1 << 15  # include/qemu/log-for-trace.h
+TRACE_VCPU_EVENT_NONE = 0xFFFFFFFF
+MAX_SPAN = 8 << 20
+
+
+def _check_symbols(t: Target, view: str) -> Optional[str]:
+    if t.symbol_address("trace_events_enabled_count") is None:
+        return f"virtopt {view} needs the symbol trace_events_enabled_count, which this QEMU does not export"
+    return None
+
+
+common.register("trace list", "Trace events and their state (enabled/disabled/unavailable), as QMP "
+                "trace-event-get-state", [_check_symbols])
+common.register("trace enable", "Enable trace events (what QMP trace-event-set-state does), by writing QEMU's memory",
+                [_check_symbols, common.needs_write("virtopt trace enable PATTERN")], writes=True)
+common.register("trace disable", "Disable trace events, by writing QEMU's memory",
+                [_check_symbols, common.needs_write("virtopt trace disable PATTERN")], writes=True)
+
+
+@dataclasses.dataclass
+class Event:
+    name: str
+    dstate_addr: int
+    event_addr: Optional[int]
+
+
+def events(t: Target) -> list[Event]:
+    """Every trace event compiled into this QEMU, from its symbol table, named as QEMU names it."""
+    evs = t.memo.get("trace-events")
+    if evs is not None:
+        return evs
+    syms = t.elf_symbols()
+    bias = t.load_bias()
+    found = []
+    for name, sym in syms.items():
+        if name.startswith("_TRACE_") and name.endswith("_DSTATE"):
+            upper = name[len("_TRACE_"):-len("_DSTATE")]
+            ev_sym = syms.get(f"_TRACE_{upper}_EVENT")
+            found.append((upper, sym.value + bias, None if ev_sym is None else ev_sym.value + bias))
+    if not found:
+        raise NotAvailable("this QEMU has no trace events in its symbol table (_TRACE_*_DSTATE)")
+    evs = []
+    ty = None
+    try:
+        ty = layouts.trace_event(t)
+    except NotAvailable:
+        ty = None  # names then come from the symbols (upper-cased by QEMU's tracetool: lower them)
+    name_off = ty.offset("name") if ty is not None else None
+    for upper, dstate, ev in found:
+        name = upper.lower()
+        if ev is not None and name_off is not None:
+            real = t.read_cstring(t.read_u64(ev + name_off), 128)
+            if real.upper() == upper:
+                name = real
+        evs.append(Event(name, dstate, ev))
+    evs.sort(key=lambda e: e.name)
+    t.memo["trace-events"] = evs
+    return evs
+
+
+def _read_span(t: Target, addrs: list[int], width: int) -> dict[int, bytes]:
+    """Many small objects: one memory read when they sit close together."""
+    if not addrs:
+        return {}
+    lo, hi = min(addrs), max(addrs) + width
+    if hi - lo <= MAX_SPAN:
+        blob = t.read(lo, hi - lo)
+        return {a: blob[a - lo:a - lo + width] for a in addrs}
+    return {a: t.read(a, width) for a in addrs}
+
+
+def backends(t: Target) -> list[str]:
+    syms = t.elf_symbols()
+    out = []
+    if "st_set_trace_file" in syms or "st_init" in syms:
+        out.append("simple")
+    lvl = t.symbol_address("qemu_loglevel")
+    if lvl is not None and t.read_s32(lvl) & LOG_TRACE:
+        out.append("log")
+    if "ftrace_init" in syms:
+        out.append("ftrace")
+    if any(n.startswith("lttng_ust_tracepoint") or n.startswith("__tracepoint_qemu") for n in syms):
+        out.append("ust")
+    return out
+
+
+def _count_addr(t: Target) -> int:
+    a = t.symbol_address("trace_events_enabled_count")
+    if a is None:
+        raise NotAvailable("this QEMU has no trace_events_enabled_count symbol")
+    return a
+
+
+def _match(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def states(t: Target, patterns: list[str]) -> dict[str, Any]:
+    """The state of the events matching any of patterns, as QMP trace-event-get-state reports it."""
+    evs = [e for e in events(t) if _match(e.name, patterns)]
+    count = t.read_u32(_count_addr(t))
+    dst = _read_span(t, [e.dstate_addr for e in evs], 2)
+    ty = layouts.trace_event(t)
+    size = ty.size
+    sstate_off = ty.offset("sstate")
+    vcpu_off = ty.offset("vcpu_id") if ty.has("vcpu_id") else None
+    evb = _read_span(t, [e.event_addr for e in evs if e.event_addr is not None], size)
+    lvl = t.symbol_address("qemu_loglevel")
+    rows = []
+    for e in evs:
+        d = struct.unpack("<H", dst[e.dstate_addr])[0]
+        sstate, vcpu = True, False
+        if e.event_addr is not None:
+            raw = evb[e.event_addr]
+            sstate = bool(raw[sstate_off])
+            if vcpu_off is not None:
+                vcpu = struct.unpack_from("<I", raw, vcpu_off)[0] != TRACE_VCPU_EVENT_NONE
+        state = "unavailable" if not sstate else "enabled" if (count and d) else "disabled"
+        rows.append({"name": e.name, "state": state, "dstate": d, "vcpu": vcpu})
+    return {
+        "enabled-count": count,
+        "log-trace": None if lvl is None else bool(t.read_s32(lvl) & LOG_TRACE),
+        "backends": backends(t),
+        "events": rows,
+    }
+
+
+def collect_list(t: Target, patterns: list[str], enabled_only: bool = False) -> dict[str, Any]:
+    data = states(t, patterns or ["*"])
+    if patterns and not data["events"]:
+        raise IntrospectError(f"no trace event matches {' '.join(patterns)}")
+    if enabled_only:
+        data["events"] = [e for e in data["events"] if e["state"] == "enabled"]
+    return data
+
+
+def set_state(t: Target, patterns: list[str], enable: bool) -> dict[str, Any]:
+    """Enable or disable the matching events the way trace_event_set_state_dynamic() does."""
+    cur = states(t, patterns)
+    if not cur["events"]:
+        raise IntrospectError(f"no trace event matches {' '.join(patterns)}")
+    by_name = {e.name: e for e in events(t)}
+    count_addr = _count_addr(t)
+    count = cur["enabled-count"]
+    changed, unchanged, unavailable, vcpu = [], [], [], []
+    for row in cur["events"]:
+        if row["state"] == "unavailable":
+            unavailable.append(row["name"])
+            continue
+        if row["vcpu"]:
+            vcpu.append(row["name"])  # per-vCPU dstate bitmaps (7.2): leave them to QMP
+            continue
+        on = row["dstate"] != 0
+        if on == enable:
+            unchanged.append(row["name"])
+            continue
+        t.write(by_name[row["name"]].dstate_addr, struct.pack("<H", 1 if enable else 0))
+        count = count + 1 if enable else max(count - 1, 0)
+        changed.append(row["name"])
+    before = cur["enabled-count"]
+    if count != before:
+        t.write(count_addr, struct.pack("<I", count))
+    if not changed and not unchanged and (vcpu or unavailable):
+        why = "per-vCPU events (use QMP trace-event-set-state)" if vcpu else "disabled at build time"
+        raise IntrospectError(f"{' '.join(patterns)}: only {why} match")
+    return {
+        "action": "enable" if enable else "disable",
+        "changed": changed, "unchanged": unchanged, "skipped-vcpu": vcpu, "unavailable": unavailable,
+        "enabled-count-before": before, "enabled-count": t.read_u32(count_addr),
+        "log-trace": cur["log-trace"], "backends": cur["backends"],
+    }
