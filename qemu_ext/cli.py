@@ -38,7 +38,7 @@ examples:
   virtopt trace summary trace-12345 --plot events.png
   virtopt shell /run/vm.qmp
   virtopt threads --qmp /run/vm.qmp
-  virtopt doctor --pid $(pidof qemu-system-x86_64)
+  virtopt doctor --vm web1
   virtopt demo
 
 exit codes: 0 ok, 1 the job failed (bad input, dead socket, ...), 2 usage error or

@@ -7,6 +7,7 @@ copies of it. Expected values are read from the fixture files themselves in each
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -76,14 +77,14 @@ def test_baseline_verdicts_match_the_capture():
     assert checks["x2apic"]["verdict"] == "ok"
     assert any("x2apic" in ln for ln in checks["x2apic"]["found"]["kernel-log"])
     assert checks["tracing"]["verdict"] == "ok"
-    assert checks["tracing"]["found"]["current_tracer"] == (root / "sys/kernel/tracing/current_tracer").read_text().strip()
+    assert checks["tracing"]["found"]["current-tracer"] == (root / "sys/kernel/tracing/current_tracer").read_text().strip()
     # KVM modules are the ones under sys/module
     mods = sorted(p.name for p in (root / "sys/module").iterdir())
     assert checks["kvm"]["found"]["modules"] == mods
     assert checks["kvm"]["verdict"] == "ok"
     # IRQ affinity: every IRQ directory with its list
     irqs = {p.parent.name: p.read_text().strip() for p in (root / "proc/irq").glob("*/smp_affinity_list")}
-    assert {k: v["smp_affinity_list"] for k, v in checks["irq-affinity"]["found"]["irqs"].items()} == irqs
+    assert {k: v["affinity"] for k, v in checks["irq-affinity"]["found"]["irqs"].items()} == irqs
     # memory from smaps_rollup: USS = Private_Clean + Private_Dirty
     roll = procfs.kb_fields((root / f"proc/{qemu_pid(root)}/smaps_rollup").read_text())
     mem = checks["qemu-memory"]["found"]
@@ -95,6 +96,35 @@ def test_baseline_verdicts_match_the_capture():
     c0 = {c["level"]: c for c in checks["cache-topology"]["found"]["cpus"]["0"] if c["type"] != "Instruction"}
     assert c0[3]["size"] == (l3 / "size").read_text().strip()
     assert c0[3]["shared-cpu-list"] == (l3 / "shared_cpu_list").read_text().strip()
+
+
+KEBAB = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+DATA_KEY = re.compile(r"^[0-9][0-9,/-]*$")  # keys that are data: CPU and IRQ numbers, "package/core", CPU lists
+
+
+def keys_of(obj: object, where: str = "") -> list[tuple[str, str]]:
+    out = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.append((k, where))
+            out += keys_of(v, f"{where}.{k}")
+    elif isinstance(obj, list):
+        for v in obj:
+            out += keys_of(v, where + "[]")
+    return out
+
+
+@pytest.mark.parametrize("name", ["baseline", "isolated", "tracing"])
+def test_json_keys_are_kebab_case(name):
+    """CONTRIBUTING.md: every JSON key kebab-case, as qemu-img and QMP write them (kernel and module
+    parameter names too: the kernel treats "-" and "_" in them alike)."""
+    root = scenario(name)
+    cp = virtopt("doctor", "--root", str(root), "--second-sample", str(root / "later"), "--output=json",
+                 "--pid", str(qemu_pid(root)))
+    data = json.loads(cp.stdout)
+    bad = [(k, w) for k, w in keys_of(data) if not KEBAB.match(k) and not DATA_KEY.match(k)]
+    assert bad == []
+    assert data["interval-seconds"] == 1.0
 
 
 def test_isolated_scenario():
@@ -200,18 +230,18 @@ def test_thread_map_from_a_captured_tree():
         assert {t.name for t in threads} == set(comm.values())
         for c in cpus:
             t = by_tid[c["thread-id"]]
-            assert t.role == "vcpu" and t.vcpu == c["cpu-index"] and comm[t.tid] == f"CPU {c['cpu-index']}/KVM"
+            assert t.role == "vcpu" and t.vcpu_index == c["cpu-index"] and comm[t.tid] == f"CPU {c['cpu-index']}/KVM"
         for io in ios:
-            assert by_tid[io["thread-id"]].role == "iothread" and by_tid[io["thread-id"]].iothread == io["id"]
-        assert by_tid[pid].role == "main loop"
+            assert by_tid[io["thread-id"]].role == "iothread" and by_tid[io["thread-id"]].iothread_id == io["id"]
+        assert by_tid[pid].role == "main-loop"
         mon = [t for t in threads if t.name == "IO mon_iothread"]
-        assert len(mon) == 1 and mon[0].role == "monitor iothread"
+        assert len(mon) == 1 and mon[0].role == "monitor-iothread"
         # the one unnamed non-main thread of a debug-threads QEMU is call_rcu (named before -name is parsed)
         unnamed = [t for t in threads if t.tid != pid and t.name == comm[pid]]
-        assert [t.role for t in unnamed] == ["call_rcu"] and unnamed[0].source == "inferred"
+        assert [t.role for t in unnamed] == ["call-rcu"] and unnamed[0].identified_by == "inferred"
         # affinity and last CPU are the task's own status/stat
         for t in threads:
-            st = procfs.status(str(root), pid, t.tid)
+            st = procfs.status(pid, t.tid, str(root))
             assert procfs.format_cpu_list(t.affinity) == st["Cpus_allowed_list"]
 
 
@@ -270,7 +300,7 @@ def test_hostile_tree_is_bounded(tmp_path):
                      only=["cpu-isolation", "timer-ticks", "irq-affinity"])
     assert rep.check("timer-ticks").found["hz"] is None  # CONFIG_HZ unknown, the rates are still there
     assert rep.check("timer-ticks").verdict == "ok"
-    assert rep.check("cpu-isolation").found["CONFIG_NO_HZ_FULL"] is None
+    assert rep.check("cpu-isolation").found["config-no-hz-full"] is None
     assert rep.check("irq-affinity").verdict == "unknown" and "too long" in rep.check("irq-affinity").summary
 
 
@@ -298,8 +328,8 @@ def test_irq_load_from_proc_stat_deltas(tmp_path):
         d = [y - x for x, y in zip(a[cpu], b[cpu])]
         got = c.found["cpus"][cpu[3:]]
         assert (got["irq-ticks"], got["softirq-ticks"]) == (d[5], d[6])
-        assert got["load-percent"] == round(100.0 * (d[5] + d[6]) / sum(d), 2)
-    assert c.found["cpus"]["0"]["share-percent"] == 100.0
+        assert got["load"] == round((d[5] + d[6]) / sum(d), 4)
+    assert c.found["cpus"]["0"]["share"] == 1.0
     assert c.verdict == "warn" and "CPU0 takes 100%" in c.summary
     total = sum(v["load-ticks"] for v in c.found["cpus"].values())
     assert sum(c.found["packages"].values()) == total == sum(c.found["cache-domains"].values())

@@ -25,8 +25,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from qemu_ext.errors import QemuError, VirtoptError
-from qemu_ext.host import procfs
+from qemu_ext.errors import VirtoptError
+from qemu_ext.host import procfs, roles
+from qemu_ext.host.target import require_qemu
 from qemu_ext.host.threads import ThreadInfo, thread_map
 
 VERDICTS = ("ok", "warn", "bad", "unknown")
@@ -93,7 +94,7 @@ class DoctorReport:
         return {
             "root": self.root,
             "pid": self.pid,
-            "interval": self.interval,
+            "interval-seconds": self.interval,
             "verdicts": self.counts(),
             "checks": [c.to_dict() for c in self.checks],
         }
@@ -110,8 +111,10 @@ class _Ctx:
         iothreads: Optional[list[dict]],
         samples: Optional[Samples],
         sample_error: Optional[str],
+        source: str = "qmp",
     ) -> None:
         self.root = root
+        self.source = source
         self.pid = pid
         self.vcpus = vcpus
         self.iothreads = iothreads
@@ -169,7 +172,8 @@ class _Ctx:
 
     def threads(self) -> list[ThreadInfo]:
         assert self.pid is not None
-        return self.get("threads", lambda: thread_map(self.pid, self.vcpus, self.iothreads, root=self.root))
+        return self.get("threads", lambda: thread_map(self.pid, self.vcpus, self.iothreads, root=self.root,
+                                                     source=self.source))
 
 
 def _why(exc: BaseException) -> str:
@@ -194,19 +198,18 @@ def check_cpu_isolation(ctx: _Ctx) -> Check:
     title = "CPU isolation (isolcpus, nohz_full, rcu_nocbs)"
     cl = ctx.cmdline()
     found: dict[str, Any] = {}
-    for name in ("isolcpus", "nohz_full", "rcu_nocbs", "irqaffinity"):
-        v = cl.params.get(name)
-        found[name] = v if name in cl.params else None
+    found["kernel-parameters"] = {_kebab(name): cl.params.get(name) if name in cl.params else None
+                                  for name in ("isolcpus", "nohz_full", "rcu_nocbs", "irqaffinity")}
     iso = ctx.isolated()
     nz = ctx.nohz_full()
     found["isolated"] = procfs.format_cpu_list(iso)
     found["nohz-full"] = procfs.format_cpu_list(nz)
     try:
         kc = ctx.kconfig()
-        found["CONFIG_NO_HZ_FULL"] = kc.get("CONFIG_NO_HZ_FULL", "n")
+        found["config-no-hz-full"] = kc.get("CONFIG_NO_HZ_FULL", "n")
     except (OSError, ValueError):
         kc = None
-        found["CONFIG_NO_HZ_FULL"] = None
+        found["config-no-hz-full"] = None
     online = ctx.online()
     found["online"] = procfs.format_cpu_list(online)
     grub = (
@@ -241,7 +244,8 @@ def check_cpu_isolation(ctx: _Ctx) -> Check:
     if missing and verdict == "ok":
         verdict = "warn"
         fix = f"add {' '.join(m + '=' + _cpus(iso or nz) for m in missing)} to the kernel command line; " + grub
-    summary = f"isolated {_cpus(iso)}, nohz_full {_cpus(nz)}, rcu_nocbs {found['rcu_nocbs'] or 'none'}"
+    summary = (f"isolated {_cpus(iso)}, nohz_full {_cpus(nz)}, "
+               f"rcu_nocbs {found['kernel-parameters']['rcu-nocbs'] or 'none'}")
     return Check("cpu-isolation", title, verdict, summary, found, fix, details)
 
 
@@ -270,7 +274,7 @@ def check_timer_ticks(ctx: _Ctx) -> Check:
     nz = set(ctx.nohz_full())
     hz = ctx.hz()
     found = {
-        "interval": s.interval,
+        "interval-seconds": s.interval,
         "hz": hz,
         "nohz-full": procfs.format_cpu_list(nz),
         "ticks-per-second": {str(c): round(v, 1) for c, v in rates.items()},
@@ -326,6 +330,17 @@ def check_isolated_use(ctx: _Ctx) -> Check:
                  f"only vCPU and per-CPU kernel threads last ran on isolated CPU {_cpus(iso)}", found)
 
 
+def _pin_key(t: ThreadInfo) -> str:
+    """The --pin key of a vCPU thread: vcpuN, or vcpu for single-threaded TCG's one thread."""
+    return f"vcpu{t.vcpu_index}" if t.vcpu_index is not None else "vcpu"
+
+
+def _kebab(name: str) -> str:
+    """A kernel or module parameter name in JSON's kebab-case: the kernel treats "-" and "_" in
+    parameter names alike (Documentation/admin-guide/kernel-parameters.rst), so nohz-full = nohz_full."""
+    return name.replace("_", "-")
+
+
 def check_vcpu_pinning(ctx: _Ctx) -> Check:
     title = "vCPU threads pinned to isolated CPUs"
     threads = ctx.threads()
@@ -333,7 +348,7 @@ def check_vcpu_pinning(ctx: _Ctx) -> Check:
     iso = set(ctx.isolated())
     found: dict[str, Any] = {
         "isolated": procfs.format_cpu_list(iso),
-        "vcpus": [{"vcpu": t.vcpu, "tid": t.tid, "affinity": procfs.format_cpu_list(t.affinity),
+        "vcpus": [{"vcpu-index": t.vcpu_index, "tid": t.tid, "affinity": procfs.format_cpu_list(t.affinity),
                    "last-cpu": t.last_cpu} for t in vcpus],
     }
     if not vcpus:
@@ -345,21 +360,21 @@ def check_vcpu_pinning(ctx: _Ctx) -> Check:
     shared: dict[int, list[int]] = {}
     for t in vcpus:
         if len(t.affinity) == 1:
-            shared.setdefault(t.affinity[0], []).append(t.vcpu if t.vcpu is not None else -1)
+            shared.setdefault(t.affinity[0], []).append(t.vcpu_index if t.vcpu_index is not None else -1)
     doubled = {c: v for c, v in shared.items() if len(v) > 1}
     others_on = [t for t in threads if t.role != "vcpu" and iso and t.affinity and set(t.affinity) <= iso]
     for t in unpinned:
-        details.append(f"vCPU {t.vcpu} (TID {t.tid}) may run on CPUs {_cpus(t.affinity)}")
+        details.append(f"{t.label} (TID {t.tid}) may run on CPUs {_cpus(t.affinity)}")
     for c, v in doubled.items():
         details.append(f"vCPUs {', '.join(map(str, v))} share CPU {c}")
     for t in others_on:
         details.append(f"{t.label} (TID {t.tid}) is confined to isolated CPUs {_cpus(t.affinity)}")
     isol = sorted(iso)
     if isol and len(isol) >= len(vcpus):
-        plan = ",".join(f"vcpu{t.vcpu}={c}" for t, c in zip(sorted(vcpus, key=lambda t: t.vcpu or 0), isol))
+        plan = ",".join(f"{_pin_key(t)}={c}" for t, c in zip(sorted(vcpus, key=lambda t: t.vcpu_index or 0), isol))
         fix = f"virtopt threads {ctx.pid} --pin {plan}"
     else:
-        plan = ",".join(f"vcpu{t.vcpu}=CPU{t.vcpu}" for t in vcpus)
+        plan = ",".join(f"{_pin_key(t)}=CPU{t.vcpu_index or 0}" for t in vcpus)
         fix = (f"virtopt threads {ctx.pid} --pin {plan} (one CPU per vCPU, isolated ones: "
                f"only {len(isol)} CPU(s) are isolated for {len(vcpus)} vCPUs)")
     if not iso:
@@ -436,10 +451,10 @@ def check_kvm(ctx: _Ctx) -> Check:
             vendors[name] = procfs.module_params(ctx.root, name) or {}
     params: dict[str, dict[str, str]] = {}
     if kvm is not None:
-        params["kvm"] = {k: kvm[k] for k in _KVM_PARAMS["kvm"] if k in kvm}
+        params["kvm"] = {_kebab(k): kvm[k] for k in _KVM_PARAMS["kvm"] if k in kvm}
     for m, p in vendors.items():
         keys = _KVM_PARAMS.get(m)
-        params[m] = {k: p[k] for k in keys if k in p} if keys else dict(p)
+        params[_kebab(m)] = {_kebab(k): p[k] for k in (keys or sorted(p)) if k in p}
     found["modules"] = sorted(["kvm"] if kvm is not None else []) + sorted(vendors)
     found["parameters"] = params
     nested = None
@@ -484,7 +499,7 @@ def check_tracing(ctx: _Ctx) -> Check:
                      "mount -t tracefs nodev /sys/kernel/tracing, then run the doctor again")
     rel = os.path.relpath(tr.dir, ctx.root) if ctx.root != "/" else tr.dir
     d = "/" + rel.lstrip("/")
-    found.update({"dir": d, "tracing_on": tr.tracing_on, "current_tracer": tr.current_tracer,
+    found.update({"dir": d, "tracing-on": tr.tracing_on, "current-tracer": tr.current_tracer,
                   "enabled-events": tr.enabled_events[:50], "enabled-event-count": len(tr.enabled_events)})
     off = f"echo 0 > {d}/tracing_on; echo nop > {d}/current_tracer; echo > {d}/set_event"
     if tr.tracing_on and tr.current_tracer != "nop":
@@ -512,7 +527,7 @@ def _irqbalance_running(root: str) -> Optional[bool]:
     try:
         for pid in procfs.pids(root):
             try:
-                if procfs.comm(root, pid) == "irqbalance":
+                if procfs.comm(pid, root=root) == "irqbalance":
                     return True
             except OSError:
                 continue
@@ -533,7 +548,7 @@ def check_irq_affinity(ctx: _Ctx) -> Check:
     found: dict[str, Any] = {
         "irqbalance": balance,
         "isolated": procfs.format_cpu_list(iso),
-        "irqs": {k: {"smp_affinity_list": procfs.format_cpu_list(v), "name": names.get(k, "")}
+        "irqs": {k: {"affinity": procfs.format_cpu_list(v), "name": names.get(k, "")}
                  for k, v in sorted(aff.items(), key=lambda kv: int(kv[0]))},
     }
     bal = {True: "irqbalance runs", False: "irqbalance does not run", None: "irqbalance unknown"}[balance]
@@ -604,23 +619,23 @@ def check_irq_load(ctx: _Ctx) -> Check:
             "irq-ticks": d["irq"],
             "softirq-ticks": d["softirq"],
             "load-ticks": load,
-            "load-percent": round(100.0 * load / total, 2),
+            "load": round(load / total, 4),  # fraction of the CPU's time
         }
     total_load = sum(v["load-ticks"] for v in per.values())
     for v in per.values():
-        v["share-percent"] = round(100.0 * v["load-ticks"] / total_load, 1) if total_load else 0.0
-    found: dict[str, Any] = {"interval": s.interval, "user-hz": clk, "cpus": per}
+        v["share"] = round(v["load-ticks"] / total_load, 3) if total_load else 0.0  # fraction of all irq time
+    found: dict[str, Any] = {"interval-seconds": s.interval, "user-hz": clk, "cpus": per}
     found.update(_irq_load_tree(ctx, per))
-    text = ", ".join(f"CPU{c} {v['load-percent']:.1f}%" for c, v in per.items())
-    busiest = max(per.items(), key=lambda kv: kv[1]["load-percent"], default=None)
+    text = ", ".join(f"CPU{c} {v['load'] * 100:.1f}%" for c, v in per.items())
+    busiest = max(per.items(), key=lambda kv: kv[1]["load"], default=None)
     iso = set(ctx.isolated())
     on_iso = [c for c, v in per.items() if int(c) in iso and v["load-ticks"] > 0]
     if on_iso:
         return Check("irq-load", title, "warn", f"{text}: isolated CPU {','.join(on_iso)} handle interrupts",
                      found, "move IRQs off the isolated CPUs (see irq-affinity)")
-    if busiest and busiest[1]["load-percent"] >= 25.0 and len(per) > 1 and busiest[1]["share-percent"] > 75.0:
+    if busiest and busiest[1]["load"] >= 0.25 and len(per) > 1 and busiest[1]["share"] > 0.75:
         return Check("irq-load", title, "warn",
-                     f"{text}: CPU{busiest[0]} takes {busiest[1]['share-percent']:.0f}% of all irq+softirq time",
+                     f"{text}: CPU{busiest[0]} takes {busiest[1]['share'] * 100:.0f}% of all irq+softirq time",
                      found, "spread IRQs (irqbalance, or /proc/irq/N/smp_affinity_list; multi-queue NICs: RSS/RPS)")
     return Check("irq-load", title, "ok", f"irq+softirq time over {s.interval:.2f} s: {text}", found)
 
@@ -680,7 +695,7 @@ def check_numa(ctx: _Ctx) -> Check:
     if vcpus and len(nodes) > 1:
         spans = {}
         for t in vcpus:
-            spans[t.vcpu] = sorted(n for n, c in nodes.items() if set(t.affinity) & set(c))
+            spans[t.vcpu_index] = sorted(n for n, c in nodes.items() if set(t.affinity) & set(c))
         found["vcpu-nodes"] = {str(k): v for k, v in spans.items()}
         all_nodes = {n for v in spans.values() for n in v}
         if len(all_nodes) > 1:
@@ -696,7 +711,7 @@ def check_numa(ctx: _Ctx) -> Check:
 def check_qemu_memory(ctx: _Ctx) -> Check:
     title = "QEMU memory (RSS, PSS, USS, swap)"
     assert ctx.pid is not None
-    r = procfs.smaps_rollup(ctx.root, ctx.pid)
+    r = procfs.smaps_rollup(ctx.pid, ctx.root)
     uss = r.get("Private_Clean", 0) + r.get("Private_Dirty", 0) + r.get("Private_Hugetlb", 0)
     found = {
         "rss": r.get("Rss", 0),
@@ -720,7 +735,12 @@ def check_qemu_memory(ctx: _Ctx) -> Check:
 def check_huge_pages(ctx: _Ctx) -> Check:
     title = "huge pages (hugetlbfs, transparent huge pages)"
     mi = ctx.get("meminfo", lambda: procfs.meminfo(ctx.root))
-    found: dict[str, Any] = {k: mi.get(k) for k in ("HugePages_Total", "HugePages_Free", "Hugepagesize", "AnonHugePages")}
+    found: dict[str, Any] = {
+        "hugepages-total": mi.get("HugePages_Total"),  # counts
+        "hugepages-free": mi.get("HugePages_Free"),
+        "hugepage-size": mi.get("Hugepagesize"),  # bytes
+        "anon-huge-pages": mi.get("AnonHugePages"),  # bytes
+    }
     try:
         thp = procfs.read_first_line(ctx.root, "sys/kernel/mm/transparent_hugepage/enabled")
         m = re.search(r"\[(\w+)\]", thp)
@@ -730,7 +750,7 @@ def check_huge_pages(ctx: _Ctx) -> Check:
     summary = (f"hugetlb pages {mi.get('HugePages_Total', 0)} ({mi.get('HugePages_Free', 0)} free, "
                f"{(mi.get('Hugepagesize', 0)) // 1024} KiB each); THP {found['thp'] or 'unknown'}")
     if ctx.pid is not None:
-        r = procfs.smaps_rollup(ctx.root, ctx.pid)
+        r = procfs.smaps_rollup(ctx.pid, ctx.root)
         hugetlb = r.get("Private_Hugetlb", 0) + r.get("Shared_Hugetlb", 0)
         anon = r.get("Anonymous", 0)
         thp_used = r.get("AnonHugePages", 0)
@@ -759,7 +779,7 @@ def check_threads(ctx: _Ctx) -> Check:
     counts: dict[str, int] = {}
     for t in threads:
         counts[t.role] = counts.get(t.role, 0) + 1
-    summary = f"{len(threads)} threads: " + ", ".join(f"{n} {r}" for r, n in counts.items())
+    summary = f"{len(threads)} threads: " + ", ".join(f"{n} {roles.ROLES.get(r, r)}" for r, n in counts.items())
     if not any(t.role == "vcpu" for t in threads):
         return Check("threads", title, "warn", summary + " (no vCPU threads recognised)", found,
                      "start QEMU with -name NAME,debug-threads=on, or give --qmp SOCKET")
@@ -823,6 +843,7 @@ def run_doctor(
     interval: float = 1.0,
     second_root: Optional[str] = None,
     only: Optional[list[str]] = None,
+    source: str = "qmp",
 ) -> DoctorReport:
     """Run every check (host ones, plus the QEMU ones when ``pid`` is given) and return their results.
 
@@ -836,8 +857,8 @@ def run_doctor(
         bad = [c for c in only if c not in CHECK_IDS]
         if bad:
             raise VirtoptError(f"unknown check {', '.join(bad)} (checks: {', '.join(CHECK_IDS)})", exit_code=2)
-    if pid is not None and not procfs.exists(root, f"proc/{pid}"):
-        raise QemuError(f"no process {pid} ({procfs.path(root, f'proc/{pid}')} not found)")
+    if pid is not None:
+        require_qemu(pid, root)  # before anything of the process is read
     checks = HOST_CHECKS + (QEMU_CHECKS if pid is not None else [])
     if only:
         checks = [c for c in checks if c[0] in only]
@@ -848,7 +869,7 @@ def run_doctor(
             samples = take_samples(root, interval, second_root)
         else:
             sample_error = "not sampled (--interval 0)"
-    ctx = _Ctx(root, pid, vcpus, iothreads, samples, sample_error)
+    ctx = _Ctx(root, pid, vcpus, iothreads, samples, sample_error, source)
     results: list[Check] = []
     for cid, title, fn in checks:
         try:

@@ -1,27 +1,31 @@
-"""`virtopt doctor [--pid PID | --qmp SOCKET] [--interval S] [--root DIR]`: render qemu_ext.host.doctor."""
+"""`virtopt doctor [--vm VM | --qmp ADDR | --domain NAME] [--interval S] [--root DIR]`: render qemu_ext.host.doctor."""
 
 from __future__ import annotations
 
 import argparse
 
+from qemu_ext.host.threads_cli import add_vm_options
 from qemu_ext.output import add_output_option, print_json
 
 EPILOG = """\
 examples:
   virtopt doctor
-  virtopt doctor --pid $(pidof qemu-system-x86_64) --interval 2
+  virtopt doctor --vm web1 --interval 2                  (the QEMU started with -name web1)
   virtopt doctor --qmp /run/vm.qmp --output=json
+  virtopt doctor --domain web1                           (a libvirt domain: its <cputune>, <numatune>, ...)
   virtopt doctor --check tracing --check x2apic
   virtopt doctor --root captured/ --second-sample captured/later --interval 1
 
 checks: cpu-isolation, timer-ticks, isolated-use, x2apic, kvm, tracing, irq-affinity, irq-load,
-cache-topology, numa, huge-pages; with --pid/--qmp also threads, vcpu-pinning, qemu-memory.
+cache-topology, numa, huge-pages; with --vm/--qmp/--domain also threads, vcpu-pinning, qemu-memory.
+--vm (alias --pid) takes a PID, a VM name, a QMP socket or HOST:PORT, or libvirt:DOMAIN; a process
+that is not QEMU is refused before anything of it is read.
 Each says what it found, a verdict (ok, warn, bad, unknown: a file it needs is missing or not
 readable) and the fix. timer-ticks and irq-load sample /proc/interrupts and /proc/stat twice,
 --interval seconds apart (0 skips them).
 
 exit codes: 0 the checks ran (whatever they found; see --fail-on), 1 --fail-on matched or the
-QEMU/QMP socket could not be read, 2 usage error.
+QEMU could not be found or read (not QEMU, no such process, dead socket), 2 usage error.
 """
 
 MARK = {"ok": "[ OK ]", "warn": "[WARN]", "bad": "[BAD ]", "unknown": "[ ?? ]"}
@@ -35,10 +39,9 @@ def register(sub: argparse._SubParsersAction, name: str, summary: str) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--pid", type=int, help="a QEMU process to check as well (threads, pinning, memory)")
-    p.add_argument("--qmp", metavar="SOCKET", help="a QEMU's QMP socket (gives its pid, vCPUs and iothreads)")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="S",
-                   help="seconds to wait for QMP answers (default 10)")
+    p.add_argument("--vm", "--pid", dest="vm", metavar="VM",
+                   help="a QEMU to check as well (threads, pinning, memory): PID, VM name, QMP socket, libvirt:DOMAIN")
+    add_vm_options(p)
     p.add_argument("--interval", type=float, default=1.0, metavar="S",
                    help="seconds between the two samples of /proc/interrupts and /proc/stat (default 1; 0 = skip)")
     p.add_argument("--root", default="/", metavar="DIR",
@@ -56,22 +59,26 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from qemu_ext.errors import BadInputError
+    from qemu_ext.host import target
     from qemu_ext.host.doctor import run_doctor
-    from qemu_ext.host.threads_cli import resolve
 
     if not os.path.isdir(args.root):
         raise BadInputError(f"--root {args.root}: not a directory", exit_code=2)
     if args.second_sample and not os.path.isdir(args.second_sample):
         raise BadInputError(f"--second-sample {args.second_sample}: not a directory", exit_code=2)
-    pid = vcpus = iothreads = None
-    if args.pid is not None or args.qmp:
-        pid, vcpus, iothreads = resolve(args.pid, args.qmp, args.timeout)
-    report = run_doctor(args.root, pid, vcpus, iothreads, args.interval, args.second_sample, args.check)
+    if args.timeout <= 0:
+        raise BadInputError(f"--timeout must be > 0 (got {args.timeout:g})", exit_code=2)
+    t = None
+    if args.vm is not None or args.qmp or args.domain:
+        t = target.resolve(args.vm, args.qmp, args.domain, args.timeout, root=args.root)
+    pid = t.pid if t is not None else None
+    report = run_doctor(args.root, pid, t.vcpus if t else None, t.iothreads if t else None, args.interval,
+                        args.second_sample, args.check, source=(t.thread_source if t else None) or "qmp")
     if args.output == "json":
         print_json(report.to_dict())
     else:
         where = "" if args.root == "/" else f" (tree {args.root})"
-        print(f"virtopt doctor{where}" + (f", QEMU pid {pid}" if pid is not None else ""))
+        print(f"virtopt doctor{where}" + (f", {t.describe()}" if t is not None else ""))
         for c in report.checks:
             print(f"{MARK.get(c.verdict, c.verdict)} {c.id:<15} {c.summary}")
             if args.verbose:

@@ -198,12 +198,6 @@ def cpuinfo_flags(root: str = "/") -> set[str]:
     raise ValueError("/proc/cpuinfo has no flags line")
 
 
-def cpuinfo_model(root: str = "/") -> str:
-    for line in read_text(root, "proc/cpuinfo").splitlines():
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    return ""
-
 
 def online_cpus(root: str = "/") -> list[int]:
     return parse_cpu_list(read_first_line(root, "sys/devices/system/cpu/online"))
@@ -385,19 +379,34 @@ def meminfo(root: str = "/") -> dict[str, int]:
 
 
 # ---------------------------------------------------------------- processes and threads
+#
+# Every reader of /proc/PID in virtopt is here (the gdb pack, the QMP layer and the host tools call
+# these): standard library only, since gdb's own Python imports this module. Process readers take
+# ``pid`` (and ``tid``) first and ``root`` last; like the rest they raise OSError when the file is not
+# there or not readable (FileNotFoundError: the process is gone).
 
 
 def pids(root: str = "/") -> list[int]:
     return sorted(int(n) for n in listdir(root, "proc") if n.isdigit())
 
 
-def comm(root: str, pid: int, tid: Optional[int] = None) -> str:
-    rel = f"proc/{pid}/comm" if tid is None else f"proc/{pid}/task/{tid}/comm"
-    return read_text(root, rel).rstrip("\n")
+def proc_path(pid: int, rel: str = "", tid: Optional[int] = None, root: str = "/") -> str:
+    """The path of /proc/PID[/task/TID]/REL under root (e.g. to open /proc/PID/exe or /proc/PID/fd/2)."""
+    base = f"proc/{pid}" if tid is None else f"proc/{pid}/task/{tid}"
+    return path(root, f"{base}/{rel}" if rel else base)
 
 
-def tids(root: str, pid: int) -> list[int]:
-    return sorted(int(n) for n in listdir(root, f"proc/{pid}/task") if n.isdigit())
+def exists_process(pid: int, root: str = "/") -> bool:
+    return os.path.isdir(proc_path(pid, root=root))
+
+
+def comm(pid: int, tid: Optional[int] = None, root: str = "/") -> str:
+    """The thread (or process) name, as QEMU sets it with -name NAME,debug-threads=on ("CPU 0/KVM")."""
+    return read_text("/", proc_path(pid, "comm", tid, root)).rstrip("\n")
+
+
+def tids(pid: int, root: str = "/") -> list[int]:
+    return sorted(int(n) for n in os.listdir(proc_path(pid, "task", root=root)) if n.isdigit())
 
 
 def parse_stat(text: str) -> list[str]:
@@ -409,17 +418,137 @@ def parse_stat(text: str) -> list[str]:
     return [text[:lp].strip(), text[lp + 1 : rp], *text[rp + 1 :].split()]
 
 
-def task_stat(root: str, pid: int, tid: int) -> list[str]:
-    return parse_stat(read_text(root, f"proc/{pid}/task/{tid}/stat"))
+def task_stat(pid: int, tid: int, root: str = "/") -> list[str]:
+    return parse_stat(read_text("/", proc_path(pid, "stat", tid, root)))
 
 
-def status(root: str, pid: int, tid: Optional[int] = None) -> dict[str, str]:
-    rel = f"proc/{pid}/status" if tid is None else f"proc/{pid}/task/{tid}/status"
+def last_cpu(stat: list[str]) -> Optional[int]:
+    """The CPU a task last ran on: stat field 39 ("processor")."""
+    return int(stat[38]) if len(stat) > 38 and stat[38].lstrip("-").isdigit() else None
+
+
+def status(pid: int, tid: Optional[int] = None, root: str = "/") -> dict[str, str]:
     out: dict[str, str] = {}
-    for line in read_text(root, rel).splitlines():
+    for line in read_text("/", proc_path(pid, "status", tid, root)).splitlines():
         k, _, v = line.partition(":")
         out[k.strip()] = v.strip()
     return out
+
+
+def affinity(pid: int, tid: Optional[int] = None, root: str = "/") -> list[int]:
+    """The CPUs a task may run on (Cpus_allowed_list of its status)."""
+    return parse_cpu_list(status(pid, tid, root).get("Cpus_allowed_list", ""))
+
+
+def argv(pid: int, root: str = "/") -> list[str]:
+    """The command line of a process, one argument per item ([] for a kernel thread or a zombie)."""
+    with open(proc_path(pid, "cmdline", root=root), "rb") as f:
+        raw = f.read(MAX_READ)
+    return [a.decode("utf-8", errors="replace") for a in raw.split(b"\0")[:-1]] if raw else []
+
+
+def exe(pid: int, root: str = "/") -> str:
+    """The executable of a process (the /proc/PID/exe link; " (deleted)" when the file was replaced since)."""
+    return os.readlink(proc_path(pid, "exe", root=root))
+
+
+def cwd(pid: int, root: str = "/") -> str:
+    """The working directory of a process (relative paths on QEMU's command line are relative to it)."""
+    return os.readlink(proc_path(pid, "cwd", root=root))
+
+
+def fd_target(pid: int, fd: int, root: str = "/") -> str:
+    """What an open file descriptor of a process is: a path, "socket:[INODE]", "anon_inode:kvm-vcpu:0"."""
+    return os.readlink(proc_path(pid, f"fd/{fd}", root=root))
+
+
+def fds(pid: int, root: str = "/") -> dict[int, str]:
+    """Every open file descriptor of a process and what it is (descriptors closed while read are left out)."""
+    out: dict[int, str] = {}
+    for name in os.listdir(proc_path(pid, "fd", root=root)):
+        if name.isdigit():
+            try:
+                out[int(name)] = fd_target(pid, int(name), root)
+            except OSError:
+                continue
+    return out
+
+
+_KVM_VCPU = re.compile(r"^anon_inode:kvm-vcpu:(\d+)$")
+
+
+def kvm_vcpu_fds(pid: int, root: str = "/") -> dict[int, int]:
+    """{vCPU id: fd} of the process's KVM vCPU file descriptors (anon_inode:kvm-vcpu:N)."""
+    out: dict[int, int] = {}
+    for fd, target in sorted(fds(pid, root).items()):
+        m = _KVM_VCPU.match(target)
+        if m:
+            out.setdefault(int(m.group(1)), fd)
+    return out
+
+
+@dataclass
+class Mapping:
+    """One line of /proc/PID/maps."""
+
+    start: int
+    end: int
+    perms: str
+    offset: int
+    inode: int
+    path: str  # "" for anonymous memory; "[heap]", "anon_inode:kvm-vcpu:0", a file path
+
+
+def maps(pid: int, root: str = "/") -> list[Mapping]:
+    out: list[Mapping] = []
+    for line in read_text("/", proc_path(pid, "maps", root=root), limit=256 << 20).splitlines():
+        parts = line.split(None, 5)
+        if len(parts) < 5 or "-" not in parts[0]:
+            continue
+        lo, _, hi = parts[0].partition("-")
+        try:
+            out.append(Mapping(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16), int(parts[4]),
+                               parts[5].strip() if len(parts) > 5 else ""))
+        except ValueError:
+            continue
+    return out
+
+
+def kvm_run_maps(pid: int, root: str = "/") -> dict[int, int]:
+    """{vCPU id: address of its struct kvm_run} (the kvm-vcpu:N mapping at file offset 0)."""
+    out: dict[int, int] = {}
+    for m in maps(pid, root):
+        mo = _KVM_VCPU.match(m.path)
+        if mo and m.offset == 0:
+            out.setdefault(int(mo.group(1)), m.start)
+    return out
+
+
+@dataclass
+class Syscall:
+    """/proc/PID/task/TID/syscall: the system call a blocked thread sits in (nr -1: in user space)."""
+
+    nr: int
+    args: list[int]  # up to six arguments
+
+
+def task_syscall(pid: int, tid: int, root: str = "/") -> Optional[Syscall]:
+    """None when the thread is running (the kernel says "running") or the line does not parse."""
+    fields = read_text("/", proc_path(pid, "syscall", tid, root)).split()
+    if not fields or not fields[0].lstrip("-").isdigit():
+        return None
+    try:
+        return Syscall(int(fields[0]), [int(a, 16) for a in fields[1:7]])
+    except ValueError:
+        return None
+
+
+def smaps_rollup(pid: int, root: str = "/") -> dict[str, int]:
+    """smaps_rollup in bytes; falls back to summing smaps (kernels before 4.14)."""
+    try:
+        return kb_fields(read_text("/", proc_path(pid, "smaps_rollup", root=root)))
+    except FileNotFoundError:
+        return kb_fields(read_text("/", proc_path(pid, "smaps", root=root), limit=256 << 20))
 
 
 def kb_fields(text: str) -> dict[str, int]:
@@ -435,12 +564,214 @@ def kb_fields(text: str) -> dict[str, int]:
     return out
 
 
-def smaps_rollup(root: str, pid: int) -> dict[str, int]:
-    """smaps_rollup in bytes; falls back to summing smaps (kernels before 4.14)."""
+# ---------------------------------------------------------------- sockets
+
+
+def _proc_net_addr(family: int, addr: tuple[str, int]) -> str:
+    import socket
+
+    raw = socket.inet_pton(family, addr[0])
+    if family == socket.AF_INET:
+        text = raw[::-1].hex().upper()
+    else:  # four 32-bit words, each in host (little-endian) order
+        text = "".join(raw[i:i + 4][::-1].hex().upper() for i in range(0, 16, 4))
+    return f"{text}:{addr[1]:04X}"
+
+
+def tcp_socket_inode(family: int, local: tuple[str, int], remote: tuple[str, int], root: str = "/") -> Optional[int]:
+    """The inode of the TCP socket of this host whose local end is ``local`` and remote end ``remote``
+    (/proc/net/tcp or tcp6 by ``family``); None when there is none."""
+    import socket
+
+    table = "proc/net/tcp" if family == socket.AF_INET else "proc/net/tcp6"
+    want_l, want_r = _proc_net_addr(family, local), _proc_net_addr(family, remote)
+    for ln in read_text(root, table, limit=256 << 20).splitlines()[1:]:
+        f = ln.split()
+        if len(f) > 9 and f[1] == want_l and f[2] == want_r and f[9].isdigit():
+            return int(f[9])
+    return None
+
+
+def socket_owner(inode: int, root: str = "/") -> Optional[int]:
+    """The PID of a process holding the socket with this inode open (/proc/*/fd), None when none is seen."""
+    target = f"socket:[{inode}]"
+    for pid in pids(root):
+        try:
+            names = os.listdir(proc_path(pid, "fd", root=root))
+        except OSError:
+            continue
+        for name in names:
+            try:
+                if os.readlink(proc_path(pid, f"fd/{name}", root=root)) == target:
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
+# ---------------------------------------------------------------- QEMU processes
+
+# An executable is QEMU's system emulator when its file name is one of these (Debian/upstream
+# qemu-system-ARCH, RHEL's /usr/libexec/qemu-kvm, Debian's old kvm). qemu-img, qemu-io, qemu-nbd and
+# the user-mode qemu-ARCH run no VM.
+QEMU_EXE = re.compile(r"^(qemu-system-[A-Za-z0-9_]+|qemu-kvm|kvm)$")
+
+
+def is_qemu_executable(file: str) -> bool:
+    name = file[: -len(" (deleted)")] if file.endswith(" (deleted)") else file
+    return bool(QEMU_EXE.match(os.path.basename(name)))
+
+
+def _qemu_opts(value: str, implied: str) -> dict[str, str]:
+    """A QemuOpts string ("NAME,debug-threads=on", "guest=NAME,...") as a dict; ",," is a comma.
+
+    QEMU's opts_do_parse() (util/qemu-option.c, 7.2 and 10.0): the first item without "=" is the
+    implied key's value; a later bare "key" means key=on.
+    """
+    items: list[str] = []
+    cur = ""
+    i = 0
+    while i < len(value):
+        c = value[i]
+        if c == ",":
+            if value[i + 1:i + 2] == ",":
+                cur += ","
+                i += 2
+                continue
+            items.append(cur)
+            cur = ""
+        else:
+            cur += c
+        i += 1
+    items.append(cur)
+    out: dict[str, str] = {}
+    for n, item in enumerate(items):
+        k, sep, v = item.partition("=")
+        if not sep:
+            if n == 0 and implied:
+                out[implied] = item
+            elif item:
+                out[item[2:] if item.startswith("no") else item] = "off" if item.startswith("no") else "on"
+        else:
+            out[k] = v
+    return out
+
+
+def _opt_values(args: list[str], *names: str) -> list[str]:
+    """Values of -OPT VALUE / --OPT VALUE / --OPT=VALUE on a QEMU command line."""
+    out: list[str] = []
+    i = 1
+    while i < len(args):
+        a = args[i]
+        key, eq, val = a.partition("=") if a.startswith("--") else (a, "", "")
+        if key.startswith("--"):
+            key = key[1:]
+        if key in names:
+            if eq:
+                out.append(val)
+            elif i + 1 < len(args):
+                out.append(args[i + 1])
+                i += 1
+        i += 1
+    return out
+
+
+def qemu_vm_name(args: list[str]) -> Optional[str]:
+    """The guest name of QEMU's -name option (-name NAME,... or libvirt's -name guest=NAME,...); the last
+    -name wins, as in QEMU."""
+    names = _opt_values(args, "-name")
+    if not names:
+        return None
+    return _qemu_opts(names[-1], "guest").get("guest") or None
+
+
+def qemu_qmp_addresses(args: list[str], cwd: str = "/") -> list[str]:
+    """The QMP monitors QEMU listens on, from its command line: -qmp/-qmp-pretty unix:PATH or tcp:HOST:PORT,
+    and -chardev socket (path= or host=,port=, server) used by a -mon mode=control. Unix paths are made
+    absolute with QEMU's working directory; monitors passed as fd= (libvirt) have no address."""
+    out: list[str] = []
+
+    def add(spec: str) -> None:
+        kind, _, rest = spec.partition(":")
+        if kind == "unix":
+            p = rest.split(",", 1)[0]
+            out.append(p if os.path.isabs(p) else os.path.join(cwd, p))
+        elif kind == "tcp":
+            out.append(rest.split(",", 1)[0])
+
+    for v in _opt_values(args, "-qmp", "-qmp-pretty"):
+        add(v)
+    chardevs: dict[str, dict[str, str]] = {}
+    for v in _opt_values(args, "-chardev"):
+        o = _qemu_opts(v, "backend")
+        if o.get("backend") in ("socket", "unix", "tcp") and o.get("id"):
+            chardevs[o["id"]] = o
+    for v in _opt_values(args, "-mon"):
+        o = _qemu_opts(v, "chardev")
+        cd = chardevs.get(o.get("chardev", ""))
+        if o.get("mode") != "control" or cd is None or cd.get("server", "off") not in ("on", "yes", "y"):
+            continue
+        if "path" in cd:
+            add("unix:" + cd["path"])
+        elif "port" in cd:
+            add(f"tcp:{cd.get('host') or 'localhost'}:{cd['port']}")
+    return out
+
+
+@dataclass
+class Process:
+    """Who a process is: enough to decide whether it is QEMU, before anything reads or changes it."""
+
+    pid: int
+    comm: str
+    exe: Optional[str]  # /proc/PID/exe, None when not readable (another user's process; a kernel thread)
+    argv: list[str]
+
+    @property
+    def is_qemu(self) -> bool:
+        """QEMU's system emulator: by its executable, or by argv[0] when the executable is not readable."""
+        if self.exe is not None:
+            return is_qemu_executable(self.exe)
+        return bool(self.argv) and is_qemu_executable(self.argv[0])
+
+    @property
+    def vm_name(self) -> Optional[str]:
+        return qemu_vm_name(self.argv) if self.is_qemu else None
+
+    @property
+    def exe_text(self) -> str:
+        """The executable for messages: the link, else argv[0], else "?"."""
+        return self.exe or (self.argv[0] if self.argv else "?")
+
+
+def process(pid: int, root: str = "/") -> Process:
+    """Name, executable and command line of a process; FileNotFoundError when there is no such process."""
+    name = comm(pid, root=root)
     try:
-        return kb_fields(read_text(root, f"proc/{pid}/smaps_rollup"))
-    except FileNotFoundError:
-        return kb_fields(read_text(root, f"proc/{pid}/smaps", limit=256 << 20))
+        ex: Optional[str] = exe(pid, root)
+    except OSError:
+        ex = None
+    try:
+        args = argv(pid, root)
+    except OSError:
+        args = []
+    return Process(pid, name, ex, args)
+
+
+def qemu_processes(root: str = "/") -> list[Process]:
+    """Every QEMU system emulator running (under root), in PID order."""
+    out: list[Process] = []
+    for pid in pids(root):
+        try:
+            p = process(pid, root)
+        except (OSError, ValueError):
+            continue
+        if p.is_qemu:
+            out.append(p)
+    return out
+
+
+# ---------------------------------------------------------------- kernel build config
 
 
 def kernel_config(root: str = "/") -> dict[str, str]:
@@ -489,25 +820,16 @@ def all_tasks(root: str = "/") -> list[Task]:
     out: list[Task] = []
     for pid in pids(root):
         try:
-            tlist = tids(root, pid)
+            tlist = tids(pid, root)
         except OSError:
             continue
         for tid in tlist:
             try:
-                st = task_stat(root, pid, tid)
-                status_text = read_text(root, f"proc/{pid}/task/{tid}/status")
-            except (OSError, ValueError):
-                continue
-            aff = ""
-            for line in status_text.splitlines():
-                if line.startswith("Cpus_allowed_list:"):
-                    aff = line.partition(":")[2].strip()
-                    break
-            try:
+                st = task_stat(pid, tid, root)
+                aff = status(pid, tid, root).get("Cpus_allowed_list", "")
                 flags = int(st[8])
-                last = int(st[38]) if len(st) > 38 else None
                 affinity = parse_cpu_list(aff)
-            except (ValueError, IndexError):
+            except (OSError, ValueError, IndexError):
                 continue
-            out.append(Task(pid, tid, st[1], last, affinity, bool(flags & PF_KTHREAD)))
+            out.append(Task(pid, tid, st[1], last_cpu(st), affinity, bool(flags & PF_KTHREAD)))
     return out

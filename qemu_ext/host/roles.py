@@ -79,6 +79,20 @@ PIN_KEYS: dict[str, str] = {
 # The columns every thread table shows, in this order (human output).
 COLUMNS = ("TID", "NAME", "ROLE", "LAST CPU", "AFFINITY", "IDENTIFIED BY")
 
+# "identified-by" values: how a view knew a thread's role.
+IDENTIFIED_BY: dict[str, str] = {
+    "pid": "the main loop: the thread whose TID is the PID",
+    "qmp": "a thread-id in QMP's query-cpus-fast / query-iothreads",
+    "libvirt": "libvirt's record of the domain's vCPU and iothread TIDs (its status XML)",
+    "name": "the thread name QEMU sets with -name NAME,debug-threads=on",
+    "function": "the thread's start routine (gdb/drgn backtrace)",
+    "kvm-fd": "the thread sits in ioctl(KVM_RUN) on a kvm-vcpu fd",
+    "inferred": "the one unnamed thread of a debug-threads QEMU besides the main loop (call_rcu)",
+}
+
+# The JSON keys of one thread, in this order (CONTRIBUTING.md "Threads"); views may add keys after.
+JSON_KEYS = ("tid", "name", "role", "vcpu-index", "iothread-id", "label", "last-cpu", "affinity", "identified-by")
+
 
 def role_from_name(name: str) -> tuple[str, Optional[int], Optional[str]]:
     """(role, vCPU index, iothread id) from a thread name; ("other", None, None) when it says nothing.
@@ -104,3 +118,30 @@ def label(role: str, vcpu: Optional[int] = None, iothread: Optional[str] = None)
     if role == "iothread" and iothread:
         return f"iothread {iothread}"
     return ROLES.get(role, role)
+
+
+def thread_json(tid: int, name: str, role: str, vcpu: Optional[int] = None, iothread: Optional[str] = None,
+                last_cpu: Optional[int] = None, affinity: Optional[str] = None,
+                identified_by: Optional[str] = None) -> dict:
+    """One thread in the JSON every view gives (``affinity`` in the kernel's cpu-list form, "0-1")."""
+    return {
+        "tid": tid,
+        "name": name,
+        "role": role,
+        "vcpu-index": vcpu if role == "vcpu" else None,
+        "iothread-id": iothread if role == "iothread" else None,
+        "label": label(role, vcpu, iothread),
+        "last-cpu": last_cpu,
+        "affinity": affinity,
+        "identified-by": identified_by,
+    }
+
+
+def row(thread: dict) -> list[str]:
+    """The COLUMNS cells of one thread given as thread_json() returns it ("-" for what a view cannot know)."""
+
+    def cell(v: object) -> str:
+        return "-" if v is None or v == "" else str(v)
+
+    return [cell(thread.get("tid")), cell(thread.get("name")), cell(thread.get("label")),
+            cell(thread.get("last-cpu")), cell(thread.get("affinity")), cell(thread.get("identified-by"))]

@@ -1,44 +1,32 @@
 """QEMU's threads and their roles, and pinning them like qemu-affinity.
 
-Roles come from QMP when its answers are given (query-cpus-fast and
-query-iothreads "thread-id" fields), otherwise from the thread names QEMU sets
-with ``-name NAME,debug-threads=on`` ("CPU 0/KVM", "IO iothread0",
-"IO mon_iothread", "worker", "trace-thread", ...). The main loop is the thread
-whose TID is the PID.
+Roles (qemu_ext.host.roles, the one table every thread view uses) come from QMP when its answers
+are given (query-cpus-fast and query-iothreads "thread-id" fields; for a libvirt domain libvirt's
+own record of them), otherwise from the thread names QEMU sets with ``-name NAME,debug-threads=on``
+("CPU 0/KVM", "IO iothread0", "IO mon_iothread", "worker", "trace-thread", ...). The main loop is
+the thread whose TID is the PID.
 
-One thread has no name even with debug-threads=on: call_rcu, created by a
-constructor before QEMU parses -name (seen on QEMU 7.2 with gdb: the unnamed
-second thread is in call_rcu_thread()). When the other threads carry
-debug-thread names, the one unnamed non-main thread is reported as call_rcu
-with source "inferred".
+One thread has no name even with debug-threads=on: call_rcu, created by a constructor before QEMU
+parses -name (seen on QEMU 7.2 with gdb: the unnamed second thread is in call_rcu_thread()). When
+the other threads carry debug-thread names, the one unnamed non-main thread is reported as call_rcu,
+identified by "inferred".
+
+Single-threaded TCG (``-accel tcg,thread=single``) runs every vCPU on one thread ("ALL CPUs/TCG";
+query-cpus-fast gives every vCPU the same thread-id): that thread is the vCPU role with no index.
+
+Nothing here reads a process before checking that it is QEMU (qemu_ext.host.target.require_qemu).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import socket
-import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from qemu_ext.errors import BadInputError, NotAvailableError, QemuError, VirtoptError
-from qemu_ext.host import procfs
-
-_VCPU_NAME = re.compile(r"^CPU (\d+)/(KVM|TCG|HVF|WHPX|NVMM|HAX)$")
-
-# comm name -> role (exact names QEMU gives its threads)
-_NAMED_ROLES = {
-    "IO mon_iothread": "monitor iothread",
-    "call_rcu": "call_rcu",
-    "worker": "worker",
-    "trace-thread": "trace",
-    "vnc_worker": "vnc worker",
-    "SPICE Worker": "spice worker",
-    "live_migration": "migration",
-    "postcopy/listen": "migration",
-    "kvm-nx-lpage-re": "kvm nx-lpage recovery",  # the kernel's per-VM worker, in QEMU's thread group
-}
+from qemu_ext.errors import BadInputError, NotAvailableError, VirtoptError
+from qemu_ext.host import procfs, roles
+from qemu_ext.host.target import require_qemu
 
 
 @dataclass
@@ -47,58 +35,37 @@ class ThreadInfo:
 
     tid: int
     name: str  # comm (/proc/PID/task/TID/comm)
-    role: str  # "main loop", "vcpu", "iothread", "monitor iothread", "worker", "call_rcu", "trace", ..., "other"
-    vcpu: Optional[int]  # the vCPU index (QMP cpu-index) when role == "vcpu"
-    iothread: Optional[str]  # the iothread id when role == "iothread"
+    role: str  # a key of roles.ROLES
+    vcpu_index: Optional[int]  # the vCPU index (QMP cpu-index) when role == "vcpu" (None: every vCPU, ST-TCG)
+    iothread_id: Optional[str]  # the iothread id when role == "iothread"
     last_cpu: Optional[int]  # the CPU it last ran on (/proc/PID/task/TID/stat field 39)
     affinity: list[int]  # CPUs it may run on (Cpus_allowed_list)
-    source: str  # where the role came from: "pid", "qmp", "comm", "inferred"
+    identified_by: Optional[str]  # a key of roles.IDENTIFIED_BY (None: nothing told the role, "other")
+    extra: dict[str, Any] = field(default_factory=dict)  # view-specific keys, after the common ones in JSON
 
     @property
     def label(self) -> str:
-        """"vCPU 0", "iothread io0", "main loop", ..."""
-        if self.role == "vcpu":
-            return f"vCPU {self.vcpu}"
-        if self.role == "iothread":
-            return f"iothread {self.iothread}"
-        return self.role
+        """"vCPU 0", "iothread io0", "main loop", ... (roles.label)"""
+        return roles.label(self.role, self.vcpu_index, self.iothread_id)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "tid": self.tid,
-            "name": self.name,
-            "role": self.role,
-            "label": self.label,
-            "vcpu": self.vcpu,
-            "iothread": self.iothread,
-            "last-cpu": self.last_cpu,
-            "affinity": procfs.format_cpu_list(self.affinity),
-            "affinity-cpus": list(self.affinity),
-            "source": self.source,
-        }
+        """The JSON of CONTRIBUTING.md "Threads" (roles.JSON_KEYS), then any view-specific keys."""
+        d = roles.thread_json(self.tid, self.name, self.role, self.vcpu_index, self.iothread_id,
+                              self.last_cpu, procfs.format_cpu_list(self.affinity), self.identified_by)
+        d.update(self.extra)
+        return d
+
+    def row(self) -> list[str]:
+        """The cells of roles.COLUMNS."""
+        return roles.row(self.to_dict())
 
 
-def _role_from_comm(name: str) -> tuple[str, Optional[int], Optional[str]]:
-    m = _VCPU_NAME.match(name)
-    if m:
-        return "vcpu", int(m.group(1)), None
-    if name in _NAMED_ROLES:
-        return _NAMED_ROLES[name], None, None
-    if name.startswith("IO "):
-        return "iothread", None, name[3:]
-    if name.startswith("mig/") or name.startswith("multifdsend") or name.startswith("multifdrecv"):
-        return "migration", None, None
-    if name.startswith("vhost-"):
-        return "vhost", None, None
-    return "other", None, None
-
-
-def _thread_ids(entries: Optional[list[dict]], what: str) -> dict[int, dict]:
-    out: dict[int, dict] = {}
+def _by_thread_id(entries: Optional[list[dict]], what: str, key: str) -> dict[int, list[Any]]:
+    out: dict[int, list[Any]] = {}
     for e in entries or []:
         if not isinstance(e, dict) or not isinstance(e.get("thread-id"), int):
             raise BadInputError(f"{what} entry without an integer thread-id: {e!r}")
-        out.setdefault(e["thread-id"], e)  # single-threaded TCG: every vCPU has the same thread; keep the first
+        out.setdefault(e["thread-id"], []).append(e.get(key))
     return out
 
 
@@ -107,124 +74,65 @@ def thread_map(
     vcpus: Optional[list[dict]] = None,
     iothreads: Optional[list[dict]] = None,
     root: str = "/",
+    source: str = "qmp",
 ) -> list[ThreadInfo]:
     """Every thread of QEMU process ``pid`` with its role, last CPU and affinity, in TID order.
 
-    vcpus: the return of QMP query-cpus-fast; iothreads: the return of query-iothreads.
-    Raises QemuError when the process does not exist (or exits while being read).
+    vcpus: the return of QMP query-cpus-fast; iothreads: the return of query-iothreads (``source``:
+    "qmp", or "libvirt" when they are libvirt's record). Raises VirtoptError when the process does
+    not exist or is not QEMU (checked before anything else is read).
     """
+    require_qemu(pid, root)
     try:
-        tids = procfs.tids(root, pid)
+        tids = procfs.tids(pid, root)
     except FileNotFoundError as exc:
-        raise QemuError(f"no process {pid} ({procfs.path(root, f'proc/{pid}')} not found)") from exc
+        raise VirtoptError(f"no process {pid}") from exc
     except PermissionError as exc:
         raise NotAvailableError(f"cannot read the threads of process {pid}: permission denied") from exc
-    by_vcpu = _thread_ids(vcpus, "query-cpus-fast")
-    by_io = _thread_ids(iothreads, "query-iothreads")
+    by_vcpu = _by_thread_id(vcpus, "query-cpus-fast", "cpu-index")
+    by_io = _by_thread_id(iothreads, "query-iothreads", "id")
+    known_io = {str(i) for ids in by_io.values() for i in ids}
     out: list[ThreadInfo] = []
     for tid in tids:
         try:
-            name = procfs.comm(root, pid, tid)
-            stat = procfs.task_stat(root, pid, tid)
-            st = procfs.status(root, pid, tid)
-        except FileNotFoundError:
+            name = procfs.comm(pid, tid, root)
+            stat = procfs.task_stat(pid, tid, root)
+            affinity = procfs.affinity(pid, tid, root)
+        except (FileNotFoundError, ProcessLookupError):
             continue  # the thread ended while we read (a worker going away)
-        last_cpu = int(stat[38]) if len(stat) > 38 and stat[38].lstrip("-").isdigit() else None
-        affinity = procfs.parse_cpu_list(st.get("Cpus_allowed_list", ""))
         vcpu: Optional[int] = None
         io: Optional[str] = None
         if tid == pid:
-            role, source = "main loop", "pid"
+            role, how = "main-loop", "pid"
         elif tid in by_vcpu:
-            role, source, vcpu = "vcpu", "qmp", by_vcpu[tid].get("cpu-index")
+            idx = by_vcpu[tid]
+            role, how = "vcpu", source
+            vcpu = idx[0] if len(idx) == 1 else None  # single-threaded TCG: one thread, every vCPU
         elif tid in by_io:
-            role, source, io = "iothread", "qmp", str(by_io[tid].get("id"))
+            role, how, io = "iothread", source, str(by_io[tid][0])
         else:
-            role, vcpu, io = _role_from_comm(name)
-            source = "comm"
-            if role == "iothread" and by_io and io not in {str(e.get("id")) for e in by_io.values()}:
+            role, vcpu, io = roles.role_from_name(name)
+            how = "name" if role != "other" else None
+            if role == "iothread" and by_io and io not in known_io:
                 role, io = "other", None  # a name like an iothread's that QMP does not know
-        out.append(ThreadInfo(tid, name, role, vcpu, io, last_cpu, affinity, source))
+            if role == "vcpu" and by_vcpu and vcpu is not None:
+                role, vcpu = "other", None  # QMP knows every vCPU thread: this name is not one
+        out.append(ThreadInfo(tid, name, role, vcpu, io, procfs.last_cpu(stat), affinity, how))
     _infer_call_rcu(out, pid)
     return out
 
 
 def _infer_call_rcu(threads: list[ThreadInfo], pid: int) -> None:
     main = next((t for t in threads if t.tid == pid), None)
-    if main is None or any(t.role == "call_rcu" for t in threads):
+    if main is None or any(t.role == "call-rcu" for t in threads):
         return
-    named = any(t.source == "comm" and t.role not in ("other", "kvm nx-lpage recovery") for t in threads)
+    named = any(t.identified_by == "name" and t.role not in ("other", "kvm-kernel") for t in threads)
     if not named:
         return  # no debug-thread names at all: nothing tells the unnamed threads apart
     unnamed = [t for t in threads if t.tid != pid and t.role == "other" and t.name == main.name]
     if len(unnamed) == 1:
-        unnamed[0].role = "call_rcu"
-        unnamed[0].source = "inferred"
-
-
-# ---------------------------------------------------------------- QMP
-
-
-def qmp_peer_pid(sock: socket.socket) -> int:
-    """The PID of the process listening on a connected unix socket (SO_PEERCRED)."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[0]
-
-
-@dataclass
-class QmpThreads:
-    pid: int
-    vcpus: list[dict]
-    iothreads: list[dict]
-
-
-def query_qmp(socket_path: str, timeout: float = 10.0) -> QmpThreads:
-    """Connect to a QMP unix socket and return QEMU's PID (SO_PEERCRED), query-cpus-fast and query-iothreads.
-
-    QEMU's QMP monitor serves one client at a time: while another client (libvirt, a shell) holds the
-    socket, QEMU does not greet and this fails after ``timeout`` seconds with a QemuError saying so.
-    """
-    import asyncio
-
-    from qemu.qmp import QMPClient
-
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        sock.connect(socket_path)
-        sock.settimeout(None)
-    except OSError as exc:
-        sock.close()
-        raise QemuError(f"cannot connect to QMP socket {socket_path}: {exc.strerror or exc}") from exc
-    pid = qmp_peer_pid(sock)
-
-    async def talk() -> tuple[Any, Any]:
-        client = QMPClient("virtopt-threads")
-        try:
-            await asyncio.wait_for(client.connect(sock), timeout)
-            vcpus = await asyncio.wait_for(client.execute("query-cpus-fast"), timeout)
-            iothreads = await asyncio.wait_for(client.execute("query-iothreads"), timeout)
-            return vcpus, iothreads
-        finally:
-            try:
-                await client.disconnect()
-            except Exception:
-                pass
-
-    try:
-        vcpus, iothreads = asyncio.run(talk())
-    except asyncio.TimeoutError as exc:
-        raise QemuError(
-            f"QMP socket {socket_path}: no answer within {timeout:g} s (QEMU's QMP serves one client at a "
-            "time: is another client connected? give QEMU a second -qmp socket)"
-        ) from exc
-    except Exception as exc:  # qemu.qmp raises many kinds (ConnectError, ExecuteError, EOF)
-        raise QemuError(f"QMP on {socket_path} failed: {type(exc).__name__}: {exc}") from exc
-    finally:
-        sock.close()
-    if not isinstance(vcpus, list) or not isinstance(iothreads, list):
-        raise QemuError(f"QMP on {socket_path}: unexpected answers to query-cpus-fast / query-iothreads")
-    return QmpThreads(pid, vcpus, iothreads)
+        unnamed[0].role = "call-rcu"
+        unnamed[0].identified_by = "inferred"
 
 
 # ---------------------------------------------------------------- pinning
@@ -234,7 +142,8 @@ def query_qmp(socket_path: str, timeout: float = 10.0) -> QmpThreads:
 class PinResult:
     tid: int
     name: str
-    role: str  # the ThreadInfo label: "vCPU 0", "iothread io0", ...
+    role: str  # a key of roles.ROLES
+    label: str  # "vCPU 0", "iothread io0", ...
     key: str  # the plan key that selected it
     requested: list[int]
     before: list[int]
@@ -245,6 +154,7 @@ class PinResult:
             "tid": self.tid,
             "name": self.name,
             "role": self.role,
+            "label": self.label,
             "key": self.key,
             "requested": procfs.format_cpu_list(self.requested),
             "before": procfs.format_cpu_list(self.before),
@@ -253,9 +163,24 @@ class PinResult:
 
 
 PIN_KEYS_HELP = (
-    "vcpuN (one vCPU), vcpus (every vCPU), io (every iothread), io:ID (one iothread), "
-    "main, monitor, worker, call_rcu, trace"
+    "vcpuN (one vCPU), vcpu (every vCPU), io (every iothread), io:ID (one iothread), "
+    "main, mon (monitor iothread), worker, rcu (call_rcu), trace"
 )
+
+# the pin keys of roles.PIN_KEYS plus the spellings users type (role values and labels)
+_PIN_ALIASES: dict[str, str] = {
+    **roles.PIN_KEYS,
+    "vcpus": "vcpu",
+    "iothread": "iothread",
+    "iothreads": "iothread",
+    "main-loop": "main-loop",
+    "monitor": "monitor-iothread",
+    "monitor-iothread": "monitor-iothread",
+    "workers": "worker",
+    "call_rcu": "call-rcu",
+    "call-rcu": "call-rcu",
+    "trace-writer": "trace-writer",
+}
 
 
 def select_threads(threads: list[ThreadInfo], key: str) -> list[ThreadInfo]:
@@ -263,25 +188,14 @@ def select_threads(threads: list[ThreadInfo], key: str) -> list[ThreadInfo]:
     k = key.strip().lower()
     m = re.fullmatch(r"vcpu(\d+)", k)
     if m:
-        return [t for t in threads if t.role == "vcpu" and t.vcpu == int(m.group(1))]
-    if k in ("vcpu", "vcpus"):
-        return [t for t in threads if t.role == "vcpu"]
-    if k in ("io", "iothread", "iothreads"):
-        return [t for t in threads if t.role == "iothread"]
-    if k.startswith("io:") or k.startswith("iothread:"):
+        return [t for t in threads if t.role == "vcpu" and t.vcpu_index == int(m.group(1))]
+    if k.startswith(("io:", "iothread:")):
         want = key.split(":", 1)[1]
-        return [t for t in threads if t.role == "iothread" and t.iothread == want]
-    if k in ("main", "main loop", "main-loop"):
-        return [t for t in threads if t.role == "main loop"]
-    if k in ("monitor", "mon", "monitor iothread"):
-        return [t for t in threads if t.role == "monitor iothread"]
-    if k in ("worker", "workers"):
-        return [t for t in threads if t.role == "worker"]
-    if k in ("call_rcu", "rcu"):
-        return [t for t in threads if t.role == "call_rcu"]
-    if k in ("trace",):
-        return [t for t in threads if t.role == "trace"]
-    raise BadInputError(f"unknown thread role {key!r}; use {PIN_KEYS_HELP}")
+        return [t for t in threads if t.role == "iothread" and t.iothread_id == want]
+    role = _PIN_ALIASES.get(k)
+    if role is None:
+        raise BadInputError(f"unknown thread role {key!r}; use {PIN_KEYS_HELP}")
+    return [t for t in threads if t.role == role]
 
 
 def parse_pin_plan(text: str) -> dict[str, list[int]]:
@@ -321,16 +235,18 @@ def pin_threads(
     vcpus: Optional[list[dict]] = None,
     iothreads: Optional[list[dict]] = None,
     root: str = "/",
+    source: str = "qmp",
 ) -> list[PinResult]:
     """Set the CPU affinity of QEMU's threads by role, like qemu-affinity.
 
-    plan: {"vcpu0": [2], "vcpu1": [3], "io": [4]} (keys: PIN_KEYS_HELP). Every key must name at
-    least one thread and every CPU must be online and allowed, or VirtoptError is raised before any
-    affinity changes. Returns each pinned thread with its affinity before and after (read back).
+    plan: {"vcpu0": [2], "vcpu1": [3], "io": [4]} (keys: PIN_KEYS_HELP). The process must be QEMU,
+    every key must name at least one thread and every CPU must be online, or VirtoptError is raised
+    before any affinity changes. Returns each pinned thread with its affinity before and after
+    (read back).
     """
     if not plan:
         raise BadInputError("empty pin plan")
-    threads = thread_map(pid, vcpus, iothreads, root=root)
+    threads = thread_map(pid, vcpus, iothreads, root=root, source=source)  # refuses a process that is not QEMU
     try:
         online = set(procfs.online_cpus(root))
     except (OSError, ValueError):
@@ -372,8 +288,8 @@ def pin_threads(
         except OSError as exc:
             raise VirtoptError(f"sched_setaffinity({t.tid}, {cpus}) failed: {exc.strerror}") from exc
         try:
-            after = procfs.parse_cpu_list(procfs.status(root, pid, t.tid).get("Cpus_allowed_list", ""))
+            after = procfs.affinity(pid, t.tid, root)
         except FileNotFoundError:
             continue
-        results.append(PinResult(t.tid, t.name, t.label, key, cpus, t.affinity, after))
+        results.append(PinResult(t.tid, t.name, t.role, t.label, key, cpus, t.affinity, after))
     return results
