@@ -49,16 +49,26 @@ from typing import Callable, Optional
 import numpy as np
 
 from qemu_ext.errors import BadInputError
+from qemu_ext.qcow2.entries import (
+    COMPRESSED,
+    COPIED,
+    OFFSET_MASK,
+    SubclusterType,
+    compressed_span,
+    subcluster_type,
+)
 
-COPIED = 1 << 63
-COMPRESSED = 1 << 62
-ZERO = 1
-OFFSET_MASK = 0x00FFFFFFFFFFFE00
 INT_MAX = 2**31 - 1
 BDRV_REQUEST_MAX_BYTES = (INT_MAX >> 9) << 9  # include/block/block_int-common.h
 
-# QCow2SubclusterType
-NORMAL, COMPRESSED_T, ZERO_PLAIN, ZERO_ALLOC, UNALLOC_PLAIN, UNALLOC_ALLOC, INVALID = range(7)
+# QCow2SubclusterType (decoded by qemu_ext.qcow2.entries)
+NORMAL = SubclusterType.NORMAL
+COMPRESSED_T = SubclusterType.COMPRESSED
+ZERO_PLAIN = SubclusterType.ZERO_PLAIN
+ZERO_ALLOC = SubclusterType.ZERO_ALLOC
+UNALLOC_PLAIN = SubclusterType.UNALLOCATED_PLAIN
+UNALLOC_ALLOC = SubclusterType.UNALLOCATED_ALLOC
+INVALID = SubclusterType.INVALID
 
 L2_CACHE, REFCOUNT_CACHE = 0, 1
 # multi-piece writes: link_l2 of the last piece first (its data write is the smallest and
@@ -312,24 +322,7 @@ class ImageState:
         self._emit(L2_CACHE, l2_offset + self.l2e * (l2_index - slice_index))
 
     def _sc_type(self, entry: int, bitmap: int, sc: int) -> int:
-        if entry & COMPRESSED:
-            return COMPRESSED_T
-        off = entry & OFFSET_MASK
-        if not self.ext:
-            if entry & ZERO:
-                return ZERO_ALLOC if off else ZERO_PLAIN
-            return NORMAL if off else UNALLOC_PLAIN
-        if (bitmap >> 32) & bitmap & 0xFFFFFFFF:
-            return INVALID
-        if off:
-            if bitmap >> (32 + sc) & 1:
-                return ZERO_ALLOC
-            if bitmap >> sc & 1:
-                return NORMAL
-            return UNALLOC_ALLOC
-        if bitmap & 0xFFFFFFFF:
-            return INVALID
-        return ZERO_PLAIN if bitmap >> (32 + sc) & 1 else UNALLOC_PLAIN
+        return subcluster_type(entry, bitmap, sc, self.ext, False)
 
     def _range_type(self, entry: int, bitmap: int, sc_from: int) -> tuple[int, int]:
         t = self._sc_type(entry, bitmap, sc_from)
@@ -802,10 +795,7 @@ class ImageState:
         """qcow2_free_any_cluster -> qcow2_free_clusters -> update_refcount(decrease)."""
         cb, cs = self.cb, self.cs
         if entry & COMPRESSED:
-            csize_shift = 62 - (cb - 8)
-            coffset = entry & ((1 << csize_shift) - 1)
-            nb_csectors = ((entry >> csize_shift) & ((1 << (cb - 8)) - 1)) + 1
-            csize = nb_csectors * 512 - (coffset & 511)
+            coffset, csize = compressed_span(entry, cb)
             first, last = coffset >> cb, (coffset + csize - 1) >> cb
         elif entry & OFFSET_MASK and not (entry & (cs - 1) & OFFSET_MASK):
             first = last = (entry & OFFSET_MASK) >> cb

@@ -18,7 +18,8 @@ from typing import Any, Optional
 import numpy as np
 
 from qemu_ext.qcow2 import format as F
-from qemu_ext.qcow2.image import PathLike, Qcow2Image, open_image
+from qemu_ext.qcow2.entries import ClusterType, cluster_types, compressed_span
+from qemu_ext.qcow2.image import PathLike, ProgressFactory, Qcow2Image, open_image, start_bar
 
 MAX_PROBLEMS = 10000
 CHUNK_BYTES = 2 << 20  # L2 tables decoded per step: small enough to stay in cache
@@ -103,8 +104,28 @@ class CheckResult:
         return d
 
 
+@dataclass
+class L2Chunk:
+    """A chunk of L2 tables being checked: which L1 entries point at them, their entries."""
+
+    sel: np.ndarray  # L1 indexes
+    offs: np.ndarray  # L2 table offsets
+    ent: np.ndarray  # (tables, entries) standard descriptors
+    bmp: Optional[np.ndarray]  # the subcluster bitmaps of extended L2 entries
+    label: str  # "active" or the snapshot
+    active: bool
+    n_entries: int  # entries per L2 table
+    cluster_size: int
+
+    def where(self, r: int, j: int) -> dict[str, Any]:
+        return {
+            "table": f"{self.label} L2 table at {int(self.offs[r]):#x} (L1 entry {int(self.sel[r])}) entry {j}",
+            "guest_offset": (int(self.sel[r]) * self.n_entries + j) * self.cluster_size,
+        }
+
+
 class _Checker:
-    def __init__(self, img: Qcow2Image, filename: str, progress: bool,
+    def __init__(self, img: Qcow2Image, filename: str, progress: Optional[ProgressFactory],
                  watch: Optional[np.ndarray] = None) -> None:
         self.img = img
         # watch mode: only record which tables reference the clusters in `watch` (sorted)
@@ -294,8 +315,6 @@ class _Checker:
         n_entries = img.l2_entries_per_table
         chunk = max(1, CHUNK_BYTES // cs)
         ext = img.extended_l2
-        data_file = img.has_data_file
-        cb = self.cb
         l1_copied = (l1[used] & U(F.L1E_COPIED)) != 0
         for s in range(0, len(used), chunk):
             sel = used[s : s + chunk]
@@ -312,132 +331,114 @@ class _Checker:
             if active:
                 self.check_l1_copied(sel, offs, l1_copied[s : s + chunk], l1[sel])
             tabs = img.read_l2_tables(offs.astype(np.uint64), reuse=True)
-            if ext:
-                ent = tabs[:, :, 0]
-                bmp = tabs[:, :, 1]
-            else:
-                ent = tabs
-                bmp = None
-            self.check_l2_chunk(sel, offs, ent, bmp, label, active, n_entries, data_file, cb)
+            self.check_l2_chunk(L2Chunk(sel, offs, tabs[:, :, 0] if ext else tabs, tabs[:, :, 1] if ext else None,
+                                        label, active, n_entries, cs))
             if self.bar is not None:
                 self.bar.update(len(sel))
 
-    def where(self, label: str, sel: np.ndarray, offs: np.ndarray, r: int, j: int, n_entries: int) -> dict[str, Any]:
-        return {
-            "table": f"{label} L2 table at {int(offs[r]):#x} (L1 entry {int(sel[r])}) entry {j}",
-            "guest_offset": (int(sel[r]) * n_entries + j) * self.cs,
-        }
-
-    def check_l2_chunk(
-        self, sel: np.ndarray, offs: np.ndarray, ent: np.ndarray, bmp: Optional[np.ndarray], label: str, active: bool,
-        n_entries: int, data_file: bool, cb: int,
-    ) -> None:
-        if bmp is None and not data_file and self.watch is None and self._fast_chunk(sel, offs, ent, label, active, n_entries):
+    def check_l2_chunk(self, ch: L2Chunk) -> None:
+        """check_refcounts_l2() for a chunk of L2 tables (and check_oflag_copied() for active ones)."""
+        if ch.bmp is None and not self.img.has_data_file and self.watch is None and self._fast_chunk(ch):
             return
-        cs = self.cs
-        compressed = (ent & U(F.L2E_COMPRESSED)) != 0
-        off = ent & U(F.L2E_OFFSET_MASK)
-        zero_flag = ((ent & U(F.L2E_ZERO)) != 0) & (not self.img.extended_l2)
-        copied = (ent & U(F.L2E_COPIED)) != 0
-        zero_alloc = ~compressed & zero_flag & (off != 0)
-        nz_off = (off != 0) | (copied if data_file else False)
-        normal = ~compressed & ~zero_flag & nz_off
-        unalloc = ~compressed & ~zero_flag & ~nz_off  # (zero_flag without offset: plain zero, nothing to count)
-
-        def report(mask: np.ndarray, what: Any, kind: str = "corruption") -> None:
-            rr, jj = np.nonzero(mask)
-            for r, j in zip(rr.tolist(), jj.tolist()):
-                text = what(r, j) if callable(what) else what
-                self.problem(kind, text, offset=None, **self.where(label, sel, offs, r, j, n_entries))
-
-        # reserved bits of standard descriptors
-        resv = ~compressed & ((ent & U(F.L2E_STD_RESERVED_MASK)) != 0)
+        ct = cluster_types(ch.ent, self.img.extended_l2, self.img.has_data_file)
+        comp = ct == ClusterType.COMPRESSED
+        resv = ~comp & ((ch.ent & U(F.L2E_STD_RESERVED_MASK)) != 0)
         if resv.any():
-            report(resv, lambda r, j: f"L2 entry with reserved bits set: {int(ent[r, j]):#x}")
-        # compressed clusters
-        if compressed.any():
-            x, nbits = F.compressed_field_widths(cb)
-            cc = compressed & copied
-            if cc.any():
-                report(cc, "copied flag set on a compressed cluster")
-            usable = compressed.copy()
-            if data_file:
-                report(compressed, "compressed cluster in an image with an external data file")
-                usable[:] = False
-            bad_bmp = usable & (bmp != 0) if bmp is not None else np.zeros_like(usable)
-            if bad_bmp.any():
-                report(bad_bmp, "compressed cluster with a non-zero subcluster allocation bitmap")
-                usable &= ~bad_bmp
-            rr, jj = np.nonzero(usable)
-            e = ent[rr, jj]
-            coff = (e & U((1 << x) - 1)).astype(np.int64)
-            nsec = ((e >> U(x)) & U((1 << nbits) - 1)).astype(np.int64) + 1
-            csize = nsec * 512 - (coff & 511)
-            self.inc(coff, csize, lambda i: self.where(label, sel, offs, int(rr[i]), int(jj[i]), n_entries)["table"])
-            if active:
-                k = len(rr)
-                self.res.allocated_clusters += k
-                self.res.compressed_clusters += k
-                self.res.fragmented_clusters += k
-        # allocated standard clusters (normal and preallocated zero)
-        alloc = normal | zero_alloc
+            self.report(ch, resv, lambda r, j: f"L2 entry with reserved bits set: {int(ch.ent[r, j]):#x}")
+        if comp.any():
+            self._compressed_clusters(ch, comp)
+        alloc = (ct == ClusterType.NORMAL) | (ct == ClusterType.ZERO_ALLOC)
         if alloc.any():
-            if bmp is not None:
-                badbm = alloc & (((bmp >> U(32)) & bmp) != 0)
-                if badbm.any():
-                    report(badbm, "allocated cluster has a corrupted subcluster allocation bitmap")
-            unal = alloc & ((off & U(cs - 1)) != 0)
-            if unal.any():
-                report(unal, lambda r, j: f"data cluster offset {int(off[r, j]):#x} is not cluster aligned; L2 entry corrupted")
-            if alloc.all():
-                fi = None
-                o = off.ravel().astype(np.int64)
-                rr = np.repeat(np.arange(alloc.shape[0]), alloc.shape[1])
-                jj = np.tile(np.arange(alloc.shape[1]), alloc.shape[0])
-            else:
-                fi = np.flatnonzero(alloc)
-                rr, jj = np.divmod(fi, alloc.shape[1])
-                o = off.ravel()[fi].astype(np.int64)
-            if active:
-                self.res.allocated_clusters += len(rr)
-                # fragmentation: per L2 table, an allocated cluster not following the previous one
-                same_row = np.zeros(len(rr), dtype=bool)
-                same_row[1:] = rr[1:] == rr[:-1]
-                contiguous = np.zeros(len(rr), dtype=bool)
-                contiguous[1:] = o[1:] == o[:-1] + cs
-                self.res.fragmented_clusters += int((same_row & ~contiguous).sum())
-            if not data_file:
-                self.inc(o, cs,
-                         lambda i: self.where(label, sel, offs, int(rr[i]), int(jj[i]), n_entries)["table"])
-            if active:
-                # OFLAG_COPIED of data clusters against the on-disk refcount
-                if data_file:
-                    rc = np.ones(len(o), dtype=np.uint64)
-                    err = np.zeros(len(o), dtype=bool)
-                else:
-                    rc, err = self.disk_refcount(o >> cb)
-                cp = copied.ravel() if fi is None else copied.ravel()[fi]
-                mism = ~err & ((rc == 1) != cp)
-                for i in np.nonzero(mism)[0].tolist():
-                    r, j = int(rr[i]), int(jj[i])
-                    self.problem(
-                        "corruption",
-                        f"OFLAG_COPIED data cluster: l2_entry={int(ent[r, j]):x} refcount={int(rc[i])}",
-                        offset=int(o[i]),
-                        **self.where(label, sel, offs, r, j, n_entries),
-                    )
-        if bmp is not None:
-            ua = unalloc & ((bmp & U(F.L2_BITMAP_ALLOC_MASK)) != 0)
+            self._allocated_clusters(ch, alloc)
+        if ch.bmp is not None:
+            ua = (ct == ClusterType.UNALLOCATED) & ((ch.bmp & U(F.L2_BITMAP_ALLOC_MASK)) != 0)
             if ua.any():
-                report(ua, "unallocated cluster has a non-zero subcluster allocation bitmap")
+                self.report(ch, ua, "unallocated cluster has a non-zero subcluster allocation bitmap")
 
-    def _fast_chunk(self, sel: np.ndarray, offs: np.ndarray, ent: np.ndarray, label: str, active: bool,
-                    n_entries: int) -> bool:
+    def report(self, ch: L2Chunk, mask: np.ndarray, what: Any) -> None:
+        """One corruption per entry of mask; what is a text or a function of (row, entry)."""
+        rr, jj = np.nonzero(mask)
+        for r, j in zip(rr.tolist(), jj.tolist()):
+            self.problem("corruption", what(r, j) if callable(what) else what, offset=None, **ch.where(r, j))
+
+    def _compressed_clusters(self, ch: L2Chunk, comp: np.ndarray) -> None:
+        """QCOW2_CLUSTER_COMPRESSED in check_refcounts_l2(): flags, then the compressed bytes are counted."""
+        cc = comp & ((ch.ent & U(F.L2E_COPIED)) != 0)
+        if cc.any():
+            self.report(ch, cc, "copied flag set on a compressed cluster")
+        usable = comp.copy()
+        if self.img.has_data_file:
+            self.report(ch, comp, "compressed cluster in an image with an external data file")
+            return
+        if ch.bmp is not None:
+            bad_bmp = usable & (ch.bmp != 0)
+            if bad_bmp.any():
+                self.report(ch, bad_bmp, "compressed cluster with a non-zero subcluster allocation bitmap")
+                usable &= ~bad_bmp
+        rr, jj = np.nonzero(usable)
+        coff, csize = compressed_span(ch.ent[rr, jj], self.cb)
+        self.inc(coff, csize, lambda i: ch.where(int(rr[i]), int(jj[i]))["table"])
+        if ch.active:
+            k = len(rr)
+            self.res.allocated_clusters += k
+            self.res.compressed_clusters += k
+            self.res.fragmented_clusters += k
+
+    def _allocated_clusters(self, ch: L2Chunk, alloc: np.ndarray) -> None:
+        """QCOW2_CLUSTER_NORMAL and ZERO_ALLOC in check_refcounts_l2(): bitmap, alignment, fragmentation,
+        the reference; then OFLAG_COPIED against the on-disk refcount (check_oflag_copied)."""
+        cs = self.cs
+        ent = ch.ent
+        off = ent & U(F.L2E_OFFSET_MASK)
+        if ch.bmp is not None:
+            badbm = alloc & (((ch.bmp >> U(32)) & ch.bmp) != 0)
+            if badbm.any():
+                self.report(ch, badbm, "allocated cluster has a corrupted subcluster allocation bitmap")
+        unal = alloc & ((off & U(cs - 1)) != 0)
+        if unal.any():
+            self.report(ch, unal, lambda r, j: f"data cluster offset {int(off[r, j]):#x} is not cluster aligned; "
+                        "L2 entry corrupted")
+        if alloc.all():
+            fi = None
+            o = off.ravel().astype(np.int64)
+            rr = np.repeat(np.arange(alloc.shape[0]), alloc.shape[1])
+            jj = np.tile(np.arange(alloc.shape[1]), alloc.shape[0])
+        else:
+            fi = np.flatnonzero(alloc)
+            rr, jj = np.divmod(fi, alloc.shape[1])
+            o = off.ravel()[fi].astype(np.int64)
+        if ch.active:
+            self.res.allocated_clusters += len(rr)
+            # fragmentation: per L2 table, an allocated cluster not following the previous one
+            same_row = np.zeros(len(rr), dtype=bool)
+            same_row[1:] = rr[1:] == rr[:-1]
+            contiguous = np.zeros(len(rr), dtype=bool)
+            contiguous[1:] = o[1:] == o[:-1] + cs
+            self.res.fragmented_clusters += int((same_row & ~contiguous).sum())
+        if not self.img.has_data_file:
+            self.inc(o, cs, lambda i: ch.where(int(rr[i]), int(jj[i]))["table"])
+        if not ch.active:
+            return
+        if self.img.has_data_file:  # every cluster of an external data file has refcount 1
+            rc = np.ones(len(o), dtype=np.uint64)
+            err = np.zeros(len(o), dtype=bool)
+        else:
+            rc, err = self.disk_refcount(o >> self.cb)
+        copied = (ent & U(F.L2E_COPIED)) != 0
+        cp = copied.ravel() if fi is None else copied.ravel()[fi]
+        mism = ~err & ((rc == 1) != cp)
+        for i in np.nonzero(mism)[0].tolist():
+            r, j = int(rr[i]), int(jj[i])
+            self.problem("corruption", f"OFLAG_COPIED data cluster: l2_entry={int(ent[r, j]):x} refcount={int(rc[i])}",
+                         offset=int(o[i]), **ch.where(r, j))
+
+    def _fast_chunk(self, ch: L2Chunk) -> bool:
         """The common case in one tight pass: every entry a normal, aligned cluster inside the file.
 
         Returns False (nothing counted) when the chunk needs the general path."""
         cs = self.cs
         # compressed, zero, reserved bits or an offset not aligned to the cluster: general path
+        ent = ch.ent
         special = U(F.L2E_COMPRESSED | F.L2E_ZERO | F.L2E_STD_RESERVED_MASK | ((cs - 1) & ~0x1FF))
         if (ent & special).any():
             return False
@@ -451,7 +452,7 @@ class _Checker:
             self.imrt[idx] += 1
         else:
             self._count(idx)
-        if not active:
+        if not ch.active:
             return True
         per = ent.shape[1]
         self.res.allocated_clusters += o.size
@@ -467,7 +468,7 @@ class _Checker:
                     "corruption",
                     f"OFLAG_COPIED data cluster: l2_entry={int(ent[r, j]):x} refcount={int(rc[k])}",
                     offset=int(o[k]),
-                    **self.where(label, sel, offs, r, j, n_entries),
+                    **ch.where(r, j),
                 )
         return True
 
@@ -614,8 +615,6 @@ class _Checker:
         self.mismatched = np.concatenate(mism_all) if mism_all else np.zeros(0, dtype=np.int64)
 
     def run(self) -> CheckResult:
-        from qemu_ext.output import progress
-
         img = self.img
         h = img.header
         self.res.total_clusters = (((h.size + 511) // 512 * 512) + self.cs - 1) >> self.cb
@@ -629,7 +628,7 @@ class _Checker:
         self.load_disk_refcounts()
         l1n = int(np.count_nonzero(img.l1_entries())) if h.l1_size else 0
         total = l1n + sum(int(sn.l1_size) for sn in snaps)
-        self.bar = progress(total, "qcow2 check", unit="L2") if self.progress else None
+        self.bar = start_bar(self.progress, total, "qcow2 check", unit="L2")
         try:
             self.inc1(0, self.cs, "header")
             self.check_l1(h.l1_table_offset, h.l1_size, "active", True)
@@ -664,7 +663,7 @@ class _Checker:
         return self.res
 
 
-def check_image(path: PathLike, progress: bool = True) -> CheckResult:
+def check_image(path: PathLike, progress: Optional[ProgressFactory] = None) -> CheckResult:
     """Check a qcow2 image read-only, like `qemu-img check` (no repair)."""
     with open_image(path) as img:
         res = _Checker(img, os.fspath(path), progress).run()
@@ -672,7 +671,7 @@ def check_image(path: PathLike, progress: bool = True) -> CheckResult:
         clusters = sorted({p.cluster for p in res.problems
                            if p.kind in ("corruption", "leak") and p.cluster is not None and p.what.startswith("cluster ")})
         if clusters:
-            w = _Checker(img, os.fspath(path), False, watch=np.array(clusters, dtype=np.int64))
+            w = _Checker(img, os.fspath(path), None, watch=np.array(clusters, dtype=np.int64))
             w.run()
             for p in res.problems:
                 if p.what.startswith("cluster ") and p.cluster is not None:

@@ -17,7 +17,8 @@ import numpy as np
 from qemu_ext.errors import BadInputError, NotAvailableError
 from qemu_ext.qcow2 import format as F
 from qemu_ext.qcow2.chain import Chain, Layer, open_chain
-from qemu_ext.qcow2.image import PathLike, Qcow2Image
+from qemu_ext.qcow2.entries import compressed_span
+from qemu_ext.qcow2.image import PathLike, ProgressFactory, Qcow2Image, start_bar
 from qemu_ext.qcow2.map import DATA, UNALLOC, ZERO, Runs, _descend, layer_runs
 
 U = np.uint64
@@ -34,7 +35,7 @@ def data_file_path(img: Qcow2Image) -> str:
 def decompress_cluster(img: Qcow2Image, l2_entry: int) -> bytes:
     """One compressed cluster (zlib raw deflate or zstd), as qcow2_co_decompress does."""
     cs = img.cluster_size
-    coff, csize = F.decode_compressed(l2_entry, img.cluster_bits)
+    coff, csize = compressed_span(l2_entry, img.cluster_bits)
     buf = img.pread_zero_padded(coff, csize)
     if img.header.compression_type == 0:
         d = zlib.decompressobj(-15)
@@ -105,7 +106,7 @@ class _Reader:
         out = bytearray(length)
         rows: list[tuple] = []
         _descend(self.runs, self.chain.layers, 0, offset, offset + length, rows)
-        for (s, ln, depth, _present, zero, data, off) in rows:
+        for (s, ln, depth, _present, zero, data, off, _comp) in rows:
             self.read_piece(depth, s, ln, off, data, zero, out, s - offset)
         return bytes(out)
 
@@ -172,7 +173,7 @@ def iter_guest(path: PathLike, chunk: int = 4 << 20,
         try:
             rows: list[tuple] = []
             _descend(r.runs, chain.layers, 0, 0, size, rows)
-            for (s, ln, depth, _p, zero, data, off) in rows:
+            for (s, ln, depth, _p, zero, data, off, _comp) in rows:
                 if zero or not data:
                     yield s, None
                     continue
@@ -187,12 +188,10 @@ def iter_guest(path: PathLike, chunk: int = 4 << 20,
             _close_reader(r)
 
 
-def convert_to_raw(path: PathLike, out_path: PathLike, progress: bool = False,
+def convert_to_raw(path: PathLike, out_path: PathLike, progress: Optional[ProgressFactory] = None,
                    snapshot: Optional[str] = None) -> int:
     """Write the guest disk (or an internal snapshot of it) as a raw file, sparse where the guest
     reads zeros; returns its size."""
-    from qemu_ext.output import progress as make_bar
-
     with open_chain(path, snapshot=snapshot) as chain:
         size = chain.layers[0].size
         inputs = [layer.filename for layer in chain.layers]
@@ -205,7 +204,7 @@ def convert_to_raw(path: PathLike, out_path: PathLike, progress: bool = False,
                 same = False
             if same:
                 raise BadInputError(f"{out_path}: refusing to overwrite an input of the conversion ({name})")
-    bar = make_bar(size, "qcow2 convert", unit="B", unit_scale=True) if progress else None
+    bar = start_bar(progress, size, "qcow2 convert", unit="B", unit_scale=True)
     try:
         with open(out_path, "wb") as f:
             _write(f, path, bar, snapshot)

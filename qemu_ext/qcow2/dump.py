@@ -9,6 +9,7 @@ import numpy as np
 from qemu_ext.errors import BadInputError
 from qemu_ext.qcow2 import DUMP_STRUCTURES
 from qemu_ext.qcow2 import format as F
+from qemu_ext.qcow2.entries import ClusterType, cluster_type
 from qemu_ext.qcow2.image import PathLike, Qcow2Image, Snapshot, open_image
 
 U = np.uint64
@@ -16,16 +17,22 @@ WHAT = DUMP_STRUCTURES
 MAX_ROWS = 1 << 20
 
 
+_TYPE_NAMES = {
+    ClusterType.COMPRESSED: "compressed",
+    ClusterType.ZERO_ALLOC: "zero-alloc",
+    ClusterType.ZERO_PLAIN: "zero",
+    ClusterType.NORMAL: "normal",
+    ClusterType.UNALLOCATED: "unallocated",
+}
+
+
 def _l2_type(img: Qcow2Image, e: int, bmp: int) -> str:
-    if e & F.L2E_COMPRESSED:
-        return "compressed"
-    off = e & F.L2E_OFFSET_MASK
-    alloc = bool(off) or (img.has_data_file and bool(e & F.L2E_COPIED))
-    if not img.extended_l2 and e & F.L2E_ZERO:
-        return "zero-alloc" if alloc else "zero"
-    if img.extended_l2:
-        return "normal" if alloc else ("zero" if bmp >> 32 == 0xFFFFFFFF else "unallocated")
-    return "normal" if alloc else "unallocated"
+    """The entry's QCow2ClusterType by name; an unallocated extended entry whose subclusters all
+    read as zeros is shown as "zero"."""
+    t = cluster_type(e, img.extended_l2, img.has_data_file)
+    if img.extended_l2 and t == ClusterType.UNALLOCATED and bmp >> 32 == 0xFFFFFFFF:
+        return "zero"
+    return _TYPE_NAMES[t]
 
 
 def dump(path: PathLike, what: str, l1_index: Optional[int] = None, snapshot: Optional[str] = None) -> dict[str, Any]:

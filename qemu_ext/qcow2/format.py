@@ -23,7 +23,6 @@ from construct import (
     Int64ub,
     Padding,
     Struct,
-    this,
 )
 
 QCOW_MAGIC = b"QFI\xfb"
@@ -45,7 +44,7 @@ HeaderV2 = Struct(
     "nb_snapshots" / Int32ub,  # 60-63  entries in the snapshot table
     "snapshots_offset" / Int64ub,  # 64-71  cluster aligned
 )
-HEADER_V2_SIZE = 72
+HEADER_V2_SIZE = HeaderV2.sizeof()  # 72
 
 # Bytes 72-103: mandatory for version 3 (header_length >= 104).
 HeaderV3Tail = Struct(
@@ -55,11 +54,11 @@ HeaderV3Tail = Struct(
     "refcount_order" / Int32ub,  # 96-99  refcount_bits = 1 << refcount_order (0..6)
     "header_length" / Int32ub,  # 100-103 >= 104, multiple of 8
 )
-HEADER_V3_SIZE = 104
+HEADER_V3_SIZE = HEADER_V2_SIZE + HeaderV3Tail.sizeof()  # 104
 
-# Byte 104: optional additional field, present when header_length > 104.
-CompressionTypeField = Struct("compression_type" / Int8ub)  # 104  0 zlib, 1 zstd
-COMPRESSION_TYPE_OFFSET = 104
+# Byte 104: optional additional field (compression_type, 0 zlib, 1 zstd), present when
+# header_length > 104; bytes 105-111 are padding.
+COMPRESSION_TYPE_OFFSET = HEADER_V3_SIZE
 COMPRESSION_TYPES = {0: "zlib", 1: "zstd"}
 CRYPT_METHODS = {0: "none", 1: "aes", 2: "luks"}
 
@@ -115,7 +114,7 @@ FeatureNameEntry = Struct(
     "bit" / Int8ub,  # 1     bit number 0..63
     "name" / Bytes(46),  # 2-47  zero padded, not necessarily NUL terminated
 )
-FEATURE_NAME_ENTRY_SIZE = 48
+FEATURE_NAME_ENTRY_SIZE = FeatureNameEntry.sizeof()  # 48
 
 # Bitmaps extension data (24 bytes).
 BitmapsExtension = Struct(
@@ -124,14 +123,14 @@ BitmapsExtension = Struct(
     "bitmap_directory_size" / Int64ub,  # 8-15
     "bitmap_directory_offset" / Int64ub,  # 16-23 cluster aligned
 )
-BITMAPS_EXTENSION_SIZE = 24
+BITMAPS_EXTENSION_SIZE = BitmapsExtension.sizeof()  # 24
 
 # Full disk encryption header pointer (16 bytes).
 CryptoHeaderExtension = Struct(
     "offset" / Int64ub,  # 0-7  cluster aligned
     "length" / Int64ub,  # 8-15 bytes of the written encryption header
 )
-CRYPTO_HEADER_EXTENSION_SIZE = 16
+CRYPTO_HEADER_EXTENSION_SIZE = CryptoHeaderExtension.sizeof()  # 16
 
 # LUKS1 partition header at the start of the encryption header clusters (crypt_method 2), 592 bytes.
 LUKS_MAGIC = b"LUKS\xba\xbe"
@@ -157,7 +156,7 @@ LuksHeader = Struct(
     "uuid" / Bytes(40),  # 168-207
     "key_slots" / Array(8, LuksKeySlot),  # 208-591
 )
-LUKS_HEADER_SIZE = 592
+LUKS_HEADER_SIZE = LuksHeader.sizeof()  # 592
 
 
 # ---------------------------------------------------------------- cluster mapping
@@ -215,31 +214,14 @@ BitmapTableEntry = BitStruct(
 
 def L2CompressedEntry(cluster_bits: int) -> Construct:  # a construct factory, named like one
     """Compressed cluster descriptor: x = 62 - (cluster_bits - 8) offset bits, the rest sector count."""
-    x, nbits = compressed_field_widths(cluster_bits)
+    x = 62 - (cluster_bits - 8)
+    nbits = 62 - x
     return BitStruct(
         "copied" / Flag,  # bit 63: never set for compressed clusters
         "compressed" / Flag,  # bit 62: 1
         "additional_sectors" / BitsInteger(nbits),  # bits x-61: 512-byte sectors beyond the first
         "host_offset" / BitsInteger(x),  # bits 0..x-1: byte offset (not aligned)
     )
-
-
-def compressed_field_widths(cluster_bits: int) -> tuple[int, int]:
-    """(x, sector bits) of a compressed cluster descriptor: x = 62 - (cluster_bits - 8).
-
-    Bits 0..x-1 hold the host offset (not aligned), bits x..61 the number of additional
-    512-byte sectors beyond the one containing the offset.
-    """
-    x = 62 - (cluster_bits - 8)
-    return x, 62 - x
-
-
-def decode_compressed(entry: int, cluster_bits: int) -> tuple[int, int]:
-    """(host offset, bytes spanned from offset to the end of its last sector) of a compressed L2 entry."""
-    x, nbits = compressed_field_widths(cluster_bits)
-    offset = entry & ((1 << x) - 1)
-    nb_sectors = ((entry >> x) & ((1 << nbits) - 1)) + 1
-    return offset, nb_sectors * 512 - (offset & 511)
 
 
 # ---------------------------------------------------------------- refcounts
@@ -259,23 +241,16 @@ SnapshotHeader = Struct(
     "vm_state_size" / Int32ub,  # 32-35  (ignored when extra data has vm_state_size_large)
     "extra_data_size" / Int32ub,  # 36-39
 )
-SNAPSHOT_HEADER_SIZE = 40
+SNAPSHOT_HEADER_SIZE = SnapshotHeader.sizeof()  # 40
 # Known fields of the extra data (each present only if extra_data_size covers it).
 SnapshotExtra = Struct(
     "vm_state_size_large" / Int64ub,  # 40-47
     "disk_size" / Int64ub,  # 48-55  virtual disk size of the snapshot
     "icount" / Int64ub,  # 56-63  -1 (all ones) when icount was disabled
 )
-SNAPSHOT_EXTRA_FIELDS = (("vm_state_size_large", 8), ("disk_size", 16), ("icount", 24))
+SNAPSHOT_EXTRA_SIZE = SnapshotExtra.sizeof()  # 24
 QCOW_MAX_SNAPSHOTS = 65536
 QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
-
-SnapshotEntry = Struct(
-    "hdr" / SnapshotHeader,
-    "extra" / Bytes(this.hdr.extra_data_size),
-    "id_str" / Bytes(this.hdr.id_str_size),
-    "name" / Bytes(this.hdr.name_size),
-)
 
 # ---------------------------------------------------------------- bitmaps
 # Fixed part of a bitmap directory entry (24 bytes), then extra data, name, padding to 8.
@@ -288,12 +263,7 @@ BitmapDirEntryHeader = Struct(
     "name_size" / Int16ub,  # 18-19  non-zero, <= 1023
     "extra_data_size" / Int32ub,  # 20-23
 )
-BITMAP_DIR_ENTRY_HEADER_SIZE = 24
-BitmapDirEntry = Struct(
-    "hdr" / BitmapDirEntryHeader,
-    "extra" / Bytes(this.hdr.extra_data_size),
-    "name" / Bytes(this.hdr.name_size),
-)
+BITMAP_DIR_ENTRY_HEADER_SIZE = BitmapDirEntryHeader.sizeof()  # 24
 BME_FLAG_IN_USE = 1 << 0
 BME_FLAG_AUTO = 1 << 1
 BME_FLAG_EXTRA_DATA_COMPATIBLE = 1 << 2
@@ -311,64 +281,3 @@ MAX_CLUSTER_BITS = 21
 
 def align_up(n: int, a: int) -> int:
     return (n + a - 1) // a * a
-
-
-# ---------------------------------------------------------------- qemu's JSON key order
-def _tdb_hash(name: str) -> int:
-    """qobject/qdict.c tdb_hash(): QEMU's QDict bucket hash (unsigned 32-bit arithmetic)."""
-    b = name.encode()
-    value = (0x238F13AF * len(b)) & 0xFFFFFFFF
-    for i, c in enumerate(b):
-        value = (value + (c << (i * 5 % 24))) & 0xFFFFFFFF
-    return (1103515243 * value + 12345) & 0xFFFFFFFF
-
-
-def qemu_key_order(obj: object) -> object:
-    """Reorder dict keys the way QEMU prints a QDict: by hash bucket (of 512), and within a bucket
-    the key inserted last first.  Dicts must be given in QAPI schema (insertion) order."""
-    if isinstance(obj, dict):
-        keys = list(obj)
-        order = sorted(range(len(keys)), key=lambda i: (_tdb_hash(keys[i]) % 512, -i))
-        return {keys[i]: qemu_key_order(obj[keys[i]]) for i in order}
-    if isinstance(obj, list):
-        return [qemu_key_order(x) for x in obj]
-    return obj
-
-
-def _qjson_str(s: str) -> str:
-    out = ['"']
-    esc = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-    for ch in s:
-        cp = ord(ch)
-        if ch in esc:
-            out.append(esc[ch])
-        elif cp > 0xFFFF:
-            out.append(f"\\u{0xD800 + ((cp - 0x10000) >> 10):04X}\\u{0xDC00 + ((cp - 0x10000) & 0x3FF):04X}")
-        elif cp < 0x20 or cp >= 0x7F:
-            out.append(f"\\u{cp:04X}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
-def qemu_json_text(obj: object, depth: int = 0) -> str:
-    """JSON exactly as QEMU's pretty JSON writer (qobject/json-writer.c) prints it."""
-    if isinstance(obj, dict) or isinstance(obj, list):
-        is_dict = isinstance(obj, dict)
-        items = list(obj.items()) if isinstance(obj, dict) else [(None, v) for v in obj]
-        pad = " " * (4 * (depth + 1))
-        parts = []
-        for k, v in items:
-            name = f"{_qjson_str(str(k))}: " if is_dict else ""
-            parts.append(f"\n{pad}{name}{qemu_json_text(v, depth + 1)}")
-        return ("{" if is_dict else "[") + ",".join(parts) + "\n" + " " * (4 * depth) + ("}" if is_dict else "]")
-    if isinstance(obj, bool):
-        return "true" if obj else "false"
-    if obj is None:
-        return "null"
-    if isinstance(obj, int):
-        return str(obj)
-    if isinstance(obj, float):
-        return repr(obj)
-    return _qjson_str(str(obj))

@@ -12,7 +12,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 from construct import ConstructError
@@ -21,6 +21,25 @@ from qemu_ext.errors import BadInputError, NotAvailableError
 from qemu_ext.qcow2 import format as F
 
 PathLike = Union[str, os.PathLike]
+# A progress-bar factory the front door may pass: (total, desc, unit=, unit_scale=) -> bar with
+# update(n) and close() (qemu_ext.output.progress is one). The library never draws anything itself.
+ProgressFactory = Callable[..., Any]
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def start_bar(progress: Optional[ProgressFactory], total: Optional[int], desc: str, unit: str = "it",
+              unit_scale: bool = False) -> Any:
+    """A bar from the caller's factory, or one that does nothing."""
+    if not progress:
+        return _NoBar()
+    return progress(total, desc, unit=unit, unit_scale=unit_scale)
 
 
 @dataclass

@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import datetime
 import os
+import stat
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 from construct import ConstructError
 
-from qemu_ext.errors import BadInputError
+from qemu_ext.errors import BadInputError, VirtoptError
 from qemu_ext.qcow2 import format as F
 from qemu_ext.qcow2.chain import Layer, open_chain, path_combine
-from qemu_ext.qcow2.image import PathLike, Qcow2Image
+from qemu_ext.qcow2.entries import (
+    COMPRESSED,
+    COPIED,
+    OFFSET_MASK,
+    ZERO,
+    ClusterType,
+    cluster_types,
+    compressed_span,
+)
+from qemu_ext.qcow2.image import PathLike, ProgressFactory, Qcow2Image, start_bar
 
 U = np.uint64
 
@@ -22,6 +33,22 @@ def _actual_size(path: str) -> int:
         return os.stat(path).st_blocks * 512
     except OSError:
         return -1
+
+
+def file_child(filename: str, length: int) -> dict[str, Any]:
+    """The protocol node under an image (QEMU 8.0+ show it as the "file" child): file-posix's
+    BlockNodeInfo for a regular file ("file") or a block device ("host_device")."""
+    try:
+        blk = stat.S_ISBLK(os.stat(filename).st_mode)
+    except OSError:
+        blk = False
+    d: dict[str, Any] = {"filename": filename, "format": "host_device" if blk else "file", "dirty-flag": False}
+    actual = _actual_size(filename)
+    if actual >= 0:
+        d["actual-size"] = actual
+    d["virtual-size"] = length
+    d["format-specific"] = {"type": "file", "data": {}}
+    return {"name": "file", "info": d}
 
 
 def qemu_info(img: Qcow2Image, filename: str) -> dict[str, Any]:
@@ -83,6 +110,7 @@ def qemu_info(img: Qcow2Image, filename: str) -> dict[str, Any]:
     elif h.crypt_method == 1:
         data["encrypt"] = {"format": "aes"}
     d["format-specific"] = {"type": "qcow2", "data": data}
+    d["children"] = [file_child(filename, img.file_size)]
     return d
 
 
@@ -135,133 +163,163 @@ def _raw_info(layer: Layer) -> dict[str, Any]:
     if actual >= 0:
         d["actual-size"] = actual
     d["dirty-flag"] = False
+    d["children"] = [file_child(layer.filename, layer.file_size)]
     return d
 
 
-def extras(img: Qcow2Image, progress: bool = False) -> dict[str, Any]:
-    """What qemu-img info hides: L2 tables, metadata bytes, fragmentation, compression, snapshot sizes, bitmaps."""
+@dataclass
+class L2Stats:
+    """Cluster counts of the active L2 tables (qemu-img check's allocation figures and more)."""
+
+    l2_tables: int = 0
+    normal: int = 0
+    zero_alloc: int = 0
+    zero_plain: int = 0
+    compressed: int = 0
+    compressed_bytes: int = 0
+    fragmented: int = 0
+
+    @property
+    def allocated(self) -> int:
+        return self.normal + self.zero_alloc + self.compressed
+
+
+def _count_chunk(img: Qcow2Image, ent: np.ndarray, st: L2Stats) -> None:
+    """Add one chunk of L2 tables (rows) to the counts; fragmentation as qemu-img check counts it."""
     cs = img.cluster_size
-    h = img.header
+    if not img.extended_l2 and not (ent & U(COMPRESSED | ZERO)).any():
+        o = (ent & U(OFFSET_MASK)).view(np.int64)
+        a = (o != 0) | ((ent & U(COPIED)) != 0) if img.has_data_file else o != 0
+        if a.all():  # fully allocated tables: count and measure contiguity in one pass
+            st.normal += a.size
+            st.fragmented += int(np.count_nonzero(o[:, 1:] != o[:, :-1] + cs))
+            return
+    ct = cluster_types(ent, img.extended_l2, img.has_data_file)
+    off = (ent & U(OFFSET_MASK)).astype(np.int64)
+    nrm = ct == ClusterType.NORMAL
+    za = ct == ClusterType.ZERO_ALLOC
+    comp = ct == ClusterType.COMPRESSED
+    st.normal += int(nrm.sum())
+    st.zero_alloc += int(za.sum())
+    st.zero_plain += int((ct == ClusterType.ZERO_PLAIN).sum())
+    st.compressed += int(comp.sum())
+    if comp.any():
+        _off, nbytes = compressed_span(ent[comp], img.cluster_bits)
+        st.compressed_bytes += int(nbytes.sum())
+    rr, jj = np.nonzero(nrm | za)
+    o = off[rr, jj]
+    if len(o) > 1:
+        st.fragmented += int(((rr[1:] == rr[:-1]) & (o[1:] != o[:-1] + cs)).sum())
+
+
+def active_l2_stats(img: Qcow2Image, progress: Optional[ProgressFactory] = None) -> tuple[L2Stats, set[int]]:
+    """Counts over the active L2 tables and the set of their offsets. Tables past the end of the
+    file read as zeros (nothing allocated there): they are counted without being read."""
     l1 = img.l1_entries()
     l2_offs = l1 & U(F.L1E_OFFSET_MASK)
     used = np.nonzero(l2_offs)[0]
-    normal = zero_alloc = zero_plain = compressed = fragmented = 0
-    compressed_bytes = 0
-    x, nbits = F.compressed_field_widths(img.cluster_bits)
-    chunk = max(1, (2 << 20) // cs)
-    active_l2 = set(int(v) for v in l2_offs[used].tolist())
-    from qemu_ext.output import progress as make_bar
-
-    bar = make_bar(len(used), "qcow2 info", unit="L2") if progress else None
-    for s in range(0, len(used), chunk):
-        if bar is not None:
-            bar.update(min(chunk, len(used) - s))
-        tabs = img.read_l2_tables(l2_offs[used[s : s + chunk]], reuse=True)
-        ent = tabs[:, :, 0] if img.extended_l2 else tabs
-        if not img.extended_l2 and not (ent & U(F.L2E_COMPRESSED | F.L2E_ZERO)).any():
-            # only normal or unallocated entries: count and measure contiguity in a few passes
-            o = (ent & U(F.L2E_OFFSET_MASK)).view(np.int64)
-            a = o != 0
-            if img.has_data_file:
-                a |= ent >= U(F.L2E_COPIED)
-            if a.all():
-                normal += a.size
-                brk = o[:, 1:] != o[:, :-1] + cs
-                fragmented += int(np.count_nonzero(brk))
-                continue
-        comp = (ent & U(F.L2E_COMPRESSED)) != 0
-        off = (ent & U(F.L2E_OFFSET_MASK)).astype(np.int64)
-        zf = ~comp & ((ent & U(F.L2E_ZERO)) != 0) & (not img.extended_l2)
-        alloc = (off != 0) | (((ent & U(F.L2E_COPIED)) != 0) & img.has_data_file)
-        nrm = ~comp & ~zf & alloc
-        za = zf & alloc
-        normal += int(nrm.sum())
-        zero_alloc += int(za.sum())
-        zero_plain += int((zf & ~alloc).sum())
-        compressed += int(comp.sum())
-        if comp.any():
-            e = ent[comp]
-            coff = (e & U((1 << x) - 1)).astype(np.int64)
-            nsec = ((e >> U(x)) & U((1 << nbits) - 1)).astype(np.int64) + 1
-            compressed_bytes += int((nsec * 512 - (coff & 511)).sum())
-        rr, jj = np.nonzero(nrm | za)
-        o = off[rr, jj]
-        if len(o) > 1:
-            fragmented += int(((rr[1:] == rr[:-1]) & (o[1:] != o[:-1] + cs)).sum())
-    if bar is not None:
+    st = L2Stats(l2_tables=len(used))
+    inside = used[l2_offs[used] < U(img.file_size)]
+    chunk = max(1, (2 << 20) // img.cluster_size)
+    bar = start_bar(progress, len(inside), "qcow2 info", unit="L2")
+    try:
+        for s in range(0, len(inside), chunk):
+            bar.update(min(chunk, len(inside) - s))
+            tabs = img.read_l2_tables(l2_offs[inside[s : s + chunk]], reuse=True)
+            _count_chunk(img, tabs[:, :, 0] if img.extended_l2 else tabs, st)
+    finally:
         bar.close()
-    fragmented += compressed
-    rt = img.refcount_table()
-    refblocks = int(np.count_nonzero(rt & U(F.RT_OFFSET_MASK)))
-    snaps_out = []
+    st.fragmented += st.compressed
+    return st, {int(v) for v in l2_offs[used].tolist()}
+
+
+def snapshot_stats(img: Qcow2Image, rt: np.ndarray) -> tuple[list[dict[str, Any]], set[int]]:
+    """Per internal snapshot: size of what it references and of the data only it holds."""
+    cs = img.cluster_size
+    chunk = max(1, (2 << 20) // cs)
+    out: list[dict[str, Any]] = []
     snap_l2: set[int] = set()
     rc = None
     for sn in img.snapshots():
         try:
             sl1 = img.snapshot_l1_entries(sn)
-        except Exception:  # a broken snapshot L1 is check's business; info still shows the rest
-            snaps_out.append({"id": sn.id, "name": sn.name, "error": "L1 table unreadable"})
+        except VirtoptError:  # a broken snapshot L1 is check's business; info still shows the rest
+            out.append({"id": sn.id, "name": sn.name, "error": "L1 table unreadable"})
             continue
         so = sl1 & U(F.L1E_OFFSET_MASK)
         su = so[so != 0]
         snap_l2.update(int(v) for v in su.tolist())
+        inside = su[su < U(img.file_size)]
         if rc is None:
             rc = img.refcounts(rt)
-        data_clusters = 0
-        exclusive = 0
-        for s in range(0, len(su), chunk):
-            tabs = img.read_l2_tables(su[s : s + chunk])
+        data_clusters = exclusive = 0
+        for s in range(0, len(inside), chunk):
+            tabs = img.read_l2_tables(inside[s : s + chunk])
             ent = tabs[:, :, 0] if img.extended_l2 else tabs
-            off = (ent & U(F.L2E_OFFSET_MASK)).astype(np.int64)
-            comp = (ent & U(F.L2E_COMPRESSED)) != 0
-            a = (off != 0) & ~comp
-            data_clusters += int(a.sum()) + int(comp.sum())
-            ci = off[a] >> img.cluster_bits
+            ct = cluster_types(ent, img.extended_l2, img.has_data_file)
+            a = (ct == ClusterType.NORMAL) | (ct == ClusterType.ZERO_ALLOC)
+            data_clusters += int(a.sum()) + int((ct == ClusterType.COMPRESSED).sum())
+            ci = (ent[a] & U(OFFSET_MASK)).astype(np.int64) >> img.cluster_bits
             ci = ci[ci < len(rc)]
             exclusive += int((rc[ci] == 1).sum())
-        snaps_out.append(
-            {
-                "id": sn.id,
-                "name": sn.name,
-                "date": datetime.datetime.fromtimestamp(sn.date_sec, datetime.timezone.utc).isoformat(),
-                "disk-size": sn.disk_size,
-                "vm-state-size": sn.vm_state_size,
-                "l1-table-offset": sn.l1_table_offset,
-                "l1-size": sn.l1_size,
-                "l2-tables": len(su),
-                "referenced-bytes": (F.align_up(sn.l1_size * 8, cs) + len(su) * cs + data_clusters * cs),
-                "exclusive-data-bytes": exclusive * cs,
-            }
-        )
-    bitmaps_out = []
-    bitmap_meta = 0
+        out.append({
+            "id": sn.id,
+            "name": sn.name,
+            "date": datetime.datetime.fromtimestamp(sn.date_sec, datetime.timezone.utc).isoformat(),
+            "disk-size": sn.disk_size,
+            "vm-state-size": sn.vm_state_size,
+            "l1-table-offset": sn.l1_table_offset,
+            "l1-size": sn.l1_size,
+            "l2-tables": len(su),
+            "referenced-bytes": F.align_up(sn.l1_size * 8, cs) + len(su) * cs + data_clusters * cs,
+            "exclusive-data-bytes": exclusive * cs,
+        })
+    return out, snap_l2
+
+
+def bitmap_stats(img: Qcow2Image) -> tuple[list[dict[str, Any]], int]:
+    """Per persistent bitmap: flags, table and data clusters; and the bytes of bitmap metadata."""
+    cs = img.cluster_size
+    out: list[dict[str, Any]] = []
+    meta = 0
     bx = img.bitmaps_extension()
-    if bx is not None:
-        bitmap_meta += F.align_up(bx.bitmap_directory_size, cs)
-        for bm in img.bitmaps():
-            try:
-                tab = img.bitmap_table(bm)
-                data_clusters = int(np.count_nonzero(tab & U(F.BME_TABLE_ENTRY_OFFSET_MASK)))
-            except Exception:
-                data_clusters = 0
-            bitmap_meta += F.align_up(bm.bitmap_table_size * 8, cs) + data_clusters * cs
-            bitmaps_out.append(
-                {
-                    "name": bm.name,
-                    "granularity": bm.granularity,
-                    "flags": bm.flag_names + (["extra-data-compatible"] if bm.flags & F.BME_FLAG_EXTRA_DATA_COMPATIBLE else []),
-                    "raw-flags": bm.flags,
-                    "type": bm.type,
-                    "bitmap-table-offset": bm.bitmap_table_offset,
-                    "bitmap-table-size": bm.bitmap_table_size,
-                    "data-clusters": data_clusters,
-                }
-            )
+    if bx is None:
+        return out, meta
+    meta += F.align_up(bx.bitmap_directory_size, cs)
+    for bm in img.bitmaps():
+        try:
+            tab = img.bitmap_table(bm)
+            data_clusters = int(np.count_nonzero(tab & U(F.BME_TABLE_ENTRY_OFFSET_MASK)))
+        except VirtoptError:
+            data_clusters = 0
+        meta += F.align_up(bm.bitmap_table_size * 8, cs) + data_clusters * cs
+        out.append({
+            "name": bm.name,
+            "granularity": bm.granularity,
+            "flags": bm.flag_names + (["extra-data-compatible"] if bm.flags & F.BME_FLAG_EXTRA_DATA_COMPATIBLE else []),
+            "raw-flags": bm.flags,
+            "type": bm.type,
+            "bitmap-table-offset": bm.bitmap_table_offset,
+            "bitmap-table-size": bm.bitmap_table_size,
+            "data-clusters": data_clusters,
+        })
+    return out, meta
+
+
+def extras(img: Qcow2Image, progress: Optional[ProgressFactory] = None) -> dict[str, Any]:
+    """What qemu-img info hides: L2 tables, metadata bytes, fragmentation, compression, snapshot sizes, bitmaps."""
+    cs = img.cluster_size
+    h = img.header
+    st, active_l2 = active_l2_stats(img, progress)
+    rt = img.refcount_table()
+    refblocks = int(np.count_nonzero(rt & U(F.RT_OFFSET_MASK)))
+    snaps_out, snap_l2 = snapshot_stats(img, rt)
+    bitmaps_out, bitmap_meta = bitmap_stats(img)
     snap_only_l2 = len(snap_l2 - active_l2)
     metadata = (
         cs  # header cluster
         + F.align_up(h.l1_size * 8, cs)
-        + len(used) * cs
+        + st.l2_tables * cs
         + h.refcount_table_clusters * cs
         + refblocks * cs
         + (F.align_up(img.snapshot_table_size(), cs) if h.nb_snapshots else 0)
@@ -269,7 +327,7 @@ def extras(img: Qcow2Image, progress: bool = False) -> dict[str, Any]:
         + snap_only_l2 * cs
         + bitmap_meta
     )
-    allocated = normal + zero_alloc + compressed
+    allocated = st.allocated
     feats = img.features()
     return {
         "version": h.version,
@@ -277,18 +335,18 @@ def extras(img: Qcow2Image, progress: bool = False) -> dict[str, Any]:
         "refcount-bits": img.refcount_bits,
         "l2-entry-size": img.l2_entry_size,
         "l1-size": h.l1_size,
-        "l2-tables-allocated": len(used),
+        "l2-tables-allocated": st.l2_tables,
         "l2-tables-snapshots-only": snap_only_l2,
         "refcount-blocks": refblocks,
         "metadata-bytes": metadata,
-        "data-clusters": normal,
-        "zero-clusters-preallocated": zero_alloc,
-        "zero-clusters": zero_plain,
-        "compressed-clusters": compressed,
-        "compressed-bytes": compressed_bytes,
+        "data-clusters": st.normal,
+        "zero-clusters-preallocated": st.zero_alloc,
+        "zero-clusters": st.zero_plain,
+        "compressed-clusters": st.compressed,
+        "compressed-bytes": st.compressed_bytes,
         "allocated-clusters": allocated,
-        "fragmented-clusters": fragmented,
-        "fragmentation": round(fragmented / allocated, 4) if allocated else 0.0,
+        "fragmented-clusters": st.fragmented,
+        "fragmentation": round(st.fragmented / allocated, 4) if allocated else 0.0,
         "file-size": img.file_size,
         "features": {"incompatible": feats.incompatible, "compatible": feats.compatible, "autoclear": feats.autoclear},
         "extensions": [e.name if e.name != "unknown" else f"0x{e.type:08x}" for e in img.extensions],
@@ -298,7 +356,7 @@ def extras(img: Qcow2Image, progress: bool = False) -> dict[str, Any]:
 
 
 def image_info(path: PathLike, backing_chain: bool = False, with_extras: bool = True,
-               progress: bool = False) -> list[dict[str, Any]]:
+               progress: Optional[ProgressFactory] = None) -> list[dict[str, Any]]:
     """One dict per image (the top only, or the whole chain): qemu-img's fields plus "virtopt" extras."""
     out = []
     with open_chain(path, follow_backing=backing_chain) as chain:

@@ -23,15 +23,17 @@ import numpy as np
 from qemu_ext.errors import BadInputError
 from qemu_ext.qcow2 import format as F
 from qemu_ext.qcow2.chain import Chain, Layer, open_chain
-from qemu_ext.qcow2.image import PathLike, Qcow2Image
+from qemu_ext.qcow2.entries import OFFSET_MASK, SC_OF_CLUSTER, SubclusterType, cluster_types, subcluster_types
+from qemu_ext.qcow2.image import PathLike, ProgressFactory, Qcow2Image, start_bar
 
 U = np.uint64
-UNALLOC, DATA, ZERO = 0, 1, 2
+# block status codes of a run: BDRV_BLOCK_DATA, BDRV_BLOCK_ZERO, BDRV_BLOCK_COMPRESSED (10.0)
+UNALLOC, DATA, ZERO, COMPRESSED_FLAG = 0, 1, 2, 4
 
 
 @dataclass
 class Runs:
-    """Runs of one status in bytes: start, length, code (UNALLOC/DATA/ZERO), has_off, off."""
+    """Runs of one status in bytes: start, length, code (UNALLOC or DATA/ZERO/COMPRESSED_FLAG bits), has_off, off."""
 
     start: np.ndarray
     length: np.ndarray
@@ -92,68 +94,83 @@ def _fill_gaps(r: Runs, size: int) -> Runs:
     return Runs(*(getattr(allr, f)[order] for f in ("start", "length", "code", "has_off", "off")))
 
 
-def _chunk_runs(img: Qcow2Image, sel: np.ndarray, tabs: np.ndarray) -> Runs:
-    """Status runs of the guest units described by a chunk of L2 tables."""
+def corrupt(img: Qcow2Image, message: str) -> BadInputError:
+    """qcow2_signal_corruption() on a read-only image: the request fails with EIO (qemu-img map:
+    "Could not read file metadata: Input/output error")."""
+    return BadInputError(f"{img.path}: Image is corrupt: {message}")
+
+
+def _entry_error(img: Qcow2Image, st: np.ndarray, cl_off: np.ndarray, guest_cluster: np.ndarray,
+                 l2_offs: np.ndarray, per: int) -> Optional[tuple[int, str]]:
+    """The first L2 entry (in guest order) that qcow2_get_host_offset() refuses, as
+    (guest cluster, QEMU's message); st holds the subcluster types per cluster (rows of 1 or 32)."""
+    T = SubclusterType
+    cs = img.cluster_size
+    bad = np.zeros(len(st), dtype=np.int8)  # 0 ok, else the reason below
+    if img.version < 3:
+        bad[((st == T.ZERO_PLAIN) | (st == T.ZERO_ALLOC)).any(axis=1)] = 1
+    hostish = ((st == T.NORMAL) | (st == T.ZERO_ALLOC) | (st == T.UNALLOCATED_ALLOC)).any(axis=1)
+    if img.has_data_file:
+        bad[(st == T.COMPRESSED).any(axis=1) & (bad == 0)] = 2
+        bad[hostish & (cl_off != guest_cluster * cs) & ((cl_off & (cs - 1)) == 0) & (bad == 0)] = 4
+    bad[hostish & ((cl_off & (cs - 1)) != 0) & (bad == 0)] = 3
+    bad[(st == T.INVALID).any(axis=1) & (bad == 0)] = 5
+    nz = np.flatnonzero(bad)
+    if not len(nz):
+        return None
+    k = int(nz[0])
+    g = int(guest_cluster[k])
+    l2o, idx = int(l2_offs[k]), g % per
+    why = int(bad[k])
+    if why == 1:
+        msg = f"Zero cluster entry found in pre-v3 image (L2 offset: {l2o:#x}, L2 index: {idx:#x})"
+    elif why == 2:
+        msg = (f"Compressed cluster entry found in image with external data file (L2 offset: {l2o:#x}, "
+               f"L2 index: {idx:#x})")
+    elif why == 3:
+        msg = f"Cluster allocation offset {int(cl_off[k]):#x} unaligned (L2 offset: {l2o:#x}, L2 index: {idx:#x})"
+    elif why == 4:
+        msg = (f"External data file host cluster offset {int(cl_off[k]):#x} does not match guest cluster offset: "
+               f"{g * cs:#x}, L2 index: {idx:#x})")
+    else:
+        msg = f"Invalid cluster entry found  (L2 offset: {l2o:#x}, L2 index: {idx:#x})"
+    return g, msg
+
+
+def _chunk_runs(img: Qcow2Image, sel: np.ndarray, offs: np.ndarray, tabs: np.ndarray) -> Runs:
+    """Status runs (qcow2_co_block_status, 7.2 and 10.0) of the guest units of a chunk of L2 tables."""
     cs = img.cluster_size
     per = img.l2_entries_per_table
     crypto = img.header.crypt_method != 0
     data_file = img.has_data_file
+    T = SubclusterType
     if img.extended_l2:
-        ent = tabs[:, :, 0]
-        bmp = tabs[:, :, 1]
+        ent, bmp = tabs[:, :, 0], tabs[:, :, 1]
+        st = subcluster_types(ent, bmp, data_file)  # (rows, per, 32)
+        unit = cs // 32
     else:
         ent = tabs
-        bmp = None
-        if not crypto and not data_file:
+        if not crypto and not data_file and img.version >= 3:
             fast = _fast_chunk_runs(img, sel, ent)
             if fast is not None:
                 return fast
-    compressed = (ent & U(F.L2E_COMPRESSED)) != 0
-    off = (ent & U(F.L2E_OFFSET_MASK)).astype(np.int64)
-    copied = (ent & U(F.L2E_COPIED)) != 0
-    allocated = (off != 0) | (copied & data_file)
-    if bmp is None:
-        zero = ~compressed & ((ent & U(F.L2E_ZERO)) != 0)
-        normal = ~compressed & ~zero & allocated
-        code = np.where(compressed | normal, DATA, np.where(zero, ZERO, UNALLOC)).astype(np.int8)
-        has_off = (normal | (zero & allocated)) & (not crypto)
+        st = SC_OF_CLUSTER[cluster_types(ent, False, data_file)][:, :, None]
         unit = cs
-        bad = has_off & ((off & (cs - 1)) != 0)
-        g = (sel.astype(np.int64)[:, None] * per + np.arange(per, dtype=np.int64)[None, :])
-        code, has_off, off, g = code.ravel(), has_off.ravel(), off.ravel(), g.ravel()
-    else:
-        sc = np.arange(32, dtype=np.uint64)
-        alloc_bits = ((bmp[:, :, None] >> sc) & U(1)) != 0
-        zero_bits = ((bmp[:, :, None] >> (sc + U(32))) & U(1)) != 0
-        std = ~compressed
-        normal_c = std & allocated
-        unalloc_c = std & ~allocated
-        invalid = (normal_c & (((bmp >> U(32)) & bmp) != 0)) | (unalloc_c & ((bmp & U(F.L2_BITMAP_ALLOC_MASK)) != 0))
-        if invalid.any():
-            r, j = (int(x[0]) for x in np.nonzero(invalid))
-            raise BadInputError(
-                f"{img.path}: invalid subcluster bitmap in the L2 entry for guest offset "
-                f"{(int(sel[r]) * per + j) * cs:#x} (qemu-img map fails with an I/O error here)"
-            )
-        nc = normal_c[:, :, None]
-        code = np.full(alloc_bits.shape, UNALLOC, dtype=np.int8)
-        code[np.broadcast_to(compressed[:, :, None], code.shape)] = DATA
-        code[nc & zero_bits] = ZERO
-        code[nc & ~zero_bits & alloc_bits] = DATA
-        code[unalloc_c[:, :, None] & zero_bits] = ZERO
-        has_off = np.broadcast_to(nc, code.shape) & (not crypto)
-        unit = cs // 32
-        bad = normal_c & ((off & (cs - 1)) != 0) & (not crypto)
-        off = (off[:, :, None] + (np.arange(32, dtype=np.int64) * unit)[None, None, :])
-        g = (sel.astype(np.int64)[:, None, None] * per + np.arange(per, dtype=np.int64)[None, :, None]) * 32 + \
-            np.arange(32, dtype=np.int64)[None, None, :]
-        code, has_off, off, g = code.ravel(), has_off.ravel(), off.ravel(), g.ravel()
-    if bad.any():
-        r, j = (int(x[0]) for x in np.nonzero(bad))
-        raise BadInputError(
-            f"{img.path}: L2 entry for guest offset {(int(sel[r]) * per + j) * cs:#x} has an unaligned host offset "
-            f"(qemu-img map fails with an I/O error here)"
-        )
+    nsc = st.shape[2]
+    cl_off = (ent & U(OFFSET_MASK)).astype(np.int64)
+    gcl = sel.astype(np.int64)[:, None] * per + np.arange(per, dtype=np.int64)[None, :]
+    err = _entry_error(img, st.reshape(-1, nsc), cl_off.ravel(), gcl.ravel(),
+                       np.repeat(offs.astype(np.int64), per), per)
+    if err is not None:
+        raise corrupt(img, err[1])
+    code = np.zeros(st.shape, dtype=np.int8)
+    code[(st == T.ZERO_PLAIN) | (st == T.ZERO_ALLOC)] = ZERO
+    code[st == T.NORMAL] = DATA
+    code[st == T.COMPRESSED] = DATA | COMPRESSED_FLAG
+    has_off = ((st == T.NORMAL) | (st == T.ZERO_ALLOC) | (st == T.UNALLOCATED_ALLOC)) & (not crypto)
+    off = cl_off[:, :, None] + (np.arange(nsc, dtype=np.int64) * unit)[None, None, :]
+    g = gcl[:, :, None] * nsc + np.arange(nsc, dtype=np.int64)[None, None, :]
+    code, has_off, off, g = code.ravel(), has_off.ravel(), off.ravel(), g.ravel()
     n = len(code)
     brk = np.ones(n, dtype=bool)
     brk[1:] = (
@@ -288,17 +305,20 @@ def layer_runs(layer: Layer, progress_bar: Any = None) -> Runs:
     l1 = layer.l1_entries()
     l2_offs = l1 & U(F.L1E_OFFSET_MASK)
     used = np.nonzero(l2_offs)[0]
-    bad = used[(l2_offs[used] % U(img.cluster_size)) != 0]
-    if len(bad):
-        raise BadInputError(f"{img.path}: L1 entry {int(bad[0])} points to an unaligned L2 table "
-                            f"(qemu-img map fails with an I/O error here)")
     chunk = max(1, (2 << 20) // img.cluster_size)
     if img.extended_l2:
         chunk = max(1, chunk // 8)
     parts: list[Runs] = []
     for s in range(0, len(used), chunk):
         sel = used[s : s + chunk]
-        parts.append(_chunk_runs(img, sel, img.read_l2_tables(l2_offs[sel], reuse=True)))
+        offs = l2_offs[sel]
+        unaligned = np.flatnonzero(offs % U(img.cluster_size))
+        if len(unaligned):  # entries before it are looked at first (guest order)
+            k = int(unaligned[0])
+            if k:
+                _chunk_runs(img, sel[:k], offs[:k], img.read_l2_tables(offs[:k], reuse=True))
+            raise corrupt(img, f"L2 table offset {int(offs[k]):#x} unaligned (L1 index: {int(sel[k]):#x})")
+        parts.append(_chunk_runs(img, sel, offs, img.read_l2_tables(offs, reuse=True)))
         if progress_bar is not None:
             progress_bar.update(len(sel))
     r = merge(_fill_gaps(_concat(parts), size))
@@ -319,6 +339,8 @@ def layer_runs(layer: Layer, progress_bar: Any = None) -> Runs:
 
 @dataclass
 class MapEntry:
+    """One entry of qemu-img map (its MapEntry, qemu-img.c): a run of one block status."""
+
     start: int
     length: int
     depth: int
@@ -327,17 +349,20 @@ class MapEntry:
     data: bool
     offset: Optional[int]
     filename: Optional[str] = None
+    compressed: bool = False  # BDRV_BLOCK_COMPRESSED (printed by qemu-img map since 8.2)
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"start": self.start, "length": self.length, "depth": self.depth,
-                             "present": self.present, "zero": self.zero, "data": self.data}
+                             "present": self.present, "zero": self.zero, "data": self.data,
+                             "compressed": self.compressed}
         if self.offset is not None:
             d["offset"] = self.offset
         return d
 
 
 def _descend(runs: list[Runs], layers: list[Layer], depth: int, a: int, b: int, out: list[tuple]) -> None:
-    """Status of [a, b) starting at layer `depth` (appends (start, len, depth, present, zero, data, off|None))."""
+    """Status of [a, b) starting at layer `depth`
+    (appends (start, len, depth, present, zero, data, off|None, compressed))."""
     r = runs[depth]
     i = int(np.searchsorted(r.start, a, side="right")) - 1
     while a < b:
@@ -347,36 +372,33 @@ def _descend(runs: list[Runs], layers: list[Layer], depth: int, a: int, b: int, 
         h = bool(r.has_off[i])
         o = int(r.off[i]) + (a - s) if h else None
         if c != UNALLOC:
-            out.append((a, e - a, depth, True, bool(c & ZERO), bool(c & DATA), o))
+            out.append((a, e - a, depth, True, bool(c & ZERO), bool(c & DATA), o, bool(c & COMPRESSED_FLAG)))
         elif depth + 1 < len(layers):
             bsize = layers[depth + 1].size
             if a < bsize:
                 m = min(e, bsize)
                 _descend(runs, layers, depth + 1, a, m, out)
                 if m < e:
-                    out.append((m, e - m, depth, False, True, False, None if o is None else o + (m - a)))
+                    out.append((m, e - m, depth, False, True, False, None if o is None else o + (m - a), False))
             else:
-                out.append((a, e - a, depth, False, True, False, o))
+                out.append((a, e - a, depth, False, True, False, o, False))
         else:
-            out.append((a, e - a, depth, False, True, False, o))
+            out.append((a, e - a, depth, False, True, False, o, False))
         a = e
         i += 1
 
 
-def chain_map(chain: Chain, progress: bool = False) -> list[MapEntry]:
+def chain_map(chain: Chain, progress: Optional[ProgressFactory] = None) -> list[MapEntry]:
     """qemu-img map's entries for a whole chain (top layer first)."""
-    from qemu_ext.output import progress as make_bar
-
     layers = chain.layers
     runs: list[Runs] = []
     total = sum(int(np.count_nonzero(L.l1_entries() & U(F.L1E_OFFSET_MASK))) for L in layers if L.img is not None)
-    bar = make_bar(total, "qcow2 map", unit="L2") if progress else None
+    bar = start_bar(progress, total, "qcow2 map", unit="L2")
     try:
         for L in layers:
             runs.append(layer_runs(L, bar))
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     top = runs[0]
     if len(layers) == 1:
         # fast path: no backing, unallocated means zero at depth 0
@@ -385,13 +407,14 @@ def chain_map(chain: Chain, progress: bool = False) -> list[MapEntry]:
         zero = (code == UNALLOC) | ((code & ZERO) != 0)
         data = (code & DATA) != 0
         present = code != UNALLOC
+        comp = (code & COMPRESSED_FLAG) != 0
         st, ln, ho, of = top.start.tolist(), top.length.tolist(), top.has_off.tolist(), top.off.tolist()
-        for k, (z, d, p) in enumerate(zip(zero.tolist(), data.tolist(), present.tolist())):
-            out.append(MapEntry(st[k], ln[k], 0, p, z, d, of[k] if ho[k] else None))
+        for k, (z, d, p, c) in enumerate(zip(zero.tolist(), data.tolist(), present.tolist(), comp.tolist())):
+            out.append(MapEntry(st[k], ln[k], 0, p, z, d, of[k] if ho[k] else None, compressed=c))
         return _merge_entries(out)
     rows: list[tuple] = []
     _descend(runs, layers, 0, 0, layers[0].size, rows)
-    return _merge_entries([MapEntry(*t) for t in rows])
+    return _merge_entries([MapEntry(*t[:7], compressed=t[7]) for t in rows])
 
 
 def _merge_entries(entries: list[MapEntry]) -> list[MapEntry]:
@@ -403,12 +426,13 @@ def _merge_entries(entries: list[MapEntry]) -> list[MapEntry]:
             c = out[-1]
             if (
                 c.zero == e.zero and c.data == e.data and c.depth == e.depth and c.present == e.present
+                and c.compressed == e.compressed
                 and (c.offset is None) == (e.offset is None)
                 and (c.offset is None or c.offset + c.length == e.offset)
             ):
                 c.length += e.length
                 continue
-        out.append(MapEntry(e.start, e.length, e.depth, e.present, e.zero, e.data, e.offset))
+        out.append(MapEntry(e.start, e.length, e.depth, e.present, e.zero, e.data, e.offset, compressed=e.compressed))
     return out
 
 
@@ -423,11 +447,11 @@ def clip(entries: list[MapEntry], start: int, max_length: Optional[int]) -> list
         if a >= b:
             continue
         off = None if e.offset is None else e.offset + (a - e.start)
-        out.append(MapEntry(a, b - a, e.depth, e.present, e.zero, e.data, off, e.filename))
+        out.append(MapEntry(a, b - a, e.depth, e.present, e.zero, e.data, off, e.filename, e.compressed))
     return out
 
 
-def image_map(path: PathLike, progress: bool = False, start: int = 0,
+def image_map(path: PathLike, progress: Optional[ProgressFactory] = None, start: int = 0,
               max_length: Optional[int] = None) -> list[MapEntry]:
     """The `qemu-img map` entries of an image through its backing chain."""
     with open_chain(path) as chain:
@@ -440,33 +464,3 @@ def image_map(path: PathLike, progress: bool = False, start: int = 0,
         if not entries:  # qemu-img prints its empty initial entry
             entries = [MapEntry(start, 0, 0, False, False, False, None)]
         return entries
-
-
-def render_json(entries: list[MapEntry]) -> str:
-    """Byte for byte what `qemu-img map --output=json` prints."""
-    parts = []
-    for e in entries:
-        s = (f'{{ "start": {e.start}, "length": {e.length}, "depth": {e.depth}, '
-             f'"present": {"true" if e.present else "false"}, "zero": {"true" if e.zero else "false"}, '
-             f'"data": {"true" if e.data else "false"}')
-        if e.offset is not None:
-            s += f', "offset": {e.offset}'
-        parts.append(s + "}")
-    return "[" + ",\n".join(parts) + "]\n"
-
-
-def _hex(v: int) -> str:
-    return f"{v:#x}" if v else "0"
-
-
-def render_human(entries: list[MapEntry]) -> tuple[str, Optional[str]]:
-    """`qemu-img map` human output (data extents only) and the error qemu-img stops with, if any.
-
-    Like qemu-img, the lines before a compressed (or encrypted) extent are printed, then it fails."""
-    lines = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File"]
-    for e in entries:
-        if e.data and e.offset is None:
-            return "\n".join(lines) + "\n", "File contains external, encrypted or compressed clusters."
-        if e.data and not e.zero:
-            lines.append(f"{_hex(e.start):<16}{_hex(e.length):<16}{_hex(e.offset or 0):<16}{e.filename or ''}")
-    return "\n".join(lines) + "\n", None
