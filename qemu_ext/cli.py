@@ -26,6 +26,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "shell": ("qemu_ext.qmp.shell_cli", "QMP shell with trace, stats, thread and mtree helpers"),
     "threads": ("qemu_ext.host.threads_cli", "QEMU threads and their roles (vCPU n, iothread, ...); pinning"),
     "gdb": ("qemu_ext.gdbmi.cli", "run virtopt gdb commands against a QEMU pid and return their data"),
+    "inspect": ("qemu_ext.introspect.cli", "read a running QEMU's state without stopping it (drgn), or a core"),
     "doctor": ("qemu_ext.host.doctor_cli", "host and VM tuning checks from /proc and /sys"),
     "demo": ("qemu_ext.demo", "start a throw-away VM on a fresh qcow2 image and show what virtopt sees"),
 }

@@ -18,6 +18,7 @@ def hmp(qp: vm.QemuProcess, line: str) -> str:
 
 
 def start(binary: Optional[str], **kw: Any) -> vm.QemuProcess:
+    """A QEMU shared by a test module (binary, or build=QemuBuild) with a connected QMP client."""
     qp = vm.start_qemu(binary=binary, **kw)
     try:
         qp.client = qp.qmp()  # type: ignore[attr-defined]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import debug_qemu_src
+from conftest import _require
 from gdb_util import (
     PACK,
     assert_alive,
@@ -43,34 +43,48 @@ DEBUG_ONLY_HERE = DEBUG_ONLY if vm.kvm_available() else DEBUG_ONLY | {"vcpus"}
 
 
 @pytest.fixture(scope="module")
-def dbg(tmp_path_factory) -> Any:
-    """The debug QEMU (2 vCPUs) with a 1 GiB qcow2 drive d0 and qcow2_cache_get traced from the start."""
-    src = debug_qemu_src()
-    img = make_qcow2(tmp_path_factory.mktemp("gdb") / "d0.qcow2", size="1G",
-                     io=["write -P 0x11 0 64k", "write -P 0x22 40M 64k", "write -P 0x33 600M 64k"])
-    qp = start(str(src / "build" / "qemu-system-x86_64"), name="virtopt-gdb", smp=2,
-               drives=[f"file={img},if=none,id=d0,format=qcow2,{DRIVE_OPTS}"],
-               extra_args=["-trace", "qcow2_cache_get"])
+def qemus(tmp_path_factory) -> Any:
+    """QEMUs shared by this module, started on first use: ("debug", series) is the debug build (2 vCPUs)
+    with a 1 GiB qcow2 drive d0 and qcow2_cache_get traced from the start; ("stock", series) the
+    distribution's build (no debug info, log trace backend) with a small qcow2 drive d0."""
+    started: dict[tuple[str, str], vm.QemuProcess] = {}
+
+    def get(kind: str, series: str) -> vm.QemuProcess:
+        if (kind, series) not in started:
+            build = _require(series, debug=kind == "debug")
+            d = tmp_path_factory.mktemp("gdb")
+            if kind == "debug":
+                img = make_qcow2(d / "d0.qcow2", size="1G",
+                                 io=["write -P 0x11 0 64k", "write -P 0x22 40M 64k", "write -P 0x33 600M 64k"])
+                started[kind, series] = start(None, build=build, name="virtopt-gdb", smp=2,
+                                              drives=[f"file={img},if=none,id=d0,format=qcow2,{DRIVE_OPTS}"],
+                                              extra_args=["-trace", "qcow2_cache_get"])
+            else:
+                img = make_qcow2(d / "e0.qcow2", size="64M", io=["write -P 0x44 0 64k"])
+                started[kind, series] = start(None, build=build, name="virtopt-gdb",
+                                              drives=[f"file={img},if=none,id=d0,format=qcow2"])
+        return started[kind, series]
+
     try:
-        yield qp
+        yield get
     finally:
-        qp.stop()
+        for qp in started.values():
+            qp.stop()
 
 
-@pytest.fixture(scope="module")
-def deb(tmp_path_factory) -> Any:
-    """Debian's QEMU (no debug info, log trace backend) with a small qcow2 drive d0."""
-    img = make_qcow2(tmp_path_factory.mktemp("gdb") / "e0.qcow2", size="64M", io=["write -P 0x44 0 64k"])
-    qp = start(None, name="virtopt-gdb", drives=[f"file={img},if=none,id=d0,format=qcow2"])
-    try:
-        yield qp
-    finally:
-        qp.stop()
+@pytest.fixture(params=vm.SERIES, ids=lambda s: f"debug{s}")
+def dbg(request, qemus) -> vm.QemuProcess:
+    return qemus("debug", request.param)
 
 
-@pytest.fixture(params=["debug", "debian"])
-def any_qemu(request) -> Any:
-    return request.getfixturevalue("dbg" if request.param == "debug" else "deb")
+@pytest.fixture(params=vm.SERIES, ids=lambda s: f"stock{s}")
+def deb(request, qemus) -> vm.QemuProcess:
+    return qemus("stock", request.param)
+
+
+@pytest.fixture(params=[(k, s) for k in ("debug", "stock") for s in vm.SERIES], ids=lambda p: f"{p[0]}{p[1]}")
+def any_qemu(request, qemus) -> vm.QemuProcess:
+    return qemus(*request.param)
 
 
 def _qmp_version(qp: vm.QemuProcess) -> str:
@@ -127,7 +141,7 @@ def test_info_on_debian_qemu_says_what_works_without_debug_info(deb):
     assert info["version"] == _qmp_version(deb)
     assert info["debug-info"] is False and info["accelerator"] == deb.accel
     assert info["trace-backends"] == ["log"]
-    nm = subprocess.run(["nm", "-D", "--defined-only", "/usr/bin/qemu-system-x86_64"],
+    nm = subprocess.run(["nm", "-D", "--defined-only", deb.build.system],
                         capture_output=True, text=True, check=True).stdout
     assert info["trace-events"] == len(re.findall(r" _TRACE_\w+_DSTATE$", nm, re.M))
     unavailable = {n for n, c in info["commands"].items() if not c["available"]}
@@ -140,7 +154,7 @@ SMOKE = ["info", "threads", "vcpus", "mtree", "mtree --flat", "mtree lookup 0xfe
 
 
 def test_smoke_every_command_in_both_qemus(any_qemu):
-    debug = "debug" in any_qemu.binary
+    debug = any_qemu.build.debug
     with GdbSession(any_qemu.pid) as s:
         for cmd in SMOKE:
             for variant in (cmd, cmd + " --json"):
@@ -181,7 +195,7 @@ def test_threads_match_proc_and_query_cpus_fast(any_qemu):
         assert list(t)[:9] == ["tid", "name", "role", "vcpu-index", "iothread-id", "label", "last-cpu", "affinity",
                                "identified-by"]
     bql = data["bql"]
-    assert bql["known"] == ("debug" in any_qemu.binary)
+    assert bql["known"] == any_qemu.build.debug
     assert bql["holder"] is None or bql["holder"] in truth
     assert_alive(any_qemu)
 
@@ -361,7 +375,7 @@ def _strip_now(clocks: list) -> list:
 def test_timers_list_the_qcow2_cache_clean_timer(any_qemu):
     """A qcow2 node arms a QEMU_CLOCK_VIRTUAL timer (SCALE_MS) at now + cache-clean-interval:
     30 s as given to the debug QEMU's -drive, QEMU's default 600 s on Debian's."""
-    debug = "debug" in any_qemu.binary
+    debug = any_qemu.build.debug
     interval = CLEAN_INTERVAL if debug else 600
     (data,) = gdb_json(any_qemu.pid, "timers --json")
     assert data["source"] == ("debug-info" if debug else "symbols")

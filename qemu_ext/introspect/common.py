@@ -40,7 +40,8 @@ def check_qemu(t: Target, view: str) -> None:
         from .target import proc_comm
 
         name = proc_comm(t.pid, t.pid)
-    raise NotAvailable(f"virtopt {view}: process {t.pid} is not QEMU ({name or os.path.basename(exe)}, {exe})")
+    # CONTRIBUTING's wording (qemu_ext.errors.not_qemu), exit code 1
+    raise IntrospectError(f"virtopt {view}: process {t.pid} is not QEMU ({name or os.path.basename(exe)}, {exe})")
 
 
 def kvm_enabled(t: Target) -> Optional[bool]:

@@ -1,0 +1,249 @@
+"""The drgn backend: a Target over drgn (PyPI ``drgn``), which reads a live QEMU through
+/proc/PID/mem without ptrace-stopping it, or a core file.
+
+QEMU never stops for this reader: there is no ptrace attach, no SIGSTOP, nothing written. It
+sees memory as it is at each read, so the views run on a snapshot cache and retry torn reads
+(common.collect). It cannot see the registers of a running thread (that needs ptrace, which
+stops it); on a core, registers come from the dump.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from qemu_ext.errors import BadInputError, open_error
+
+from .target import Field, IntrospectError, MemoryReadError, NotAvailable, Target, ThreadInfo, TypeInfo
+
+try:
+    import drgn
+except ImportError:  # pragma: no cover - a dependency; said in one line when missing
+    drgn = None  # type: ignore[assignment]
+
+
+def _need_drgn() -> Any:
+    if drgn is None:
+        raise NotAvailable("drgn is not installed: pip install drgn (virtopt inspect reads QEMU through it)")
+    return drgn
+
+
+_KINDS: dict[Any, str] = {}
+
+
+def _kind(t: Any) -> str:
+    if not _KINDS:
+        K = drgn.TypeKind
+        _KINDS.update({K.INT: "int", K.BOOL: "bool", K.FLOAT: "float", K.STRUCT: "struct", K.UNION: "union",
+                       K.CLASS: "struct", K.ENUM: "enum", K.POINTER: "ptr", K.ARRAY: "array", K.FUNCTION: "func",
+                       K.VOID: "void"})
+    return _KINDS.get(t.kind, "int")
+
+
+def _strip(t: Any) -> Any:
+    while t.kind == drgn.TypeKind.TYPEDEF:
+        t = t.type
+    return t
+
+
+def convert(t: Any) -> TypeInfo:
+    """drgn.Type -> TypeInfo (fields and targets converted when first used)."""
+    name = str(t.type_name())
+    s = _strip(t)
+    kind = _kind(s)
+    size = 0
+    if kind not in ("void", "func") and s.is_complete():
+        size = drgn.sizeof(s)
+    signed = False
+    if kind == "int":
+        signed = bool(s.is_signed)
+    elif kind == "enum" and s.type is not None:
+        signed = bool(s.type.is_signed)
+    length = s.length if kind == "array" else None
+    return TypeInfo(name, kind, size, signed, length, native=s, conv=_lazy)
+
+
+def _lazy(what: tuple[str, Any]) -> Any:
+    part, s = what
+    if part == "target":
+        return convert(s.type)
+    out: dict[str, Field] = {}
+    _collect_fields(s, 0, out)
+    return out
+
+
+def _collect_fields(s: Any, base: int, out: dict[str, Field]) -> None:
+    if not s.is_complete():
+        return
+    for m in s.members:
+        if not m.name:  # anonymous struct/union: its members are the parent's
+            _collect_fields(_strip(m.type), base + m.bit_offset, out)
+            continue
+        out.setdefault(m.name, Field(m.name, base + m.bit_offset, m.bit_field_size or 0, convert(m.type)))
+
+
+class DrgnTarget(Target):
+    backend = "drgn"
+    stops_process = False
+
+    def __init__(self, prog: Any, kind: str, pid: Optional[int], exe: str) -> None:
+        super().__init__()
+        self.prog, self.kind, self.pid, self._exe = prog, kind, pid, exe
+        self.can_write = False
+        self.can_read_registers = kind == "core"
+        self._debug: Optional[bool] = None
+        self._threads: Optional[list[Any]] = None
+
+    @classmethod
+    def attach(cls, pid: int, exe: Optional[str] = None) -> DrgnTarget:
+        """A live QEMU by pid: nothing is stopped (no ptrace); needs read access to /proc/PID/mem."""
+        d = _need_drgn()
+        if not os.path.exists(f"/proc/{pid}"):
+            from qemu_ext.errors import no_process
+
+            raise no_process(pid)
+        path = exe or os.path.realpath(f"/proc/{pid}/exe")
+        prog = d.Program()
+        try:
+            prog.set_pid(pid)
+        except (OSError, ValueError) as exc:
+            raise IntrospectError(f"cannot read process {pid}: {getattr(exc, 'strerror', None) or exc}") from None
+        t = cls(prog, "live", pid, path)
+        t._load(path)
+        return t
+
+    @classmethod
+    def open_core(cls, core: str, exe: Optional[str] = None) -> DrgnTarget:
+        """A core file of QEMU (its executable from the core's file notes, or exe)."""
+        d = _need_drgn()
+        try:
+            st = os.stat(core)
+        except OSError as exc:
+            raise open_error(core, exc) from None
+        if not os.path.isfile(core):
+            from qemu_ext.errors import not_a_file
+
+            raise not_a_file(core)
+        if st.st_size == 0:
+            from qemu_ext.errors import empty_file
+
+            raise empty_file(core)
+        prog = d.Program()
+        try:
+            prog.set_core_dump(core)
+        except (OSError, ValueError, d.Error) as exc:
+            raise BadInputError(f"{core}: not a core file ({exc})") from None
+        path = exe or _core_exe(prog)
+        if path is None:
+            raise IntrospectError(f"{core}: cannot tell which QEMU executable made it: give it with --exe")
+        if not os.path.isfile(path):
+            raise open_error(path, FileNotFoundError(2, "No such file or directory"))
+        pid = None
+        try:
+            pid = prog.main_thread().tid
+        except (ValueError, LookupError, d.Error):
+            pass
+        t = cls(prog, "core", pid, path)
+        t._load(path)
+        return t
+
+    def _load(self, path: str) -> None:
+        try:
+            self.prog.set_enabled_debug_info_finders(["standard"])  # never debuginfod from here
+        except (AttributeError, ValueError):
+            pass
+        try:
+            self.prog.load_debug_info([path], main=True)
+        except drgn.MissingDebugInfoError:
+            pass  # a stripped QEMU: the symbol-only views still work
+        except Exception as exc:  # drgn.Error and friends: one line
+            raise IntrospectError(f"cannot load the symbols of {path}: {exc}") from None
+
+    def exe(self) -> str:
+        return self._exe
+
+    def has_debug_info(self) -> bool:
+        if self._debug is None:
+            try:
+                self.prog.type("CPUState")
+                self._debug = True
+            except LookupError:
+                self._debug = False
+        return self._debug
+
+    def _read_raw(self, addr: int, n: int) -> bytes:
+        try:
+            return self.prog.read(addr, n)
+        except (drgn.FaultError, ValueError, OverflowError) as exc:
+            raise MemoryReadError(f"cannot read {n} bytes at {addr:#x}: {exc}") from None
+
+    def _native_type(self, name: str) -> Optional[TypeInfo]:
+        try:
+            return convert(self.prog.type(name))
+        except (LookupError, SyntaxError, ValueError):
+            return None
+
+    def _native_var(self, name: str) -> Optional[tuple[int, TypeInfo]]:
+        try:
+            obj = self.prog.variable(name)
+        except (LookupError, ValueError):
+            return None
+        except drgn.Error:
+            return None
+        if obj.address_ is None:
+            return None
+        return obj.address_, convert(obj.type_)
+
+    def _runtime_address(self, name: str) -> Optional[int]:
+        try:
+            return self.prog.symbol(name).address
+        except LookupError:
+            return None
+
+    def _drgn_threads(self) -> list[Any]:
+        if self._threads is None:
+            try:
+                self._threads = sorted(self.prog.threads(), key=lambda th: th.tid)
+            except (drgn.Error, OSError, ValueError) as exc:
+                raise IntrospectError(f"cannot list the threads: {exc}") from None
+        return self._threads
+
+    def begin_snapshot(self) -> None:
+        super().begin_snapshot()
+        if self.kind == "live":
+            self._threads = None  # threads come and go while QEMU runs
+
+    def threads(self) -> list[ThreadInfo]:
+        out = []
+        for i, th in enumerate(self._drgn_threads()):
+            name = None
+            if self.kind == "live":
+                from .target import proc_comm
+
+                name = proc_comm(self.pid or 0, th.tid)
+            out.append(ThreadInfo(i + 1, th.tid, name))
+        return out
+
+    def register(self, tid: int, name: str) -> Optional[int]:
+        if self.kind != "core":
+            return None
+        for th in self._drgn_threads():
+            if th.tid == tid:
+                try:
+                    regs = th.stack_trace()[0].registers()
+                except (drgn.Error, ValueError, LookupError, IndexError):
+                    return None
+                key = {"fs_base": "fs.base"}.get(name, name)
+                v = regs.get(key, regs.get(name))
+                return None if v is None else int(v)
+        return None
+
+
+def _core_exe(prog: Any) -> Optional[str]:
+    """The main executable a core names in its file notes (NT_FILE), when drgn tells it."""
+    try:
+        mod = prog.main_module()
+    except (LookupError, AttributeError):
+        return None
+    name = getattr(mod, "name", None)
+    return name if name and os.path.isfile(name) else None
