@@ -25,6 +25,12 @@ class BadInputError(VirtoptError):
     """An input file (image, trace, events file) is corrupt, truncated or hostile."""
 
 
+class UsageError(VirtoptError):
+    """An option or argument out of its range, or options that do not go together (exit 2)."""
+
+    exit_code = 2
+
+
 class NotAvailableError(VirtoptError):
     """The capability asked for is not available (not built, not supported by this QEMU, ...)."""
 
