@@ -1,15 +1,20 @@
-"""Helpers for the QMP shell tests: run the real REPL on prompt-toolkit pipe input in a thread."""
+"""Helpers for the QMP shell tests: the real REPL on prompt-toolkit pipe input (in a thread), the real
+script runner in-process, the checkout launcher as a subprocess, and the shell in a real terminal (tmux)."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
+import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from helpers import REPO
 
@@ -19,9 +24,7 @@ LAUNCHER = REPO / "qmp" / "virtopt-shell"
 
 
 def connect_ctl(path: Path, timeout: float = 15.0):
-    """A sync QMP client on an extra -qmp socket of a QEMU that start_qemu just started.
-
-    start_qemu waits for the first monitor only; a later one may exist but not listen yet (refused)."""
+    """A sync QMP client (qemu.qmp's legacy one: the ground truth) on an extra -qmp socket."""
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
     deadline = time.monotonic() + timeout
@@ -39,10 +42,33 @@ def connect_ctl(path: Path, timeout: float = 15.0):
         return client
 
 
-def shell_cmd(address: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def hmp(ctl, line: str) -> str:
+    return ctl.cmd("human-monitor-command", **{"command-line": line})
+
+
+def json_lines(text: str) -> list[Any]:
+    return [json.loads(ln) for ln in text.splitlines() if ln.startswith(("{", "["))]
+
+
+def shell_cmd(address: str, *args: str, timeout: float = 60, env: Optional[dict] = None,
+              input: Optional[str] = None) -> subprocess.CompletedProcess:
     """Run qmp/virtopt-shell (the checkout launcher) the way a user would."""
-    return subprocess.run([sys.executable, str(LAUNCHER), address, "--history", "", "--timeout", "30", *args],
-                          capture_output=True, text=True, timeout=timeout, cwd="/")
+    e = dict(os.environ)
+    e.pop("VIRTOPT_DEBUG", None)
+    e.update(env or {})
+    return subprocess.run([sys.executable, str(LAUNCHER), address, "--history", "", *args],
+                          capture_output=True, text=True, timeout=timeout, cwd="/", env=e, input=input,
+                          stdin=None if input is not None else subprocess.DEVNULL)
+
+
+def run_lines(address: str, *lines: str, **opts: Any) -> tuple[int, str, str]:
+    """The shell's script mode (what -c and piped lines run) in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    opts.setdefault("history", None)
+    opts.setdefault("timeout", 30.0)
+    shell = Shell(ShellOptions(address=address, **opts), stdout=out, stderr=err)
+    rc = asyncio.run(shell.run_script(list(lines)))
+    return rc, out.getvalue(), err.getvalue()
 
 
 class Repl:
@@ -79,11 +105,32 @@ class Repl:
         ps = self.shell.prompt_session
         return ps.default_buffer.text if ps is not None else ""
 
-    def wait_typed(self, expected: str, timeout: float = 10.0) -> None:
+    def menu(self) -> Optional[list[str]]:
+        """The completion menu's entries while it is open, else None."""
+        ps = self.shell.prompt_session
+        st = ps.default_buffer.complete_state if ps is not None else None
+        return [c.text for c in st.completions] if st is not None else None
+
+    def selected(self) -> Optional[int]:
+        ps = self.shell.prompt_session
+        st = ps.default_buffer.complete_state if ps is not None else None
+        return st.complete_index if st is not None else None
+
+    def wait_until(self, pred: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.typed() != expected:
+        while time.monotonic() < deadline:
+            if pred():
+                return
             time.sleep(0.02)
-        assert self.typed() == expected, f"input line is {self.typed()!r}, expected {expected!r}"
+        raise AssertionError(f"never: {what}; input line {self.typed()!r}, menu {self.menu()}, output:\n{self.text()}")
+
+    def wait_typed(self, expected: str, timeout: float = 10.0) -> None:
+        self.wait_until(lambda: self.typed() == expected, f"input line {expected!r}", timeout)
+
+    def wait_prompt(self, timeout: float = 20.0) -> None:
+        """Until the prompt waits for input (the previous line finished)."""
+        self.wait_until(lambda: self.shell.prompt_session is not None and self.shell.prompt_session.app.is_running
+                        and self.shell._current is None, "a prompt", timeout)
 
     def text(self) -> str:
         return self.out.getvalue() + self.err.getvalue()
@@ -102,6 +149,12 @@ class Repl:
     def wait_line(self, needle: str, timeout: float = 20.0) -> str:
         return self.wait_for(lambda t: needle in t, timeout)
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float = 15.0) -> None:
+        self._thread.join(timeout)
+
     def close(self) -> int:
         if self._thread.is_alive():
             self.send("\x04")  # Ctrl-D
@@ -113,5 +166,69 @@ class Repl:
         return int(self.rc or 0)
 
 
-def sock_path(p: Path) -> str:
-    return str(p)
+class Tmux:
+    """The shell (or any command) in a real terminal: a private tmux server, one window of WxH."""
+
+    def __init__(self, argv: list[str], width: int = 100, height: int = 30, env: Optional[dict] = None,
+                 cwd: str = "/") -> None:
+        if shutil.which("tmux") is None:
+            raise RuntimeError("tmux is not installed (apt-get install tmux)")
+        self.sock = f"virtopt-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        e = {k: v for k, v in os.environ.items() if not k.startswith("TMUX")}
+        e.update(env or {})
+        e.setdefault("TERM", "xterm-256color")
+        cmd = " ".join(_quote(a) for a in argv)
+        self._tmux("new-session", "-d", "-s", "t", "-x", str(width), "-y", str(height), "-c", cwd,
+                   f"{cmd}; echo EXIT=$?; sleep 30", env=e)
+
+    def _tmux(self, *args: str, env: Optional[dict] = None) -> str:
+        cp = subprocess.run(["tmux", "-L", self.sock, "-f", "/dev/null", *args], capture_output=True, text=True,
+                            env=env, timeout=20)
+        if cp.returncode:
+            raise RuntimeError(f"tmux {args[0]}: {cp.stderr.strip()}")
+        return cp.stdout
+
+    def keys(self, *keys: str, literal: bool = False) -> None:
+        self._tmux("send-keys", "-t", "t", *(["-l"] if literal else []), *keys)
+
+    def type(self, text: str) -> None:
+        self.keys(text, literal=True)
+
+    def paste(self, text: str) -> None:
+        """A real paste: tmux wraps it in bracketed-paste markers when the program asked for them."""
+        self._tmux("set-buffer", "-b", "p", text)
+        self._tmux("paste-buffer", "-p", "-d", "-b", "p", "-t", "t")
+
+    def screen(self) -> str:
+        return self._tmux("capture-pane", "-p", "-t", "t")
+
+    def history(self) -> str:
+        """Everything the pane showed, scrollback included."""
+        return self._tmux("capture-pane", "-p", "-S", "-", "-t", "t")
+
+    def wait(self, pred: Callable[[str], bool], what: str, timeout: float = 20.0, full: bool = False) -> str:
+        deadline = time.monotonic() + timeout
+        text = ""
+        while time.monotonic() < deadline:
+            text = self.history() if full else self.screen()
+            if pred(text):
+                return text
+            time.sleep(0.05)
+        raise AssertionError(f"terminal never showed {what}; it shows:\n{text}")
+
+    def wait_text(self, needle: str, timeout: float = 20.0, full: bool = False) -> str:
+        return self.wait(lambda t: needle in t, repr(needle), timeout, full)
+
+    def close(self) -> None:
+        with_server = subprocess.run(["tmux", "-L", self.sock, "kill-server"], capture_output=True)
+        del with_server
+
+
+def _quote(a: str) -> str:
+    import shlex
+
+    return shlex.quote(a)
+
+
+def launcher_argv(address: str, *args: str) -> list[str]:
+    return [sys.executable, str(LAUNCHER), address, *args]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -82,7 +83,7 @@ def one_line_failure(cp: subprocess.CompletedProcess) -> str:
         (b'{"hello": "world"}\n', False, "does not speak QMP"),
         (b"SSH-2.0-OpenSSH_9.2\r\n", False, "does not speak QMP"),
         (b"", True, "closed the connection before a QMP greeting"),
-        (b"", False, "sent no QMP greeting within 1 s"),
+        (b"", False, "sent no QMP greeting within 1 s (not a QMP server?)"),
     ],
     ids=["binary-junk", "json-not-greeting", "ssh-banner", "hangs-up", "silent"],
 )
@@ -92,22 +93,39 @@ def test_garbage_on_the_socket_gives_one_clear_line(fake, payload: bytes, close:
     assert expect in one_line_failure(cp)
 
 
-def test_dead_and_missing_sockets(tmp_path: Path):
+def test_what_is_not_a_qmp_socket_gets_one_line_each(tmp_path: Path):
     dead = tmp_path / "dead.sock"
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.bind(str(dead))
     s.close()  # the socket file stays, nobody listens: what a crashed QEMU leaves behind
-    assert "connection refused" in one_line_failure(shell_cmd(str(dead), "-c", "query-status"))
-    missing = tmp_path / "nothing-here.sock"
-    assert "no QMP socket at" in one_line_failure(shell_cmd(str(missing), "-c", "query-status"))
     plain = tmp_path / "file.txt"
     plain.write_text("x")
-    assert "is not a socket" in one_line_failure(shell_cmd(str(plain), "-c", "query-status"))
-    # TCP: a port nobody listens on
-    with socket.socket() as probe:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with socket.socket() as probe:  # TCP: a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    assert "connection refused" in one_line_failure(shell_cmd(f"127.0.0.1:{port}", "-c", "query-status"))
+    cases = {
+        str(dead): "Connection refused (a socket file nobody listens on: QEMU exited?)",
+        str(tmp_path / "nothing.sock"): "No such file or directory (is QEMU running with -qmp unix:",
+        str(tmp_path): "Is a directory",
+        str(plain): "not a socket (a regular file)",
+        str(fifo): "not a socket (a FIFO)",
+        f"127.0.0.1:{port}": "Connection refused",
+    }
+    for addr, reason in cases.items():
+        line = one_line_failure(shell_cmd(addr, "-c", "query-status"))
+        assert line.startswith(f"virtopt: cannot connect to QMP at {addr}: {reason}"), line
+
+
+def test_bad_options_are_usage_errors(tmp_path: Path):
+    for args, needle in ((["--timeout", "-1"], "--timeout: must be more than 0"),
+                         (["--timeout", "x"], "--timeout: not a number of seconds"),
+                         (["--events", "both"], "--events: invalid choice")):
+        cp = shell_cmd(str(tmp_path / "x.sock"), *args, "-c", "query-status")
+        assert cp.returncode == 2 and needle in cp.stderr and "Traceback" not in cp.stderr, cp.stderr
+    cp = shell_cmd("localhost:99999", "-c", "query-status")
+    assert cp.returncode == 2 and cp.stderr.strip() == "virtopt: bad TCP port in QMP address 'localhost:99999' (1 to 65535)"
 
 
 def test_qemu_killed_mid_command(qemu_factory, tmp_path: Path):

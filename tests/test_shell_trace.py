@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from helpers import make_qcow2
 from shell_util import connect_ctl, shell_cmd
+from trace_util import simpletrace_py
 
-from qemu_ext.qmp import builtins
-from qemu_ext.qmp.client import run_sync
+from qemu_ext.qmp.builtins import l2cache as l2b
+from qemu_ext.qmp.capture import capture
+from qemu_ext.qmp.client import connect_sync
 
 pytestmark = pytest.mark.debug_qemu
 
-EVENTS_ALL = "/usr/share/qemu/trace-events-all"  # Debian's, the same QEMU version as the debug build
 SIMPLETRACE_HEADER = struct.pack("<QQQ", 0xFFFFFFFFFFFFFFFF, 0xF2B177CB0AA429B4, 4)
 
 
@@ -51,17 +50,16 @@ def test_trace_file_status_set_on_flush_off(dbg, tmp_path: Path):
     assert cp.returncode == 1 and "could not open trace file /nonexistent-dir/x.bin" in cp.stderr
 
 
-def _simpletrace_counts(debug_src: Path, path: str) -> dict[str, int]:
-    cp = subprocess.run([sys.executable, str(debug_src / "scripts" / "simpletrace.py"), EVENTS_ALL, path],
-                        capture_output=True, text=True, check=True)
+def _simpletrace_counts(build, path: str) -> dict[str, int]:
+    """Event counts of QEMU's own simpletrace.py of that version (ground truth)."""
     counts: dict[str, int] = {}
-    for ln in cp.stdout.splitlines():
+    for ln in simpletrace_py(build, Path(path)).stdout.decode().splitlines():
         name = ln.split(" ", 1)[0]
         counts[name] = counts.get(name, 0) + 1
     return counts
 
 
-def test_capture_on_the_simple_backend_matches_simpletrace_py(dbg, debug_src: Path, tmp_path: Path):
+def test_capture_on_the_simple_backend_matches_simpletrace_py(dbg, debug_build, tmp_path: Path):
     img = make_qcow2(tmp_path / "d.qcow2", size="256M", io=[f"write {i * 16}M 64k" for i in range(8)])
     dbg.ctl.cmd("blockdev-add", **{"driver": "qcow2", "node-name": "cap", "l2-cache-entry-size": 4096,
                                    "file": {"driver": "file", "filename": str(img)}})
@@ -72,15 +70,16 @@ def test_capture_on_the_simple_backend_matches_simpletrace_py(dbg, debug_src: Pa
             await s.hmp(f'qemu-io cap "read {i * 16}M 4k"')
 
     out = tmp_path / "cap.simpletrace"
-    res = run_sync(str(dbg.qmp_path), builtins.trace_capture, "qcow2_cache_*", 0.1, str(out), during=io,
-                   known_options={"cap": {"l2-cache-entry-size": 4096}})
+    with connect_sync(str(dbg.qmp_path), timeout=30) as s:
+        res = s.call(capture, "qcow2_cache_*", 0.1, during=io, file=str(out))
+        geo = s.call(l2b.l2cache_info, "cap", {"cap": {"l2-cache-entry-size": 4096}})
     assert res.backend == "simple" and res.file == str(out)
-    truth = _simpletrace_counts(debug_src, str(out))
+    truth = _simpletrace_counts(debug_build, str(out))
     assert res.counts == truth and truth.get("qcow2_cache_get", 0) >= 8
-    # the L2 lookups went to the simulator with the node's geometry; a fresh cache: it misses where QEMU did
-    sim = res.l2cache
-    assert sim["node"] == "cap" and sim["simulated_current"]["l2_cache_entry_size"] == 4096
-    assert sim["observed"]["misses"] == truth["qcow2_cache_get_replace_entry"] == sim["simulated_current"]["misses"]
+    # the L2 lookups go to the simulator with the node's geometry; a fresh cache: it misses where QEMU did
+    sim = l2b.simulate_capture(res.records, geo[0], res.notes)
+    assert sim["node"] == "cap" and sim["simulated-current"]["l2-cache-entry-size"] == 4096
+    assert sim["observed"]["misses"] == truth["qcow2_cache_get_replace_entry"] == sim["simulated-current"]["misses"]
     # the user's trace file and its state are back, the events are off again
     assert dbg.hmp_ctl("trace-file") == before
     assert {e["state"] for e in dbg.ctl.cmd("trace-event-get-state", name="qcow2_cache_*")} == {"disabled"}
@@ -92,7 +91,7 @@ def test_capture_on_the_simple_backend_matches_simpletrace_py(dbg, debug_src: Pa
     assert out2.read_bytes()[:24] == SIMPLETRACE_HEADER
 
 
-def test_capture_into_a_trace_file_that_is_already_on_keeps_its_records(dbg, debug_src: Path, tmp_path: Path):
+def test_capture_into_a_trace_file_that_is_already_on_keeps_its_records(dbg, debug_build, tmp_path: Path):
     img = make_qcow2(tmp_path / "d.qcow2", size="64M", io=["write 0 64k", "write 32M 64k"])
     dbg.ctl.cmd("blockdev-add", **{"driver": "qcow2", "node-name": "n", "file": {"driver": "file", "filename": str(img)}})
     mine = tmp_path / "mine.simpletrace"
@@ -102,16 +101,17 @@ def test_capture_into_a_trace_file_that_is_already_on_keeps_its_records(dbg, deb
     dbg.hmp_ctl('qemu-io n "read 0 4k"')
     dbg.ctl.cmd("trace-event-set-state", name="qcow2_cache_get", enable=False)
     dbg.hmp_ctl("trace-file flush")
-    before = _simpletrace_counts(debug_src, str(mine))
+    before = _simpletrace_counts(debug_build, str(mine))
     assert before.get("qcow2_cache_get", 0) >= 1
 
     async def io(s):
         await s.hmp('qemu-io n "read 32M 4k"')
         await s.hmp('qemu-io n "read 0 4k"')
 
-    res = run_sync(str(dbg.qmp_path), builtins.trace_capture, "qcow2_cache_get*", 0, during=io)
+    with connect_sync(str(dbg.qmp_path), timeout=30) as s:
+        res = s.call(capture, "qcow2_cache_get*", 0, during=io)
     assert res.file == str(mine) and any("was on" in n for n in res.notes)
-    after = _simpletrace_counts(debug_src, str(mine))
+    after = _simpletrace_counts(debug_build, str(mine))
     assert after["qcow2_cache_get"] > before["qcow2_cache_get"]  # the old records are still there
     assert res.counts == {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
     assert dbg.hmp_ctl("trace-file").strip() == f'Trace file "{mine}" on.'

@@ -1,169 +1,61 @@
-"""Completion from QEMU's own schema (query-qmp-schema) and live names.
+"""Completion from QEMU's own schema (query-qmp-schema), live names, the built-ins' parsers and HMP's help.
 
-``SchemaIndex`` answers: command names, argument names (nested, with dots,
-following flat-union variants once the tag's value is typed), the values an
-argument takes (enum values, booleans), and which arguments name a block node,
-a block device or a trace event. ``CompletionData`` adds the live lists
-(trace-event names, node names, device names) and ``complete_line`` returns the
-candidates for the word under the cursor; ``ShellCompleter`` is the
-prompt-toolkit adapter.
+``CompletionData`` holds the schema and the live lists (trace events, node names, drive ids,
+block-device ids, -device ids, jobs, HMP commands); ``complete_items`` returns (candidate, meta)
+pairs for the word under the cursor; ``ShellCompleter`` is the prompt-toolkit adapter.
+
+Values are offered only where the argument accepts them (issue: ``device_del id=`` offered node
+names that QEMU rejects): :data:`VALUE_SOURCES` names, per command and argument, which live list
+holds valid values; enum and boolean values come from the schema; elsewhere nothing is offered.
 """
 
 from __future__ import annotations
 
-import re
+import fnmatch
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional
-
-from prompt_toolkit.completion import CompleteEvent, Completer, Completion
-from prompt_toolkit.document import Document
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from qemu_ext.qmp.parse import tokenize
+from qemu_ext.qmp.schema import SchemaIndex
 
-MAX_DEPTH = 6
-
-BUILTIN_WORDS: dict[str, list[str]] = {
-    "/trace": ["list", "on", "off", "capture"],
-    "/trace-file": ["on", "off", "flush", "set"],
-    "/stats": ["vm", "vcpu", "--watch"],
-    "/threads": [],
-    "/mtree": ["lookup"],
-    "/l2cache": [],
-    "/help": [],
-    "/quit": [],
-}
-
-_NODE_ARG = re.compile(r"(^|-)(node-name|node|overlay|top-node|base-node|target-node|source-node)$")
-
-
-def _is_node_arg(name: str) -> bool:
-    return bool(_NODE_ARG.search(name))
-
-
-@dataclass
-class SchemaIndex:
-    """query-qmp-schema, indexed by name."""
-
-    entities: dict[str, dict[str, Any]]
-    commands: list[str] = field(default_factory=list)
-
-    @classmethod
-    def from_schema(cls, schema: Iterable[dict[str, Any]]) -> SchemaIndex:
-        ents = {str(e["name"]): e for e in schema if isinstance(e, dict) and "name" in e}
-        cmds = sorted(n for n, e in ents.items() if e.get("meta-type") == "command")
-        return cls(ents, cmds)
-
-    # -- types ------------------------------------------------------------------------------------
-
-    def _members(self, type_name: str, chosen: dict[str, Any], depth: int = 0) -> dict[str, str]:
-        """Member name -> type name of an object type; variants chosen by the tag value typed so far."""
-        ent = self.entities.get(type_name)
-        if ent is None or depth > MAX_DEPTH:
-            return {}
-        if ent.get("meta-type") == "alternate":
-            out: dict[str, str] = {}
-            for m in ent.get("members", []):
-                out.update(self._members(m["type"], chosen, depth + 1))
-            return out
-        if ent.get("meta-type") != "object":
-            return {}
-        out = {m["name"]: m["type"] for m in ent.get("members", [])}
-        tag = ent.get("tag")
-        variants = ent.get("variants", [])
-        if tag and variants:
-            value = chosen.get(tag)
-            picked = [v for v in variants if v["case"] == value] if value is not None else variants
-            for v in picked:
-                for name, t in self._members(v["type"], chosen, depth + 1).items():
-                    out.setdefault(name, t)
-        return out
-
-    def command_arg_type(self, command: str) -> Optional[str]:
-        ent = self.entities.get(command)
-        if not ent or ent.get("meta-type") != "command":
-            return None
-        return ent.get("arg-type")
-
-    def arg_names(self, command: str, typed: Optional[dict[str, Any]] = None) -> list[str]:
-        """Top-level argument names of a command."""
-        t = self.command_arg_type(command)
-        return sorted(self._members(t, typed or {})) if t else []
-
-    def resolve(self, command: str, dotted: str, typed: Optional[dict[str, Any]] = None) -> Optional[str]:
-        """Type name of ``a.b.c`` in the command's arguments (None when unknown)."""
-        t = self.command_arg_type(command)
-        typed = typed or {}
-        sub: Any = typed
-        for part in dotted.split("."):
-            if t is None:
-                return None
-            members = self._members(t, sub if isinstance(sub, dict) else {})
-            t = members.get(part)
-            sub = sub.get(part, {}) if isinstance(sub, dict) else {}
-        return t
-
-    def keys_under(self, command: str, prefix: str, typed: Optional[dict[str, Any]] = None) -> list[str]:
-        """Argument keys to offer for a partially typed key: ``file.`` -> ``file.driver``, ``file.filename``, ...
-
-        Object-typed members are offered with a trailing dot so the user can go deeper.
-        """
-        typed = typed or {}
-        head, _, _ = prefix.rpartition(".")
-        if head:
-            t = self.resolve(command, head, typed)
-            sub: Any = typed
-            for part in head.split("."):
-                sub = sub.get(part, {}) if isinstance(sub, dict) else {}
-            members = self._members(t, sub if isinstance(sub, dict) else {}) if t else {}
-            base = head + "."
-        else:
-            t = self.command_arg_type(command)
-            members = self._members(t, typed) if t else {}
-            base = ""
-        out = []
-        for name, mt in sorted(members.items()):
-            key = base + name
-            if self._is_object(mt) and not self._has_scalar(mt):
-                out.append(key + ".")
-            else:
-                out.append(key + "=")
-                if self._is_object(mt):
-                    out.append(key + ".")
-        return [k for k in out if k.startswith(prefix)]
-
-    def _is_object(self, type_name: str) -> bool:
-        ent = self.entities.get(type_name, {})
-        if ent.get("meta-type") == "object":
-            return True
-        if ent.get("meta-type") == "alternate":
-            return any(self._is_object(m["type"]) for m in ent.get("members", []))
-        return False
-
-    def _has_scalar(self, type_name: str) -> bool:
-        ent = self.entities.get(type_name, {})
-        if ent.get("meta-type") == "alternate":
-            return any(not self._is_object(m["type"]) for m in ent.get("members", []))
-        return ent.get("meta-type") != "object"
-
-    def values_of(self, type_name: Optional[str]) -> list[str]:
-        """Literal values a type takes: enum values, true/false (also inside alternates)."""
-        if type_name is None:
-            return []
-        ent = self.entities.get(type_name, {})
-        mt = ent.get("meta-type")
-        if mt == "enum":
-            vals = ent.get("values") or [m["name"] for m in ent.get("members", [])]
-            return [str(v) for v in vals]
-        if (mt == "builtin" and ent.get("json-type") == "boolean") or type_name == "bool":
-            return ["true", "false"]
-        if mt == "alternate":
-            out: list[str] = []
-            for m in ent.get("members", []):
-                for v in self.values_of(m["type"]):
-                    if v not in out:
-                        out.append(v)
-            return out
-        return []
+# (command glob, argument name (last dotted part), source); the first match wins. Checked on 7.2 and 10.0:
+# block_resize device= takes a drive id (blk_by_name), node-name= any node; device_del id= a -device id
+# or QOM path of a hotpluggable device (qdev_device_del); eject/…-tray id= the block device's qdev
+# id or QOM path (query-block "qdev"); block jobs are named by their job id.
+VALUE_SOURCES: list[tuple[str, str, str]] = [
+    ("trace-event-*", "name", "trace-events"),
+    ("block-job-*", "device", "jobs"),
+    ("job-*", "id", "jobs"),
+    ("device_del", "id", "peripherals"),
+    ("block_resize", "device", "drives"),
+    ("block_set_io_throttle", "device", "drives"),
+    ("block_set_io_throttle", "id", "block-devices"),
+    ("eject", "device", "drives"),
+    ("eject", "id", "block-devices"),
+    ("blockdev-*-tray", "device", "drives"),
+    ("blockdev-*-tray", "id", "block-devices"),
+    ("blockdev-*-medium", "device", "drives"),
+    ("blockdev-*-medium", "id", "block-devices"),
+    ("blockdev-change-medium", "device", "drives"),
+    ("blockdev-change-medium", "id", "block-devices"),
+    ("block-stream", "device", "drives+nodes"),
+    ("block-commit", "device", "drives+nodes"),
+    ("drive-mirror", "device", "drives+nodes"),
+    ("blockdev-mirror", "device", "drives+nodes"),
+    ("drive-backup", "device", "drives+nodes"),
+    ("blockdev-backup", "device", "drives+nodes"),
+    ("block-dirty-bitmap-*", "node", "drives+nodes"),
+    ("*-add", "node-name", "none"),  # a new name
+    ("*", "node-name", "nodes"),
+    ("*", "node", "nodes"),
+    ("*", "top-node", "nodes"),
+    ("*", "base-node", "nodes"),
+    ("*", "overlay", "nodes"),
+    ("blockdev-*", "target", "nodes"),
+    ("blockdev-add", "file", "nodes"),
+    ("blockdev-add", "backing", "nodes"),
+    ("blockdev-add", "data-file", "nodes"),
+]
 
 
 @dataclass
@@ -174,11 +66,15 @@ class CompletionData:
     trace_events: list[str] = field(default_factory=list)
     node_names: list[str] = field(default_factory=list)
     qcow2_nodes: list[str] = field(default_factory=list)
-    devices: list[str] = field(default_factory=list)
+    drives: list[str] = field(default_factory=list)  # BlockBackend names (-drive id=)
+    block_devices: list[str] = field(default_factory=list)  # qdev id / QOM path of block devices
+    peripherals: list[str] = field(default_factory=list)  # -device id= (qom-list /machine/peripheral)
+    jobs: list[str] = field(default_factory=list)
     hmp_commands: list[str] = field(default_factory=list)
     hmp_info: list[str] = field(default_factory=list)  # HMP "info" sub-commands
+    builtin_completer: Optional[Callable[[CompletionData, list[str], str], list[str]]] = None
 
-    async def load(self, session: Any) -> None:
+    async def load(self, session: Any, hmp: bool = True) -> None:
         """Fetch schema and names (each failure only leaves that list empty)."""
         from qemu_ext.qmp.errors import QmpCommandError
 
@@ -193,105 +89,225 @@ class CompletionData:
         except QmpCommandError:
             self.trace_events = []
         await self.refresh_names(session)
+        if hmp:
+            await self.load_hmp(session)
+
+    async def load_hmp(self, session: Any) -> None:
+        from qemu_ext.qmp.errors import QmpCommandError
+
+        try:
+            self.hmp_commands = hmp_words(await session.hmp("help"))
+            self.hmp_info = [w.split(" ", 1)[-1] for w in hmp_words(await session.hmp("help info"), 2)]
+        except QmpCommandError:
+            pass
 
     async def refresh_names(self, session: Any) -> None:
         from qemu_ext.qmp.errors import QmpCommandError
 
-        try:
-            nodes = await session.execute("query-named-block-nodes", {"flat": True})
-        except QmpCommandError:
-            nodes = []
+        async def ask(cmd: str, args: Optional[dict[str, Any]] = None) -> list[Any]:
+            try:
+                r = await session.execute(cmd, args)
+            except QmpCommandError:
+                return []
+            return r if isinstance(r, list) else []
+
+        nodes = await ask("query-named-block-nodes", {"flat": True})
         self.node_names = sorted({n["node-name"] for n in nodes if n.get("node-name")})
-        self.qcow2_nodes = sorted({n["node-name"] for n in nodes if n.get("drv") == "qcow2"})
-        try:
-            blocks = await session.execute("query-block")
-        except QmpCommandError:
-            blocks = []
-        devs: set[str] = set()
-        for b in blocks:
-            for k in ("device", "qdev"):
-                if b.get(k):
-                    devs.add(str(b[k]))
-        self.devices = sorted(devs)
+        self.qcow2_nodes = sorted({n["node-name"] for n in nodes if n.get("drv") == "qcow2" and n.get("node-name")})
+        blocks = await ask("query-block")
+        self.drives = sorted({str(b["device"]) for b in blocks if b.get("device")})
+        self.block_devices = sorted({str(b["qdev"]) for b in blocks if b.get("qdev")})
+        self.peripherals = sorted(p["name"] for p in await ask("qom-list", {"path": "/machine/peripheral"})
+                                  if str(p.get("type", "")).startswith("child<"))
+        self.jobs = sorted({str(j["id"]) for j in await ask("query-jobs") if j.get("id")})
+
+    def source(self, name: str) -> list[str]:
+        return {
+            "trace-events": self.trace_events,
+            "nodes": self.node_names,
+            "drives": self.drives,
+            "drives+nodes": sorted(set(self.drives) | set(self.node_names)),
+            "block-devices": self.block_devices,
+            "peripherals": self.peripherals,
+            "jobs": self.jobs,
+        }.get(name, [])
 
     def names_for_arg(self, command: str, key: str) -> list[str]:
+        """Live values the argument ``key`` of ``command`` accepts (VALUE_SOURCES), [] when none is known."""
         last = key.rsplit(".", 1)[-1]
-        if command.startswith("trace-event-") and last == "name":
-            return self.trace_events
-        if last == "device" or (last == "id" and command.startswith("device")):
-            return sorted(set(self.devices) | set(self.node_names))
-        if last == "node-name":  # a new name when adding, an existing one otherwise
-            return [] if command.endswith("-add") else self.node_names
-        if _is_node_arg(last) or last in ("file", "backing", "data-file", "base", "top"):
-            return self.node_names
+        for pattern, arg, src in VALUE_SOURCES:
+            if arg == last and fnmatch.fnmatchcase(command, pattern):
+                return self.source(src)
         return []
 
-    def complete(self, text: str, hmp: bool = False) -> list[str]:
+    def complete(self, text: str, hmp: bool = False, transaction: bool = False) -> list[str]:
         """Candidates for the last word of ``text`` (the text before the cursor)."""
-        return complete_line(self, text, hmp)
+        return [c for c, _ in complete_items(self, text, hmp, transaction)]
+
+
+def hmp_words(help_text: str, n: int = 1) -> list[str]:
+    """Command names from HMP ``help`` (first ``n`` words of each entry; continuation lines are indented)."""
+    out = set()
+    for ln in help_text.splitlines():
+        if not ln.strip() or ln[0].isspace():
+            continue
+        words = ln.split(" -- ", 1)[0].split()
+        if len(words) >= n:
+            out.add(" ".join(w.split("|")[0] for w in words[:n]))
+    return sorted(out)
 
 
 def _typed_args(tokens: list[str]) -> dict[str, Any]:
     from qemu_ext.qmp.parse import ParseError, parse_args
 
-    good = [t for t in tokens if "=" in t]
     try:
-        return parse_args(good)
+        return parse_args([t for t in tokens if "=" in t])
     except ParseError:
         return {}
 
 
-def complete_line(data: CompletionData, text: str, hmp: bool = False) -> list[str]:
+Item = tuple[str, str]  # (candidate, meta shown in the menu)
+
+
+def _split(text: str) -> tuple[list[str], str]:
     tokens = tokenize(text)
-    ends_with_space = not text or text[-1].isspace()
-    word = "" if ends_with_space else (tokens[-1] if tokens else "")
-    before = tokens if ends_with_space else tokens[:-1]
-    if hmp and not (before[:1] and before[0].startswith("/")) and not word.startswith("/"):
-        if not before:
-            return [c for c in data.hmp_commands if c.startswith(word)]
-        if before == ["info"]:
-            return [c for c in data.hmp_info if c.startswith(word)]
-        return []
-    # built-ins
-    if (before and before[0].startswith("/")) or (not before and word.startswith("/")):
-        if not before:
-            return [w for w in BUILTIN_WORDS if w.startswith(word)]
-        return [c for c in _complete_builtin(data, before, word) if c.startswith(word)]
+    if not text or text[-1].isspace():
+        return tokens, ""
+    return tokens[:-1], (tokens[-1] if tokens else "")
+
+
+def complete_items(data: CompletionData, text: str, hmp: bool = False, transaction: bool = False) -> list[Item]:
+    before, word = _split(text)
+    if (before and before[0].startswith("/")) or (not before and word.startswith("/") and not transaction):
+        comp = data.builtin_completer
+        return [(c, "") for c in (comp(data, before, word) if comp else [])]
+    if transaction:
+        return _complete_transaction(data, before, word)
+    if hmp:
+        return [(c, "") for c in complete_hmp(data, before, word)]
     schema = data.schema
     if schema is None:
         return []
     if not before:
-        cands = [*schema.commands, "transaction("]
-        return [c for c in cands if c.startswith(word)]
+        cands = [*schema.commands, "transaction(", "help"]
+        return [(c, "") for c in cands if c.startswith(word)]
     command = before[0]
-    typed = _typed_args(before[1:])
-    if command == "transaction(" or command == "transaction":
-        return []
+    if command in ("transaction(", "transaction"):
+        return _complete_transaction(data, before[1:], word)
+    return _complete_args(data, command, schema.command_arg_type(command), before[1:], word)
+
+
+def _complete_args(data: CompletionData, command: str, arg_type: Optional[str], before: list[str],
+                   word: str) -> list[Item]:
+    schema = data.schema
+    assert schema is not None
+    typed = _typed_args(before)
     if "=" in word:
         key, _, partial = word.partition("=")
-        t = schema.resolve(command, key, typed)
+        t = _resolve(schema, arg_type, key, typed)
         vals = schema.values_of(t) + data.names_for_arg(command, key)
-        return [f"{key}={v}" for v in _uniq(vals) if v.startswith(partial)]
-    used = set()
-    for tok in before[1:]:
-        used.add(tok.partition("=")[0])
-    return [k for k in schema.keys_under(command, word, typed) if k.rstrip("=") not in used]
+        return [(f"{key}={v}", "") for v in _uniq(vals) if v.startswith(partial)]
+    used = {tok.partition("=")[0] for tok in before}
+    out = []
+    for k in _keys_under(schema, arg_type, word, typed):
+        if k.rstrip("=") in used:
+            continue
+        m = _member(schema, arg_type, k.rstrip("=."), typed)
+        meta = ""
+        if m is not None:
+            meta = schema.describe(m["type"]) + ("" if "default" in m else ", required")
+        out.append((k, meta))
+    return out
 
 
-def _complete_builtin(data: CompletionData, before: list[str], word: str) -> list[str]:
-    name = before[0]
-    rest = before[1:]
-    if name in ("/trace", "/trace-file", "/mtree", "/stats") and not rest:
-        return BUILTIN_WORDS.get(name, [])
-    if name == "/trace" and len(rest) == 1 and rest[0] in ("list", "on", "off", "capture"):
-        return data.trace_events
-    if name == "/l2cache" and not rest:
-        return data.qcow2_nodes
-    if name == "/mtree" and rest[:1] == ["lookup"] and len(rest) == 2:
-        return ["io", "memory"]
-    if name == "/stats":
-        return ["vm", "vcpu", "--watch"]
-    return []
+def _resolve(schema: SchemaIndex, arg_type: Optional[str], dotted: str, typed: dict[str, Any]) -> Optional[str]:
+    t = arg_type
+    sub: Any = typed
+    for part in dotted.split("."):
+        if t is None:
+            return None
+        m = schema.members(t, sub if isinstance(sub, dict) else {}).get(part)
+        t = m["type"] if m else None
+        sub = sub.get(part, {}) if isinstance(sub, dict) else {}
+    return t
+
+
+def _member(schema: SchemaIndex, arg_type: Optional[str], dotted: str, typed: dict[str, Any]) -> Optional[dict]:
+    head, _, last = dotted.rpartition(".")
+    t = _resolve(schema, arg_type, head, typed) if head else arg_type
+    sub: Any = typed
+    for part in head.split(".") if head else []:
+        sub = sub.get(part, {}) if isinstance(sub, dict) else {}
+    return schema.members(t, sub if isinstance(sub, dict) else {}).get(last)
+
+
+def _keys_under(schema: SchemaIndex, arg_type: Optional[str], prefix: str, typed: dict[str, Any]) -> list[str]:
+    head, _, _ = prefix.rpartition(".")
+    t = _resolve(schema, arg_type, head, typed) if head else arg_type
+    sub: Any = typed
+    for part in head.split(".") if head else []:
+        sub = sub.get(part, {}) if isinstance(sub, dict) else {}
+    members = schema.members(t, sub if isinstance(sub, dict) else {}) if t else {}
+    base = head + "." if head else ""
+    out = []
+    for name, m in sorted(members.items()):
+        key = base + name
+        mt = m["type"]
+        if schema.is_object(mt) and not schema._has_scalar(mt):
+            out.append(key + ".")
+        else:
+            out.append(key + "=")
+            if schema.is_object(mt):
+                out.append(key + ".")
+    return [k for k in out if k.startswith(prefix)]
+
+
+def transaction_actions(schema: Optional[SchemaIndex]) -> dict[str, Optional[str]]:
+    """Action type -> the type of its ``data`` (TransactionAction's variants), from the schema."""
+    if schema is None or not schema.entities:
+        return {}
+    args = schema.members(schema.command_arg_type("transaction"))
+    arr = schema.entities.get(args.get("actions", {}).get("type", ""), {})
+    union = arr.get("element-type")
+    out: dict[str, Optional[str]] = {}
+    ent = schema.entities.get(union or "", {})
+    for v in ent.get("variants", []):
+        data = schema.members(v["type"]).get("data")
+        out[v["case"]] = data["type"] if data else None
+    return out
+
+
+def _complete_transaction(data: CompletionData, before: list[str], word: str) -> list[Item]:
+    """Inside ``transaction(``: action types (abort included) and ``)``, then the action's data members."""
+    actions = transaction_actions(data.schema)
+    if not before:
+        return [(c, "ends the transaction" if c == ")" else "") for c in [*sorted(actions), ")"] if c.startswith(word)]
+    if data.schema is None or before[0] not in actions:
+        return []
+    items = _complete_args(data, before[0], actions[before[0]], before[1:], word)
+    return items + ([(")", "ends the transaction")] if ")".startswith(word) else [])
+
+
+def complete_hmp(data: CompletionData, before: list[str], word: str) -> list[str]:
+    """HMP lines: command names, ``info`` topics, ``help CMD``, trace events, drives/nodes for qemu-io,
+    device ids for device_del."""
+    if not before:
+        return [c for c in data.hmp_commands if c.startswith(word)]
+    cmd, args = before[0], before[1:]
+    cands: list[str] = []
+    if cmd == "info" and not args:
+        cands = data.hmp_info
+    elif cmd in ("help", "?") and not args:
+        cands = data.hmp_commands
+    elif cmd == "trace-event":
+        cands = data.trace_events if not args else (["on", "off"] if len(args) == 1 else [])
+    elif cmd == "qemu-io" and not [a for a in args if a != "-d"]:
+        cands = data.block_devices if "-d" in args else sorted(set(data.drives) | set(data.node_names))
+    elif cmd == "device_del" and not args:
+        cands = data.peripherals
+    elif cmd in ("drive_del", "eject", "block_resize") and not args:
+        cands = data.drives
+    return [c for c in cands if c.startswith(word)]
 
 
 def _uniq(items: Iterable[str]) -> Iterator[str]:
@@ -302,16 +318,19 @@ def _uniq(items: Iterable[str]) -> Iterator[str]:
             yield i
 
 
-class ShellCompleter(Completer):
-    """prompt-toolkit adapter over :func:`complete_line`."""
+class ShellCompleter:
+    """prompt-toolkit adapter over :func:`complete_items`; ``mode()`` says (hmp, in a transaction)."""
 
-    def __init__(self, data: CompletionData, hmp: bool = False) -> None:
-        self.data = data
-        self.hmp = hmp
+    def __new__(cls, data: CompletionData, mode: Callable[[], tuple[bool, bool]]) -> Any:
+        from prompt_toolkit.completion import CompleteEvent, Completer, Completion
+        from prompt_toolkit.document import Document
 
-    def get_completions(self, document: Document, complete_event: CompleteEvent) -> Iterator[Completion]:
-        text = document.text_before_cursor
-        tokens = tokenize(text)
-        word = "" if (not text or text[-1].isspace() or not tokens) else tokens[-1]
-        for cand in complete_line(self.data, text, self.hmp):
-            yield Completion(cand, start_position=-len(word))
+        class _Completer(Completer):
+            def get_completions(self, document: Document, complete_event: CompleteEvent) -> Iterator[Completion]:
+                text = document.text_before_cursor
+                _before, word = _split(text)
+                hmp, trans = mode()
+                for cand, meta in complete_items(data, text, hmp, trans):
+                    yield Completion(cand, start_position=-len(word), display_meta=meta or None)
+
+        return _Completer()

@@ -1,14 +1,14 @@
 """Errors of the QMP layer, each meaning one thing a user can act on.
 
-All derive from :class:`qemu_ext.errors.QemuError` (exit code 1), so the CLI
-prints them as one line.
+All derive from :class:`qemu_ext.errors.QemuError` (exit code 1), so every front door prints them
+as one line. Connection failures all read ``cannot connect to QMP at ADDR: REASON`` (CONTRIBUTING.md).
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-from qemu_ext.errors import QemuError
+from qemu_ext.errors import BadInputError, QemuError
 
 
 class QmpError(QemuError):
@@ -16,10 +16,15 @@ class QmpError(QemuError):
 
 
 class QmpConnectError(QmpError):
-    """Nobody answers on the address: no such socket, connection refused, dead socket file."""
+    """Nobody answers on the address: no such socket, connection refused, not a socket, busy monitor."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"cannot connect to QMP at {where}: {reason}")
+        self.where = where
+        self.reason = reason
 
 
-class QmpGreetingError(QmpError):
+class QmpGreetingError(QmpConnectError):
     """Something answered, but it did not speak QMP (garbled or missing greeting)."""
 
 
@@ -44,3 +49,12 @@ class QmpCommandError(QmpError):
 
 class HmpError(QmpError):
     """An HMP command (through human-monitor-command) reported an error in its text."""
+
+
+class NoMatchError(BadInputError):
+    """A name or pattern given to a built-in matches nothing (the one no-match rule: exit 1)."""
+
+    def __init__(self, what: str, pattern: str, hint: str = "") -> None:
+        super().__init__(f"no {what} matches {pattern!r}{'; ' + hint if hint else ''}")
+        self.what = what
+        self.pattern = pattern

@@ -1,12 +1,18 @@
-"""Shell layer: a prompt-toolkit QMP REPL (and a script runner for ``-c``) on QmpSession.
+"""Shell layer: a prompt-toolkit QMP REPL (and a script runner for ``-c`` and piped lines) on QmpSession.
 
-- greeting with QEMU's version; oob negotiated when offered
-- input as qmp-shell (see :mod:`qemu_ext.qmp.parse`), ``-H`` HMP mode, ``-p`` pretty, ``-v`` verbose,
-  ``-l LOGFILE``, a history file, completion from the schema
-- events printed above the prompt as they arrive
-- errors with their class and description; when QEMU goes away the shell says so and reconnects
-  when it comes back on the same address
-- built-ins start with ``/`` (see :mod:`qemu_ext.qmp.builtins`); ``/help`` lists them
+- greeting with QEMU's version and the VM's name in the prompt; the schema for completion and
+  checking loads in the background (the prompt comes up first)
+- input as qmp-shell (:mod:`qemu_ext.qmp.parse`), checked against QEMU's schema before it is sent
+  (:meth:`qemu_ext.qmp.schema.SchemaIndex.check`); ``-H`` HMP mode, ``/hmp LINE`` from QMP mode
+- built-ins start with ``/`` (:mod:`qemu_ext.qmp.builtins`, one registry for dispatch, help, completion)
+- events above the prompt with readable times (``--events=stdout|stderr|off``); JSON as QEMU sent
+  them in scripts and with ``--output=json``
+- errors: one line with QMP's class and description; ``--output=json`` prints ``{"error": {...}}``
+- no surprises: Tab never picks a menu entry by itself, Enter on a highlighted entry only inserts it,
+  Escape closes the menu, pasted lines run one after another and stop at the first error, commands
+  that end or reset the guest ask first (interactive, without ``--yes``), Ctrl-C/Ctrl-D in a
+  transaction say what they dropped; a pager for output longer than the terminal
+- when QEMU goes away the shell says so and reconnects when it comes back (``--no-reconnect``: exit 1)
 """
 
 from __future__ import annotations
@@ -14,43 +20,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import shlex
+import shutil
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, TextIO
 
 from qemu_ext.errors import BadInputError, VirtoptError
-from qemu_ext.qmp import builtins, render
+from qemu_ext.qmp import builtins
+from qemu_ext.qmp.builtins.registry import HelpShown, Result
 from qemu_ext.qmp.client import QmpSession
-from qemu_ext.qmp.completion import CompletionData, ShellCompleter
+from qemu_ext.qmp.completion import CompletionData
 from qemu_ext.qmp.errors import QmpCommandError, QmpError, QmpGoneError
 from qemu_ext.qmp.parse import BuiltinCommand, LineParser, ParseError, QmpCommand
+from qemu_ext.qmp.schema import SchemaIndex
 from qemu_ext.qmp.shell_cli import DEFAULT_HISTORY
 
 RECONNECT_POLL = 0.25
+PARSE_HINT = "(format: command-name [arg-name1=arg1] ... [arg-nameN=argN])"
 
-HELP = """\
-QMP input (as qmp-shell):   cmd key=value key.sub=value   (values: ints, true/false, JSON, Python literals)
-                            transaction( ... )   one action per line, ')' runs it
-                            {"execute": "...", "arguments": {...}}   a raw JSON line
-built-ins:
-  /trace list [PATTERN]              trace events and their state
-  /trace on|off PATTERN              enable / disable trace events
-  /trace capture PATTERN SECONDS [FILE] [--node NODE]
-                                     enable, wait, disable, flush, decode (simple or log backend);
-                                     qcow2_cache events: replay the L2 lookups in the L2-cache simulator
-  /trace-file [on|off|flush|set FILE]
-                                     the simple backend's trace file (HMP trace-file)
-  /stats [vm|vcpu] [--interval S] [--watch S] [--count K] [--all]
-                                     KVM statistics per second (query-stats), like kvm_stat;
-                                     --watch repeats every S seconds (Ctrl-C stops)
-  /threads                           QEMU's threads, their roles, last CPU and affinity
-  /mtree lookup ADDR [io|memory]     the region and device owning an I/O port or address
-  /l2cache [NODE]                    qcow2 cache settings and the full-coverage l2-cache-size
-  /json ...                          any built-in, printed as JSON
-  /help, /quit
-"""
+# Commands that end or reset the guest: asked for when a person types them (QMP and HMP names).
+DANGEROUS = {
+    "quit": "QEMU exits and the VM stops at once",
+    "q": "QEMU exits and the VM stops at once",
+    "system_reset": "the guest resets, like pressing its reset button",
+    "system_powerdown": "the guest is asked to power off (ACPI power button)",
+}
 
 
 @dataclass
@@ -61,31 +60,54 @@ class ShellOptions:
     verbose: bool = False
     logfile: Optional[str] = None
     history: Optional[str] = DEFAULT_HISTORY
-    output: str = "human"  # how built-ins print: human | json
+    output: str = "human"  # human | json
     timeout: float = 5.0
     reconnect: bool = True
     commands: list[str] = field(default_factory=list)
+    negotiate: bool = True  # False: -N (qemu-ga, or negotiate by hand)
+    keep_going: bool = False
+    events: str = "stdout"  # stdout | stderr | off
+    yes: bool = False  # run quit/system_reset/system_powerdown without asking
+    pager: bool = True
+
+
+class _Declined(Exception):
+    pass
 
 
 class Shell:
-    """One shell on one QEMU address. ``stdout``/``stderr`` default to sys.stdout/sys.stderr at print time."""
+    """One shell on one QEMU address. ``stdout``/``stderr`` default to sys.stdout/sys.stderr at print time.
+
+    It is the built-ins' :class:`qemu_ext.qmp.builtins.registry.Context`."""
 
     def __init__(self, opts: ShellOptions, stdout: Optional[TextIO] = None, stderr: Optional[TextIO] = None) -> None:
         self.opts = opts
-        self.session = QmpSession(opts.address, name="virtopt-shell", timeout=opts.timeout)
+        self.session = QmpSession(opts.address, name="virtopt-shell", timeout=opts.timeout, negotiate=opts.negotiate)
         self.parser = LineParser()
-        self.completion = CompletionData()
+        self.completion = CompletionData(builtin_completer=builtins.complete)
         self.blockdev_options: dict[str, dict[str, Any]] = {}
+        self.as_json = opts.output == "json"
+        self.interactive = False
+        self.raw_args = ""
+        self.vm_name: Optional[str] = None
+        self.prompt_session: Any = None  # the prompt-toolkit PromptSession while the REPL runs
         self._stdout = stdout
         self._stderr = stderr
         self._log: Optional[TextIO] = None
         self._tasks: list[asyncio.Task[Any]] = []
-        self.prompt_session: Any = None  # the prompt-toolkit PromptSession while the REPL runs
+        self._schema_task: Optional[asyncio.Task[Any]] = None
+        self._hmp_task: Optional[asyncio.Task[Any]] = None
+        self._current: Optional[asyncio.Task[Any]] = None
+        self._gone: Optional[QmpGoneError] = None
+        self._paste: list[str] = []
+        self._paste_rest = ""
+        self._held: Optional[list[dict[str, Any]]] = None  # events held back while a pager runs
+        self._pt_io: tuple[Any, Any] = (None, None)
         if opts.logfile:
             try:
                 self._log = open(opts.logfile, "a", encoding="utf-8")
             except OSError as exc:
-                raise BadInputError(f"cannot open log file {opts.logfile}: {exc.strerror}") from exc
+                raise BadInputError(f"cannot open {opts.logfile}: {exc.strerror}") from exc
 
     # -- output -----------------------------------------------------------------------------------
 
@@ -100,38 +122,120 @@ class Shell:
             self._log.write(json.dumps(obj) + "\n")
             self._log.flush()
 
+    def dumps(self, obj: Any) -> str:
+        """qmp-shell's printing: compact JSON, or indented and key-sorted with -p."""
+        return json.dumps(obj, indent=4 if self.opts.pretty else None, sort_keys=self.opts.pretty)
+
+    def _tty(self) -> bool:
+        stream = self._stdout or sys.stdout
+        try:
+            return stream.isatty()
+        except (AttributeError, ValueError):
+            return False
+
+    def width(self) -> int:
+        """Columns to fit tables to: the terminal's, else $COLUMNS, else 0 (no limit)."""
+        if self._tty():
+            return shutil.get_terminal_size().columns
+        cols = os.environ.get("COLUMNS", "")
+        return int(cols) if cols.isdigit() else 0
+
+    def show(self, text: str) -> None:
+        """Print, through a pager ($PAGER, else less -FRX) when a person would see it scroll away."""
+        if not (self.interactive and self.opts.pager and self._tty() and self._stdout is None):
+            self.out(text)
+            return
+        rows = shutil.get_terminal_size().lines
+        if text.count("\n") + 2 < rows:
+            self.out(text)
+            return
+        pager = os.environ.get("PAGER") or "less -FRX"
+        self._held = []
+        try:
+            subprocess.run(shlex.split(pager), input=text + "\n", text=True, check=False)
+        except OSError:
+            self.out(text)
+        finally:
+            held, self._held = self._held, None
+            for ev in held:
+                self.print_event(ev)
+
+    def emit(self, result: Result) -> None:
+        if self.as_json:
+            self.out(json.dumps(result.data, indent=4 if self.opts.pretty else None))
+        elif result.text:
+            self.show(result.text)
+
+    def report_error(self, error_class: str, desc: str, text: str, reply: Optional[dict[str, Any]] = None) -> None:
+        """One line on stderr; with --output=json also ``{"error": {...}}`` on stdout (only that, at a prompt)."""
+        if self.as_json:
+            self.out(self.dumps(reply or {"error": {"class": error_class, "desc": desc}}))
+            if self.interactive:
+                return
+        self.err(text)
+
     # -- session ----------------------------------------------------------------------------------
 
     def greeting_text(self) -> str:
         caps = self.session.capabilities
         mode = "HMP" if self.opts.hmp else "QMP"
-        return (f"Connected to QEMU {self.session.version_text} at {self.session.where}"
+        name = f", VM {self.vm_name}" if self.vm_name else ""
+        return (f"Connected to QEMU {self.session.version_text} at {self.session.where}{name}"
                 f" ({mode}; capabilities: {', '.join(caps) if caps else 'none'}"
                 f"{'; oob enabled' if self.session.oob else ''})")
 
-    async def start(self, completion: bool = True) -> None:
-        """Connect, load completion data (for the REPL), start printing events."""
-        await self.session.connect()
-        if completion:
-            await self._load_completion()
+    async def start(self, interactive: bool) -> None:
+        """Connect, learn the VM's name, start printing events (and loading completion, interactive)."""
+        self.interactive = interactive
+        await self.session.connect(slow=self.err if interactive else None)
+        await self._after_connect()
         self._tasks.append(asyncio.create_task(self._event_pump()))
+        if interactive:
+            self._schema_task = asyncio.create_task(self._load_completion())
+
+    async def _after_connect(self) -> None:
+        self.vm_name = None
+        if self.opts.negotiate:
+            with contextlib.suppress(QmpError):
+                self.vm_name = (await self.session.execute("query-name")).get("name")
 
     async def _load_completion(self) -> None:
+        """Schema, trace events and live names (a failure only leaves completion poorer)."""
         try:
-            await self.completion.load(self.session)
-            if self.opts.hmp:
-                self.completion.hmp_commands = _hmp_words(await self.session.hmp("help"))
-                self.completion.hmp_info = [w.split(" ", 1)[-1] for w in
-                                            _hmp_words(await self.session.hmp("help info"), 2)]
+            await self.completion.load(self.session, hmp=self.opts.hmp)
         except QmpError:
-            pass  # completion is a comfort: a failure here must not stop the shell
+            pass
+
+    async def _load_schema(self) -> None:
+        try:
+            self.completion.schema = SchemaIndex.from_schema(await self.session.execute("query-qmp-schema"))
+        except QmpCommandError:
+            self.completion.schema = None
+
+    async def schema(self) -> Optional[SchemaIndex]:
+        """The schema, waiting for the background load (or loading only it, in scripts)."""
+        if self._schema_task is None:
+            self._schema_task = asyncio.create_task(self._load_schema())
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._schema_task)
+        return self.completion.schema
+
+    async def hmp_commands(self) -> list[str]:
+        if not self.completion.hmp_commands:
+            if self._hmp_task is None or self._hmp_task.done():
+                self._hmp_task = asyncio.create_task(self.completion.load_hmp(self.session))
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._hmp_task)
+        return self.completion.hmp_commands
 
     async def close(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        for t in [*self._tasks, self._schema_task, self._hmp_task]:
+            if t is not None:
+                t.cancel()
+        for t in [*self._tasks, self._schema_task, self._hmp_task]:
+            if t is not None:
+                with contextlib.suppress(BaseException):
+                    await t
         self._tasks.clear()
         await self.session.close()
         if self._log is not None:
@@ -141,19 +245,36 @@ class Shell:
     async def _event_pump(self) -> None:
         while True:
             ev = await self.session.next_event()
-            if ev is None:
-                continue
-            self.print_event(ev)
+            if ev is not None:
+                self.print_event(ev)
 
     def print_event(self, ev: dict[str, Any]) -> None:
-        self.out(render.dumps(ev, self.opts.pretty))
         self.log(ev)
+        if self._held is not None:
+            self._held.append(ev)
+            return
+        if self.opts.events == "off":
+            return
+        text = self.event_text(ev) if self.interactive and not self.as_json else self.dumps(ev)
+        (self.err if self.opts.events == "stderr" else self.out)(text)
+
+    def event_text(self, ev: dict[str, Any]) -> str:
+        """``[14:02:11.352] event STOP`` (local time from QEMU's timestamp), then the data as JSON."""
+        ts = ev.get("timestamp") or {}
+        sec, usec = int(ts.get("seconds", 0) or 0), int(ts.get("microseconds", 0) or 0)
+        stamp = time.strftime("%H:%M:%S", time.localtime(sec)) + f".{usec // 1000:03d}" if sec else "--:--:--"
+        data = ev.get("data")
+        return f"[{stamp}] event {ev.get('event')}" + (f" {json.dumps(data)}" if data else "")
 
     async def _watch_connection(self) -> None:
-        """Say when QEMU goes away; reconnect when it comes back on the same address."""
+        """Say when QEMU goes away; reconnect when it comes back on the same address (or end, --no-reconnect)."""
         while True:
             await self.session.wait_disconnected()
             await self.session.close()
+            if not self.opts.reconnect:
+                self._gone = QmpGoneError(f"QEMU at {self.session.where} went away (--no-reconnect: exiting)")
+                self._end_prompt()
+                return
             self.err(f"QEMU at {self.session.where} went away; waiting for it to come back (Ctrl-D quits)")
             while True:
                 await asyncio.sleep(RECONNECT_POLL)
@@ -163,265 +284,280 @@ class Shell:
                     continue
                 break
             self.parser.reset()
-            await self._load_completion()
+            await self._after_connect()
+            self.completion.schema = None
+            self._schema_task = asyncio.create_task(self._load_completion())
             self.out("reconnected: " + self.greeting_text())
+
+    def _end_prompt(self) -> None:
+        ps = self.prompt_session
+        if ps is not None and ps.app.is_running:
+            ps.app.exit(exception=EOFError())
+        if self._current is not None:
+            self._current.cancel()
 
     # -- one line ---------------------------------------------------------------------------------
 
     async def execute_line(self, line: str) -> int:
         """Run one input line; print its result. Returns 0, or the exit code of the error it printed."""
         try:
-            stripped = line.strip()
-            if self.opts.hmp and not stripped.startswith("/"):
-                if stripped:
-                    await self._run_hmp(stripped)
-                return 0
-            parsed = self.parser.parse(line)
-            if parsed is None:
-                return 0
-            if isinstance(parsed, BuiltinCommand):
-                await self.run_builtin(parsed)
-            else:
-                await self._run_qmp(parsed)
+            await self._execute_line(line)
             return 0
         except QmpCommandError as exc:
-            self.err(f"error: {exc.error_class}: {exc.desc}")
-            self.log(exc.reply)
+            reply = {k: v for k, v in exc.reply.items() if k != "id"}
+            self.log(reply)
+            self.report_error(exc.error_class, exc.desc, f"error: {exc.error_class}: {exc.desc}", reply)
             return exc.exit_code
         except ParseError as exc:
-            self.err(f"parse error: {exc} (format: command-name [arg-name1=arg1] ... [arg-nameN=argN])")
+            self.report_error("ParseError", str(exc), f"parse error: {exc} {PARSE_HINT}")
             return exc.exit_code
+        except HelpShown as h:
+            self.show(str(h))
+            return 0
+        except _Declined as d:
+            self.err(str(d))
+            return 0
         except VirtoptError as exc:
-            self.err(f"error: {exc}")
+            self.report_error(getattr(exc, "error_class", type(exc).__name__), str(exc), f"error: {exc}")
             return exc.exit_code
 
+    async def _execute_line(self, line: str) -> None:
+        stripped = line.strip()
+        if not self.parser.in_transaction:
+            if not stripped or stripped.startswith("#"):
+                return
+            if not self.opts.hmp and not stripped.startswith("/"):
+                if stripped in ("help", "?"):
+                    await self.run_builtin("help", [])
+                    return
+                words = stripped.split()
+                if len(words) == 2 and words[1] == "?":  # CMD ?
+                    await self.run_builtin("help", [words[0]])
+                    return
+            if self.opts.hmp and not stripped.startswith("/"):
+                text = await self.run_hmp(stripped)
+                if text:
+                    self.show(text.rstrip("\n"))
+                return
+        parsed = self.parser.parse(line)
+        if parsed is None:
+            return
+        if isinstance(parsed, BuiltinCommand):
+            rest = stripped[len(stripped.split(None, 1)[0]):]
+            await self.run_builtin(parsed.name, parsed.args, raw=rest)
+        else:
+            await self._run_qmp(parsed)
+
+    async def _confirm(self, name: str) -> None:
+        """Ask before a command that ends or resets the guest (interactive, without --yes)."""
+        if name not in DANGEROUS or not self.interactive or self.opts.yes:
+            return
+        from prompt_toolkit import PromptSession
+
+        inp, outp = self._pt_io
+        ask: PromptSession[str] = PromptSession(input=inp, output=outp)
+        try:
+            answer = await ask.prompt_async(f"{name}: {DANGEROUS[name]}. Send it? [y/N] ")
+        except (EOFError, KeyboardInterrupt):
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            raise _Declined(f"{name} not sent")
+
     async def _run_qmp(self, cmd: QmpCommand) -> None:
-        msg = cmd.msg
+        msg = dict(cmd.msg)
+        name = cmd.name
+        args = msg.get("arguments")
+        if isinstance(args, dict) or args is None:
+            schema = await self.schema()
+            if schema is not None:
+                checked, notes = schema.check(name, args or {})
+                if args is not None:
+                    msg["arguments"] = checked
+                for n in notes:
+                    self.err(f"note: {n}")
+        await self._confirm(name)
         if self.opts.verbose:
-            self.out(render.dumps(msg, self.opts.pretty))
+            self.out(self.dumps(msg))
         self.log(msg)
         ret = await self.session.execute_msg(msg)
         reply: dict[str, Any] = {"return": ret}
         if "id" in msg:
             reply["id"] = msg["id"]
-        self.out(render.dumps(reply, self.opts.pretty))
+        self.show(self.dumps(reply))
         self.log(reply)
-        name = cmd.name
+        if name == "qmp_capabilities" and self.completion.schema is None:
+            self._schema_task = None  # negotiated by hand (-N): the schema can be asked for now
         if name == "blockdev-add" and isinstance(msg.get("arguments"), dict):
-            args = msg["arguments"]
-            if args.get("node-name"):
-                self.blockdev_options[str(args["node-name"])] = dict(args)
-        if name in ("blockdev-add", "blockdev-del", "device_add", "device_del", "blockdev-open-tray",
-                    "blockdev-insert-medium", "blockdev-remove-medium", "drive_add"):
-            with contextlib.suppress(QmpError):
-                await self.completion.refresh_names(self.session)
+            a = msg["arguments"]
+            if a.get("node-name"):
+                self.blockdev_options[str(a["node-name"])] = dict(a)
+        if self.interactive and not name.startswith("query-"):
+            self._tasks.append(asyncio.create_task(self._refresh_names()))
 
-    async def _run_hmp(self, line: str) -> None:
+    async def _refresh_names(self) -> None:
+        with contextlib.suppress(QmpError):
+            await self.completion.refresh_names(self.session)
+
+    async def run_hmp(self, line: str) -> str:
+        await self._confirm(line.split()[0] if line.split() else "")
         if self.opts.verbose:
-            self.out(render.dumps({"execute": "human-monitor-command",
-                                   "arguments": {"command-line": line}}, self.opts.pretty))
+            self.out(self.dumps({"execute": "human-monitor-command", "arguments": {"command-line": line}}))
         text = await self.session.hmp(line)
         self.log({"hmp": line, "return": text})
-        if text:
-            self.out(text.rstrip("\n"))
+        return text
 
-    # -- built-ins --------------------------------------------------------------------------------
-
-    async def run_builtin(self, cmd: BuiltinCommand) -> None:
-        name, args = cmd.name, list(cmd.args)
-        as_json = self.opts.output == "json"
-        if name == "json":
-            if not args:
-                raise BadInputError("/json needs a built-in: /json stats vm")
-            name, args, as_json = args[0].lstrip("/"), args[1:], True
-        if "--json" in args:
-            args.remove("--json")
-            as_json = True
-        handler = self._builtins().get(name)
-        if handler is None:
-            raise BadInputError(f"unknown built-in /{name} (try /help)")
-        data, text = await handler(args)
-        if data is None:
-            return
-        self.log({"builtin": cmd.line, "return": _jsonable(data)})
-        if as_json:
-            self.out(json.dumps(_jsonable(data), indent=4 if self.opts.pretty else None))
-        elif text:
-            self.out(text)
-
-    def _builtins(self) -> dict[str, Callable[[list[str]], Any]]:
-        return {
-            "help": self._b_help,
-            "quit": self._b_quit,
-            "exit": self._b_quit,
-            "trace": self._b_trace,
-            "trace-file": self._b_trace_file,
-            "stats": self._b_stats,
-            "threads": self._b_threads,
-            "mtree": self._b_mtree,
-            "l2cache": self._b_l2cache,
-        }
-
-    async def _b_help(self, args: list[str]) -> tuple[Any, str]:
-        self.out(HELP.rstrip("\n"))
-        return None, ""
-
-    async def _b_quit(self, args: list[str]) -> tuple[Any, str]:
-        raise EOFError
-
-    async def _b_trace(self, args: list[str]) -> tuple[Any, str]:
-        if not args:
-            raise BadInputError("usage: /trace list [PATTERN] | on PATTERN | off PATTERN | capture PATTERN SECONDS [FILE]")
-        op, rest = args[0], args[1:]
-        if op == "list":
-            if len(rest) > 1:
-                raise BadInputError("usage: /trace list [PATTERN]")
-            evs = await builtins.trace_list(self.session, rest[0] if rest else "*")
-            return [e.to_dict() for e in evs], render.trace_states(evs)
-        if op in ("on", "off"):
-            if len(rest) != 1:
-                raise BadInputError(f"usage: /trace {op} PATTERN")
-            evs = await builtins.trace_set(self.session, rest[0], op == "on")
-            return [e.to_dict() for e in evs], render.trace_states(evs)
-        if op == "capture":
-            node = None
-            if "--node" in rest:
-                i = rest.index("--node")
-                if i + 1 >= len(rest):
-                    raise BadInputError("--node needs a node name")
-                node = rest[i + 1]
-                del rest[i:i + 2]
-            if len(rest) not in (2, 3):
-                raise BadInputError("usage: /trace capture PATTERN SECONDS [FILE] [--node NODE]")
-            try:
-                secs = float(rest[1])
-            except ValueError:
-                raise BadInputError(f"not a number of seconds: {rest[1]!r}") from None
-            res = await builtins.trace_capture(self.session, rest[0], secs, rest[2] if len(rest) == 3 else None,
-                                               node=node, known_options=self.blockdev_options)
-            return res.to_dict(), render.capture(res)
-        raise BadInputError(f"unknown /trace operation {op!r} (list, on, off, capture)")
-
-    async def _b_trace_file(self, args: list[str]) -> tuple[Any, str]:
-        op = args[0] if args else ""
-        if op == "set" and len(args) != 2:
-            raise BadInputError("usage: /trace-file set FILE")
-        if op != "set" and len(args) > 1:
-            raise BadInputError("usage: /trace-file [on|off|flush|set FILE]")
-        st = await builtins.trace_file(self.session, op, args[1] if op == "set" else None)
-        return st.to_dict(), render.trace_file_status(st)
-
-    async def _b_stats(self, args: list[str]) -> tuple[Any, str]:
-        target, watch, count, all_rows, interval = "vm", None, None, False, 1.0
-        it = iter(args)
-        for a in it:
-            if a in ("vm", "vcpu"):
-                target = a
-            elif a in ("--watch", "--count", "--interval"):
-                v = next(it, None)
-                try:
-                    num = float(v) if v is not None else None
-                except ValueError:
-                    num = None
-                if num is None or num <= 0:
-                    raise BadInputError(f"{a} needs a positive number")
-                if a == "--count":
-                    count = int(num)
-                elif a == "--watch":
-                    watch = interval = num
-                else:
-                    interval = num
-            elif a == "--all":
-                all_rows = True
-            else:
-                raise BadInputError("usage: /stats [vm|vcpu] [--interval S] [--watch S] [--count K] [--all]")
-        if watch is None and count is None:
-            rep = await builtins.stats(self.session, target, interval)
-            return rep.to_dict(), render.stats(rep, all_rows)
-        n = 0
-        reports = []
-        while count is None or n < count:
-            rep = await builtins.stats(self.session, target, interval)
-            n += 1
-            if self.opts.output == "json":
-                self.out(json.dumps(rep.to_dict(), indent=4 if self.opts.pretty else None))
-                reports.append(rep.to_dict())
-            else:
-                self.out(time.strftime("%H:%M:%S ") + render.stats(rep, all_rows))
-        return None, ""
-
-    async def _b_threads(self, args: list[str]) -> tuple[Any, str]:
-        if args:
-            raise BadInputError("usage: /threads")
-        items = await builtins.threads(self.session)
-        return items, render.threads(items)
-
-    async def _b_mtree(self, args: list[str]) -> tuple[Any, str]:
-        if not args or args[0] != "lookup" or len(args) not in (2, 3):
-            raise BadInputError("usage: /mtree lookup ADDR [io|memory]")
-        m = await builtins.mtree_lookup(self.session, args[1], args[2] if len(args) == 3 else "io")
-        return m.to_dict(), render.mtree(m)
-
-    async def _b_l2cache(self, args: list[str]) -> tuple[Any, str]:
-        if len(args) > 1:
-            raise BadInputError("usage: /l2cache [NODE]")
-        items = await builtins.l2cache(self.session, args[0] if args else None, self.blockdev_options)
-        return [i.to_dict() for i in items], render.l2cache(items)
+    async def run_builtin(self, name: str, args: list[str], as_json: bool = False, raw: str = "") -> None:
+        b = builtins.lookup(name)
+        ns, flag = builtins.registry.parse(b, args)
+        saved = self.as_json, self.raw_args
+        self.as_json = self.as_json or as_json or flag
+        self.raw_args = raw
+        try:
+            result = await b.handler(self, ns)
+            if result is not None:
+                self.log({"builtin": f"/{name} {' '.join(args)}".strip(), "return": result.data})
+                self.emit(result)
+        finally:
+            self.as_json, self.raw_args = saved
 
     # -- modes ------------------------------------------------------------------------------------
 
     async def run_script(self, lines: Any) -> int:
         """``-c`` mode (and stdin that is not a terminal): run lines in order; stop at the first error and
-        return its exit code. ``lines``: a list, or a callable returning the next line ('' at the end)."""
-        await self.start(completion=False)
-        if callable(lines):
-            lines = _AsyncLines(lines)
-        else:
-            lines = _AsyncLines(iter([*lines, ""]).__next__)
+        return its exit code (``--keep-going``: run them all, exit with the first error's code).
+        ``lines``: a list, or a callable returning the next line ('' at the end)."""
+        await self.start(interactive=False)
+        source = _AsyncLines(lines if callable(lines) else iter([*lines, ""]).__next__)
+        first = 0
         try:
-            async for line in lines:
+            async for line in source:
                 try:
                     rc = await self.execute_line(line)
                 except EOFError:
-                    return 0
+                    return first
                 if rc:
-                    return rc
+                    first = first or rc
+                    if not self.opts.keep_going:
+                        return rc
             if self.parser.in_transaction:
-                self.err("error: transaction( was not closed with )")
-                return 1
+                self.err(f"error: transaction( was not closed with ): {len(self.parser.actions)} action(s) not sent")
+                return first or 1
             await asyncio.sleep(0)  # let events that came with the last reply print
-            return 0
+            return first
         finally:
             await self.close()
 
     def prompt_text(self) -> str:
+        name = f" {self.vm_name}" if self.vm_name else ""
         if self.parser.in_transaction:
-            return "(QEMU) TRANS> "
-        return "(HMP) " if self.opts.hmp else "(QEMU) "
+            return f"(QEMU{name}) TRANS> "
+        return f"(HMP{name}) " if self.opts.hmp else f"(QEMU{name}) "
+
+    def _history(self) -> Any:
+        from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+        path = self.opts.history
+        if not path:
+            return InMemoryHistory()
+        try:
+            # commands can hold secrets (passwords, keys): the file is the user's alone
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                if os.fstat(fd).st_mode & 0o077:
+                    os.fchmod(fd, 0o600)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self.err(f"warning: history file {path} unusable ({exc.strerror}); not saving history")
+            return InMemoryHistory()
+        return FileHistory(path)
+
+    def _key_bindings(self) -> Any:
+        from prompt_toolkit.filters import completion_is_selected, has_completions, is_searching
+        from prompt_toolkit.key_binding import KeyBindings
+        from prompt_toolkit.key_binding.bindings import search
+        from prompt_toolkit.keys import Keys
+
+        kb = KeyBindings()
+
+        @kb.add("tab", filter=~is_searching)
+        def _tab(event: Any) -> None:
+            # readline's way: the first Tab inserts what all candidates share, the next one shows the
+            # menu; Tab never picks an entry by itself (arrows do; then Tab moves on)
+            b = event.current_buffer
+            st = b.complete_state
+            if st is None:
+                b.start_completion(insert_common_part=True)
+            elif st.complete_index is not None:
+                b.complete_next()
+
+        @kb.add("s-tab", filter=has_completions)
+        def _stab(event: Any) -> None:
+            event.current_buffer.complete_previous()
+
+        @kb.add("enter", filter=completion_is_selected)
+        def _enter_on_entry(event: Any) -> None:
+            # Enter on a highlighted entry only takes it into the line: nothing runs unseen
+            event.current_buffer.complete_state = None
+
+        @kb.add("escape", filter=has_completions, eager=True)
+        def _escape(event: Any) -> None:
+            event.current_buffer.cancel_completion()
+
+        @kb.add("enter", filter=is_searching)
+        def _enter_in_search(event: Any) -> None:
+            search.accept_search(event)
+            event.app.current_buffer.validate_and_handle()
+
+        @kb.add(Keys.BracketedPaste)
+        def _paste(event: Any) -> None:
+            self._on_paste(event)
+
+        return kb
+
+    def _on_paste(self, event: Any) -> None:
+        """Several pasted lines run one after another, as typed (qmp-shell's behaviour); the part after
+        the last newline stays in the line for editing."""
+        data = event.data.replace("\r\n", "\n").replace("\r", "\n")
+        b = event.current_buffer
+        if "\n" not in data:
+            b.insert_text(data)
+            return
+        doc = b.document
+        lines = (doc.text_before_cursor + data + doc.text_after_cursor).split("\n")
+        complete, self._paste_rest = [ln for ln in lines[:-1] if ln.strip()], lines[-1]
+        if not complete:
+            b.text = self._paste_rest
+            self._paste_rest = ""
+            return
+        self._paste = complete[1:]
+        b.text = complete[0]
+        b.validate_and_handle()
+
+    def _drop_transaction(self, key: str) -> None:
+        if not self.parser.in_transaction:
+            return
+        acts = [a["type"] for a in self.parser.actions]
+        what = f"{len(acts)} action(s) dropped ({', '.join(acts)})" if acts else "no action was pending"
+        self.err(f"{key}: transaction cancelled, nothing sent; {what}")
+        self.parser.reset()
 
     async def repl(self, input: Any = None, output: Any = None) -> int:
         """Interactive loop until Ctrl-D or /quit. ``input``/``output``: prompt-toolkit objects (tests)."""
         from prompt_toolkit import PromptSession
-        from prompt_toolkit.history import FileHistory, History, InMemoryHistory
         from prompt_toolkit.patch_stdout import patch_stdout
 
-        await self.start()
+        self._pt_io = (input, output)
+        await self.start(interactive=True)
         self.out(self.greeting_text())
-        self.out("Type /help for the built-ins, Ctrl-D to quit.")
-        if self.opts.reconnect:
-            self._tasks.append(asyncio.create_task(self._watch_connection()))
-        history: History = InMemoryHistory()
-        if self.opts.history:
-            try:
-                with open(self.opts.history, "a", encoding="utf-8"):
-                    pass
-                history = FileHistory(self.opts.history)
-            except OSError as exc:
-                self.err(f"warning: history file {self.opts.history} unusable ({exc.strerror}); not saving history")
+        self.out("Type help (or CMD ?) for help, Tab to complete, Ctrl-D to quit.")
+        self._tasks.append(asyncio.create_task(self._watch_connection()))
         ps: PromptSession[str] = PromptSession(
-            history=history,
-            completer=ShellCompleter(self.completion, self.opts.hmp),
+            history=self._history(),
+            completer=self._completer(),
             complete_while_typing=False,
+            enable_history_search=True,
+            key_bindings=self._key_bindings(),
             input=input,
             output=output,
         )
@@ -430,25 +566,49 @@ class Shell:
             with patch_stdout(raw=True) if self._stdout is None else contextlib.nullcontext():
                 while True:
                     try:
-                        line = await ps.prompt_async(self.prompt_text)
+                        line = await ps.prompt_async(self.prompt_text, default=self._paste_rest)
+                        self._paste_rest = ""
                     except KeyboardInterrupt:
-                        self.parser.reset()
+                        self._paste.clear()
+                        self._drop_transaction("Ctrl-C")
                         continue
                     except EOFError:
+                        if self._gone is not None:
+                            raise self._gone from None
+                        if self.parser.in_transaction:
+                            self._drop_transaction("Ctrl-D")
+                            continue
                         break
-                    try:
-                        await self._interruptible(self.execute_line(line))
-                    except EOFError:
-                        break
-                    except Exception as exc:  # a bug must not end the session: one line, keep going
-                        self.err(f"internal error: {type(exc).__name__}: {exc}")
+                    lines, self._paste = [line, *self._paste], []
+                    for i, ln in enumerate(lines):
+                        if i:
+                            ps.history.append_string(ln)
+                            self.out(f"{self.prompt_text()}{ln}")
+                        try:
+                            rc = await self._interruptible(self.execute_line(ln))
+                        except EOFError:
+                            return 0
+                        except Exception as exc:  # a bug must not end the session: one line, keep going
+                            self.err(f"internal error: {type(exc).__name__}: {exc}")
+                            rc = 1
+                        if self._gone is not None:
+                            raise self._gone
+                        if rc and i + 1 < len(lines):
+                            self.err(f"stopped at the error: {len(lines) - i - 1} pasted line(s) not run")
+                            break
         finally:
             await self.close()
         return 0
 
+    def _completer(self) -> Any:
+        from qemu_ext.qmp.completion import ShellCompleter
+
+        return ShellCompleter(self.completion, lambda: (self.opts.hmp, self.parser.in_transaction))
+
     async def _interruptible(self, coro: Any) -> Any:
         """Run a command so that Ctrl-C cancels it (and not the shell)."""
         task = asyncio.ensure_future(coro)
+        self._current = task
         loop = asyncio.get_running_loop()
         installed = False
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -459,9 +619,11 @@ class Shell:
         except asyncio.CancelledError:
             if not task.cancelled():
                 raise
-            self.err("interrupted")
+            if self._gone is None:
+                self.err("interrupted")
             return 130
         finally:
+            self._current = None
             if installed:
                 loop.remove_signal_handler(signal.SIGINT)
 
@@ -503,28 +665,6 @@ class _AsyncLines:
         return line.rstrip("\n")
 
 
-def _hmp_words(help_text: str, n: int = 1) -> list[str]:
-    """Command names from HMP ``help`` (first ``n`` words of each entry; continuation lines are indented)."""
-    out = set()
-    for ln in help_text.splitlines():
-        if not ln.strip() or ln[0].isspace():
-            continue
-        words = ln.split(" -- ", 1)[0].split()
-        if len(words) >= n:
-            out.add(" ".join(w.split("|")[0] for w in words[:n]))
-    return sorted(out)
-
-
-def _jsonable(obj: Any) -> Any:
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    if isinstance(obj, list):
-        return [_jsonable(o) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    return obj
-
-
 def run(opts: ShellOptions, stdout: Optional[TextIO] = None, stderr: Optional[TextIO] = None) -> int:
     """Entry point: ``-c`` lines when given, else the REPL. Connection failures raise QmpError."""
     shell = Shell(opts, stdout, stderr)
@@ -535,4 +675,4 @@ def run(opts: ShellOptions, stdout: Optional[TextIO] = None, stderr: Optional[Te
     return asyncio.run(shell.repl())
 
 
-__all__ = ["HELP", "QmpGoneError", "Shell", "ShellOptions", "run"]
+__all__ = ["DANGEROUS", "Shell", "ShellOptions", "run"]
