@@ -56,7 +56,7 @@ def test_random_reads_match_qemu_lookup_for_lookup(images, tmp_path, l2size, ent
     cmds += random_cmds(2, 300, GiB, ops=("read",), sizes=(4096, 131072), regions=USED_REGIONS)
     res, trace = simulate_then_run(img, cmds, l2size, entry, tmp_path)
     assert sha256(img) == before  # the simulator opened the image read-only
-    assert res["cache"]["l2_cache_entries"] == l2size // entry
+    assert res["cache"]["l2-cache-entries"] == l2size // entry
     assert res["misses"] == trace_misses(trace)
     assert sequence(res) == trace_sequence(trace)
     assert res["lookups"] == len(trace) > 100
@@ -110,7 +110,7 @@ def test_extended_l2_subclusters_match_qemu(images, tmp_path, l2size, entry):
     cmds += random_cmds(8, 200, GiB, ops=("read", "write"), sizes=(2048, 4096, 8192),
                         regions=[(0, 64 * 1024), (MiB, 256 * 1024), (600 * MiB, 3 * MiB)], align=2048)
     res, trace = simulate_then_run(images["ext"], cmds, l2size, entry, tmp_path)
-    assert res["cache"]["l2_entry_size"] == 16
+    assert res["cache"]["l2-entry-size"] == 16
     assert res["misses"] == trace_misses(trace)
     assert sequence(res) == trace_sequence(trace)
 
@@ -236,18 +236,21 @@ def test_cache_clean_interval_in_a_running_vm(images, tmp_path, qemu_factory):
            "cache-clean-interval": 1, "file": {"driver": "file", "filename": str(img)}},
     )
     t0 = time.monotonic()  # the clean timer is armed when the node opens
+    # the pauses the simulator is given are the ones that really happened (a busy machine delays
+    # the HMP commands): each command's time is taken when it returns, the timer fires at whole
+    # seconds after t0, and the plan keeps every command well away from those
     script: list[str] = []
-    slept = 0
-    plan = [["read 0 4k", "read 300M 4k", "read 100M 4k"], 1500, ["read 0 4k"], 1000,
-            ["read 0 4k", "read 300M 4k", "read 100M 4k"]]
-    for step in plan:
-        if isinstance(step, int):
-            slept += step
-            time.sleep(max(0.0, t0 + slept / 1000 - time.monotonic()))
-            script.append(f"sleep {step}")
-            continue
-        for c in step:
+    last_ms = 0
+    plan = [(0.0, ["read 0 4k", "read 300M 4k", "read 100M 4k"]), (1.5, ["read 0 4k"]),
+            (2.4, ["read 0 4k", "read 300M 4k", "read 100M 4k"])]
+    for at, cmds in plan:
+        time.sleep(max(0.0, t0 + at - time.monotonic()))
+        for c in cmds:
             qp.hmp(f'qemu-io cc "{c}"')
+            now_ms = int((time.monotonic() - t0) * 1000)
+            if now_ms > last_ms:
+                script.append(f"sleep {now_ms - last_ms}")
+                last_ms = now_ms
             script.append(c)
     text = qp.stderr_text()
     from qemu_ext.l2cache import workloads as W

@@ -83,22 +83,97 @@ def test_recommended_setting_reaches_target_in_qemu(image, tmp_path):
         assert 1 - (trace_misses(trace2) - distinct) / (len(trace2) - distinct) < 0.95
 
 
+def _run(capsys, *args: str) -> tuple[int, str, str]:
+    """The CLI in-process (same main() as the `virtopt` command): exit code, stdout, stderr."""
+    from qemu_ext.cli import main
+
+    code = main(["l2cache", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 @pytest.mark.parametrize(
     "args,code,text",
     [
+        # QEMU's own refusals of the options: the job fails (exit 1), in QEMU's words
         (["simulate", "--virtual-size", "1G", "--l2-cache-entry-size", "3000"], 1, "power of two"),
-        (["simulate", "--virtual-size", "nonsense"], 2, "invalid size"),
-        (["simulate"], 1, "give an image or --virtual-size"),
         (["simulate", "--virtual-size", "1G", "--cache-size", "64k", "--l2-cache-size", "1M"], 1, "may not exceed"),
-        # refused before any array is allocated for it (was a MemoryError)
-        (["simulate", "--virtual-size", "1T", "--pattern", "uniform", "--count", "100000000000"], 1, "too large"),
+        # usage errors (exit 2), each with the option's range
+        (["simulate", "--virtual-size", "nonsense"], 2, "invalid size"),
+        (["simulate"], 2, "give an image or --virtual-size"),
+        (["simulate", "IMAGE", "--virtual-size", "1G"], 2, "not both"),
+        (["simulate", "--virtual-size", "1E"], 2, "The image size is too large for file format 'qcow2'"),
+        (["simulate", "--virtual-size", "4P"], 2, "The image size is too large for file format 'qcow2'"),
+        (["simulate", "--virtual-size", "8E"], 2, "Must be between 0 and 9223372036854775807"),
+        (["simulate", "--virtual-size", "1G", "--hot-fraction", "-1"], 2, "above 0 and at most 1"),
+        (["simulate", "--virtual-size", "1G", "--hot-fraction", "0"], 2, "above 0 and at most 1"),
+        (["simulate", "--virtual-size", "1G", "--hot-fraction", "1.5"], 2, "above 0 and at most 1"),
+        (["simulate", "--virtual-size", "1G", "--zipf-s", "0"], 2, "above 0 and at most 10"),
+        (["simulate", "--virtual-size", "1G", "--zipf-s", "-1"], 2, "above 0 and at most 10"),
+        (["simulate", "--virtual-size", "1G", "--read-ratio", "nan"], 2, "from 0 to 1"),
+        (["simulate", "--virtual-size", "1G", "--working-set", "2G"], 2, "--working-set must be one request to the disk size"),
+        (["simulate", "--virtual-size", "1G", "--cache-clean-interval", "-5"], 2, "from 0 to 4294967295"),
+        (["simulate", "--virtual-size", "1G", "--count", "0"], 2, "from 1 to 1000000000000"),
+        (["simulate", "--virtual-size", "1G", "--request-size", "1000"], 2, "a multiple of 512"),
+        (["simulate", "--virtual-size", "1G", "--qemu-io", "a", "--trace", "b"], 2, "either --qemu-io or --trace"),
+        (["simulate", "--virtual-size", "1G", "--trace", "b", "--pattern", "zipf"], 2, "do not apply to --qemu-io/--trace"),
+        (["curve", "--virtual-size", "1G", "--plot", "x.txt"], 2, "ending in .png"),
+        (["curve", "--virtual-size", "1G", "--plot", "/nonexistent/x.png"], 1, "cannot open /nonexistent/x.png: No such"),
+        # the request model keeps every lookup: refused before any array is allocated (was a MemoryError)
+        (["simulate", "--virtual-size", "1T", "--allocation", "empty", "--count", "100000000000"], 2,
+         "too large for the request model"),
     ],
 )
-def test_bad_input_one_line(args, code, text):
-    cp = virtopt("l2cache", *args)
-    assert cp.returncode == code
-    assert text in cp.stderr
-    assert "Traceback" not in cp.stderr
+def test_bad_input_one_line(capsys, image, args, code, text):
+    args = [str(image) if a == "IMAGE" else a for a in args]
+    try:
+        got, _out, err = _run(capsys, *args)
+    except SystemExit as exc:  # argparse: its own usage message, exit 2
+        got, err = exc.code, capsys.readouterr().err
+    assert got == code, err
+    assert text in err
+    assert "Traceback" not in err
+
+
+def test_qemu_io_input_one_line_each(capsys, image, tmp_path):
+    """A disk image, /dev/null, an empty file, a directory, a FIFO, a missing file, a file of
+    commands without a request: one line each, exit 1, at once (an image was read as commands
+    for minutes before)."""
+    import os
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    quit_only = tmp_path / "quit.txt"
+    quit_only.write_text("# nothing\nquit\n")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    cases = [
+        (image, "not a qemu-io command file (binary data)"),
+        ("/dev/null", "/dev/null: not a regular file or block device"),
+        (fifo, "not a regular file or block device"),
+        (empty, "empty.txt: empty file"),
+        (tmp_path, "Is a directory"),
+        (tmp_path / "missing.txt", "cannot open"),
+        (quit_only, "no read or write commands"),
+    ]
+    for path, text in cases:
+        code, out, err = _run(capsys, "simulate", "--virtual-size", "1G", "--qemu-io", str(path))
+        assert code == 1 and text in err and err.count("\n") == 1 and not out, (path, err)
+
+
+def test_memory_follows_the_lookups_not_the_disk_size():
+    """A 64T, 256T and 1P disk with 1000 requests: what is touched costs memory, not the size
+    (they took 2.1 GB, 8.4 GB and a MemoryError). Peak RSS of the real command."""
+    import subprocess
+    import sys
+
+    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, check=True); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    for size in ("64T", "256T", "1P"):
+        cp = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "qemu_ext", "l2cache", "simulate",
+                             "--virtual-size", size, "--count", "1000", "--output=json"], capture_output=True, text=True)
+        assert cp.returncode == 0, cp.stderr
+        assert int(cp.stdout) < 250 * 1024, (size, cp.stdout)  # KiB: numpy and the interpreter are most of it
 
 
 def test_hostile_files_one_line(tmp_path):

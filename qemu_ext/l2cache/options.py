@@ -12,6 +12,8 @@ Sources:
 * 3.1: L2 cache sized to the image up to DEFAULT_L2_CACHE_MAX_SIZE, refcount cache at its
   minimum, cache-clean-interval 600 s on Linux (Leonid Bloch's / Alberto Garcia's 2018 series);
   entry size defaults to the cluster size.
+* 10.0: read_cache_sizes() and the constants of block/qcow2.h are the same as 7.2's (compared in
+  the 10.0.2 source); the test suite checks the resolution against both QEMUs' qemu-io.
 * 2.12: the older ratio rules (DEFAULT_L2_CACHE_BYTE_SIZE 1 MiB or DEFAULT_L2_CACHE_CLUSTERS 8
   clusters, whichever is more; refcount cache = L2 / DEFAULT_L2_REFCOUNT_SIZE_RATIO 4;
   cache-size alone splits 4:1), l2-cache-entry-size new in 2.12 (default cluster size),
@@ -29,7 +31,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from qemu_ext.errors import BadInputError, NotAvailableError
+from qemu_ext.errors import BadInputError, NotAvailableError, UsageError
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -41,6 +43,12 @@ MIN_REFCOUNT_CACHE_SIZE = 4  # clusters
 
 VERSIONS = ("2.12", "3.1", "4.0", "7.2", "current")
 DEFAULT_VERSION = "7.2"  # Debian 12's QEMU, the one the tests run
+# which rule sets were checked against a real QEMU (tests/test_l2cache.py runs qemu-io of each
+# installed build with every option combination and compares the cache it builds); "current"
+# is QEMU 10.0 (Debian 13 / bookworm-backports), whose rules are 7.2's
+VERIFIED = {"2.12": None, "3.1": None, "4.0": None, "7.2": "7.2.22", "current": "10.0.2"}
+QCOW_MAX_L1_SIZE = 32 * MiB  # block/qcow2.h (7.2, 10.0)
+L1E_SIZE = 8
 
 
 @dataclass
@@ -79,6 +87,7 @@ class CacheConfig:
         return self.l2_cache_entries * self.l2_slice_entries * self.cluster_size
 
     def as_dict(self) -> dict:
+        """JSON-ready, kebab-case keys as QEMU's own options."""
         d = asdict(self)
         d.update(
             l2_slice_entries=self.l2_slice_entries,
@@ -86,7 +95,7 @@ class CacheConfig:
             refcount_memory=self.refcount_memory,
             covered_bytes=self.covered_bytes,
         )
-        return d
+        return {k.replace("_", "-"): v for k, v in d.items()}
 
 
 _SUFFIX = {"": 1, "b": 1, "k": KiB, "m": MiB, "g": 1024 * MiB, "t": 1024**4, "p": 1024**5, "e": 1024**6}
@@ -243,6 +252,35 @@ def resolve(
     )
 
 
+def check_virtual_size(virtual_size: int, cluster_size: int, extended_l2: bool = False) -> None:
+    """Refuse disk sizes QEMU refuses, with qemu-img's reason: above INT64_MAX (qemu-img.c
+    cvtnum: "Invalid image size specified. Must be between 0 and 9223372036854775807."), or an L1
+    table over QCOW_MAX_L1_SIZE (block/qcow2-cluster.c qcow2_grow_l1_table returns -EFBIG, which
+    qemu-img create words as below; 7.2 and 10.0)."""
+    if virtual_size <= 0:
+        raise UsageError(f"the disk size must be positive, not {virtual_size}")
+    if virtual_size > 2**63 - 1:
+        raise UsageError("Invalid image size specified. Must be between 0 and 9223372036854775807.")
+    l2e = 16 if extended_l2 else 8
+    per_l1 = (cluster_size // l2e) * cluster_size
+    if -(-_round_up(virtual_size, 512) // per_l1) > QCOW_MAX_L1_SIZE // L1E_SIZE:
+        raise UsageError(f"{virtual_size} bytes: The image size is too large for file format 'qcow2' "
+                         "(try using a larger cluster size)")
+
+
+def l2_for_cache_size(l2_size: int, cluster_size: int, virtual_size: int, extended_l2: bool = False) -> int:
+    """The cache-size (the TOTAL qcow2 metadata cache, what libvirt's
+    <driver><metadata_cache><max_size> sets) that gives an L2 cache of l2_size bytes.
+
+    read_cache_sizes() (block/qcow2.c, 7.2 and 10.0) with only cache-size set: if cache-size >=
+    max_l2_cache + MIN_REFCOUNT_CACHE_SIZE clusters, L2 = max_l2_cache and the refcount cache
+    gets the rest; else the refcount cache gets MIN(cache-size, 4 clusters) and L2 the rest.
+    So an L2 cache below full coverage needs cache-size = l2_size + 4 clusters, and full coverage
+    needs max_l2_cache + 4 clusters (more only grows the refcount cache)."""
+    max_l2 = full_coverage_size(cluster_size, virtual_size, extended_l2)
+    return min(l2_size, max_l2) + MIN_REFCOUNT_CACHE_SIZE * cluster_size
+
+
 def full_coverage_size(cluster_size: int, virtual_size: int, extended_l2: bool = False) -> int:
     """l2-cache-size that holds every L2 table: disk size * 8 / cluster size (x2 for extended L2),
     rounded up to a cluster as QEMU does."""
@@ -250,14 +288,32 @@ def full_coverage_size(cluster_size: int, virtual_size: int, extended_l2: bool =
     return _round_up(-(-_round_up(virtual_size, 512) // cluster_size) * l2e, cluster_size)
 
 
-def option_text(l2_cache_size: int, l2_cache_entry_size: Optional[int] = None, image: str = "disk.qcow2") -> dict:
-    """The -drive and -blockdev text for these settings."""
+def option_text(l2_cache_size: int, l2_cache_entry_size: Optional[int] = None, image: str = "disk.qcow2",
+                node: str = "disk0", cluster_size: Optional[int] = None, virtual_size: Optional[int] = None,
+                extended_l2: bool = False, qemu_version: str = DEFAULT_VERSION) -> dict:
+    """The -drive, -blockdev and libvirt text for these settings.
+
+    libvirt has no l2-cache-size: its <metadata_cache><max_size> becomes QEMU's cache-size (the
+    total of both caches), computed with l2_for_cache_size(); "libvirt-entry-size" is the entry
+    size QEMU then picks on its own (libvirt cannot set l2-cache-entry-size)."""
     extra = f",l2-cache-entry-size={l2_cache_entry_size}" if l2_cache_entry_size else ""
-    drive = f"-drive file={image},format=qcow2,l2-cache-size={l2_cache_size}{extra}"
+    drive = f"-drive file={image},format=qcow2,node-name={node},l2-cache-size={l2_cache_size}{extra}"
     bd_extra = f',"l2-cache-entry-size":{l2_cache_entry_size}' if l2_cache_entry_size else ""
     blockdev = (
-        "-blockdev '{\"driver\":\"qcow2\",\"node-name\":\"disk0\","
+        f"-blockdev '{{\"driver\":\"qcow2\",\"node-name\":\"{node}\","
         f"\"l2-cache-size\":{l2_cache_size}{bd_extra},"
         f"\"file\":{{\"driver\":\"file\",\"filename\":\"{image}\"}}}}'"
     )
-    return {"drive": drive, "blockdev": blockdev}
+    out: dict = {"drive": drive, "blockdev": blockdev}
+    if cluster_size is not None and virtual_size is not None:
+        total = l2_for_cache_size(l2_cache_size, cluster_size, virtual_size, extended_l2)
+        out["cache-size"] = total
+        out["libvirt"] = (f"<driver name='qemu' type='qcow2'><metadata_cache><max_size unit='bytes'>{total}"
+                          "</max_size></metadata_cache></driver>")
+        try:
+            got = resolve(cluster_size, virtual_size, extended_l2, cache_size=total, qemu_version=qemu_version)
+            out["libvirt-l2-cache-size"] = got.l2_cache_size
+            out["libvirt-entry-size"] = got.l2_cache_entry_size
+        except BadInputError:
+            pass
+    return out

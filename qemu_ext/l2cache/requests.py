@@ -836,10 +836,14 @@ class ImageState:
         self.request_no += 1
 
 
-def lookups_for(state: ImageState, ops, limit_bytes: Optional[int] = None) -> Lookups:
-    """Run requests (op, offset, length) through the state; op is 'r' or 'w'."""
+def lookups_for(state: ImageState, ops, limit_bytes: Optional[int] = None,
+                tick: Optional[Callable[[int], None]] = None) -> Lookups:
+    """Run requests (op, offset, length) through the state; op is 'r' or 'w'. tick(n) is called
+    every 4096 requests (progress)."""
     vs = state.g.virtual_size if limit_bytes is None else limit_bytes
-    for op, off, n in ops:
+    for k, (op, off, n) in enumerate(ops):
+        if tick is not None and k and not k & 4095:
+            tick(4096)
         if off < 0 or n <= 0 or off + n > vs:
             raise BadInputError(f"request {op} {off} {n} lies outside the {vs}-byte disk")
         if op == "r":
@@ -849,3 +853,40 @@ def lookups_for(state: ImageState, ops, limit_bytes: Optional[int] = None) -> Lo
         else:
             raise BadInputError(f"unknown request type {op!r}")
     return state.out
+
+
+FAST_MAX_REQUEST = 1 << 30  # longer requests go through the model (read/write loops split at INT_MAX)
+
+
+def full_disk_layout(geom: Geometry) -> int:
+    """First cluster of the L2 tables of ImageState.from_geometry(geom, ..., "full"): qemu-img
+    create's header, refcount table and block, then the L1 table."""
+    return 3 + -(-geom.l1_size * 8 // geom.cluster_size)
+
+
+def full_disk_l2_lookups(geom: Geometry, slice_bytes: int, offsets: np.ndarray,
+                         lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The L2 lookups of reads or writes on a fully written bare disk, without the per-request
+    model: (slice offsets, request number of each lookup), vectorized.
+
+    On ImageState.from_geometry(geom, slice_bytes, "full") every cluster is allocated (COPIED)
+    and contiguous in the file in guest order, so qcow2_get_host_offset (reads) and handle_copied
+    (writes: in place, no allocation, no link_l2) stop only at the end of an L2 slice: one lookup
+    per slice a request touches, in order. tests/test_l2cache_fast.py holds this to the model.
+    Requests must lie inside the disk and be at most FAST_MAX_REQUEST bytes."""
+    cb, cs = geom.cluster_bits, geom.cluster_size
+    span = (slice_bytes // geom.l2_entry_size) << cb  # guest bytes per slice
+    offsets = np.asarray(offsets, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    s0 = offsets // span
+    counts = (offsets + lengths - 1) // span - s0 + 1
+    if len(counts) and int(counts.max()) == 1:
+        s = s0
+        req = np.arange(len(offsets), dtype=np.int64)
+    else:
+        req = np.repeat(np.arange(len(offsets), dtype=np.int64), counts)
+        starts = np.cumsum(counts) - counts
+        s = np.repeat(s0, counts) + (np.arange(len(req), dtype=np.int64) - np.repeat(starts, counts))
+    per_table = cs // slice_bytes
+    table, within = np.divmod(s, per_table)
+    return (full_disk_layout(geom) + table) * cs + within * slice_bytes, req
