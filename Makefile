@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 APT_PKGS := qemu-system-x86 qemu-utils gdb python3-venv procps
 STAMP := $(VENV)/.virtopt-installed
 
-.PHONY: install demo test lint bench qemus debug-qemu clean
+.PHONY: install demo test lint bench qemus debug-qemu libvirt clean
 
 install: $(STAMP)
 
@@ -36,10 +36,16 @@ qemus: install
 
 debug-qemu: qemus
 
+# libvirt for the libvirt tests: Debian's libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+# python3-libvirt (no recommends), the libvirt-qemu user, the venv's view of the bindings
+# (tests/libvirt/setup-libvirt says why); the tests start and stop their own libvirtd.
+libvirt: install
+	VENV=$(VENV) tests/libvirt/setup-libvirt
+
 lint: install
 	$(BIN)/ruff check .
 
-test: install qemus lint
+test: install qemus libvirt lint
 	VIRTOPT_REQUIRE_DEBUG_QEMU=1 $(BIN)/pytest -q -ra
 
 bench: install qemus

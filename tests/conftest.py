@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional, Sequence
 
 import pytest
 from helpers import REPO, make_qcow2
@@ -144,11 +144,100 @@ def image_factory(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
+# ---- libvirt (qemu_ext.libvirt.daemon): the tests' own libvirtd and throw-away KVM domains on it
+
+_LIBVIRT_SESSION = f"pytest-{os.getpid()}"
+_LIBVIRT_DOMAINS: list[str] = []  # every domain a fixture started (leak-checked at session end)
+_LIBVIRT_USED: list[bool] = []
+
+
+@pytest.fixture(scope="session")
+def libvirt_daemon() -> Iterator[str]:
+    """A libvirtd answering on qemu:///system (started with its virtlogd when none runs; stopped by the
+    last test session using it). Skips when the host is not set up for it (tests/libvirt/setup-libvirt;
+    under make test that is a failure). Yields the connection URI."""
+    from qemu_ext.errors import NotAvailableError
+    from qemu_ext.libvirt import daemon
+
+    try:
+        daemon.acquire(_LIBVIRT_SESSION)
+    except NotAvailableError as exc:
+        if os.environ.get("VIRTOPT_REQUIRE_DEBUG_QEMU"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))  # a user running pytest before setting libvirt up: a real condition
+    _LIBVIRT_USED.append(True)
+    try:
+        yield "qemu:///system"
+    finally:
+        daemon.release(_LIBVIRT_SESSION)
+
+
+def _libvirt_factory(libvirt_daemon: str, tmp_dir: Path) -> Iterator[Callable[..., object]]:
+    from qemu_ext.libvirt import daemon
+
+    started: list[daemon.TestDomain] = []
+
+    def start(name: str = "dom", disk_size: Optional[str] = "64M", persistent: bool = False,
+              disk_io: Sequence[str] = (), **kw) -> daemon.TestDomain:
+        """A KVM domain (no guest OS) named virtopt-test-NAME-PID with a fresh qcow2 vda of disk_size,
+        written first with the qemu-io commands disk_io (a running domain's disk is not writable
+        through HMP qemu-io: its device does not share write); ``image=`` path to use another image,
+        ``disk_size=None`` for none; other kw go to daemon.domain_xml."""
+        full = f"{daemon.PREFIX}{name}-{os.getpid()}"
+        image = kw.pop("image", None)
+        if image is None and disk_size:
+            image = make_qcow2(tmp_dir / f"{full}.qcow2", size=disk_size, io=disk_io)
+        xml = daemon.domain_xml(full, str(image) if image else None, **kw)
+        _LIBVIRT_DOMAINS.append(full)
+        d = daemon.TestDomain(full, xml, persistent, libvirt_daemon)
+        d.image = image  # type: ignore[attr-defined]
+        started.append(d)
+        return d
+
+    try:
+        yield start
+    finally:
+        for d in started:
+            d.stop()
+
+
+@pytest.fixture
+def libvirt_domain_factory(libvirt_daemon: str, tmp_path: Path) -> Iterator[Callable[..., object]]:
+    """Start libvirt domains for one test: ``libvirt_domain_factory("x", vcpus=2, iothreads=1,
+    cputune="<vcpupin vcpu='0' cpuset='1'/>", metadata_cache=N)`` -> daemon.TestDomain (.name, .pid,
+    .dom, .image, .xml(), .restart()); destroyed (and undefined) at teardown, leak-checked."""
+    yield from _libvirt_factory(libvirt_daemon, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_libvirt_domain_factory(libvirt_daemon: str, tmp_path_factory) -> Iterator[Callable[..., object]]:
+    """Like libvirt_domain_factory, for domains shared by a module's tests."""
+    yield from _libvirt_factory(libvirt_daemon, tmp_path_factory.mktemp("libvirt"))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     left = [qp.pid for qp in _STARTED if qp.alive()]
     if left:
         print(f"\nvirtopt tests: QEMU processes left running: {left}")
         session.exitstatus = 1
+    if _LIBVIRT_USED:
+        from qemu_ext.errors import VirtoptError
+        from qemu_ext.host import procfs
+        from qemu_ext.libvirt import daemon
+
+        try:
+            doms = daemon.leftover_domains(_LIBVIRT_DOMAINS) if daemon.answering() else []
+        except VirtoptError:
+            doms = []
+        doms += [f"{p.vm_name} (QEMU pid {p.pid})" for p in procfs.qemu_processes() if p.vm_name in _LIBVIRT_DOMAINS]
+        if doms:
+            print(f"\nvirtopt tests: libvirt domains left behind: {doms}")
+            session.exitstatus = 1
+        users = [u for u in daemon.USERS.iterdir()] if daemon.USERS.exists() else []
+        daemons = daemon.started_daemons()
+        if daemons and not users:
+            print(f"\nvirtopt tests: libvirt daemons left running: {daemons}")
+            session.exitstatus = 1
 
 
 __all__ = ["REPO"]

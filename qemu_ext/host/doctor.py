@@ -80,6 +80,7 @@ class DoctorReport:
     pid: Optional[int]
     interval: Optional[float]
     checks: list[Check]
+    domain: Optional[str] = None  # the libvirt domain whose XML was checked
 
     def counts(self) -> dict[str, int]:
         return {v: sum(1 for c in self.checks if c.verdict == v) for v in VERDICTS}
@@ -94,6 +95,7 @@ class DoctorReport:
         return {
             "root": self.root,
             "pid": self.pid,
+            "domain": self.domain,
             "interval-seconds": self.interval,
             "verdicts": self.counts(),
             "checks": [c.to_dict() for c in self.checks],
@@ -844,19 +846,25 @@ def run_doctor(
     second_root: Optional[str] = None,
     only: Optional[list[str]] = None,
     source: str = "qmp",
+    domain: Optional[Any] = None,
 ) -> DoctorReport:
     """Run every check (host ones, plus the QEMU ones when ``pid`` is given) and return their results.
 
     interval: seconds between the two samples of /proc/interrupts and /proc/stat (0: skip the sampled
     checks: they say "unknown"). second_root: a captured second sample instead of waiting (its
-    proc/interrupts and proc/stat). only: check ids to run (CHECK_IDS).
+    proc/interrupts and proc/stat). only: check ids to run (CHECK_IDS, and with ``domain`` the
+    libvirt ones). domain: a libvirt domain's XML (qemu_ext.libvirt.xml.DomainXml): its <cputune>,
+    <numatune>, <memoryBacking> and <cpu> are checked against the host (qemu_ext.host.doctor_libvirt).
     """
+    from qemu_ext.host.doctor_libvirt import DOMAIN_CHECK_IDS, run_domain_checks
+
     if interval < 0:
         raise VirtoptError("--interval must be >= 0", exit_code=2)
     if only:
-        bad = [c for c in only if c not in CHECK_IDS]
+        bad = [c for c in only if c not in CHECK_IDS + DOMAIN_CHECK_IDS]
         if bad:
-            raise VirtoptError(f"unknown check {', '.join(bad)} (checks: {', '.join(CHECK_IDS)})", exit_code=2)
+            raise VirtoptError(f"unknown check {', '.join(bad)} (checks: {', '.join(CHECK_IDS + DOMAIN_CHECK_IDS)})",
+                               exit_code=2)
     if pid is not None:
         require_qemu(pid, root)  # before anything of the process is read
     checks = HOST_CHECKS + (QEMU_CHECKS if pid is not None else [])
@@ -876,4 +884,7 @@ def run_doctor(
             results.append(fn(ctx))
         except (OSError, ValueError, KeyError, IndexError, VirtoptError) as exc:
             results.append(_unknown(cid, title, exc))
-    return DoctorReport(root, pid, interval if samples is not None else None, results)
+    if domain is not None:
+        results += run_domain_checks(ctx, domain, only)
+    return DoctorReport(root, pid, interval if samples is not None else None, results,
+                        domain.name if domain is not None else None)

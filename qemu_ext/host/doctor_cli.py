@@ -17,7 +17,9 @@ examples:
   virtopt doctor --root captured/ --second-sample captured/later --interval 1
 
 checks: cpu-isolation, timer-ticks, isolated-use, x2apic, kvm, tracing, irq-affinity, irq-load,
-cache-topology, numa, huge-pages; with --vm/--qmp/--domain also threads, vcpu-pinning, qemu-memory.
+cache-topology, numa, huge-pages; with --vm/--qmp/--domain also threads, vcpu-pinning, qemu-memory;
+with --domain also the domain XML against the host, each with the XML fix: libvirt-vcpupin,
+libvirt-emulatorpin, libvirt-numa (<numatune>, one L3), libvirt-hugepages, libvirt-cpu.
 --vm (alias --pid) takes a PID, a VM name, a QMP socket or HOST:PORT, or libvirt:DOMAIN; a process
 that is not QEMU is refused before anything of it is read.
 Each says what it found, a verdict (ok, warn, bad, unknown: a file it needs is missing or not
@@ -73,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         t = target.resolve(args.vm, args.qmp, args.domain, args.timeout, root=args.root)
     pid = t.pid if t is not None else None
     report = run_doctor(args.root, pid, t.vcpus if t else None, t.iothreads if t else None, args.interval,
-                        args.second_sample, args.check, source=(t.thread_source if t else None) or "qmp")
+                        args.second_sample, args.check, source=(t.thread_source if t else None) or "qmp",
+                        domain=t.libvirt.xml if t is not None and t.libvirt is not None else None)
     if args.output == "json":
         print_json(report.to_dict())
     else:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from qemu_ext import errors
 from qemu_ext.errors import BadInputError, QemuError
@@ -43,6 +43,8 @@ class Target:
     thread_source: Optional[str] = None  # "qmp" or "libvirt": where vcpus/iothreads came from
     domain: Optional[str] = None  # the libvirt domain name
     notes: list[str] = field(default_factory=list)
+    libvirt: Optional[Any] = None  # qemu_ext.libvirt.domain.Domain for a domain
+    thread_extra: Optional[Callable[[Any], dict[str, Any]]] = None  # keys a view adds to each thread's JSON
 
     def describe(self) -> str:
         """"QEMU pid 123 (vm web1)" for headlines."""
@@ -184,10 +186,9 @@ def resolve(vm: Optional[str] = None, qmp: Optional[str] = None, domain: Optiona
     if kind == "domain" or domain is not None:
         from qemu_ext.libvirt import domain as libvirt_domain
 
-        name = domain if domain is not None else libvirt_domain.parse_address(vm or "")
-        t = libvirt_domain.target(name, timeout=timeout)
+        t = libvirt_domain.target(domain if domain is not None else vm or "", timeout=timeout)
         if vm is not None and kind == "pid" and int(vm) != t.pid:
-            raise QemuError(f"libvirt domain {name} is QEMU pid {t.pid}, not {vm}")
+            raise QemuError(f"libvirt domain {t.domain} is QEMU pid {t.pid}, not {vm}")
         return t
     if kind == "qmp" or qmp is not None:
         t = from_qmp(qmp if qmp is not None else vm or "", timeout, root)

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
                   f"set <cputune> in the domain XML (virsh edit {t.domain}) or use virsh vcpupin/emulatorpin")
         return 0
     threads = thread_map(t.pid, t.vcpus, t.iothreads, source=t.thread_source or "qmp")
-    extra = getattr(t, "thread_extra", None)
+    extra = t.thread_extra
     if extra:
         for th in threads:
             th.extra.update(extra(th))

@@ -49,7 +49,10 @@ T = TypeVar("T")
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 #: address scheme -> "module:Class" of a Transport (the socket transport needs no scheme)
-SCHEMES: dict[str, str] = {}
+SCHEMES: dict[str, str] = {
+    "libvirt": "qemu_ext.libvirt.transport:LibvirtTransport",  # libvirt:NAME
+    "qemu+libvirt": "qemu_ext.libvirt.transport:LibvirtTransport",  # qemu+libvirt:///system?domain=NAME
+}
 
 #: after this many seconds without a greeting, an interactive caller is told the monitor may be busy
 SLOW_GREETING = 1.0
