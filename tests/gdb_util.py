@@ -78,3 +78,51 @@ def flat_ranges(info_mtree_f: str, as_name: str) -> list[tuple[int, int, str, st
 def line_counts(text: str) -> Counter:
     """Non-empty lines of an mtree listing (QEMU appends the accelerator name to flat ranges)."""
     return Counter(re.sub(r" (KVM|TCG)$", "", ln.rstrip()) for ln in text.replace("\r", "").splitlines() if ln.strip())
+
+
+def comparable(view: str, data: Any) -> Any:
+    """A view's JSON without what differs between two reads of a running QEMU by different readers:
+    the snapshot key, the writing commands' availability (gdb writes, inspect never does), the
+    thread's last CPU, the vCPUs' halted flag and KVM exit (gdb's own stop kicks vCPUs out of
+    KVM_RUN: exit INTR), timer deadlines re-armed in between."""
+    import copy
+
+    d = copy.deepcopy(data)
+    d.pop("snapshot", None)
+    if view == "info":
+        for k in ("trace enable", "trace disable"):
+            d["commands"].pop(k, None)
+    elif view == "threads":
+        for t in d["threads"]:
+            t.pop("last-cpu", None)
+    elif view == "vcpus":
+        for v in d["vcpus"]:
+            for k in ("halted", "kvm-exit-reason", "kvm-exit-reason-name"):
+                v.pop(k, None)
+    elif view == "timers":
+        for c in d["clocks"]:
+            for tl in c["timer-lists"]:
+                for t in tl["timers"]:
+                    t.pop("expire-time", None)
+                    t.pop("expires-in-ns", None)
+    return d
+
+
+def differences(a: Any, b: Any, path: str = "", out: Optional[list] = None, limit: int = 10) -> list:
+    """Where two JSON values differ (paths and both values), for readable assertion messages."""
+    out = [] if out is None else out
+    if len(out) >= limit:
+        return out
+    if type(a) is not type(b):
+        out.append(f"{path}: {a!r:.80} != {b!r:.80}")
+    elif isinstance(a, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            differences(a.get(k), b.get(k), f"{path}/{k}", out, limit)
+    elif isinstance(a, list):
+        if len(a) != len(b):
+            out.append(f"{path}: {len(a)} items != {len(b)} items")
+        for i, (x, y) in enumerate(zip(a, b)):
+            differences(x, y, f"{path}[{i}]", out, limit)
+    elif a != b:
+        out.append(f"{path}: {a!r:.80} != {b!r:.80}")
+    return out

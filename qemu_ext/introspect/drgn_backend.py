@@ -131,7 +131,7 @@ class DrgnTarget(Target):
         prog = d.Program()
         try:
             prog.set_core_dump(core)
-        except (OSError, ValueError, d.Error) as exc:
+        except Exception as exc:  # OSError, ValueError, drgn errors: not a core drgn can read
             raise BadInputError(f"{core}: not a core file ({exc})") from None
         path = exe or _core_exe(prog)
         if path is None:
@@ -141,13 +141,16 @@ class DrgnTarget(Target):
         pid = None
         try:
             pid = prog.main_thread().tid
-        except (ValueError, LookupError, d.Error):
+        except Exception:
             pass
         t = cls(prog, "core", pid, path)
         t._load(path)
         return t
 
     def _load(self, path: str) -> None:
+        import logging
+
+        logging.getLogger("drgn").setLevel(logging.ERROR)  # "missing debugging symbols": info says it
         try:
             self.prog.set_enabled_debug_info_finders(["standard"])  # never debuginfod from here
         except (AttributeError, ValueError):
@@ -186,9 +189,7 @@ class DrgnTarget(Target):
     def _native_var(self, name: str) -> Optional[tuple[int, TypeInfo]]:
         try:
             obj = self.prog.variable(name)
-        except (LookupError, ValueError):
-            return None
-        except drgn.Error:
+        except Exception:  # LookupError, or a DWARF expression drgn cannot evaluate
             return None
         if obj.address_ is None:
             return None
@@ -200,11 +201,17 @@ class DrgnTarget(Target):
         except LookupError:
             return None
 
+    def _thread_pointers(self) -> dict[int, int]:
+        tp = self.memo.get("thread-pointers")
+        if tp is None:
+            tp = self.memo["thread-pointers"] = find_thread_pointers(self)
+        return tp
+
     def _drgn_threads(self) -> list[Any]:
         if self._threads is None:
             try:
                 self._threads = sorted(self.prog.threads(), key=lambda th: th.tid)
-            except (drgn.Error, OSError, ValueError) as exc:
+            except Exception as exc:  # drgn raises OSError, ValueError and its own
                 raise IntrospectError(f"cannot list the threads: {exc}") from None
         return self._threads
 
@@ -212,6 +219,7 @@ class DrgnTarget(Target):
         super().begin_snapshot()
         if self.kind == "live":
             self._threads = None  # threads come and go while QEMU runs
+            self.memo.pop("thread-pointers", None)
 
     def threads(self) -> list[ThreadInfo]:
         out = []
@@ -226,17 +234,79 @@ class DrgnTarget(Target):
 
     def register(self, tid: int, name: str) -> Optional[int]:
         if self.kind != "core":
+            if name == "fs_base":  # the thread pointer is the thread's struct pthread, found in memory
+                return self._thread_pointers().get(tid)
             return None
         for th in self._drgn_threads():
             if th.tid == tid:
                 try:
                     regs = th.stack_trace()[0].registers()
-                except (drgn.Error, ValueError, LookupError, IndexError):
+                except Exception:  # no registers for this thread in the dump
                     return None
                 key = {"fs_base": "fs.base"}.get(name, name)
                 v = regs.get(key, regs.get(name))
                 return None if v is None else int(v)
         return None
+
+
+MAX_SCAN_MAPPING = 64 << 20  # guest RAM and other big mappings hold no thread control block
+TCB_SPAN = 0x1000  # struct pthread (glibc 2.36 x86-64: 2304 bytes) fits in it
+
+
+def find_thread_pointers(t: DrgnTarget) -> dict[int, int]:
+    """tid -> thread pointer ($fs_base) of a running process, without ptrace.
+
+    On x86-64 glibc the thread pointer is the thread's struct pthread, which starts with
+    tcbhead_t {void *tcb; dtv_t *dtv; void *self; ...} where tcb == self == its own address
+    (sysdeps/x86_64/nptl/tls.h). Every such self-referencing block in the process's writable
+    private mappings is a candidate; the one int32 field offset at which the candidates hold the
+    process's distinct thread ids (struct pthread.tid) confirms them. Nothing is assumed about the
+    glibc version beyond the tcbhead_t ABI, which is fixed.
+    """
+    import numpy as np
+
+    pid = t.pid
+    tids = {th.tid for th in t.threads()}
+    cands: dict[int, bytes] = {}
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) < 5 or parts[1] != "rw-p":
+            continue
+        path = parts[5] if len(parts) > 5 else ""
+        if path and path not in ("[heap]", "[stack]") and "ld-linux" not in path and "libc.so" not in path:
+            continue
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if hi - lo > MAX_SCAN_MAPPING:
+            continue
+        try:
+            data = t._read_raw(lo, hi - lo)
+        except MemoryReadError:
+            continue
+        words = np.frombuffer(data, dtype="<u8")
+        addrs = np.arange(lo, hi, 8, dtype=np.uint64)
+        hits = np.nonzero(words == addrs)[0]
+        for i in hits:
+            if i + 2 < len(words) and int(words[i + 2]) == lo + 8 * int(i):
+                x = lo + 8 * int(i)
+                cands[x] = data[8 * int(i):8 * int(i) + TCB_SPAN]
+    if not cands:
+        return {}
+    best: dict[int, int] = {}
+    for off in range(0x18, TCB_SPAN - 4, 4):
+        found: dict[int, int] = {}
+        for x, blob in cands.items():
+            if off + 4 <= len(blob):
+                v = int.from_bytes(blob[off:off + 4], "little", signed=True)
+                if v in tids:
+                    found.setdefault(v, x)
+        if len(found) > len(best):
+            best = found
+    return best if len(best) * 2 > len(tids) - 1 else {}
 
 
 def _core_exe(prog: Any) -> Optional[str]:

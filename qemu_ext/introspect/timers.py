@@ -12,16 +12,26 @@ is not kept, so a core reports expire times only, and say so).
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Optional
 
 from . import common, layouts
-from .target import Target, Value, qlist, walk
+from .target import NotAvailable, Target, Value, qlist, walk
 
 CLOCKS = ["realtime", "virtual", "host", "virtual_rt"]  # QEMUClockType order (include/qemu/timer.h)
 MAX_TIMERS = 100000
 
+def _check_layout(t: Target, view: str) -> Optional[str]:
+    if t.has_debug_info() or t.symbol_address("main_loop_tlg") is None:
+        return None
+    try:
+        layouts.timer_type(t, "QEMUTimer")
+    except NotAvailable as exc:
+        return f"virtopt {view}: {exc}"
+    return None
+
+
 common.register("timers", "QEMU's armed timers per clock and timer list (main loop and AioContexts)",
-                [common.needs_symbols("main_loop_tlg")])
+                [common.needs_symbols("main_loop_tlg"), _check_layout])
 
 
 def collect(t: Target) -> dict[str, Any]:

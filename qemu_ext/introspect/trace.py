@@ -29,12 +29,23 @@ def _check_symbols(t: Target, view: str) -> Optional[str]:
     return None
 
 
+def _check_layout(t: Target, view: str) -> Optional[str]:
+    """struct TraceEvent by DWARF, or a hand-made layout the binary confirms (layouts.trace_event)."""
+    if t.symbol_address("trace_events_enabled_count") is None:
+        return None  # _check_symbols says it
+    try:
+        layouts.trace_event(t)
+    except NotAvailable as exc:
+        return f"virtopt {view}: {exc}"
+    return None
+
+
 common.register("trace list", "Trace events and their state (enabled/disabled/unavailable), as QMP "
-                "trace-event-get-state", [_check_symbols])
+                "trace-event-get-state", [_check_symbols, _check_layout])
 common.register("trace enable", "Enable trace events (what QMP trace-event-set-state does), by writing QEMU's memory",
-                [_check_symbols, common.needs_write("virtopt trace enable PATTERN")], writes=True)
+                [_check_symbols, _check_layout, common.needs_write("virtopt trace enable PATTERN")], writes=True)
 common.register("trace disable", "Disable trace events, by writing QEMU's memory",
-                [_check_symbols, common.needs_write("virtopt trace disable PATTERN")], writes=True)
+                [_check_symbols, _check_layout, common.needs_write("virtopt trace disable PATTERN")], writes=True)
 
 
 @dataclasses.dataclass
