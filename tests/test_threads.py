@@ -210,7 +210,8 @@ def test_two_qemus_with_one_name_are_named_by_pid(qemu_factory):
     cp = virtopt("doctor", "--vm", name, "--interval", "0")
     assert cp.returncode == 1 and f"PIDs {a.pid}, {b.pid}" in one_line(cp)
     cp = virtopt("threads", name + "-nosuch")
-    assert cp.returncode == 1 and one_line(cp).startswith(f"virtopt: no QEMU named '{name}-nosuch' (running: ")
+    assert cp.returncode == 1
+    assert one_line(cp).startswith(f"virtopt: no QEMU named '{name}-nosuch' and no QMP socket at that path (running: ")
 
 
 class FakeQmp:
@@ -271,6 +272,34 @@ def test_a_qmp_server_that_is_not_qemu_is_refused(tmp_path):
         assert taskset(os.getpid()) == before
     finally:
         fake.close()
+
+
+@pytest.fixture
+def bad_addresses(tmp_path):
+    """Things that are not a QMP socket, each with the one line the QMP client gives for it."""
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("")
+    os.mkfifo(tmp_path / "fifo")
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(tmp_path / "dead.sock"))
+    dead.close()
+    return {
+        str(tmp_path / "dir"): "Is a directory",
+        str(tmp_path / "file"): "not a socket (a regular file)",
+        str(tmp_path / "fifo"): "not a socket (a FIFO)",
+        str(tmp_path / "dead.sock"): "Connection refused",
+        str(tmp_path / "missing.sock"): "No such file or directory",
+        "localhost:1": "Connection refused",  # HOST:PORT, nobody listening
+    }
+
+
+def test_bad_qmp_addresses_give_the_clients_one_line(bad_addresses):
+    for addr, reason in bad_addresses.items():
+        for args in (["threads", "--qmp", addr], ["threads", addr], ["doctor", "--qmp", addr, "--interval", "0"]):
+            cp = virtopt(*args, timeout=60)
+            assert cp.returncode == 1, (args, cp.stderr)
+            line = one_line(cp)
+            assert line.startswith(f"virtopt: cannot connect to QMP at {addr}: {reason}"), line
 
 
 def test_busy_monitor_is_reported_not_hung(qemu):

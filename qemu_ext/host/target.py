@@ -165,7 +165,8 @@ def _names_text(qemus: list[procfs.Process]) -> str:
 def from_name(name: str, root: str = "/") -> Target:
     hits = find_by_name(name, root)
     if not hits:
-        raise QemuError(f"no QEMU named {name!r} ({_names_text(procfs.qemu_processes(root))})")
+        raise QemuError(f"no QEMU named {name!r} and no QMP socket at that path "
+                        f"({_names_text(procfs.qemu_processes(root))})")
     if len(hits) > 1:
         raise QemuError(f"{len(hits)} QEMUs are named {name!r}: PIDs {', '.join(str(p.pid) for p in hits)}; "
                         "give one PID")
