@@ -114,9 +114,11 @@ class _Ctx:
         samples: Optional[Samples],
         sample_error: Optional[str],
         source: str = "qmp",
+        size: Callable[[int], str] = lambda n: f"{n} B",
     ) -> None:
         self.root = root
         self.source = source
+        self.size = size  # how summaries write a byte count (the front door passes output.human_size)
         self.pid = pid
         self.vcpus = vcpus
         self.iothreads = iothreads
@@ -724,10 +726,8 @@ def check_qemu_memory(ctx: _Ctx) -> Check:
         "anon-huge-pages": r.get("AnonHugePages", 0),
         "hugetlb": r.get("Private_Hugetlb", 0) + r.get("Shared_Hugetlb", 0),
     }
-    from qemu_ext.output import human_size
-
-    summary = (f"RSS {human_size(found['rss'])}, PSS {human_size(found['pss'])}, USS {human_size(uss)}, "
-               f"swap {human_size(found['swap'])}")
+    size = ctx.size
+    summary = f"RSS {size(found['rss'])}, PSS {size(found['pss'])}, USS {size(uss)}, swap {size(found['swap'])}"
     if found["swap"]:
         return Check("qemu-memory", title, "warn", summary + ": part of the VM is swapped out", found,
                      "give the host more memory, lock guest memory (-overcommit mem-lock=on) or back it with huge pages")
@@ -750,17 +750,15 @@ def check_huge_pages(ctx: _Ctx) -> Check:
     except OSError:
         found["thp"] = None
     summary = (f"hugetlb pages {mi.get('HugePages_Total', 0)} ({mi.get('HugePages_Free', 0)} free, "
-               f"{(mi.get('Hugepagesize', 0)) // 1024} KiB each); THP {found['thp'] or 'unknown'}")
+               f"{ctx.size(mi.get('Hugepagesize', 0))} each); THP {found['thp'] or 'unknown'}")
     if ctx.pid is not None:
         r = procfs.smaps_rollup(ctx.pid, ctx.root)
         hugetlb = r.get("Private_Hugetlb", 0) + r.get("Shared_Hugetlb", 0)
         anon = r.get("Anonymous", 0)
         thp_used = r.get("AnonHugePages", 0)
         found["qemu"] = {"hugetlb": hugetlb, "anon-huge-pages": thp_used, "anonymous": anon}
-        from qemu_ext.output import human_size
-
-        summary += (f"; QEMU: hugetlb {human_size(hugetlb)}, THP {human_size(thp_used)} of "
-                    f"{human_size(anon)} anonymous")
+        summary += (f"; QEMU: hugetlb {ctx.size(hugetlb)}, THP {ctx.size(thp_used)} of "
+                    f"{ctx.size(anon)} anonymous")
         if not hugetlb and not thp_used:
             return Check("huge-pages", title, "warn", summary + ": guest memory is on 4 KiB pages", found,
                          "back guest memory with huge pages: echo N > /proc/sys/vm/nr_hugepages and "
@@ -847,6 +845,7 @@ def run_doctor(
     only: Optional[list[str]] = None,
     source: str = "qmp",
     domain: Optional[Any] = None,
+    size: Callable[[int], str] = lambda n: f"{n} B",
 ) -> DoctorReport:
     """Run every check (host ones, plus the QEMU ones when ``pid`` is given) and return their results.
 
@@ -855,6 +854,8 @@ def run_doctor(
     proc/interrupts and proc/stat). only: check ids to run (CHECK_IDS, and with ``domain`` the
     libvirt ones). domain: a libvirt domain's XML (qemu_ext.libvirt.xml.DomainXml): its <cputune>,
     <numatune>, <memoryBacking> and <cpu> are checked against the host (qemu_ext.host.doctor_libvirt).
+    size: how summaries write byte counts (front doors pass qemu_ext.output.human_size: this library
+    does not import the front-door helpers).
     """
     from qemu_ext.host.doctor_libvirt import DOMAIN_CHECK_IDS, run_domain_checks
 
@@ -877,7 +878,7 @@ def run_doctor(
             samples = take_samples(root, interval, second_root)
         else:
             sample_error = "not sampled (--interval 0)"
-    ctx = _Ctx(root, pid, vcpus, iothreads, samples, sample_error, source)
+    ctx = _Ctx(root, pid, vcpus, iothreads, samples, sample_error, source, size)
     results: list[Check] = []
     for cid, title, fn in checks:
         try:

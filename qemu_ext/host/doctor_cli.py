@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from qemu_ext.host.threads_cli import add_vm_options
-from qemu_ext.output import add_output_option, print_json
+from qemu_ext.output import add_output_option, human_size, print_json
 
 EPILOG = """\
 examples:
@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     pid = t.pid if t is not None else None
     report = run_doctor(args.root, pid, t.vcpus if t else None, t.iothreads if t else None, args.interval,
                         args.second_sample, args.check, source=(t.thread_source if t else None) or "qmp",
-                        domain=t.libvirt.xml if t is not None and t.libvirt is not None else None)
+                        domain=t.libvirt.xml if t is not None and t.libvirt is not None else None,
+                        size=human_size)
     if args.output == "json":
         print_json(report.to_dict())
     else:

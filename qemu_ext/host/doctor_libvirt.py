@@ -216,7 +216,7 @@ def check_hugepages(ctx: _Ctx, dom: DomainXml, pid: Optional[int]) -> Check:
     host_fix = f"echo {need} > /proc/sys/vm/nr_hugepages (add vm.nr_hugepages={need} to /etc/sysctl.conf)"
     if not dom.hugepages:
         return Check("libvirt-hugepages", title, "warn",
-                     f"guest memory ({mem >> 20} MiB) is on 4 KiB pages: no <hugepages/> in <memoryBacking>", found,
+                     f"guest memory ({ctx.size(mem)}) is on 4 KiB pages: no <hugepages/> in <memoryBacking>", found,
                      f"reserve {need} pages of {kib} KiB ({host_fix}) and add {xml_fix} ({_edit(dom.name)})")
     if total == 0:
         return Check("libvirt-hugepages", title, "bad",
@@ -227,7 +227,7 @@ def check_hugepages(ctx: _Ctx, dom: DomainXml, pid: Optional[int]) -> Check:
                      f"restart the domain after {host_fix}")
     return Check("libvirt-hugepages", title, "ok",
                  f"<hugepages/> set; host has {total} pages of {kib} KiB ({free} free)"
-                 + (f"; QEMU uses {used >> 20} MiB of them" if used else ""), found)
+                 + (f"; QEMU uses {ctx.size(used)} of them" if used else ""), found)
 
 
 def check_cpu(ctx: _Ctx, dom: DomainXml) -> Check:
