@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -294,12 +295,15 @@ def bad_addresses(tmp_path):
 
 
 def test_bad_qmp_addresses_give_the_clients_one_line(bad_addresses):
-    for addr, reason in bad_addresses.items():
-        for args in (["threads", "--qmp", addr], ["threads", addr], ["doctor", "--qmp", addr, "--interval", "0"]):
-            cp = virtopt(*args, timeout=60)
-            assert cp.returncode == 1, (args, cp.stderr)
-            line = one_line(cp)
-            assert line.startswith(f"virtopt: cannot connect to QMP at {addr}: {reason}"), line
+    fifo = next(a for a in bad_addresses if a.endswith("fifo"))
+    runs = [["threads", "--qmp", addr] for addr in bad_addresses]
+    runs += [["threads", fifo], ["threads", "localhost:1"], ["doctor", "--qmp", fifo, "--interval", "0"]]
+    for args in runs:
+        addr = args[2] if args[1] == "--qmp" else args[1]
+        cp = virtopt(*args, timeout=60)
+        assert cp.returncode == 1, (args, cp.stderr)
+        line = one_line(cp)
+        assert line.startswith(f"virtopt: cannot connect to QMP at {addr}: {bad_addresses[addr]}"), line
 
 
 def test_busy_monitor_is_reported_not_hung(qemu):
@@ -364,3 +368,40 @@ def test_vm_name_and_qmp_addresses_from_the_command_line(vm2):
     args = ["qemu-system-x86_64", "-chardev", "socket,id=m,path=rel.sock,server=on,wait=off",
             "-mon", "chardev=m,mode=control", "-qmp", "tcp:localhost:4444,server=on"]
     assert procfs.qemu_qmp_addresses(args, "/run/vm") == ["localhost:4444", "/run/vm/rel.sock"]
+
+
+def test_procfs_process_readers_agree_with_qemu(vm2):
+    """The /proc readers the QMP layer and the gdb/inspect views call (qemu_ext.host.procfs), against what
+    QEMU itself says: KVM vCPU fds and their kvm_run mappings per vCPU, the vCPU threads sitting in
+    ioctl(KVM_RUN), the exe and command line, the QMP socket's owner."""
+    pid = vm2.pid
+    _, ans = qmp_threads(str(vm2.qmp_path))
+    vcpu_tids = {c["cpu-index"]: c["thread-id"] for c in ans["query-cpus-fast"]}
+    assert procfs.exe(pid) == os.path.realpath(vm2.binary) and procfs.argv(pid) == vm2.argv
+    assert procfs.cwd(pid) == str(vm2.workdir)
+    assert procfs.comm(pid, vcpu_tids[1]) == "CPU 1/" + ("KVM" if vm2.accel == "kvm" else "TCG")
+    assert procfs.exists_process(pid) and not procfs.exists_process(999999999)
+    fds = procfs.fds(pid)
+    assert fds[0] == "/dev/null"
+    if vm2.accel != "kvm":  # /dev/kvm did not open on this host: QEMU runs TCG, no KVM fds to compare
+        assert procfs.kvm_vcpu_fds(pid) == {} and procfs.kvm_run_maps(pid) == {}
+        return
+    vfds = procfs.kvm_vcpu_fds(pid)
+    assert sorted(vfds) == sorted(vcpu_tids) and all(fds[fd].startswith("anon_inode:kvm-vcpu:") for fd in vfds.values())
+    runs = procfs.kvm_run_maps(pid)
+    assert sorted(runs) == sorted(vcpu_tids)
+    maps = {m.start: m for m in procfs.maps(pid)}
+    assert all(maps[a].path == f"anon_inode:kvm-vcpu:{i}" and maps[a].offset == 0 for i, a in runs.items())
+    # an idle guest's vCPU thread blocks in ioctl(vcpu fd, KVM_RUN) (x86-64: syscall 16, 0xAE80)
+    deadline = time.monotonic() + 10
+    seen = None
+    while time.monotonic() < deadline:
+        sc = procfs.task_syscall(pid, vcpu_tids[0])
+        if sc is not None and sc.nr == 16 and sc.args[1] == 0xAE80:
+            seen = sc
+            break
+        time.sleep(0.05)
+    assert seen is not None and seen.args[0] == vfds[0]
+    # the owner of a socket by its inode: QEMU holds its QMP listening socket
+    inode = next(int(t[8:-1]) for t in fds.values() if t.startswith("socket:["))
+    assert procfs.socket_owner(inode) == pid
