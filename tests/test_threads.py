@@ -405,3 +405,26 @@ def test_procfs_process_readers_agree_with_qemu(vm2):
     # the owner of a socket by its inode: QEMU holds its QMP listening socket
     inode = next(int(t[8:-1]) for t in fds.values() if t.startswith("socket:["))
     assert procfs.socket_owner(inode) == pid
+
+
+def test_qmp_over_tcp_finds_the_qemu_behind_the_port(qemu_factory):
+    """HOST:PORT: the PID is the owner of the peer socket (/proc/net/tcp inode, /proc/*/fd)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # QEMU takes the port a moment later
+    qp = qemu_factory(name="vt-tcp", extra_args=["-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off"])
+    deadline = time.monotonic() + 20
+    while True:  # wait for QEMU's TCP listener (vm.start_qemu waits for unix sockets only)
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, qp.stderr_text()
+            time.sleep(0.1)
+    time.sleep(0.2)  # QEMU serves one client: let it see the probe go
+    cp = virtopt("threads", f"127.0.0.1:{port}", "--output=json", timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    data = json.loads(cp.stdout)
+    assert data["pid"] == qp.pid and [t["vcpu-index"] for t in data["threads"] if t["role"] == "vcpu"] == [0]
+    assert procfs.qemu_qmp_addresses(procfs.argv(qp.pid)) == [str(qp.qmp_path), f"127.0.0.1:{port}"]
