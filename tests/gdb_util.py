@@ -126,3 +126,39 @@ def differences(a: Any, b: Any, path: str = "", out: Optional[list] = None, limi
     elif a != b:
         out.append(f"{path}: {a!r:.80} != {b!r:.80}")
     return out
+
+
+GDB_RUN_ALL = """python
+import gdb, json
+res = []
+for c in %r:
+    try:
+        res.append({"command": c, "ok": True, "output": gdb.execute(c, to_string=True)})
+    except gdb.error as e:
+        res.append({"command": c, "ok": False, "error": str(e)})
+with open(%r, "w") as f:
+    json.dump(res, f)
+end
+"""
+
+
+def gdb_on_core(exe: str, core: Path, commands: list[str], workdir: Path) -> list[dict]:
+    """`gdb EXE CORE`, source the pack, run each command: [{command, ok, output|error, data}]."""
+    import json
+    import subprocess
+
+    out = workdir / "gdb-core-results.json"
+    script = workdir / "gdb-core.gdb"
+    script.write_text(f"source {PACK}\n" + GDB_RUN_ALL % (commands, str(out)))
+    cp = subprocess.run(["gdb", "-q", "-nx", "-batch", exe, str(core), "-x", str(script)],
+                        capture_output=True, text=True, timeout=120)
+    assert out.is_file(), cp.stderr[-2000:]
+    res = json.loads(out.read_text())
+    for r in res:
+        r["data"] = None
+        if r["ok"]:
+            try:
+                r["data"] = json.loads(r["output"])
+            except ValueError:
+                pass
+    return res

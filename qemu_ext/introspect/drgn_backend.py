@@ -133,7 +133,9 @@ class DrgnTarget(Target):
             prog.set_core_dump(core)
         except Exception as exc:  # OSError, ValueError, drgn errors: not a core drgn can read
             raise BadInputError(f"{core}: not a core file ({exc})") from None
-        path = exe or _core_exe(prog)
+        from . import corefile
+
+        path = exe or corefile.executable(core)
         if path is None:
             raise IntrospectError(f"{core}: cannot tell which QEMU executable made it: give it with --exe")
         if not os.path.isfile(path):
@@ -145,7 +147,36 @@ class DrgnTarget(Target):
             pass
         t = cls(prog, "core", pid, path)
         t._load(path)
+        t._add_file_segments(path)
         return t
+
+    def _add_file_segments(self, path: str) -> None:
+        """A core holds no read-only file mappings (gcore and the kernel skip them): serve the
+        executable's read-only PT_LOAD segments (.rodata: trace event names, strings) from the file."""
+        import struct
+
+        try:
+            bias = self.load_bias()
+            with open(path, "rb") as f:
+                hdr = f.read(64)
+                phoff, = struct.unpack_from("<Q", hdr, 0x20)
+                phentsize, phnum = struct.unpack_from("<HH", hdr, 0x36)
+                f.seek(phoff)
+                table = f.read(phentsize * phnum)
+            size = os.path.getsize(path)
+        except (OSError, struct.error, IntrospectError):
+            return
+        for i in range(phnum):
+            p_type, flags, off, vaddr, _pa, filesz, _memsz, _al = struct.unpack_from("<IIQQQQQQ", table, i * phentsize)
+            if p_type != 1 or flags & 2 or not filesz or off + filesz > size:  # PT_LOAD, not PF_W
+                continue
+
+            def read(address: int, count: int, offset: int, physical: bool, _off: int = off) -> bytes:
+                with open(path, "rb") as f:
+                    f.seek(_off + offset)
+                    return f.read(count)
+
+            self.prog.add_memory_segment(bias + vaddr, filesz, read)
 
     def _load(self, path: str) -> None:
         import logging
@@ -307,13 +338,3 @@ def find_thread_pointers(t: DrgnTarget) -> dict[int, int]:
         if len(found) > len(best):
             best = found
     return best if len(best) * 2 > len(tids) - 1 else {}
-
-
-def _core_exe(prog: Any) -> Optional[str]:
-    """The main executable a core names in its file notes (NT_FILE), when drgn tells it."""
-    try:
-        mod = prog.main_module()
-    except (LookupError, AttributeError):
-        return None
-    name = getattr(mod, "name", None)
-    return name if name and os.path.isfile(name) else None

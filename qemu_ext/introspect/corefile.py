@@ -1,0 +1,92 @@
+"""What an ELF core file says about the process it came from: the executable (NT_AUXV's AT_ENTRY
+inside an NT_FILE mapping), the pid and the program name (NT_PRPSINFO). Every offset and size is
+checked against the file before it is used. Standard library only."""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Optional
+
+from qemu_ext.errors import BadInputError
+
+PT_NOTE = 4
+NT_PRPSINFO = 3
+NT_AUXV = 6
+NT_FILE = 0x46494C45
+AT_ENTRY = 9
+MAX_NOTES = 64 << 20
+
+
+def _notes(path: str) -> list[tuple[int, bytes, bytes]]:
+    """(type, name, desc) of every note of the core's PT_NOTE segments."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        hdr = f.read(64)
+        if len(hdr) < 64 or hdr[:4] != b"\x7fELF" or hdr[4] != 2 or hdr[5] != 1:
+            raise BadInputError(f"{path}: not a 64-bit little-endian ELF core file")
+        if struct.unpack_from("<H", hdr, 16)[0] != 4:  # ET_CORE
+            raise BadInputError(f"{path}: an ELF file, but not a core file")
+        phoff, = struct.unpack_from("<Q", hdr, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", hdr, 0x36)
+        if phentsize != 56 or phoff + phnum * 56 > size:
+            raise BadInputError(f"{path}: program headers beyond the end of the file")
+        f.seek(phoff)
+        table = f.read(phnum * 56)
+        out = []
+        for i in range(phnum):
+            p_type, _fl, off, _va, _pa, filesz, _memsz, _al = struct.unpack_from("<IIQQQQQQ", table, i * 56)
+            if p_type != PT_NOTE:
+                continue
+            if filesz > MAX_NOTES or off + filesz > size:
+                raise BadInputError(f"{path}: a note segment beyond the end of the file")
+            f.seek(off)
+            blob = f.read(filesz)
+            pos = 0
+            while pos + 12 <= len(blob):
+                namesz, descsz, ntype = struct.unpack_from("<III", blob, pos)
+                pos += 12
+                name = blob[pos:pos + namesz]
+                pos += (namesz + 3) & ~3
+                desc = blob[pos:pos + descsz]
+                pos += (descsz + 3) & ~3
+                if pos > len(blob):
+                    break
+                out.append((ntype, name.rstrip(b"\0"), desc))
+    return out
+
+
+def executable(path: str) -> Optional[str]:
+    """The executable the core's process ran: the NT_FILE mapping that holds its entry point."""
+    entry = None
+    files: list[tuple[int, int, str]] = []
+    for ntype, name, desc in _notes(path):
+        if ntype == NT_AUXV and name == b"CORE":
+            for i in range(0, len(desc) - 15, 16):
+                key, val = struct.unpack_from("<QQ", desc, i)
+                if key == AT_ENTRY:
+                    entry = val
+        elif ntype == NT_FILE and name == b"CORE" and len(desc) >= 16:
+            count, _page = struct.unpack_from("<QQ", desc, 0)
+            if 16 + count * 24 > len(desc):
+                continue
+            names = desc[16 + count * 24:].split(b"\0")
+            for i in range(min(count, len(names))):
+                start, end, _off = struct.unpack_from("<QQQ", desc, 16 + i * 24)
+                files.append((start, end, names[i].decode("utf-8", "replace")))
+    if entry is None:
+        return None
+    for start, end, fname in files:
+        if start <= entry < end:
+            return fname
+    return None
+
+
+def process_info(path: str) -> tuple[Optional[int], Optional[str]]:
+    """(pid, program name) from NT_PRPSINFO (struct elf_prpsinfo, x86-64)."""
+    for ntype, name, desc in _notes(path):
+        if ntype == NT_PRPSINFO and name == b"CORE" and len(desc) >= 136:
+            pid = struct.unpack_from("<i", desc, 24)[0]
+            fname = desc[40:56].split(b"\0", 1)[0].decode("utf-8", "replace")
+            return pid, fname
+    return None, None
