@@ -429,6 +429,10 @@ def register(sub: argparse._SubParsersAction, name: str, summary: str) -> None:
     _memory_option(pr)
     pr.set_defaults(func=_cmd_recommend)
 
+    from qemu_ext.l2cache import tune_cli
+
+    tune_cli.register(s, fmt, _number, _size)
+
     def _help(args: argparse.Namespace) -> int:
         p.print_help()
         return 2

@@ -435,6 +435,46 @@ def knees(cv: S.StreamCurve, lo: int, hi: int, limit: int = 3) -> list[int]:
     return sorted(best)
 
 
+def curve_series(geom: R.Geometry, cfg: O.CacheConfig, curves: dict[int, S.StreamCurve],
+                 target: Optional[float] = None, max_points: int = 512) -> list[dict]:
+    """One series per entry size: points over the cache sizes (a geometric grid plus every power
+    of two), and the marked sizes: knees, maximum, current (for the current entry size) and, with
+    a target, the recommended size."""
+    full_bytes = O.full_coverage_size(geom.cluster_size, geom.virtual_size, geom.extended_l2)
+    series = []
+    for e, cv in sorted(curves.items()):
+        full_entries = -(-full_bytes // e)
+        top = max(O.MIN_L2_CACHE_SIZE, min(max(cv.distinct, 1), full_entries))
+        n = top
+        ladder = 1 << np.arange(1, n.bit_length(), dtype=np.int64)  # every power of two up to n
+        idx = np.unique(np.concatenate([
+            np.round(np.geomspace(O.MIN_L2_CACHE_SIZE, n, num=max_points)).astype(np.int64), ladder[ladder <= n]]))
+        marks: dict[str, Any] = {
+            "knees": [_point(cv, k, e) for k in knees(cv, O.MIN_L2_CACHE_SIZE, n)],
+            "maximum": _point(cv, top, e),
+            "current": None,
+            "recommended": None,
+        }
+        if e == cfg.l2_cache_entry_size:
+            marks["current"] = _point(cv, cfg.l2_cache_entries, e)
+        if target is not None:
+            need = cv.smallest_size_for(target)
+            if need is not None:
+                marks["recommended"] = _point(cv, max(need, O.MIN_L2_CACHE_SIZE), e)
+        series.append({
+            "l2-cache-entry-size": e,
+            "lookups": cv.lookups,
+            "distinct-slices": cv.distinct,
+            "exact": cv.exact,
+            "sampling-rate": round(cv.rate, 6),
+            "sampled-slices": cv.sampled_slices,
+            "points": [_point(cv, int(k), e) for k in idx.tolist()],
+            "marks": marks,
+            "_curve": cv,
+        })
+    return series
+
+
 def curve(
     disk: Disk,
     settings: Settings,
@@ -470,46 +510,14 @@ def curve(
         finally:
             if bar is not None:
                 bar.close()
-        full_bytes = O.full_coverage_size(geom.cluster_size, geom.virtual_size, geom.extended_l2)
-        series = []
-        for e in todo:
-            cv = streams[e].curve()
-            full_entries = -(-full_bytes // e)
-            top = max(O.MIN_L2_CACHE_SIZE, min(max(cv.distinct, 1), full_entries))
-            n = max(O.MIN_L2_CACHE_SIZE, top)
-            ladder = 1 << np.arange(1, n.bit_length(), dtype=np.int64)  # every power of two up to n
-            idx = np.unique(np.concatenate([
-                np.round(np.geomspace(O.MIN_L2_CACHE_SIZE, n, num=max_points)).astype(np.int64), ladder[ladder <= n]]))
-            marks: dict[str, Any] = {
-                "knees": [_point(cv, k, e) for k in knees(cv, O.MIN_L2_CACHE_SIZE, n)],
-                "maximum": _point(cv, top, e),
-                "current": None,
-                "recommended": None,
-            }
-            if e == cfg.l2_cache_entry_size:
-                marks["current"] = _point(cv, cfg.l2_cache_entries, e)
-            if target is not None:
-                need = cv.smallest_size_for(target)
-                if need is not None:
-                    marks["recommended"] = _point(cv, max(need, O.MIN_L2_CACHE_SIZE), e)
-            series.append({
-                "l2-cache-entry-size": e,
-                "lookups": cv.lookups,
-                "distinct-slices": cv.distinct,
-                "exact": cv.exact,
-                "sampling-rate": round(cv.rate, 6),
-                "sampled-slices": cv.sampled_slices,
-                "points": [_point(cv, int(k), e) for k in idx.tolist()],
-                "marks": marks,
-                "_curve": cv,
-            })
+        series = curve_series(geom, cfg, {e: streams[e].curve() for e in todo}, target, max_points)
     return {"disk": disk.describe(geom), "workload": wl.description, "cache": cfg.as_dict(),
             "current-setting": cur, "curves": series, "not-evaluated": skipped}
 
 
 def recommend(disk: Disk, settings: Settings, wl: WorkloadSpec, target: float = 0.99,
               max_memory: Optional[int] = None, progress: Optional[Progress] = None,
-              node: str = "disk0") -> dict:
+              node: str = "disk0", image: Optional[str] = None) -> dict:
     """Smallest l2-cache-size reaching `target` (warm hit ratio) over the entry sizes the
     workload can answer, the full-coverage size, their memory cost and option text.
 
@@ -519,15 +527,20 @@ def recommend(disk: Disk, settings: Settings, wl: WorkloadSpec, target: float = 
     if not 0.0 < target <= 1.0 or target != target:
         raise UsageError(f"--target must be above 0 and at most 1, not {target}")
     res = curve(disk, settings, wl, target=target, max_memory=max_memory, progress=progress)
+    return recommendation(res, settings.qemu_version, target, image or disk.image or "disk.qcow2", node)
+
+
+def recommendation(res: dict, qemu_version: str, target: float, image: str = "disk.qcow2",
+                   node: str = "disk0") -> dict:
+    """recommend()'s answer from a curve() result (also the one --watch keeps up to date)."""
     cache = res["cache"]
     cs = res["disk"]["cluster-size"]
     vsize = res["disk"]["virtual-size"]
     ext = res["disk"]["extended-l2"]
-    image = disk.image or "disk.qcow2"
     full = O.full_coverage_size(cs, vsize, ext)
 
     def texts(size: int, e: Optional[int]) -> dict:
-        return O.option_text(size, e, image, node, cs, vsize, ext, settings.qemu_version)
+        return O.option_text(size, e, image, node, cs, vsize, ext, qemu_version)
 
     options = []
     for s in res["curves"]:
@@ -537,7 +550,7 @@ def recommend(disk: Disk, settings: Settings, wl: WorkloadSpec, target: float = 
         if rec is None:
             continue
         size = rec["l2-cache-size"]
-        r = O.resolve(cs, vsize, ext, l2_cache_size=size, l2_cache_entry_size=e, qemu_version=settings.qemu_version)
+        r = O.resolve(cs, vsize, ext, l2_cache_size=size, l2_cache_entry_size=e, qemu_version=qemu_version)
         options.append({
             "l2-cache-entry-size": e,
             "l2-cache-size": size,
@@ -546,16 +559,16 @@ def recommend(disk: Disk, settings: Settings, wl: WorkloadSpec, target: float = 
             "warm-hit-ratio": round(cv.warm_hit_ratio(r.l2_cache_entries), 6),
             "memory": r.l2_memory,
             "exact": cv.exact,
-            "options": texts(size, e if _needs_entry_option(cs, vsize, ext, size, e, settings) else None),
+            "options": texts(size, e if _needs_entry_option(cs, vsize, ext, size, e, qemu_version) else None),
         })
     best = min(options, key=lambda o: (o["memory"], -o["l2-cache-entry-size"])) if options else None
-    fr = O.resolve(cs, vsize, ext, l2_cache_size=full, qemu_version=settings.qemu_version)
+    fr = O.resolve(cs, vsize, ext, l2_cache_size=full, qemu_version=qemu_version)
     cur_series = next((s for s in res["curves"] if s["marks"]["current"] is not None), None)
     cur_mark = cur_series["marks"]["current"] if cur_series else None
     return {
         "disk": res["disk"],
         "workload": res["workload"],
-        "qemu-version": settings.qemu_version,
+        "qemu-version": qemu_version,
         "target-hit-ratio": target,
         "current": {
             "l2-cache-size": cache["l2-memory"],
@@ -582,10 +595,10 @@ def recommend(disk: Disk, settings: Settings, wl: WorkloadSpec, target: float = 
     }
 
 
-def _needs_entry_option(cs: int, vsize: int, ext: bool, size: int, e: int, settings: Settings) -> bool:
+def _needs_entry_option(cs: int, vsize: int, ext: bool, size: int, e: int, qemu_version: str) -> bool:
     """Whether QEMU would pick another entry size than e for l2-cache-size=size on its own."""
     try:
-        r = O.resolve(cs, vsize, ext, l2_cache_size=size, qemu_version=settings.qemu_version)
+        r = O.resolve(cs, vsize, ext, l2_cache_size=size, qemu_version=qemu_version)
     except BadInputError:
         return True
     return r.l2_cache_entry_size != e

@@ -1,0 +1,248 @@
+"""`virtopt l2cache tune SOCKET --node NODE`: render what qemu_ext.l2cache.tune returns (also used
+by the shell's ``/l2cache tune``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Optional
+
+from qemu_ext.errors import VirtoptError
+
+TUNE_EPILOG = """\
+examples:
+  virtopt l2cache tune /run/vm.qmp --node disk0
+  virtopt l2cache tune /run/vm.qmp --node disk0 --seconds 30 --target 0.98 --apply
+  virtopt l2cache tune /run/vm.qmp --node disk0 --watch --seconds 60 --max-memory 64M
+  virtopt l2cache tune /run/vm.qmp --node disk0 --output=json
+
+It captures QEMU's qcow2_cache_get* events (the log backend's -D file or stderr file, or the
+simple backend's trace file), turns off again whatever it turned on (also on Ctrl-C or when QEMU
+goes away), and measures what tracing costs the guest (the I/O rate of the node's device with the
+events off, then on). --apply changes the running VM with blockdev-reopen (the node's other
+options kept) and captures again to show before -> after beside the prediction. A node that
+cannot be reopened (e.g. an automatic -drive node) is not changed: the option text to use
+instead is printed (-blockdev, -drive, libvirt's <metadata_cache><max_size>), exit 1.
+--watch captures window after window (each window's file deleted once read), keeps the curve
+over the whole time in --max-memory, and prints the final answer on Ctrl-C.
+exit codes: 0 ok, 1 failed (dead socket, not applied), 2 usage.
+"""
+
+
+def _fmt() -> Any:
+    from qemu_ext import output
+
+    return output
+
+
+def render_node(n: dict[str, Any]) -> str:
+    o = _fmt()
+    return (f"node {n['node-name']}: {n['filename']} ({o.human_size(n['virtual-size'])}, cluster "
+            f"{o.human_size(n['cluster-size'])}{', extended L2' if n['extended-l2'] else ''}), l2-cache-size "
+            f"{o.human_size(n['l2-cache-size'])} in {o.count(n['l2-cache-entries'])} entries of "
+            f"{o.human_size(n['l2-cache-entry-size'])} [{n['settings-source']}]")
+
+
+def _io(rate: Optional[dict[str, Any]]) -> str:
+    o = _fmt()
+    if not rate:
+        return "-"
+    return f"{o.count(rate['operations-per-second'])} I/O/s ({o.human_size(rate['bytes-per-second'])}/s)"
+
+
+def render_measured(label: str, m: dict[str, Any]) -> str:
+    o = _fmt()
+    if not m["lookups"]:
+        return f"{label} ({o.duration(m['seconds'])}): no L2 lookup"
+    return (f"{label} ({o.duration(m['seconds'])}): {o.count(m['lookups'])} L2 lookups "
+            f"({o.count(m['lookups-per-second'])}/s), {o.count(m['misses'])} misses "
+            f"({o.count(m['misses-per-second'])}/s), hit ratio {o.percent(m['hit-ratio'])}, "
+            f"warm {o.percent(m['warm-hit-ratio'])}")
+
+
+def render_options(opts: dict[str, Any], entry: Optional[int] = None) -> list[str]:
+    o = _fmt()
+    out = [f"  {opts['blockdev']}", f"  {opts['drive']}"]
+    if "libvirt" in opts:
+        out.append(f"  libvirt: {opts['libvirt']}")
+        if entry is not None and opts.get("libvirt-entry-size") not in (None, entry):
+            out.append(f"    (libvirt sets QEMU's cache-size, the total of both caches; it cannot set "
+                       f"l2-cache-entry-size: QEMU then uses {o.human_size(opts['libvirt-entry-size'])} entries)")
+        else:
+            out.append("    (libvirt's max_size is QEMU's cache-size, the total of both caches: "
+                       "the L2 cache gets all but the refcount cache's 4 clusters)")
+    return out
+
+
+def render_tune(r: dict[str, Any]) -> str:
+    o = _fmt()
+    out = [render_node(r["node"])]
+    c = r["tracing-cost"]
+    if c.get("change") is not None:
+        ch = c["change"]
+        out.append(f"tracing cost: the guest did {_io(c['events-off'])} with the events off, {_io(c['events-on'])} "
+                   f"with them on ({'+' if ch >= 0 else ''}{ch * 100:.1f}%)")
+    elif c.get("seconds-per-lookup") is not None:
+        probe = (f"{c['method']}: {o.duration(c['probe-seconds-per-read-off'])} per read off, "
+                 f"{o.duration(c['probe-seconds-per-read-on'])} on")
+        if c.get("resolved"):
+            out.append(f"tracing cost: {o.duration(c['seconds-per-lookup'])} per L2 lookup ({probe}); at the rate "
+                       f"captured, {o.percent(c['cpu-share'])} of a CPU")
+        else:
+            out.append(f"tracing cost: below what the probe resolves ({probe})")
+    elif c.get("note"):
+        out.append(f"tracing cost: {c['note']}")
+    out.append(render_measured("before", r["before"]))
+    p = r["predicted"]
+    cur = r["current"]
+    if p:
+        verdict = ("equal: the simulator reproduces QEMU" if r["prediction-exact"]
+                   else "NOT equal (see the notes)")
+        src = "as the trace shows" if cur.get("source") == "trace" else cur.get("source", "")
+        out.append(f"predicted at the current setting ({o.human_size(p['l2-cache-size'])}, {src}): "
+                   f"{o.count(p['warm-misses'])} misses after the cold start; QEMU had "
+                   f"{o.count(p['measured-warm-misses'])}: {verdict}")
+    rec = r["recommended"]
+    if rec:
+        out.append(f"recommended for a warm hit ratio of {o.percent(r['target-warm-hit-ratio'])}: l2-cache-size "
+                   f"{o.human_size(rec['l2-cache-size'])} with {o.human_size(rec['l2-cache-entry-size'])} entries "
+                   f"(memory {o.human_size(rec['memory'])}; predicted warm hit ratio {o.percent(rec['warm-hit-ratio'])})")
+        out += render_options(rec["options"], rec["l2-cache-entry-size"])
+    a = r["applied"]
+    if a is not None:
+        if a.get("done"):
+            opts = a["options"]
+            out.append(f"applied: blockdev-reopen {opts['node-name']} l2-cache-size={opts['l2-cache-size']}"
+                       + (f" l2-cache-entry-size={opts['l2-cache-entry-size']}" if "l2-cache-entry-size" in opts else ""))
+        else:
+            out.append(f"not applied: {a['reason']}")
+    if r["after"]:
+        af = r["after"]
+        out.append(render_measured("after", af) + f" (predicted warm {o.percent(af['predicted-warm-hit-ratio'])})")
+        b = r["before"]
+        out.append(f"before -> after: warm hit ratio {o.percent(b['warm-hit-ratio'])} -> "
+                   f"{o.percent(af['warm-hit-ratio'])} (predicted {o.percent(af['predicted-warm-hit-ratio'])}), "
+                   f"misses {o.count(b['misses-per-second'])}/s -> {o.count(af['misses-per-second'])}/s")
+    for n in r["not-evaluated"][:1]:
+        sizes = ", ".join(o.human_size(x["l2-cache-entry-size"]) for x in r["not-evaluated"])
+        out.append(f"not evaluated: entry sizes {sizes}: {n['reason']}")
+    out += [f"note: {n}" for n in r["notes"]]
+    if r.get("events-left-enabled"):
+        out.append(f"WARNING: events still enabled: {', '.join(r['events-left-enabled'])}")
+    return "\n".join(out)
+
+
+def render_watch(w: dict[str, Any], final: bool = False) -> str:
+    o = _fmt()
+    win = w["window"]
+    head = (f"{'final: ' if final else ''}node {w['node']}: {win['windows']} windows, "
+            f"{o.duration(win['covered-seconds'])} covered ({o.duration(win['captured-seconds'])} captured), "
+            f"{o.count(w['measured']['lookups'])} L2 lookups, measured hit ratio {o.percent(w['measured']['hit-ratio'])}")
+    out = [head]
+    lw = w.get("last-window")
+    if lw and not final:
+        out.append("  " + render_measured("last window", lw))
+    rec = w.get("recommended")
+    if rec:
+        est = "" if rec["exact"] else " (estimated from a sample)"
+        out.append(f"  recommended: l2-cache-size {o.human_size(rec['l2-cache-size'])} with "
+                   f"{o.human_size(rec['l2-cache-entry-size'])} entries (memory {o.human_size(rec['memory'])}, warm hit "
+                   f"ratio {o.percent(rec['warm-hit-ratio'])}){est}")
+        if final:
+            out += render_options(rec["options"], rec["l2-cache-entry-size"])
+    elif w["measured"]["lookups"]:
+        out.append("  no cache size reaches the target on what was captured")
+    for s in w.get("curves", []):
+        if not s["exact"]:
+            out.append(f"  entries of {o.human_size(s['l2-cache-entry-size'])}: sampled, rate {s['sampling-rate']:.4g} "
+                       f"({o.count(s['sampled-slices'])} slices kept)")
+    return "\n".join(out)
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from qemu_ext.l2cache import tune as T
+    from qemu_ext.output import print_json, tune_bulk_numpy
+    from qemu_ext.qmp.client import connect_sync
+
+    tune_bulk_numpy()
+    T.check_args(args.seconds, args.target)
+    if args.plot:
+        from qemu_ext.output import check_plot_path
+
+        check_plot_path(args.plot)
+    tty = sys.stderr.isatty()
+    notify = (lambda t: print(t + " ...", file=sys.stderr)) if tty and args.output != "json" else None
+    with connect_sync(args.socket, timeout=10) as s:
+        if args.watch:
+            return _watch(s, args)
+        r = s.call(T.tune, args.node, seconds=args.seconds, target=args.target, apply=args.apply,
+                   baseline=args.baseline, max_memory=args.max_memory, notify=notify)
+    if args.plot and r["_sizing"].curves is not None:
+        from qemu_ext.l2cache.cli import write_curve_plot
+
+        write_curve_plot(r["_sizing"].curves, args.plot)
+    if args.output == "json":
+        from qemu_ext.l2cache.sim import strip_private
+
+        print_json(strip_private(r))
+    else:
+        print(render_tune(r))
+        if args.plot:
+            print(f"plot written to {args.plot}")
+    a = r["applied"]
+    if a is not None and not a.get("done"):
+        raise VirtoptError(f"not applied: {a['reason']}")
+    return 0
+
+
+def _watch(s: Any, args: argparse.Namespace) -> int:
+    from qemu_ext.l2cache import node as N
+    from qemu_ext.l2cache import tune as T
+    from qemu_ext.l2cache.sim import strip_private
+    from qemu_ext.output import dumps_json
+
+    infos = s.call(N.node_caches, args.node)
+    wt = T.Watcher(infos[0], args.target, args.max_memory)
+
+    def update(rep: dict[str, Any]) -> None:
+        if args.output == "json":
+            print(dumps_json(strip_private(rep)).replace("\n", " "), flush=True)
+        else:
+            print(render_watch(rep), flush=True)
+
+    try:
+        s.call(T.watch, args.node, seconds=args.seconds, target=args.target, max_memory=args.max_memory,
+               on_update=update, watcher=wt)
+    except KeyboardInterrupt:
+        pass
+    rep = wt.report()
+    if args.output == "json":
+        print(dumps_json(strip_private(rep)))
+    else:
+        print(render_watch(rep, final=True))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction, fmt: Any, number: Any, size: Any) -> None:
+    from qemu_ext.output import add_output_option
+
+    p = sub.add_parser("tune", help="measure a running QEMU's L2 cache, recommend, apply (--apply), verify",
+                       description="measure a node's L2 cache in a running QEMU, recommend l2-cache-size, apply it "
+                                   "live and verify", epilog=TUNE_EPILOG, formatter_class=fmt)
+    p.add_argument("socket", metavar="SOCKET", help="QEMU's QMP socket (unix path or HOST:PORT)")
+    p.add_argument("--node", required=True, help="the qcow2 node-name (or drive id)")
+    p.add_argument("--seconds", type=number(float, 0.1, 3600), default=10.0, metavar="S",
+                   help="length of each capture, 0.1 to 3600 (default 10)")
+    p.add_argument("--baseline", type=number(float, 0, 3600), metavar="S",
+                   help="seconds of I/O rate with the events off, to measure the tracing cost; 0 to 3600 "
+                        "(default: --seconds; 0 skips it)")
+    p.add_argument("--target", type=number(float, 0, 1, lo_open=True), default=0.99, metavar="R",
+                   help="target warm hit ratio, above 0 and at most 1 (default 0.99)")
+    p.add_argument("--apply", action="store_true", help="set the recommendation live (blockdev-reopen), measure again")
+    p.add_argument("--watch", action="store_true", help="keep capturing; print updates; Ctrl-C prints the final answer")
+    p.add_argument("--max-memory", type=size, metavar="SIZE",
+                   help="memory for the curve's state (--watch): exact while it fits, sampled beyond "
+                        "(default: no limit)")
+    p.add_argument("--plot", metavar="FILE.png", help="write the curve of the first capture as a PNG")
+    add_output_option(p)
+    p.set_defaults(func=_cmd_tune)
