@@ -1,17 +1,25 @@
-"""Bench: `virtopt trace decode` / `virtopt trace summary` against QEMU's scripts/simpletrace.py.
+"""Bench: `virtopt trace decode` / `virtopt trace summary` against QEMU's scripts/simpletrace.py, per QEMU version.
 
-Captures (once, cached in a temp dir) a simpletrace file of at least 900,000 events from the
-debug QEMU: qemu-io random 128 KiB reads over a fragmented qcow2 image (every read crosses two
-clusters that are not contiguous on the host: cache_get, cache_get_done and add_task twice).
-Then, in the same run: simpletrace.py's text, `virtopt trace decode` (its output must be
-byte-identical), `virtopt trace summary`. Required: decode >= 10x, summary >= 20x faster.
+For each QEMU series with a debug build (7.2 and 10.0: simple+log trace backends), two
+simpletrace files written by that build's qemu-io (captured once, cached in a temp dir):
+
+- ``reads``: at least 900,000 events; 165,000 random 128 KiB reads over a fragmented qcow2
+  image (every read crosses two clusters that are not contiguous on the host: cache_get,
+  cache_get_done and add_task twice);
+- ``mixed``: about 450,000 events of some 25 qcow2 event kinds with pointer arguments;
+  asynchronous writes (cluster and L2 allocation, COW), zero writes, reads, flushes with a small
+  L2 cache, several requests in flight (many coroutine and qiov pointers).
+
+Then, in the same run and on the same file: that version's simpletrace.py (with that version's
+trace-events-all), `virtopt trace decode` (output must be byte-identical) and `virtopt trace
+summary`. Required: decode >= 25x and summary >= 20x faster than simpletrace.py, every file,
+every version.
 """
 
 from __future__ import annotations
 
 import filecmp
 import os
-import random
 import resource
 import subprocess
 import sys
@@ -23,40 +31,72 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from trace_util import capture_qemu_io, events_file  # noqa: E402
+from trace_util import capture_qemu_io, events_file, mixed_workload, simpletrace_argv  # noqa: E402
 
 from qemu_ext import vm  # noqa: E402
 
-MIN_EVENTS = 900_000
 READS = 165_000
-DECODE_TARGET = 10.0
+MIN_READS_EVENTS = 900_000
+MIXED_COMMANDS = 24_500
+MIN_MIXED_EVENTS = 400_000
+DECODE_TARGET = 25.0
 SUMMARY_TARGET = 20.0
 CACHE = Path(tempfile.gettempdir()) / "virtopt-bench-trace"
 
 
-def capture(src: Path) -> Path:
-    CACHE.mkdir(exist_ok=True)
-    trace = CACHE / f"qemu-io-{READS}-reads.bin"
-    if trace.is_file():
-        from qemu_ext.trace import decode_simple
+def _cached(trace: Path, min_events: int) -> bool:
+    if not trace.is_file():
+        return False
+    from qemu_ext.trace import decode_simple
 
-        try:
-            if len(decode_simple(trace)) >= MIN_EVENTS:
-                return trace
-        except Exception:
-            pass
-    img = CACHE / "frag.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "64M"], check=True)
+    try:
+        return len(decode_simple(trace, events_file(_build_of(trace)))) >= min_events
+    except Exception:
+        return False
+
+
+_BUILDS: dict[str, vm.QemuBuild] = {}
+
+
+def _build_of(trace: Path) -> vm.QemuBuild:
+    return _BUILDS[trace.name.split("-", 1)[0]]
+
+
+def capture_reads(build: vm.QemuBuild) -> Path:
+    trace = CACHE / f"{build.series}-reads-{READS}.bin"
+    if _cached(trace, MIN_READS_EVENTS):
+        return trace
+    img = CACHE / f"{build.series}-frag.qcow2"
+    subprocess.run([build.img, "create", "-q", "-f", "qcow2", str(img), "64M"], check=True, env=build.env())
     # allocate even clusters first, then odd ones: guest-contiguous clusters are not host-contiguous
     cmds = [f"write -P 0x{i % 250 + 1:x} {i * 65536} 64k" for i in list(range(0, 1024, 2)) + list(range(1, 1024, 2))]
-    subprocess.run(["qemu-io", "-f", "qcow2", str(img)], input="\n".join([*cmds, "quit"]) + "\n", text=True,
-                   capture_output=True, check=True)
+    subprocess.run([build.io, "-f", "qcow2", str(img)], input="\n".join([*cmds, "quit"]) + "\n", text=True,
+                   capture_output=True, check=True, env=build.env())
+    import random
+
     rng = random.Random(2024)
     reads = [f"read {rng.randrange(0, 1023) * 65536} 128k" for _ in range(READS)]
-    print(f"capturing a trace: debug qemu-io, {READS} random 128k reads (once; cached in {CACHE}) ...", flush=True)
+    print(f"capturing a trace: {build.label} qemu-io, {READS} random 128k reads (once; cached in {CACHE}) ...", flush=True)
     tmp = trace.with_suffix(".tmp")
-    capture_qemu_io(src, img, tmp, reads, image_opts=f"driver=qcow2,file.filename={img}")
+    capture_qemu_io(build, img, tmp, reads, image_opts=f"driver=qcow2,file.filename={img}")
     tmp.rename(trace)
+    img.unlink()
+    return trace
+
+
+def capture_mixed(build: vm.QemuBuild) -> Path:
+    trace = CACHE / f"{build.series}-mixed-{MIXED_COMMANDS}.bin"
+    if _cached(trace, MIN_MIXED_EVENTS):
+        return trace
+    img = CACHE / f"{build.series}-mixed.qcow2"
+    subprocess.run([build.img, "create", "-q", "-f", "qcow2", str(img), "1G"], check=True, env=build.env())
+    print(f"capturing a trace: {build.label} qemu-io, {MIXED_COMMANDS} mixed requests (once; cached in {CACHE}) ...",
+          flush=True)
+    tmp = trace.with_suffix(".tmp")
+    capture_qemu_io(build, img, tmp, mixed_workload(MIXED_COMMANDS),
+                    image_opts=f"driver=qcow2,file.filename={img},l2-cache-size=64k,l2-cache-entry-size=4k")
+    tmp.rename(trace)
+    img.unlink()
     return trace
 
 
@@ -83,65 +123,81 @@ def timed(argv: list[str], out: Path, runs: int = 1) -> tuple[float, float]:
     return best
 
 
-def main() -> int:
-    src = vm.debug_qemu_dir()
-    if src is None:
-        print("bench_trace: the debug QEMU is not built (make debug-qemu)")
-        return 2
-    trace = capture(src)
+def bench_file(build: vm.QemuBuild, kind: str, trace: Path, work: Path) -> dict:
     from qemu_ext.trace import decode_simple
 
-    st = decode_simple(trace)
+    ev = events_file(build)
+    st = decode_simple(trace, ev)
     n = len(st)
     size = trace.stat().st_size
-    print(f"trace: {trace} ({size / 1e6:.1f} MB, {n:,} events: {st.counts()})")
-    if n < MIN_EVENTS:
-        print(f"bench_trace: only {n} events (< {MIN_EVENTS})")
-        return 1
-    ev = events_file(src)
-    work = Path(tempfile.mkdtemp(prefix="virtopt-bench-trace-"))
-    py = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+    print(f"\n== QEMU {build.series}, {kind}: {trace} ({size / 1e6:.1f} MB, {n:,} events, {len(st.kinds)} kinds)")
+    ref_argv = simpletrace_argv(build, trace, ev)
     virtopt = [sys.executable, "-m", "qemu_ext"]
     group_only = [sys.executable, "-m", "qemu_ext.trace"]
-    env_note = f"{os.cpu_count()} cpus, load {os.getloadavg()[0]:.2f}"
+    dec_argv = [*virtopt, "trace", "decode", str(trace), "--events", str(ev)]
+    # correctness first (not timed): the same bytes as this version's own decoder
+    timed(ref_argv, work / "ref.txt")
+    timed(dec_argv, work / "ours.txt")
+    same = filecmp.cmp(work / "ref.txt", work / "ours.txt", shallow=False)
+    lines = sum(1 for _ in open(work / "ref.txt", "rb"))
+    (work / "ref.txt").unlink()
+    (work / "ours.txt").unlink()
     null = Path(os.devnull)
-    try:
-        # correctness first (not timed): the same bytes as QEMU's decoder
-        timed([py, str(src / "scripts" / "simpletrace.py"), str(ev), str(trace)], work / "ref.txt")
-        timed([*virtopt, "trace", "decode", str(trace), "--events", str(ev)], work / "ours.txt")
-        same = filecmp.cmp(work / "ref.txt", work / "ours.txt", shallow=False)
-        (work / "ref.txt").unlink()
-        (work / "ours.txt").unlink()
-        # timed runs, text to /dev/null
-        t_ref, c_ref = timed([py, str(src / "scripts" / "simpletrace.py"), str(ev), str(trace)], null, runs=2)
-        t_dec, c_dec = timed([*virtopt, "trace", "decode", str(trace), "--events", str(ev)], null, runs=3)
-        t_sum, c_sum = timed([*virtopt, "trace", "summary", str(trace), "--events", str(ev)], null, runs=3)
-        t_sumj, _ = timed([*virtopt, "trace", "summary", str(trace), "--output=json"], null, runs=3)
-        t_dec1, _ = timed([*group_only, "decode", str(trace), "--events", str(ev)], null, runs=3)
-        t_sum1, _ = timed([*group_only, "summary", str(trace), "--events", str(ev)], null, runs=3)
-        t_start, _ = timed([*virtopt, "--help"], null, runs=3)
-    finally:
-        for p in work.iterdir():
-            p.unlink()
-        work.rmdir()
-    r_dec = t_ref / t_dec
-    r_sum = t_ref / t_sum
-    print(f"machine: {env_note}")
-    print(f"simpletrace.py (QEMU's decoder)    : {t_ref:7.3f} s wall, {c_ref:7.3f} s CPU  ({n / t_ref:,.0f} events/s)")
+    t_ref, c_ref = timed(ref_argv, null, runs=2)
+    t_dec, c_dec = timed(dec_argv, null, runs=3)
+    t_sum, c_sum = timed([*virtopt, "trace", "summary", str(trace), "--events", str(ev)], null, runs=3)
+    t_sumj, _ = timed([*virtopt, "trace", "summary", str(trace), "--events", str(ev), "--output=json"], null, runs=2)
+    t_dec1, _ = timed([*group_only, "decode", str(trace), "--events", str(ev)], null, runs=2)
+    r_dec, r_sum = t_ref / t_dec, t_ref / t_sum
+    print(f"simpletrace.py {build.series:<5}               : {t_ref:7.3f} s wall, {c_ref:7.3f} s CPU  "
+          f"({n / t_ref:,.0f} events/s, {lines:,} lines)")
     print(f"virtopt trace decode (simpletrace) : {t_dec:7.3f} s wall, {c_dec:7.3f} s CPU  ratio {r_dec:5.1f}x wall, "
           f"{c_ref / c_dec:5.1f}x CPU (target {DECODE_TARGET:.0f}x); output identical: {same}")
     print(f"virtopt trace summary              : {t_sum:7.3f} s wall, {c_sum:7.3f} s CPU  ratio {r_sum:5.1f}x wall, "
           f"{c_ref / c_sum:5.1f}x CPU (target {SUMMARY_TARGET:.0f}x)")
     print(f"virtopt trace summary --output=json: {t_sumj:7.3f} s wall  ratio {t_ref / t_sumj:5.1f}x")
-    print(f"`virtopt --help` (CLI start-up; a run imports only the group it names): {t_start:.3f} s")
-    print(f"python -m qemu_ext.trace (the trace group alone): decode {t_dec1:.3f} s ({t_ref / t_dec1:.1f}x), "
-          f"summary {t_sum1:.3f} s ({t_ref / t_sum1:.1f}x)")
-    ok = same and r_dec >= DECODE_TARGET and r_sum >= SUMMARY_TARGET
-    if not ok and same and t_ref / t_dec1 >= DECODE_TARGET and t_ref / t_sum1 >= SUMMARY_TARGET:
-        print("note: the trace code meets the targets on its own; `virtopt` start-up (other groups' imports) does not")
+    print(f"python -m qemu_ext.trace decode    : {t_dec1:7.3f} s wall  ratio {t_ref / t_dec1:5.1f}x")
+    return {"series": build.series, "kind": kind, "events": n, "same": same, "decode": r_dec, "summary": r_sum,
+            "ok": same and r_dec >= DECODE_TARGET and r_sum >= SUMMARY_TARGET}
+
+
+def main(argv: list[str]) -> int:
+    series = [s for s in vm.SERIES if not argv or s in argv]
+    kinds = [k for k in ("reads", "mixed") if not argv or k in argv or not set(argv) & {"reads", "mixed"}]
+    missing = []
+    for s in series:
+        b = vm.find_build(s, debug=True)
+        if b is None or b.simpletrace is None:
+            missing.append(s)
+        else:
+            _BUILDS[s] = b
+    if missing:
+        print(f"bench_trace: no debug QEMU {', '.join(missing)} (tests/qemu/build-debug-qemu all; make bench does)")
+        return 2
+    CACHE.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="virtopt-bench-trace-"))
+    print(f"machine: {os.cpu_count()} cpus, load {os.getloadavg()[0]:.2f}")
+    results = []
+    try:
+        for s in series:
+            b = _BUILDS[s]
+            for kind in kinds:
+                trace = capture_reads(b) if kind == "reads" else capture_mixed(b)
+                results.append(bench_file(b, kind, trace, work))
+        t_start, _ = timed([sys.executable, "-m", "qemu_ext", "trace", "--help"], Path(os.devnull), runs=3)
+    finally:
+        for p in work.iterdir():
+            p.unlink()
+        work.rmdir()
+    print("\nsummary (ratio = simpletrace.py wall time / virtopt wall time, same run, same file):")
+    for r in results:
+        print(f"  QEMU {r['series']:<5} {r['kind']:<6} {r['events']:>9,} events: decode {r['decode']:5.1f}x  "
+              f"summary {r['summary']:5.1f}x  identical {r['same']}  {'ok' if r['ok'] else 'MISSED'}")
+    print(f"`virtopt trace --help` (start-up): {t_start:.3f} s")
+    ok = all(r["ok"] for r in results)
     print("bench_trace:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -1,104 +1,177 @@
-"""virtopt trace: real traces from the debug QEMU (simple + log backends), checked against QEMU's simpletrace.py."""
+"""virtopt trace: real traces from each debug QEMU (7.2 and 10.0: simple + log backends), checked
+against that version's own scripts/simpletrace.py; log-backend text from each stock QEMU.
+
+Every test that takes ``debug_build`` (or a capture made with it) runs once per QEMU series;
+a missing debug build skips by conftest's rule (a failure under make test).
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import os
 import random
+import re
 import shutil
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from helpers import make_qcow2, sha256, virtopt
 from trace_util import capture_qemu_io, events_file, parse_simpletrace_text, simpletrace_py
 
-from qemu_ext import vm
+from qemu_ext.errors import BadInputError
 from qemu_ext.trace import TraceRecord, decode_simple, parse_log_lines, read_columns, read_trace
 from qemu_ext.trace.simple import DROPPED_EVENT_ID, DroppedRecord
 
 pytestmark = pytest.mark.debug_qemu
 
+NUMPY = {"VIRTOPT_NATIVE": "0"}  # the numpy renderer, which must print the same bytes as the C one
+PATHS = pytest.mark.parametrize("path_env", [{}, NUMPY], ids=["native", "numpy"])
 
-@pytest.fixture(scope="module")
-def src() -> Path:
-    d = vm.debug_qemu_dir()
-    if d is None:
-        pytest.skip("the debug QEMU is not built: run tests/qemu/build-debug-qemu (make test does)")
-    return d
+# One capture per QEMU series, made by the first test that asks for it (the fixtures it needs
+# are function-scoped and parametrised by conftest).
+_QIO: dict[str, dict] = {}
+_SYS: dict[str, dict] = {}
 
 
-@pytest.fixture(scope="module")
-def qio(src, tmp_path_factory):
-    """One qemu-io run with both backends: a simpletrace file and the log text of the same events.
+@pytest.fixture
+def qio(debug_build, tmp_path_factory):
+    """One qemu-io run of this series' debug build with both backends: a simpletrace file and the
+    log text of the same events; simpletrace.py's text of it (that version's script and events).
 
     The workload writes (cluster allocation, L2 allocation), reads with a tiny L2 cache (misses,
     replacements) and so exercises string arguments (qcow2_add_task's action).
     """
-    d = tmp_path_factory.mktemp("qio")
-    img = make_qcow2(d / "disk.qcow2", size="64M", io=["write -P 0x5a 0 2M", "write 40M 256k"])
-    rng = random.Random(5)
-    cmds = [f"read {rng.randrange(0, 63 * 16) * 64 * 1024} 64k" for _ in range(300)]
-    cmds += ["write 8M 128k", "read 8M 128k", "flush"]
-    trace = d / "trace.bin"
-    log = capture_qemu_io(
-        src, img, trace, cmds, image_opts=f"driver=qcow2,file.filename={img},l2-cache-size=16k,l2-cache-entry-size=4k"
-    )
-    ref = simpletrace_py(src, trace).stdout
-    return {"dir": d, "trace": trace, "log": log, "ref": ref, "image": img}
+    c = _QIO.get(debug_build.series)
+    if c is None:
+        d = tmp_path_factory.mktemp(f"qio{debug_build.series}")
+        img = make_qcow2(d / "disk.qcow2", size="64M", io=["write -P 0x5a 0 2M", "write 40M 256k"], build=debug_build)
+        rng = random.Random(5)
+        cmds = [f"read {rng.randrange(0, 63 * 16) * 64 * 1024} 64k" for _ in range(300)]
+        cmds += ["write 8M 128k", "read 8M 128k", "flush"]
+        trace = d / "trace.bin"
+        log = capture_qemu_io(debug_build, img, trace, cmds,
+                              image_opts=f"driver=qcow2,file.filename={img},l2-cache-size=16k,l2-cache-entry-size=4k")
+        ref = simpletrace_py(debug_build, trace).stdout
+        c = _QIO[debug_build.series] = {"dir": d, "trace": trace, "log": log, "ref": ref, "image": img,
+                                        "build": debug_build, "events": events_file(debug_build)}
+    return c
 
 
-@pytest.fixture(scope="module")
-def sysq(src, tmp_path_factory):
-    """The debug qemu-system-x86_64 with -msg timestamp=on: a multi-threaded writer, log lines with pid@sec.usec:."""
-    d = tmp_path_factory.mktemp("sysq")
-    img = make_qcow2(d / "disk.qcow2", size="16M", io=["write -P 0x11 0 1M"])
-    trace = d / "sys.bin"
-    qp = vm.start_qemu(
-        binary=str(src / "build" / "qemu-system-x86_64"),
-        name="virtopt-trace-test",
-        extra_args=["-msg", "timestamp=on", "-trace", f"qcow2_*,file={trace}"],
-    )
-    try:
-        t0 = time.time()
-        c = qp.qmp()
-        c.cmd("blockdev-add", driver="qcow2", **{"node-name": "d0", "file": {"driver": "file", "filename": str(img)}})
-        for cmd in ["read 0 64k", "read 512k 128k", "write 2M 64k", "read 2M 64k"]:
-            qp.hmp(f'qemu-io d0 "{cmd}"')
-        qp.hmp("trace-file flush")
-        tids = {int(p.name) for p in Path(f"/proc/{qp.pid}/task").iterdir()}
-        t1 = time.time()
-        pid = qp.pid
-        log = qp.stderr_text()
-    finally:
-        qp.stop()
-    return {"trace": trace, "tids": tids, "pid": pid, "t0": t0, "t1": t1, "stderr": log}
+@pytest.fixture
+def sysq(debug_build, debug_qemu_factory, tmp_path_factory):
+    """This series' debug qemu-system-x86_64 with -msg timestamp=on: a multi-threaded writer, log
+    lines with pid@sec.usec:, and events without arguments (bmdma_reset on reset,
+    qemu_system_powerdown_request), whose lines 10.0's simpletrace.py ends with a space."""
+    c = _SYS.get(debug_build.series)
+    if c is None:
+        d = tmp_path_factory.mktemp(f"sysq{debug_build.series}")
+        img = make_qcow2(d / "disk.qcow2", size="16M", io=["write -P 0x11 0 1M"], build=debug_build)
+        trace = d / "sys.bin"
+        qp = debug_qemu_factory(
+            name="virtopt-trace-test",
+            # the simple backend's file comes with the last -trace option (a later one without
+            # file= would set the default name again)
+            extra_args=["-msg", "timestamp=on", "-trace", "qemu_system_powerdown_request", "-trace", "bmdma_reset",
+                        "-trace", f"qcow2_*,file={trace}"],
+        )
+        try:
+            t0 = time.time()
+            cl = qp.qmp()
+            cl.cmd("blockdev-add", driver="qcow2", **{"node-name": "d0", "file": {"driver": "file", "filename": str(img)}})
+            for cmd in ["read 0 64k", "read 512k 128k", "write 2M 64k", "read 2M 64k"]:
+                qp.hmp(f'qemu-io d0 "{cmd}"')
+            for cmd in ["system_powerdown", "system_reset", "system_powerdown"]:
+                qp.hmp(cmd)
+            qp.hmp("trace-file flush")
+            tids = {int(p.name) for p in Path(f"/proc/{qp.pid}/task").iterdir()}
+            t1 = time.time()
+            pid = qp.pid
+            log = qp.stderr_text()
+        finally:
+            qp.stop()
+        c = _SYS[debug_build.series] = {"trace": trace, "tids": tids, "pid": pid, "t0": t0, "t1": t1, "stderr": log,
+                                        "ref": simpletrace_py(debug_build, trace).stdout, "build": debug_build}
+    return c
 
 
-# --- simpletrace files ---------------------------------------------------------------------------
+def _decode(*args: str, env: dict | None = None):
+    return virtopt("trace", "decode", *args, text=False, env=env or {})
 
 
-def test_decode_is_byte_identical_to_simpletrace_py(qio):
+# --- simpletrace files, against each version's simpletrace.py --------------------------------------
+
+
+@PATHS
+def test_decode_is_byte_identical_to_simpletrace_py(qio, path_env):
     before = sha256(qio["trace"])
-    cp = virtopt("trace", "decode", str(qio["trace"]), text=False)
+    cp = _decode(str(qio["trace"]), "--events", str(qio["events"]), env=path_env)
     assert cp.returncode == 0, cp.stderr
     assert cp.stdout == qio["ref"]
     assert b"action=b'" in cp.stdout  # string arguments were in it
-    assert sha256(qio["trace"]) == before
+    assert sha256(qio["trace"]) == before  # the trace is only read
 
 
-def test_decode_of_a_system_emulator_trace_is_identical_too(src, sysq):
-    ref = simpletrace_py(src, sysq["trace"]).stdout
-    assert ref.count(b"\n") > 5
-    cp = virtopt("trace", "decode", str(sysq["trace"]), "--events", str(events_file(src)), text=False)
+@PATHS
+def test_events_without_arguments_print_as_each_version_does(sysq, path_env):
+    """A system emulator trace (events of several threads; bmdma_reset and qemu_system_powerdown_request
+    have no arguments): 7.2 ends their lines after pid=N, 10.0 with a space after it."""
+    ref = sysq["ref"]
+    noargs = [ln for ln in ref.splitlines() if ln.startswith((b"bmdma_reset ", b"qemu_system_powerdown_request "))]
+    assert len(noargs) >= 3 and ref.count(b"\n") > len(noargs) + 5
+    if sysq["build"].series == "7.2":
+        assert all(re.fullmatch(rb"\S+ \d+\.\d{3} pid=\d+", ln) for ln in noargs)
+    else:
+        assert all(re.fullmatch(rb"\S+ \d+\.\d{3} pid=\d+ ", ln) for ln in noargs)
+    cp = _decode(str(sysq["trace"]), "--events", str(events_file(sysq["build"])), env=path_env)
     assert cp.returncode == 0, cp.stderr
     assert cp.stdout == ref
 
 
+def test_the_events_file_tells_the_version_and_compat_overrides_it(sysq, tmp_path):
+    """Without --events the installed trace-events-all that declares the trace's events is found;
+    --qemu-compat prints as the other version's simpletrace.py, checked against that script."""
+    import conftest
+
+    from qemu_ext.trace.events import load_events, qemu_series
+
+    build = sysq["build"]
+    other = conftest._require("10.0" if build.series == "7.2" else "7.2", debug=True)
+    cp = _decode(str(sysq["trace"]))  # no --events: the file of the QEMU that wrote the trace
+    assert cp.returncode == 0 and cp.stdout == sysq["ref"]
+    own = events_file(build)
+    assert qemu_series(load_events(own)) == build.series
+    assert qemu_series(load_events(events_file(other))) == other.series
+    if build.series == "10.0":
+        # 7.2's simpletrace.py reads 10.0's trace-events-all
+        ref = simpletrace_py(other, sysq["trace"], events=own).stdout
+        assert ref != sysq["ref"]
+        cp = _decode(str(sysq["trace"]), "--events", str(own), "--qemu-compat", "7.2")
+    else:
+        # 10.0's tracetool refuses 7.2's file (vcpu events, formats with \n): without those lines
+        # it reads it, and the file no longer looks like 7.2's
+        text = own.read_text()
+        kept = [ln for ln in text.splitlines(keepends=True)
+                if not re.match(r"\s*(disable\s+)?vcpu\s", ln) and "\\n" not in ln]
+        trimmed = tmp_path / "trace-events-trimmed"
+        trimmed.write_text("".join(kept))
+        assert qemu_series(load_events(trimmed)) == "10.0"
+        ref = simpletrace_py(other, sysq["trace"], events=trimmed).stdout
+        assert ref != sysq["ref"]
+        cp = _decode(str(sysq["trace"]), "--events", str(trimmed))
+        assert cp.returncode == 0 and cp.stdout == ref
+        cp = _decode(str(sysq["trace"]), "--events", str(own), "--qemu-compat", "10.0")
+    assert cp.returncode == 0 and cp.stdout == ref
+
+
 def test_records_match_simpletrace_py_fields(qio):
     ref = parse_simpletrace_text(qio["ref"].decode())
-    recs = list(read_trace(qio["trace"]))
+    recs = list(read_trace(qio["trace"], qio["events"]))
     assert len(recs) == len(ref)
     t0 = recs[0].timestamp_ns
     for r, (name, t, pid, args) in zip(recs, ref):
@@ -113,24 +186,24 @@ def test_records_match_simpletrace_py_fields(qio):
 
 def test_columns_feed_the_l2_cache_simulator(qio):
     ref = [x for x in parse_simpletrace_text(qio["ref"].decode()) if x[0] == "qcow2_cache_get"]
-    cols = read_columns(qio["trace"], names={"qcow2_cache_get", "qcow2_cache_get_done"})
+    cols = read_columns(qio["trace"], qio["events"], names={"qcow2_cache_get", "qcow2_cache_get_done"})
     get = cols["qcow2_cache_get"]
     assert set(get) >= {"index", "timestamp_ns", "pid", "co", "c", "offset", "read_from_disk"}
     assert len(get["offset"]) == len(ref) > 100
     assert get["offset"].tolist() == [int(a["offset"], 16) for _, _, _, a in ref]
     assert get["c"].tolist() == [int(a["c"], 16) for _, _, _, a in ref]
-    assert np.all(np.diff(get["index"]) > 0)
+    assert all(b > a for a, b in zip(get["index"].tolist(), get["index"].tolist()[1:]))
     # misses: a tiny L2 cache must have made QEMU read tables from disk
     assert get["read_from_disk"].sum() > 0
 
 
 def test_binary_and_log_backends_give_the_same_records(qio):
-    binrecs = list(read_trace(qio["trace"]))
-    logrecs = list(parse_log_lines(qio["log"].splitlines()))
+    binrecs = list(read_trace(qio["trace"], qio["events"]))
+    logrecs = list(parse_log_lines(qio["log"].splitlines(), qio["events"]))
     assert len(logrecs) == len(binrecs)
     # with stdout and stderr on one terminal, qemu-io's prompt can precede an event
     first = qio["log"].splitlines()[0]
-    assert list(parse_log_lines(["qemu-io> " + first])) == logrecs[:1]
+    assert list(parse_log_lines(["qemu-io> " + first], qio["events"])) == logrecs[:1]
     for b, lg in zip(binrecs, logrecs):
         assert lg.name == b.name
         assert lg.args == b.args  # hex stays int, %s stays str, %d signed
@@ -138,10 +211,11 @@ def test_binary_and_log_backends_give_the_same_records(qio):
 
 
 def test_log_lines_with_pid_and_wall_clock_prefix(sysq):
+    ev = events_file(sysq["build"])
     log = sysq["stderr"]
-    assert log is not None and "@" in log
-    recs = list(parse_log_lines(log.splitlines()))
-    binrecs = list(read_trace(sysq["trace"]))
+    assert "@" in log
+    recs = list(parse_log_lines(log.splitlines(), ev))
+    binrecs = list(read_trace(sysq["trace"], ev))
     assert [r.name for r in recs] == [r.name for r in binrecs]
     assert [r.args for r in recs] == [r.args for r in binrecs]
     for r in recs:
@@ -154,74 +228,92 @@ def test_log_lines_with_pid_and_wall_clock_prefix(sysq):
 def test_read_trace_autodetects_log_files(qio, tmp_path):
     p = tmp_path / "stderr.log"
     p.write_text(qio["log"])
-    recs = list(read_trace(p))
-    assert recs == [TraceRecord(r.name, r.args, None, None) for r in read_trace(qio["trace"])]
-    cols = read_columns(p, names={"qcow2_cache_get"})
-    assert cols["qcow2_cache_get"]["offset"].tolist() == read_columns(qio["trace"])["qcow2_cache_get"]["offset"].tolist()
+    recs = list(read_trace(p, qio["events"]))
+    assert recs == [TraceRecord(r.name, r.args, None, None) for r in read_trace(qio["trace"], qio["events"])]
+    cols = read_columns(p, qio["events"], names={"qcow2_cache_get"})
+    assert cols["qcow2_cache_get"]["offset"].tolist() == \
+        read_columns(qio["trace"], qio["events"])["qcow2_cache_get"]["offset"].tolist()
 
 
-def test_truncated_tail_decodes_every_complete_record(qio, tmp_path):
+@PATHS
+def test_truncated_tail_decodes_every_complete_record(qio, tmp_path, path_env):
     data = qio["trace"].read_bytes()
     ref_lines = qio["ref"].splitlines(keepends=True)
-    st = decode_simple(qio["trace"])
+    st = decode_simple(qio["trace"], qio["events"])
     offs = st.offsets.tolist()
     for cut in [int(offs[len(offs) // 2]) + 13, int(offs[-1]) + 8, len(data) - 1]:
         t = tmp_path / f"cut{cut}.bin"
         t.write_bytes(data[:cut])
         complete = sum(1 for i, o in enumerate(offs) if o + 8 + int(st.lengths[i]) <= cut)
-        cp = virtopt("trace", "decode", str(t), text=False)
+        cp = _decode(str(t), "--events", str(qio["events"]), env=path_env)
         assert cp.returncode == 0
         assert cp.stdout == b"".join(ref_lines[:complete])
         err = cp.stderr.decode()
         assert "truncated" in err and str(cut - int(offs[complete])) in err and "Traceback" not in err
 
 
-def _one_line_error(cp) -> str:
+def _one_line_error(cp, code: int = 1) -> str:
     err = cp.stderr if isinstance(cp.stderr, str) else cp.stderr.decode()
-    assert cp.returncode != 0
+    assert cp.returncode == code, err
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
-    return err
+    assert err.startswith("virtopt: ")
+    return err.strip()
 
 
-def test_bad_files_give_one_clear_line(qio, tmp_path, src):
+@PATHS
+def test_bad_files_give_one_clear_line(qio, tmp_path, path_env):
     data = qio["trace"].read_bytes()
-    cases = {}
-    cases["image"] = qio["image"]
+    ev = str(qio["events"])
     v3 = tmp_path / "v3.bin"
     v3.write_bytes(data[:16] + struct.pack("<Q", 3) + data[24:])
-    cases["v3"] = v3
     empty = tmp_path / "empty.bin"
     empty.write_bytes(b"")
-    cases["empty"] = empty
-    cases["dir"] = tmp_path
     garbage = tmp_path / "garbage.bin"
     garbage.write_bytes(data[:24] + bytes(range(256)) * 4)
-    cases["garbage"] = garbage
-    errs = {k: _one_line_error(virtopt("trace", "decode", str(p))) for k, p in cases.items()}
-    assert "version 3" in errs["v3"]
-    assert "not a trace" in errs["image"]
-    assert "corrupt" in errs["garbage"]
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def err(path) -> str:
+        return _one_line_error(virtopt("trace", "decode", str(path), "--events", ev, env=path_env))
+
+    # CONTRIBUTING.md's wording for each condition
+    assert err(tmp_path / "missing.bin") == f"virtopt: cannot open {tmp_path / 'missing.bin'}: No such file or directory"
+    assert err(tmp_path) == f"virtopt: cannot open {tmp_path}: Is a directory"
+    assert err(fifo) == f"virtopt: {fifo}: not a regular file or block device"
+    assert err(empty) == f"virtopt: {empty}: empty file"
+    assert err(qio["image"]) == f"virtopt: {qio['image']}: not a trace file (binary data)"
+    assert "version 3" in err(v3)
+    assert "corrupt" in err(garbage)
     # an event id that no mapping record names
-    st = decode_simple(qio["trace"])
+    st = decode_simple(qio["trace"], ev)
     off = int(st.offsets[3])
     bad = bytearray(data)
     bad[off + 8 : off + 16] = struct.pack("<Q", 99999)
     unk = tmp_path / "unknown-id.bin"
     unk.write_bytes(bytes(bad))
-    assert "event id 99999" in _one_line_error(virtopt("trace", "decode", str(unk)))
+    assert "event id 99999" in err(unk)
+    # a record whose arguments do not fill its length as declared
+    bad = bytearray(data)
+    bad[off + 24 : off + 28] = struct.pack("<I", int(st.lengths[3]) + 8)
+    bad[off + 8 + int(st.lengths[3]) : off + 8 + int(st.lengths[3])] = bytes(8)
+    mis = tmp_path / "mismatch.bin"
+    mis.write_bytes(bytes(bad))
+    e = err(mis)
+    assert f"record at offset {off}" in e and "wrong trace-events file" in e
     # a trace-events file that does not declare the traced events
-    other = src / "hw" / "usb" / "trace-events"
-    err = _one_line_error(virtopt("trace", "decode", str(qio["trace"]), "--events", str(other)))
-    assert "not in" in err and "qcow2_" in err
-    err = _one_line_error(virtopt("trace", "summary", str(qio["image"])))
-    assert "not a trace" in err
+    other = qio["build"].src / "hw" / "usb" / "trace-events"
+    e = _one_line_error(virtopt("trace", "decode", str(qio["trace"]), "--events", str(other), env=path_env))
+    assert "not in" in e and "qcow2_" in e
+    e = _one_line_error(virtopt("trace", "summary", str(qio["image"]), env=path_env))
+    assert "not a trace file" in e
 
 
-def test_dropped_records_read_as_simpletrace_py_reads_them(qio, src, tmp_path):
+@PATHS
+def test_dropped_records_read_as_simpletrace_py_reads_them(qio, tmp_path, path_env):
     """A dropped-events record (as trace/simple.c writes it) spliced into a real trace."""
     data = qio["trace"].read_bytes()
-    st = decode_simple(qio["trace"])
+    st = decode_simple(qio["trace"], qio["events"])
     at = int(st.offsets[10])
     ts = int(st.timestamps[10]) - 1
     rec = DroppedRecord.build(
@@ -229,29 +321,46 @@ def test_dropped_records_read_as_simpletrace_py_reads_them(qio, src, tmp_path):
     )
     t = tmp_path / "dropped.bin"
     t.write_bytes(data[:at] + rec + data[at:])
-    ref = simpletrace_py(src, t).stdout
+    ref = simpletrace_py(qio["build"], t).stdout
     assert b"Dropped_Event" in ref
-    cp = virtopt("trace", "decode", str(t), text=False)
+    cp = _decode(str(t), "--events", str(qio["events"]), env=path_env)
     assert cp.returncode == 0 and cp.stdout == ref
-    cp = virtopt("trace", "summary", str(t), "--output=json")
+    cp = virtopt("trace", "summary", str(t), "--events", str(qio["events"]), "--output=json")
     res = json.loads(cp.stdout)
     assert res["dropped"] == {"records": 1, "events": 42}
-    recs = list(read_trace(t))
+    recs = list(read_trace(t, qio["events"]))
     assert recs[10].name == "dropped" and recs[10].args == {"num_events_dropped": 42}
+
+
+def _keys(obj, path="") -> list[str]:
+    """Every key of a JSON document, except those that are QEMU's names (event and argument names)."""
+    out = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.append(k)
+            if k not in ("by-event", "args"):
+                out += _keys(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            out += _keys(v)
+    return out
 
 
 def test_summary_counts_and_latencies_agree_with_simpletrace_py(qio, tmp_path):
     ref = parse_simpletrace_text(qio["ref"].decode())
     png = tmp_path / "summary.png"
-    cp = virtopt("trace", "summary", str(qio["trace"]), "--output=json", "--plot", str(png))
+    ev = str(qio["events"])
+    cp = virtopt("trace", "summary", str(qio["trace"]), "--events", ev, "--output=json", "--plot", str(png))
     assert cp.returncode == 0, cp.stderr
     res = json.loads(cp.stdout)
-    counts = {}
+    assert all(re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", k) for k in _keys(res)), _keys(res)
+    counts: dict[str, int] = {}
     for name, *_ in ref:
         counts[name] = counts.get(name, 0) + 1
     assert {c["event"]: c["count"] for c in res["counts"]} == counts
+    assert sum(c["fraction"] for c in res["counts"]) == pytest.approx(1.0)
     assert res["events"] == len(ref)
-    assert res["duration_ns"] == ref[-1][1] - ref[0][1]
+    assert res["duration-ns"] == ref[-1][1] - ref[0][1]
     assert sum(res["rate"]["counts"]) == len(ref)
     # cache_get -> cache_get_done latencies, from simpletrace.py's own text
     lat = []
@@ -264,73 +373,122 @@ def test_summary_counts_and_latencies_agree_with_simpletrace_py(qio, tmp_path):
     pair = next(p for p in res["latency"] if p["begin"] == "qcow2_cache_get" and p["end"] == "qcow2_cache_get_done")
     assert pair["key"] == "co"
     assert pair["pairs"] == len(lat) > 100
-    assert pair["max_ns"] == max(lat) and pair["min_ns"] == min(lat)
+    assert pair["max-ns"] == max(lat) and pair["min-ns"] == min(lat)
     srt = sorted(lat)  # nearest-rank percentiles
     for q in (50, 90, 99):
-        assert pair[f"p{q}_ns"] == srt[-(-q * len(srt) // 100) - 1]
+        assert pair[f"p{q}-ns"] == srt[-(-q * len(srt) // 100) - 1]
     assert sum(h["count"] for h in pair["histogram"]) == len(lat)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    human = virtopt("trace", "summary", str(qio["trace"]))
+    # human output: the product's units (output.duration, output.count, output.percent)
+    from qemu_ext.output import count, duration, percent
+
+    human = virtopt("trace", "summary", str(qio["trace"]), "--events", ev, "--plot", str(png))
     assert human.returncode == 0
-    assert "qcow2_cache_get -> qcow2_cache_get_done" in human.stdout
-    assert f"{counts['qcow2_cache_get']:>10}" in human.stdout
+    out = human.stdout
+    assert "qcow2_cache_get -> qcow2_cache_get_done" in out
+    assert f"duration: {duration(res['duration-ns'] / 1e9)}" in out
+    assert f"p50 {duration(pair['p50-ns'] / 1e9)}" in out
+    top = res["counts"][0]
+    assert re.search(rf"{top['event']}\s+{re.escape(count(top['count']))}\s+{re.escape(percent(top['fraction']))}", out)
+    assert not re.search(r"\d\.\d+e[+-]\d+|\d us\b|0\.000\d+s", out)  # no raw floats, no "us"
+    assert out.rstrip().endswith(f"plot written to {png}")
+
+
+def test_plot_names_are_checked_before_the_work(qio, tmp_path):
+    ev = str(qio["events"])
+    missing = tmp_path / "no-such-dir" / "p.png"
+    e = _one_line_error(virtopt("trace", "summary", str(qio["trace"]), "--events", ev, "--plot", str(missing)))
+    assert e == f"virtopt: cannot open {missing}: No such file or directory"
+    e = _one_line_error(virtopt("trace", "summary", str(qio["trace"]), "--events", ev, "--plot", str(tmp_path / "p.txt")), 2)
+    assert "p.txt" in e and ".png" in e
+    assert not (tmp_path / "p.txt").exists() and not (tmp_path / "p.txt.png").exists()
 
 
 def test_summary_of_log_text(qio, tmp_path):
     p = tmp_path / "stderr.log"
     p.write_text(qio["log"])
-    res = json.loads(virtopt("trace", "summary", str(p), "--output=json").stdout)
-    binres = json.loads(virtopt("trace", "summary", str(qio["trace"]), "--output=json").stdout)
-    assert res["format"] == "log" and res["duration_ns"] is None
-    assert all("p50_ns" not in p for p in res["latency"])  # no timestamps, no latencies
-    assert res["counts"] == [dict(c, per_s=None) for c in binres["counts"]]
+    ev = str(qio["events"])
+    res = json.loads(virtopt("trace", "summary", str(p), "--events", ev, "--output=json").stdout)
+    binres = json.loads(virtopt("trace", "summary", str(qio["trace"]), "--events", ev, "--output=json").stdout)
+    assert res["format"] == "log" and res["duration-ns"] is None
+    assert all("p50-ns" not in p for p in res["latency"])  # no timestamps, no latencies
+    assert res["counts"] == [dict(c, **{"per-second": None}) for c in binres["counts"]]
     assert [(p["begin"], p["end"], p["pairs"]) for p in res["latency"]] == [
         (p["begin"], p["end"], p["pairs"]) for p in binres["latency"]
     ]
 
 
 def test_json_and_csv_outputs(qio):
-    recs = list(read_trace(qio["trace"]))
-    js = json.loads(virtopt("trace", "decode", str(qio["trace"]), "--output=json").stdout)
+    ev = str(qio["events"])
+    recs = list(read_trace(qio["trace"], ev))
+    js = json.loads(virtopt("trace", "decode", str(qio["trace"]), "--events", ev, "--output=json").stdout)
     assert len(js) == len(recs)
-    assert [(j["event"], j["timestamp_ns"], j["pid"], j["args"]) for j in js] == [
+    assert {k for j in js for k in j} == {"event", "timestamp-ns", "pid", "args"}
+    # the args keep QEMU's own argument names (data, not our keys)
+    assert [(j["event"], j["timestamp-ns"], j["pid"], j["args"]) for j in js] == [
         (r.name, r.timestamp_ns, r.pid, r.args) for r in recs
     ]
-    import csv
-    import io
-
-    rows = list(csv.DictReader(io.StringIO(virtopt("trace", "decode", str(qio["trace"]), "--output=csv").stdout)))
+    assert any("read_from_disk" in j["args"] for j in js)
+    rows = list(csv.DictReader(io.StringIO(virtopt("trace", "decode", str(qio["trace"]), "--events", ev,
+                                                   "--output=csv").stdout)))
     assert len(rows) == len(recs)
-    assert rows[5]["event"] == recs[5].name and int(rows[5]["timestamp_ns"]) == recs[5].timestamp_ns
+    assert rows[5]["event"] == recs[5].name and int(rows[5]["timestamp-ns"]) == recs[5].timestamp_ns
 
 
-def test_help_has_examples():
+def test_help_has_examples_and_names_the_verified_versions():
     for sub in ("decode", "summary"):
         cp = virtopt("trace", sub, "--help")
         assert cp.returncode == 0 and "examples:" in cp.stdout
+    cp = virtopt("trace", "decode", "--help")
+    assert "--qemu-compat" in cp.stdout and "7.2 and 10.0" in cp.stdout
     cp = virtopt("trace", "decode")
     assert cp.returncode == 2
+    cp = virtopt("trace", "decode", "x.bin", "--qemu-compat", "9.9")
+    assert cp.returncode == 2 and "Traceback" not in cp.stderr
 
 
-def test_mutated_traces_never_crash(qio, tmp_path):
-    """Random corruption of a real trace: either it decodes or one BadInputError, never anything else."""
-    from qemu_ext.errors import BadInputError
-
-    data = qio["trace"].read_bytes()
-    rng = random.Random(1234)
-    outcomes = {"ok": 0, "bad": 0}
-    for _ in range(150):
+def _mutations(data: bytes, n: int, seed: int):
+    rng = random.Random(seed)
+    for _ in range(n):
         b = bytearray(data[: rng.randrange(24, len(data) + 1)])
         for _ in range(rng.randrange(1, 6)):
             i = rng.randrange(len(b))
             b[i] = rng.randrange(256)
+        yield bytes(b)
+
+
+def test_mutated_traces_never_crash(qio, tmp_path):
+    """Random corruption of a real trace: either it decodes or one BadInputError, never anything else;
+    where both renderers decode it, the C one and the numpy one print the same text."""
+    from qemu_ext.trace import decode as dec
+    from qemu_ext.trace import native
+    from qemu_ext.trace.events import load_events
+
+    assert native.library() is not None, "no C compiler: the native renderer is not tested here"
+    events = load_events(qio["events"])
+    outcomes = {"ok": 0, "bad": 0}
+    t = tmp_path / "mutated.bin"
+    for i, b in enumerate(_mutations(qio["trace"].read_bytes(), 120, 1234)):
+        t.write_bytes(b)
+        got: list[bytes] = []
+        native_ok: bool | None
         try:
-            st = decode_simple("mutated", data=bytes(b))
+            res = native.decode_text(t, lambda _names: events, None, lambda v, got=got: got.append(bytes(v)))
+            native_ok = None if res is None else True  # None: left to the numpy path (an event id > 65535)
+        except BadInputError as exc:
+            assert "\n" not in str(exc)
+            native_ok = False
+        try:
+            st = decode_simple("mutated", events, data=b)
+            text = b"".join(dec.iter_simpletrace_text(st, qemu10=qio["build"].series != "7.2"))
             for _ in st.records():
                 pass
             outcomes["ok"] += 1
+            assert native_ok is not False, f"mutation {i}: the C renderer refused what numpy took"
+            assert native_ok is None or b"".join(got) == text, f"mutation {i}"
         except BadInputError as exc:
             assert "\n" not in str(exc)
+            assert not native_ok, f"mutation {i}: the C renderer took what numpy refused: {exc}"
             outcomes["bad"] += 1
     assert outcomes["ok"] and outcomes["bad"]
 
@@ -339,12 +497,12 @@ def test_copied_trace_file_decodes_the_same(qio, tmp_path):
     # a trace copied elsewhere and given a .log-like name is still recognised by its header
     t = tmp_path / "trace.log"
     shutil.copy(qio["trace"], t)
-    assert virtopt("trace", "decode", str(t), text=False).stdout == qio["ref"]
+    assert _decode(str(t), "--events", str(qio["events"])).stdout == qio["ref"]
 
 
-def _edit_timestamps(src_path: Path, dst: Path, edits: dict[int, int]) -> None:
+def _edit_timestamps(src_path: Path, events: Path, dst: Path, edits: dict[int, int]) -> None:
     """Copy a real trace, replacing the timestamps of some records (record index -> new timestamp)."""
-    st = decode_simple(src_path)
+    st = decode_simple(src_path, events)
     b = bytearray(src_path.read_bytes())
     for i, ts in edits.items():
         off = int(st.offsets[i]) + 16
@@ -352,72 +510,76 @@ def _edit_timestamps(src_path: Path, dst: Path, edits: dict[int, int]) -> None:
     dst.write_bytes(bytes(b))
 
 
-def test_backwards_and_huge_time_steps_print_like_simpletrace_py(qio, src, tmp_path, monkeypatch):
+@PATHS
+def test_backwards_and_huge_time_steps_print_like_simpletrace_py(qio, tmp_path, monkeypatch, path_env):
     """Deltas below zero and beyond float exactness (simpletrace.py prints '%0.3f' % (ns / 1000.0))."""
     from qemu_ext.trace import decode as dec
 
-    st = decode_simple(qio["trace"])
+    st = decode_simple(qio["trace"], qio["events"])
     ts = [int(x) for x in st.timestamps]
     edits = {5: ts[4] - 7, 6: ts[4] - 1_234_567}
     for i in range(20, len(ts)):
         edits[i] = ts[i] + 2**53 + 12345  # one step far beyond 2**52 ns, then normal steps again
     edits[40] = ts[40] + 2**63 + 999  # wraps around in u64 differences
+    edits[60] = ts[59] + (1000 << 42) + 1  # just past the exact range
     t = tmp_path / "edited.bin"
-    _edit_timestamps(qio["trace"], t, edits)
-    ref = simpletrace_py(src, t).stdout
+    _edit_timestamps(qio["trace"], qio["events"], t, edits)
+    ref = simpletrace_py(qio["build"], t).stdout
     assert b" -0.007 " in ref or b" -1234.567 " in ref
-    cp = virtopt("trace", "decode", str(t), text=False)
+    cp = _decode(str(t), "--events", str(qio["events"]), env=path_env)
     assert cp.returncode == 0 and cp.stdout == ref
-    # the block renderer (used when lines have too many different layouts) prints the same
-    monkeypatch.setattr(dec, "MAX_GROUPS", 0)
-    assert b"".join(dec.iter_simpletrace_text(decode_simple(t))) == ref
-    assert b"".join(dec.iter_simpletrace_text(decode_simple(qio["trace"]))) == qio["ref"]
+    if path_env:
+        # the block renderer (used when lines have too many different layouts) prints the same
+        monkeypatch.setattr(dec, "MAX_GROUPS", 0)
+        v10 = qio["build"].series != "7.2"
+        assert b"".join(dec.iter_simpletrace_text(decode_simple(t, qio["events"]), qemu10=v10)) == ref
+        assert b"".join(dec.iter_simpletrace_text(decode_simple(qio["trace"], qio["events"]), qemu10=v10)) == qio["ref"]
 
 
 def test_summary_pair_option_and_group_entry_point(qio):
-    cp = virtopt("trace", "summary", str(qio["trace"]), "--output=json", "--pair", "qcow2_cache_get:qcow2_add_task:co")
+    ev = str(qio["events"])
+    cp = virtopt("trace", "summary", str(qio["trace"]), "--events", ev, "--output=json", "--pair",
+                 "qcow2_cache_get:qcow2_add_task:co")
     res = json.loads(cp.stdout)
     pair = next(p for p in res["latency"] if p["end"] == "qcow2_add_task")
     assert pair["begin"] == "qcow2_cache_get" and pair["key"] == "co" and pair["pairs"] > 0
-    err = _one_line_error(virtopt("trace", "summary", str(qio["trace"]), "--pair", "qcow2_cache_get:no_such_event"))
+    err = _one_line_error(virtopt("trace", "summary", str(qio["trace"]), "--events", ev, "--pair",
+                                  "qcow2_cache_get:no_such_event"))
     assert "no_such_event" in err
     cp = virtopt("trace", "summary", str(qio["trace"]), "--pair", "justone")
     assert cp.returncode == 2 and "Traceback" not in cp.stderr
     # the group's own entry point gives the same bytes
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-m", "qemu_ext.trace", "decode", str(qio["trace"])], capture_output=True)
+    out = subprocess.run([sys.executable, "-m", "qemu_ext.trace", "decode", str(qio["trace"]), "--events", ev],
+                         capture_output=True)
     assert out.returncode == 0 and out.stdout == qio["ref"]
 
 
 def test_arg_labels_name_the_words_of_the_log_text(qio):
     from qemu_ext.trace import arg_labels
 
-    labels = arg_labels("qcow2_cache_get")
+    labels = arg_labels("qcow2_cache_get", qio["events"])
     assert list(labels) == ["co", "c", "offset", "read_from_disk"]
     line = next(ln for ln in qio["log"].splitlines() if ln.startswith("qcow2_cache_get "))
     words = line.split()
-    rec = next(iter(parse_log_lines([line])))
+    rec = next(iter(parse_log_lines([line], qio["events"])))
     for arg, label in labels.items():
         value = words[words.index(label) + 1]
         assert int(value, 0) == rec.args[arg]
 
 
 def test_two_process_rendering_writes_in_order(qio, tmp_path, monkeypatch):
-    """The forked helper that renders every other window: same bytes, in order, no process left."""
-    import os
-
+    """The numpy renderer's forked helper that renders every other window: same bytes, in order,
+    no process left."""
     from qemu_ext.trace import decode as dec
 
     monkeypatch.setattr(dec, "WINDOW_BYTES", 4096)  # many small windows
-    st = decode_simple(qio["trace"])
+    st = decode_simple(qio["trace"], qio["events"])
     before = _children()
     for jobs in (1, 2):
         out = tmp_path / f"jobs{jobs}.txt"
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
-            dec.write_simpletrace_fd(st, fd, jobs=jobs)
+            dec.write_simpletrace_fd(st, fd, jobs=jobs, qemu10=qio["build"].series != "7.2")
         finally:
             os.close(fd)
         assert out.read_bytes() == qio["ref"]
@@ -425,8 +587,6 @@ def test_two_process_rendering_writes_in_order(qio, tmp_path, monkeypatch):
 
 
 def _children() -> set[int]:
-    import os
-
     out = set()
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
@@ -437,3 +597,45 @@ def _children() -> set[int]:
             if int(fields[1]) == os.getpid():
                 out.add(int(p.name))
     return out
+
+
+# --- log-backend text of each stock QEMU ---------------------------------------------------------
+
+
+def test_log_backend_of_the_stock_qemu(qemu_factory, qemu_build, tmp_path):
+    """Debian's 7.2 and the current 10.0 have only the log backend: their stderr lines, decoded with
+    their own trace-events-all, give back what the lines say; summary counts them."""
+    assert qemu_build.trace_events is not None
+    img = make_qcow2(tmp_path / "d.qcow2", size="16M", io=["write -P 0x22 0 1M"], build=qemu_build)
+    qp = qemu_factory(name="virtopt-trace-log", extra_args=["-msg", "timestamp=on", "-trace", "qcow2_cache_get*"])
+    cl = qp.qmp()
+    cl.cmd("blockdev-add", driver="qcow2", **{"node-name": "d0", "file": {"driver": "file", "filename": str(img)}})
+    for cmd in ["read 0 64k", "read 512k 64k", "write 4M 64k"]:
+        qp.hmp(f'qemu-io d0 "{cmd}"')
+    tids = {int(p.name) for p in Path(f"/proc/{qp.pid}/task").iterdir()}
+    log = tmp_path / "stderr.log"
+    log.write_text(qp.stderr_text())
+    qp.stop()
+    lines = [ln for ln in log.read_text().splitlines() if re.match(r"\d+@\d+\.\d+:qcow2_cache_get", ln)]
+    assert len(lines) >= 3
+    ev = str(qemu_build.trace_events)
+    js = json.loads(virtopt("trace", "decode", str(log), "--events", ev, "--output=json").stdout)
+    assert len(js) == len(lines)
+    for j, ln in zip(js, lines):
+        m = re.match(r"(\d+)@(\d+)\.(\d+):(\w+) (.*)", ln)
+        assert m is not None
+        assert j["event"] == m.group(4) and j["pid"] == int(m.group(1)) and j["pid"] in tids
+        assert j["timestamp-ns"] == int(m.group(2)) * 10**9 + int(m.group(3)) * 1000
+        words = m.group(5).split()
+        if j["event"] == "qcow2_cache_get":  # "co 0x... is_l2_cache 1 offset 0x... read_from_disk 0"
+            assert j["args"]["offset"] == int(words[words.index("offset") + 1], 16)
+            assert j["args"]["c"] == int(words[words.index("is_l2_cache") + 1])
+    res = json.loads(virtopt("trace", "summary", str(log), "--events", ev, "--output=json").stdout)
+    want: dict[str, int] = {}
+    for ln in lines:
+        name = ln.split(":", 1)[1].split(" ", 1)[0]
+        want[name] = want.get(name, 0) + 1
+    assert res["format"] == "log" and {c["event"]: c["count"] for c in res["counts"]} == want
+    # simpletrace-style text of log lines: one line per event, the stock QEMU's form
+    txt = virtopt("trace", "decode", str(log), "--events", ev).stdout.splitlines()
+    assert [t.split(" ", 1)[0] for t in txt] == [j["event"] for j in js]

@@ -4,43 +4,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Union
 
-import numpy as np
-
-from qemu_ext.errors import BadInputError
+from qemu_ext.errors import open_error
 from qemu_ext.trace.events import EventsFile, get_events
+from qemu_ext.trace.header import detect_format
 from qemu_ext.trace.log import parse_log_lines
 from qemu_ext.trace.records import TraceRecord
-from qemu_ext.trace.simple import HEADER_EVENT_ID, decode_simple, looks_like_simpletrace
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
 
 EventsArg = Union[None, str, os.PathLike, EventsFile]
 
 MAX_LOG_BYTES = 8 << 30
 
-
-def detect_format(path: Union[str, os.PathLike]) -> str:
-    """``"simple"`` for a simpletrace binary file, ``"log"`` for log-backend text; BadInputError otherwise."""
-    p = Path(path)
-    try:
-        with open(p, "rb") as f:
-            head = f.read(4096)
-    except IsADirectoryError:
-        raise BadInputError(f"{p}: is a directory, not a trace file") from None
-    except OSError as exc:
-        raise BadInputError(f"cannot read {p}: {exc.strerror or exc}") from None
-    if looks_like_simpletrace(head) or head[:8] == HEADER_EVENT_ID.to_bytes(8, "little"):
-        return "simple"
-    if not head:
-        raise BadInputError(f"{p}: empty file, not a trace")
-    if b"\0" in head:
-        raise BadInputError(f"{p}: not a trace file (neither a simpletrace file nor log-backend text)")
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        if exc.start < len(head) - 4:  # not merely a character cut at the 4 KiB boundary
-            raise BadInputError(f"{p}: not a trace file (neither a simpletrace file nor log-backend text)") from None
-    return "log"
+__all__ = ["columns_from_records", "detect_format", "read_columns", "read_trace"]
 
 
 def _log_lines(path: Union[str, os.PathLike]) -> Iterator[str]:
@@ -49,7 +28,7 @@ def _log_lines(path: Union[str, os.PathLike]) -> Iterator[str]:
         with open(p, encoding="utf-8", errors="replace") as f:
             yield from f
     except OSError as exc:
-        raise BadInputError(f"cannot read {p}: {exc.strerror or exc}") from None
+        raise open_error(p, exc) from None
 
 
 def read_trace(path: Union[str, os.PathLike], events_file: EventsArg = None) -> Iterator[TraceRecord]:
@@ -59,6 +38,8 @@ def read_trace(path: Union[str, os.PathLike], events_file: EventsArg = None) -> 
     """
     fmt = detect_format(path)
     if fmt == "simple":
+        from qemu_ext.trace.simple import decode_simple
+
         st = decode_simple(path, events_file)
         return st.records()
     return parse_log_lines(_log_lines(path), events_file)
@@ -72,6 +53,8 @@ def columns_from_records(
     Unknown timestamps/pids are -1. Integer args become int64 (uint64 if a value does not fit),
     anything else an object array.
     """
+    import numpy as np
+
     groups: dict[str, list[tuple[int, TraceRecord]]] = {}
     for i, r in enumerate(records):
         if names is not None and r.name not in names:
@@ -118,6 +101,8 @@ def read_columns(
     wanted = set(names) if names is not None else None
     fmt = detect_format(path)
     if fmt == "simple":
+        from qemu_ext.trace.simple import decode_simple
+
         return decode_simple(path, events_file).columns(wanted)
     recs = parse_log_lines(_log_lines(path), get_events(events_file) if events_file is not None else None)
     return columns_from_records(recs, wanted)

@@ -25,12 +25,13 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from qemu_ext.errors import VirtoptError
+from qemu_ext.trace.header import delta_text
 from qemu_ext.trace.records import TraceRecord
 from qemu_ext.trace.simple import SimpleTrace, StringColumn, is_signed_type
 
 _HEX_THR = np.array([16**i for i in range(1, 16)], dtype=np.uint64)
 _DEC_THR = np.array([10**i for i in range(1, 20)], dtype=np.uint64)
-_EXACT_DELTA = 1 << 52  # below this, '%0.3f' % (d / 1000.0) is exactly the integer rendering of d
+_EXACT_DELTA = 1000 << 42  # below this, '%0.3f' % (d / 1000.0) is exactly the integer rendering of d (d / 1000 < 2**42: half an ulp < 0.0005)
 # two hex digits per byte value, as one uint16 (little-endian: first digit in the low byte)
 _HEX2 = np.frombuffer(b"".join(f"{i:02x}".encode() for i in range(256)), np.uint16)
 # three decimal digits per value 0..999 (zero-padded), as rows of a (1000, 3) matrix
@@ -109,7 +110,8 @@ class _Slot:
 class _Layout:
     """One event kind's line: a template with every constant byte in place, and its variable slots."""
 
-    def __init__(self, st: SimpleTrace, k: int, ip_len: np.ndarray, pid_const: Optional[int]) -> None:
+    def __init__(self, st: SimpleTrace, k: int, ip_len: np.ndarray, pid_const: Optional[int],
+                 qemu10: bool = False) -> None:
         ev = st.kind_event(k)
         rows = st.kind_rows(k)
         parts: list[bytes] = []
@@ -159,7 +161,7 @@ class _Layout:
                 kl = _hex_len(col)
                 w = int(kl.max())
                 var(_Slot("hex", pos, w, values=col, klen=None if int(kl.min()) == w else kl))
-        const(b"\n")
+        const(b" \n" if qemu10 and not ev.args else b"\n")
         self.template = np.frombuffer(b"".join(parts), np.uint8)
         self.width = len(self.template)
         self.const_len = int(np.count_nonzero(self.template))
@@ -170,24 +172,24 @@ WINDOW_BYTES = 16 << 20  # text rendered at a time (one reused buffer)
 MAX_GROUPS = 20000
 
 
-def _python_line(st: SimpleTrace, r: int) -> bytes:
+def _python_line(st: SimpleTrace, r: int, qemu10: bool = False) -> bytes:
     """One line exactly as simpletrace.py formats it, by Python (for deltas beyond float exactness)."""
     k = int(st.codes[r])
     ev = st.kind_event(k)
     d = int(st.timestamps[r]) - int(st.timestamps[r - 1]) if r > 0 else 0
     rows = st.kind_rows(k)
     j = int(np.searchsorted(rows, r))
-    fields = [ev.name, "%0.3f" % (d / 1000.0), f"pid={int(st.pids[r])}"]
+    fields = [ev.name, delta_text(d, qemu10), f"pid={int(st.pids[r])}"]
     for a, col in zip(ev.args, st.kind_args(k)):
         if isinstance(col, StringColumn):
             raw = st.data[int(col.starts[j]) : int(col.starts[j]) + int(col.lens[j])]
             fields.append(f"{a.name}={raw!s}")
         else:
             fields.append(f"{a.name}=0x{int(col[j]):x}")
-    return (" ".join(fields) + "\n").encode()
+    return (" ".join(fields) + (" \n" if qemu10 and not ev.args else "\n")).encode()
 
 
-def plan_simpletrace(st: SimpleTrace) -> _Plan:
+def plan_simpletrace(st: SimpleTrace, qemu10: bool = False) -> _Plan:
     """Plan simpletrace.py's text for st.
 
     Records are grouped by kind and by the width of every variable field (digits of the delta,
@@ -301,13 +303,13 @@ def plan_simpletrace(st: SimpleTrace) -> _Plan:
                     slots.append(("hex", pos + len(lab), w, payload, False))
                     pos += len(lab) + w
                     ci += 1
-            parts.append(b"\n")
+            parts.append(b" \n" if qemu10 and not ev.args else b"\n")
             tmpl = np.frombuffer(b"".join(parts), np.uint8)
             grows = rows[gi]
             L_row[grows] = len(tmpl)
             groups.append((grows, gi, tmpl, slots))
     slow_rows = np.flatnonzero(slow).tolist()
-    slow_lines = {r: _python_line(st, r) for r in slow_rows}
+    slow_lines = {r: _python_line(st, r, qemu10) for r in slow_rows}
     for r, line in slow_lines.items():
         L_row[r] = len(line)
     return _Plan(L_row, groups, slow_lines)
@@ -370,25 +372,21 @@ class _Plan:
         return size
 
 
-def render_simpletrace(st: SimpleTrace) -> np.ndarray:
-    """All of simpletrace.py's text for st, as one uint8 array."""
-    plan = plan_simpletrace(st)
-    out = np.empty(plan.total, np.uint8)
-    if plan.total:
-        plan.render(0, len(plan.L_row), out)
-    return out
-
-
 class _TooManyGroups(Exception):
     pass
 
 
-def iter_simpletrace_text(st: SimpleTrace, block: int = BLOCK) -> Iterator[bytes]:
-    """The exact bytes scripts/simpletrace.py prints for st, in chunks of about 16 MiB."""
+def iter_simpletrace_text(st: SimpleTrace, block: int = BLOCK, qemu10: bool = False) -> Iterator[bytes]:
+    """The exact bytes scripts/simpletrace.py prints for st, in chunks of about 16 MiB.
+
+    qemu10: print as 10.0's simpletrace.py, which ends the line of an event without
+    arguments with a space after ``pid=N`` (7.2's does not) and divides huge time steps
+    differently (header.delta_text).
+    """
     try:
-        plan = plan_simpletrace(st)
+        plan = plan_simpletrace(st, qemu10)
     except _TooManyGroups:
-        yield from _iter_simpletrace_text_blocks(st, block)
+        yield from _iter_simpletrace_text_blocks(st, block, qemu10)
         return
     if plan.total == 0:
         return
@@ -401,7 +399,7 @@ def iter_simpletrace_text(st: SimpleTrace, block: int = BLOCK) -> Iterator[bytes
         yield buf[:size].tobytes()
 
 
-def _iter_simpletrace_text_blocks(st: SimpleTrace, block: int = BLOCK) -> Iterator[bytes]:
+def _iter_simpletrace_text_blocks(st: SimpleTrace, block: int = BLOCK, qemu10: bool = False) -> Iterator[bytes]:
     """The exact bytes scripts/simpletrace.py prints for st, in blocks of records: each kind laid out
     in a fixed-width byte matrix (digits right-aligned, zero bytes as padding), the kinds merged in
     file order, the zero bytes squeezed out. Used when lines have too many different layouts."""
@@ -425,7 +423,7 @@ def _iter_simpletrace_text_blocks(st: SimpleTrace, block: int = BLOCK) -> Iterat
     pid_const = p0 if not np.any(pids != p0) else None
 
     nk = len(st.kinds)
-    layouts = [_Layout(st, k, ip_len, pid_const) for k in range(nk)]
+    layouts = [_Layout(st, k, ip_len, pid_const, qemu10) for k in range(nk)]
     pos_in_kind = np.zeros(n, np.int64)
     for k in range(nk):
         rows = st.kind_rows(k)
@@ -499,31 +497,32 @@ def _iter_simpletrace_text_blocks(st: SimpleTrace, block: int = BLOCK) -> Iterat
                     vd[d0[sel]] = vs[src0[sel]]
             text = flat.tobytes()
         if slow_rows and any(a <= r < b for r in slow_rows):
-            text = _patch_slow_rows(st, text, a, b, delta, slow_rows)
+            text = _patch_slow_rows(st, text, a, b, delta, slow_rows, qemu10)
         return text
 
     for a in range(0, n, block):
         yield render(a)
 
 
-def _patch_slow_rows(st: SimpleTrace, text: bytes, a: int, b: int, delta: np.ndarray, slow_rows: set) -> bytes:
+def _patch_slow_rows(st: SimpleTrace, text: bytes, a: int, b: int, delta: np.ndarray, slow_rows: set,
+                     qemu10: bool = False) -> bytes:
     """Re-render lines whose delta Python's float formatting must print (huge or wrapped deltas)."""
     lines = text.split(b"\n")
     ts = st.timestamps
     for r in sorted(x for x in slow_rows if a <= x < b):
         d = int(ts[r]) - int(ts[r - 1]) if r > 0 else 0
         fields = lines[r - a].split(b" ")
-        fields[1] = ("%0.3f" % (d / 1000.0)).encode()
+        fields[1] = delta_text(d, qemu10).encode()
         lines[r - a] = b" ".join(fields)
     return b"\n".join(lines)
 
 
-def write_simpletrace_text(st: SimpleTrace, out: BinaryIO) -> None:
+def write_simpletrace_text(st: SimpleTrace, out: BinaryIO, qemu10: bool = False) -> None:
     """Write simpletrace.py's text for st to a binary stream (no copy of the rendered chunks)."""
     try:
-        plan = plan_simpletrace(st)
+        plan = plan_simpletrace(st, qemu10)
     except _TooManyGroups:
-        for chunk in _iter_simpletrace_text_blocks(st):
+        for chunk in _iter_simpletrace_text_blocks(st, qemu10=qemu10):
             out.write(chunk)
         return
     buf: Optional[np.ndarray] = None
@@ -557,7 +556,7 @@ class _Windows:
         return memoryview(self.buf[:size])
 
 
-def write_simpletrace_fd(st: SimpleTrace, fd: int, jobs: int = 2) -> None:
+def write_simpletrace_fd(st: SimpleTrace, fd: int, jobs: int = 2, qemu10: bool = False) -> None:
     """Write simpletrace.py's text for st to a file descriptor.
 
     With jobs >= 2 and a large trace, a forked helper renders every other window while this
@@ -565,9 +564,9 @@ def write_simpletrace_fd(st: SimpleTrace, fd: int, jobs: int = 2) -> None:
     order. (Rendering is numpy work that holds the GIL: threads would not run it in parallel.)
     """
     try:
-        plan = plan_simpletrace(st)
+        plan = plan_simpletrace(st, qemu10)
     except _TooManyGroups:
-        for chunk in _iter_simpletrace_text_blocks(st):
+        for chunk in _iter_simpletrace_text_blocks(st, qemu10=qemu10):
             _write_all(fd, memoryview(chunk))
         return
     wins = list(plan.windows())
@@ -640,7 +639,7 @@ def _fmt_arg(v) -> str:
     return str(v)
 
 
-def iter_simpletrace_text_records(records: Iterable[TraceRecord]) -> Iterator[bytes]:
+def iter_simpletrace_text_records(records: Iterable[TraceRecord], qemu10: bool = False) -> Iterator[bytes]:
     """simpletrace.py's line layout for TraceRecords (log text: unknown timestamps/pids print as 0)."""
     last: Optional[int] = None
     buf: list[str] = []
@@ -653,9 +652,9 @@ def iter_simpletrace_text_records(records: Iterable[TraceRecord]) -> Iterator[by
                 last = t
             d = t - last
             last = t
-        fields = [r.name, f"{d / 1000.0:0.3f}", f"pid={r.pid or 0}"]
+        fields = [r.name, delta_text(d, qemu10), f"pid={r.pid or 0}"]
         fields += [f"{k}={_fmt_arg(v)}" for k, v in r.args.items()]
-        buf.append(" ".join(fields))
+        buf.append(" ".join(fields) + (" " if qemu10 and not r.args else ""))
         if len(buf) >= 4096:
             yield ("\n".join(buf) + "\n").encode()
             buf = []
@@ -664,11 +663,15 @@ def iter_simpletrace_text_records(records: Iterable[TraceRecord]) -> Iterator[by
 
 
 def iter_json(records: Iterable[TraceRecord]) -> Iterator[bytes]:
-    """A JSON array of {"event", "timestamp_ns", "pid", "args": {name: value}}, one record per line."""
+    """A JSON array of {"event", "timestamp-ns", "pid", "args": {name: value}}, one record per line.
+
+    Our keys are kebab-case (CONTRIBUTING.md); the keys inside ``args`` are QEMU's own argument
+    names from trace-events (``read_from_disk``), kept as QEMU spells them: they are data.
+    """
     first = True
     buf: list[str] = ["[\n"]
     for r in records:
-        s = json.dumps({"event": r.name, "timestamp_ns": r.timestamp_ns, "pid": r.pid, "args": r.args})
+        s = json.dumps({"event": r.name, "timestamp-ns": r.timestamp_ns, "pid": r.pid, "args": r.args})
         buf.append(("    " if first else ",\n    ") + s)
         first = False
         if len(buf) >= 4096:
@@ -678,11 +681,11 @@ def iter_json(records: Iterable[TraceRecord]) -> Iterator[bytes]:
     yield "".join(buf).encode()
 
 
-CSV_FIELDS = ["index", "event", "timestamp_ns", "pid", "args"]
+CSV_FIELDS = ["index", "event", "timestamp-ns", "pid", "args"]  # the JSON's names
 
 
 def iter_csv(records: Iterable[TraceRecord]) -> Iterator[bytes]:
-    """CSV: index,event,timestamp_ns,pid,args with args as ``name=value`` separated by spaces (ints decimal)."""
+    """CSV: index,event,timestamp-ns,pid,args with args as ``name=value`` separated by spaces (ints decimal)."""
     sio = io.StringIO()
     w = csv.writer(sio, lineterminator="\n")
     w.writerow(CSV_FIELDS)

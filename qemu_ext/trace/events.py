@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
 
 from qemu_ext.errors import BadInputError, NotAvailableError
 
-_EVENT_RE = re.compile(
+# tracetool's Event._CRE; compiled on first use (re caches it): decoding to text needs none of these
+_EVENT_RE = (
     r"((?P<props>[\w\s]+)\s+)?"
     r"(?P<name>\w+)"
     r"\((?P<args>[^)]*)\)"
@@ -27,6 +27,7 @@ _EVENT_RE = re.compile(
     r"\s*"
 )
 _VALID_PROPS = {"disable", "vcpu"}
+_DECL_NAME_RE = r"(?m)^[ \t]*(?:(?:disable|vcpu)[ \t]+)*(\w+)\("
 
 # Where trace-events-all usually lives (Debian installs it with the QEMU package).
 SYSTEM_EVENTS_FILES = (
@@ -41,26 +42,54 @@ def is_string_type(ctype: str) -> bool:
     return s.startswith(("const char*", "char*", "const char *", "char *")) and s.count("*") == 1
 
 
-@dataclass(frozen=True)
 class EventArg:
-    type: str
-    name: str
+    """One declared argument: its C type and name. (Plain classes, not dataclasses: decoding a
+    trace to text imports this module, and dataclasses costs milliseconds to import.)"""
+
+    __slots__ = ("name", "type")
+
+    def __init__(self, type: str, name: str) -> None:
+        self.type = type
+        self.name = name
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EventArg) and (self.type, self.name) == (other.type, other.name)
+
+    def __hash__(self) -> int:
+        return hash((self.type, self.name))
+
+    def __repr__(self) -> str:
+        return f"EventArg(type={self.type!r}, name={self.name!r})"
 
     @property
     def is_string(self) -> bool:
         return is_string_type(self.type)
 
 
-@dataclass
 class TraceEvent:
-    """One event of a trace-events file."""
+    """One event of a trace-events file.
 
-    name: str
-    args: list[EventArg]
-    fmt: str  # the C format string, PRI macros expanded to their conversion (e.g. "%" PRIx64 -> %llx)
-    properties: list[str] = field(default_factory=list)
-    lineno: int = 0
-    filename: str = ""
+    fmt: the C format string, PRI macros expanded to their conversion (e.g. "%" PRIx64 -> %llx).
+    """
+
+    __slots__ = ("args", "filename", "fmt", "lineno", "name", "properties")
+
+    def __init__(self, name: str, args: list[EventArg], fmt: str, properties: Optional[list[str]] = None,
+                 lineno: int = 0, filename: str = "") -> None:
+        self.name = name
+        self.args = args
+        self.fmt = fmt
+        self.properties = list(properties or [])
+        self.lineno = lineno
+        self.filename = filename
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TraceEvent) and all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"TraceEvent(name={self.name!r}, args={self.args!r}, fmt={self.fmt!r}, properties={self.properties!r})"
 
     @property
     def arg_names(self) -> list[str]:
@@ -75,6 +104,10 @@ class TraceEvent:
         if self.has_strings:
             return None
         return 8 * len(self.args)
+
+
+# scripts/simpletrace.py's stand-in for dropped-events records (7.2 and 10.0)
+DROPPED_EVENT = TraceEvent("Dropped_Event", [EventArg("uint64_t", "num_events_dropped")], "", [], 0, "simpletrace.py")
 
 
 def _parse_args(text: str) -> list[EventArg]:
@@ -100,14 +133,14 @@ def _parse_args(text: str) -> list[EventArg]:
     return res
 
 
-_PRI_RE = re.compile(r'"\s*PRI([diouxX])(8|16|32|64|PTR|MAX)\s*"')
+_PRI_RE = r'"\s*PRI([diouxX])(8|16|32|64|PTR|MAX)\s*"'
 
 
 def _c_string(fmt_literal: str) -> str:
     """Turn the C string-literal sequence of a format (with PRI macros) into one format string."""
     s = fmt_literal.strip()
     # "%" PRIx64 " ..." -> "%llx ..." (the macro sits between two literals)
-    s = _PRI_RE.sub(lambda m: "ll" + m.group(1) if m.group(2) == "64" else m.group(1), s)
+    s = re.sub(_PRI_RE, lambda m: "ll" + m.group(1) if m.group(2) == "64" else m.group(1), s)
     s = re.sub(r'"\s*PRI([diouxX])(8|16|32|64|PTR|MAX)\s*$', lambda m: '"', s)  # trailing macro
     # now join adjacent literals: "a" "b" -> "ab"
     parts = re.findall(r'"((?:[^"\\]|\\.)*)"', s)
@@ -125,7 +158,7 @@ def _fmt_with_trailing_pri(fmt_literal: str) -> str:
 
 
 def parse_event_line(line: str, lineno: int = 0, filename: str = "") -> TraceEvent:
-    m = _EVENT_RE.match(line)
+    m = re.match(_EVENT_RE, line)
     if m is None:
         raise ValueError("not an event declaration")
     g = m.groupdict("")
@@ -151,6 +184,7 @@ class EventsFile:
         self._parsed: dict[str, TraceEvent] = {}
         self._raw: Optional[dict[str, tuple[int, str]]] = None
         self._text: Optional[str] = None
+        self._names: Optional[set[str]] = None
         for e in events:
             self._parsed[e.name] = e
 
@@ -219,6 +253,13 @@ class EventsFile:
         self._parsed[name] = e
         return e
 
+    def name_set(self) -> set[str]:
+        """Every event name the file declares (found with one regular expression over the text)."""
+        if self._names is None:
+            found = set(re.findall(_DECL_NAME_RE, self._text or ""))
+            self._names = found | set(self._parsed)
+        return self._names
+
     def names(self) -> list[str]:
         return list(dict.fromkeys([*self._parsed, *self._index()]))
 
@@ -242,6 +283,36 @@ class EventsFile:
             yield self[n]
 
 
+# --- which QEMU wrote an events file --------------------------------------------------------------
+
+VERIFIED_SERIES = ("7.2", "10.0")
+"""QEMU versions whose simpletrace.py output `virtopt trace decode` is checked against (tests, bench)."""
+
+# Lines only a QEMU before 8.x writes, which 10.0's tracetool rejects: the ``vcpu`` property
+# (removed with the per-vCPU trace state) and a format with a new line in it (10.0's
+# scripts/tracetool/__init__.py Event.build: "Event format must not use new line character").
+_OLD_QEMU_RE = r'(?m)^[ \t]*(?:disable[ \t]+)?vcpu[ \t]|^[^#\n]*\([^)\n]*\)[ \t]*"[^\n]*\\n'
+
+
+def qemu_series(ef: EventsFile) -> str:
+    """The QEMU series whose simpletrace.py goes with this events file, told by its content.
+
+    ``"7.2"`` when the file has what 7.2 writes and 10.0 refuses (a ``vcpu`` event or a format
+    with ``\\n``: 7.2's trace-events-all has both), otherwise ``"10.0"`` (the current form).
+    A small events file with neither cannot be told apart: `--qemu-compat` chooses.
+    """
+    cached = getattr(ef, "_series", None)
+    if cached is not None:
+        return cached
+    text = ef._text
+    if text is None:  # built from TraceEvent objects
+        old = any("vcpu" in e.properties or "\n" in e.fmt for e in ef._parsed.values())
+    else:
+        old = re.search(_OLD_QEMU_RE, text) is not None
+    ef._series = "7.2" if old else "10.0"  # type: ignore[attr-defined]
+    return ef._series  # type: ignore[attr-defined]
+
+
 def parse_events(text: str, filename: str = "<events>") -> EventsFile:
     """Parse the text of a trace-events file; a bad line is one clear BadInputError (when it is used)."""
     return EventsFile.from_text(text, filename)
@@ -263,30 +334,32 @@ def load_events(path: Union[str, os.PathLike]) -> EventsFile:
     return parse_events(text, str(p))
 
 
-def _candidates() -> Iterator[Path]:
+def _candidates(more: bool = True) -> Iterator[Path]:
     env = os.environ.get("VIRTOPT_TRACE_EVENTS")
     if env:
         yield Path(env)
     for p in SYSTEM_EVENTS_FILES:
         yield Path(p)
-    try:
-        from qemu_ext.vm import debug_qemu_dir
+    if not more:
+        return
+    try:  # the QEMUs virtopt installed for its tests and demo (10.0 in a private prefix, debug builds)
+        from qemu_ext.vm import qemu_builds
 
-        d = debug_qemu_dir()
+        builds = qemu_builds()
     except Exception:  # a broken cache must not stop decoding
-        d = None
-    if d is not None:
-        yield d / "build" / "trace" / "trace-events-all"
-        yield d / "build" / "qemu-bundle" / "usr" / "local" / "share" / "qemu" / "trace-events-all"
+        builds = []
+    for b in builds:
+        if b.trace_events is not None:
+            yield b.trace_events
 
 
 def find_events_file() -> Path:
-    """The trace-events-all of the QEMU in use: $VIRTOPT_TRACE_EVENTS, /usr/share/qemu, a build tree."""
+    """The trace-events-all of the QEMU in use: $VIRTOPT_TRACE_EVENTS, /usr/share/qemu, virtopt's QEMU builds."""
     for c in _candidates():
         if c.is_file():
             return c
     raise NotAvailableError(
-        "no trace-events-all found (looked in /usr/share/qemu and the debug build tree): pass --events FILE"
+        "no trace-events-all found (looked in /usr/share/qemu and virtopt's QEMU builds): pass --events FILE"
     )
 
 
@@ -294,10 +367,41 @@ _DEFAULT: dict[str, EventsFile] = {}
 
 
 def default_events() -> EventsFile:
-    p = str(find_events_file())
+    return _load_cached(str(find_events_file()))
+
+
+def _load_cached(p: str) -> EventsFile:
     if p not in _DEFAULT:
         _DEFAULT[p] = load_events(p)
     return _DEFAULT[p]
+
+
+def events_for_trace(events_file: Union[str, os.PathLike, EventsFile, None], mapped: Iterable[str]) -> EventsFile:
+    """The events file to decode a simpletrace file with: the one given, else the first installed
+    trace-events-all that declares every event the trace's mapping records name (a QEMU writes a
+    mapping for each event it has, so 7.2's and 10.0's traces each find their own QEMU's file)."""
+    if events_file is not None:
+        return get_events(events_file)
+    names = list(mapped)
+    first: Optional[EventsFile] = None
+    seen: set[str] = set()
+    for more in (False, True):
+        for c in _candidates(more):
+            key = str(c)
+            if key in seen or not c.is_file():
+                continue
+            seen.add(key)
+            ef = _load_cached(key)
+            if first is None:
+                first = ef
+            declared = ef.name_set()
+            if all(n in declared for n in names):
+                return ef
+    if first is None:
+        raise NotAvailableError(
+            "no trace-events-all found (looked in /usr/share/qemu and virtopt's QEMU builds): pass --events FILE"
+        )
+    return first
 
 
 def get_events(events_file: Union[str, os.PathLike, EventsFile, None] = None) -> EventsFile:

@@ -26,7 +26,9 @@ class TraceRecord:
     pid: Optional[int] = None
 
     def to_dict(self) -> dict:
-        return {"event": self.name, "timestamp_ns": self.timestamp_ns, "pid": self.pid, "args": dict(self.args)}
+        """JSON-ready, kebab-case keys; the keys of ``args`` are QEMU's argument names as trace-events
+        spells them (data, not virtopt's keys)."""
+        return {"event": self.name, "timestamp-ns": self.timestamp_ns, "pid": self.pid, "args": dict(self.args)}
 
 
 DROPPED = "dropped"

@@ -21,7 +21,6 @@ import os
 import stat
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import construct as cs
@@ -29,17 +28,24 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from qemu_ext.errors import BadInputError
-from qemu_ext.trace.events import EventArg, EventsFile, TraceEvent, get_events
+from qemu_ext.trace.events import DROPPED_EVENT, EventsFile, TraceEvent, events_for_trace
+from qemu_ext.trace.header import (
+    DROPPED_EVENT_ID,
+    EVENT_HEADER_LEN,
+    HEADER_EVENT_ID,
+    HEADER_MAGIC,
+    HEADER_VERSION,
+    MAX_NAME_LEN,
+    RECORD_TYPE_EVENT,
+    RECORD_TYPE_MAPPING,
+    check_header,
+    looks_like_simpletrace,
+    open_trace,
+)
 from qemu_ext.trace.records import DROPPED, ArgValue, TraceRecord
 
 Buffer = Union[bytes, mmap.mmap]
 
-HEADER_EVENT_ID = 0xFFFFFFFFFFFFFFFF
-HEADER_MAGIC = 0xF2B177CB0AA429B4
-HEADER_VERSION = 4
-DROPPED_EVENT_ID = 0xFFFFFFFFFFFFFFFE
-RECORD_TYPE_MAPPING = 0
-RECORD_TYPE_EVENT = 1
 MAX_TRACE_STRLEN = 512  # trace/simple.h: strings are cut to this length by the writer
 
 # --- the format, as construct structs -------------------------------------------------------------
@@ -84,10 +90,6 @@ def event_record_struct(ev: TraceEvent) -> cs.Struct:
 
 
 TraceHeaderLen = TraceLogHeader.sizeof()  # 24
-EVENT_HEADER_LEN = 32  # type word + TraceRecord header
-
-# simpletrace.py's stand-in for dropped records
-DROPPED_EVENT = TraceEvent("Dropped_Event", [EventArg("uint64_t", "num_events_dropped")], "", [], 0, "simpletrace.py")
 
 
 def is_signed_type(ctype: str) -> bool:
@@ -99,31 +101,23 @@ def is_signed_type(ctype: str) -> bool:
     return True
 
 
-_SIMPLE_MAGIC_PREFIX = struct.pack("<QQ", HEADER_EVENT_ID, HEADER_MAGIC)
-
-
-def looks_like_simpletrace(head: bytes) -> bool:
-    return head[:16] == _SIMPLE_MAGIC_PREFIX or head[:16] == struct.pack(">QQ", HEADER_EVENT_ID, HEADER_MAGIC)
-
-
-def check_header(data: Buffer, name: str) -> int:
-    """Validate the TraceLogHeader; return the version (4). One clear error otherwise."""
-    if len(data) < TraceHeaderLen:
-        raise BadInputError(f"{name}: not a simpletrace file ({len(data)} bytes, shorter than its 24-byte header)")
-    h = TraceLogHeader.parse(data[:TraceHeaderLen])
-    if h.header_event_id != HEADER_EVENT_ID:
-        raise BadInputError(f"{name}: not a simpletrace file (header id 0x{h.header_event_id:x}, expected 0x{HEADER_EVENT_ID:x})")
-    if h.header_magic != HEADER_MAGIC:
-        if h.header_magic == int.from_bytes(HEADER_MAGIC.to_bytes(8, "little"), "big"):
-            raise BadInputError(f"{name}: a big-endian simpletrace file: only little-endian traces are supported")
-        raise BadInputError(f"{name}: not a simpletrace file (header magic 0x{h.header_magic:x}, expected 0x{HEADER_MAGIC:x})")
-    if h.header_version != HEADER_VERSION:
-        if h.header_version in (0, 2, 3):
-            raise BadInputError(
-                f"{name}: simpletrace format version {h.header_version} is not supported (this QEMU writes and reads version 4)"
-            )
-        raise BadInputError(f"{name}: unknown simpletrace format version {h.header_version} (expected 4)")
-    return int(h.header_version)
+__all__ = [
+    "DROPPED_EVENT",
+    "DROPPED_EVENT_ID",
+    "EVENT_HEADER_LEN",
+    "HEADER_EVENT_ID",
+    "HEADER_MAGIC",
+    "HEADER_VERSION",
+    "DroppedRecord",
+    "EventRecordHeader",
+    "MappingRecord",
+    "SimpleTrace",
+    "TraceLogHeader",
+    "check_header",
+    "decode_simple",
+    "event_record_struct",
+    "looks_like_simpletrace",
+]
 
 
 # --- the decoded file -----------------------------------------------------------------------------
@@ -380,10 +374,6 @@ def _uint_at(data: Buffer, pos: np.ndarray, dtype: str, cache: dict) -> np.ndarr
     return out
 
 
-def _u64_at(st: SimpleTrace, pos: np.ndarray) -> np.ndarray:
-    return _uint_at(st.data, pos, "<u8", st._views)
-
-
 def _words_at(data: Buffer, pos: np.ndarray, nwords: int, cache: dict) -> np.ndarray:
     """(len(pos), nwords) matrix of the consecutive little-endian u64 words at each byte offset in pos."""
     pos = np.asarray(pos, dtype=np.int64)
@@ -518,7 +508,7 @@ class _Scanner:
             if rem < 20:
                 return None
             _, eid, ln = _MAP_HDR.unpack_from(data, pos)
-            if ln > 4096:
+            if ln > MAX_NAME_LEN:
                 raise BadInputError(
                     f"{self.name}: mapping record at offset {pos} names an event of {ln} bytes: corrupt trace"
                 )
@@ -644,22 +634,21 @@ class _Scanner:
 
 def _read_file(path: Union[str, os.PathLike]) -> tuple[str, Buffer]:
     """The file's bytes: a read-only memory map for regular files (no copy), else read()."""
-    p = Path(path)
-    try:
-        if p.is_dir():
-            raise BadInputError(f"{p}: is a directory, not a trace file")
-        with open(p, "rb") as f:
-            st = os.fstat(f.fileno())
-            if stat.S_ISREG(st.st_mode) and st.st_size > 0:
-                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-                try:
-                    return str(p), mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
-                except (OSError, ValueError):
-                    pass
-            data = f.read()
-    except OSError as exc:
-        raise BadInputError(f"cannot read {p}: {exc.strerror or exc}") from None
-    return str(p), data
+    f, _size = open_trace(path)
+    with f:
+        st = os.fstat(f.fileno())
+        if stat.S_ISREG(st.st_mode):
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            try:
+                return str(path), mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
+            except (OSError, ValueError):
+                pass
+        try:
+            return str(path), f.read()
+        except OSError as exc:
+            from qemu_ext.errors import open_error
+
+            raise open_error(path, exc) from None
 
 
 def decode_simple(
@@ -674,10 +663,10 @@ def decode_simple(
         name, data = _read_file(path)
     else:
         name = str(path)
-    version = check_header(data, name)
-    events = get_events(events_file)
+    version = check_header(data[:TraceHeaderLen], name)
     sc = _Scanner(data, name)
     end = sc.scan(TraceHeaderLen)
+    events = events_for_trace(events_file, dict.fromkeys(sc.mapping.values()))
     hdrs = [h if h is not None else _words_at(data, o, 4, sc.cache) for o, h in sc.chunks]
     if len(sc.chunks) == 1:  # the usual case: one proven run from the first record to the end
         offsets, hdr = sc.chunks[0][0], hdrs[0]

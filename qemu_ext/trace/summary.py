@@ -1,7 +1,10 @@
 """Trace summaries: counts per event, rate over time, begin/end latencies, dropped events.
 
 Works on simpletrace files (bulk numpy decoding, no per-record Python) and on
-log-backend text (through the columnar reader).
+log-backend text (through the columnar reader). The result is JSON-ready with kebab-case
+keys (CONTRIBUTING.md); times are in ns (``-ns`` keys), as QEMU's trace timestamps are.
+Event names (keys of ``by-event``) and argument names are QEMU's, spelt as QEMU spells them:
+they are data, not virtopt's keys.
 """
 
 from __future__ import annotations
@@ -254,15 +257,15 @@ def _latency_stats(lat: np.ndarray) -> dict:
     nz = lat > 0
     b[nz] = np.floor(np.log2(lat[nz])).astype(np.int64) + 1
     cnt = np.bincount(b)
-    hist = [{"lt_ns": int(1 << i) if i > 0 else 1, "count": int(c)} for i, c in enumerate(cnt.tolist()) if c]
+    hist = [{"lt-ns": int(1 << i) if i > 0 else 1, "count": int(c)} for i, c in enumerate(cnt.tolist()) if c]
     return {
         "pairs": len(lat),
-        "min_ns": int(lat.min()),
-        "mean_ns": float(lat.mean()),
-        "p50_ns": q[0],
-        "p90_ns": q[1],
-        "p99_ns": q[2],
-        "max_ns": int(lat.max()),
+        "min-ns": int(lat.min()),
+        "mean-ns": float(lat.mean()),
+        "p50-ns": q[0],
+        "p90-ns": q[1],
+        "p99-ns": q[2],
+        "max-ns": int(lat.max()),
         "histogram": hist,
     }
 
@@ -279,7 +282,7 @@ def _summarize(src: _Source, total: int, bins: int, pairs: Optional[list[Pair]])
         if t0 < 0:
             t0 = int(known.min())
         dur = t1 - t0
-        res.update({"first_timestamp_ns": t0, "last_timestamp_ns": t1, "duration_ns": dur})
+        res.update({"first-timestamp-ns": t0, "last-timestamp-ns": t1, "duration-ns": dur})
         nb = max(1, min(bins, MAX_BINS))
         width = max(1, -(-max(dur, 1) // nb))
         idx = known - t0
@@ -287,26 +290,27 @@ def _summarize(src: _Source, total: int, bins: int, pairs: Optional[list[Pair]])
         np.minimum(idx, nb - 1, out=idx)
         per_bin = np.bincount(idx, minlength=nb)
         rate = {
-            "bin_ns": int(width),
-            "start_ns": t0,
+            "bin-ns": int(width),
+            "start-ns": t0,
             "counts": per_bin.tolist(),
-            "events_per_s": [c * 1e9 / width for c in per_bin.tolist()],
+            "events-per-second": [c * 1e9 / width for c in per_bin.tolist()],
         }
-        # per event, for the plot: the busiest few
+        # per event, for the plot: the busiest few (keys are QEMU's event names)
         top = sorted(counts, key=lambda n: -counts[n])[:6]
-        rate["by_event"] = src.rates_by_event(top, t0, width, nb)
+        rate["by-event"] = src.rates_by_event(top, t0, width, nb)
     else:
-        res.update({"first_timestamp_ns": None, "last_timestamp_ns": None, "duration_ns": None})
-    dur_s = (res["duration_ns"] or 0) / 1e9
+        res.update({"first-timestamp-ns": None, "last-timestamp-ns": None, "duration-ns": None})
+    dur_s = (res["duration-ns"] or 0) / 1e9
+    nev = max(1, res["events"])
     res["counts"] = [
-        {"event": n, "count": c, "per_s": (c / dur_s) if dur_s > 0 else None}
+        {"event": n, "count": c, "fraction": c / nev, "per-second": (c / dur_s) if dur_s > 0 else None}
         for n, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     ]
     res["rate"] = rate
     lat_out = []
     for p in find_pairs(src, pairs):
         lat, ub, ue = pair_latencies(src, p)
-        d = {"begin": p.begin, "end": p.end, "key": p.key, "unmatched_begin": ub, "unmatched_end": ue}
+        d = {"begin": p.begin, "end": p.end, "key": p.key, "unmatched-begin": ub, "unmatched-end": ue}
         if ts is None:  # log lines without the pid@sec.usec: prefix: pairs, but no times
             d["pairs"] = len(lat)
         else:
@@ -335,7 +339,7 @@ def summarize(
         body = _summarize(src, len(st), bins, pairs)
         res.update(body)
         res["dropped"] = {"records": st.dropped_records, "events": st.dropped_events}
-        res["truncated_bytes"] = st.truncated_bytes
+        res["truncated-bytes"] = st.truncated_bytes
         return res
     events = optional_events(events_file)
     parser = LogParser(events)
@@ -353,5 +357,5 @@ def summarize(
     res = {"file": str(path), "format": "log", "version": None}
     res.update(_summarize(src, len(recs), bins, pairs))
     res["dropped"] = {"records": 0, "events": 0}
-    res["truncated_bytes"] = 0
+    res["truncated-bytes"] = 0
     return res
