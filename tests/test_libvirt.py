@@ -200,10 +200,10 @@ def test_doctor_on_a_domain_checks_its_xml_against_the_host(dom):
     last = max(os.sched_getaffinity(0))
     v = checks["libvirt-vcpupin"]
     assert v["found"]["vcpupin"] == {"0": str(last)}
-    assert v["verdict"] == "warn" and "vCPU 1 has no <vcpupin>" in " ".join(v["details"])
+    assert v["verdict"] == "warn" and "vCPU 1 has no <vcpupin>" in " ".join([v["summary"], *v["details"]])
     assert "<vcpupin vcpu='1' cpuset=" in v["fix"] and f"virsh edit {dom.name}" in v["fix"]
     e = checks["libvirt-emulatorpin"]
-    assert e["found"]["emulatorpin"] == "0" and "iothread 1 has no <iothreadpin>" in " ".join(e["details"])
+    assert e["found"]["emulatorpin"] == "0" and "iothread 1 has no <iothreadpin>" in " ".join([e["summary"], *e["details"]])
     assert "<iothreadpin iothread='1' cpuset=" in e["fix"]
     h = checks["libvirt-hugepages"]
     assert h["verdict"] == "warn" and "<hugepages>" in h["fix"] and h["found"]["memory"] == 128 << 20

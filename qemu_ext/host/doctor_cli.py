@@ -83,16 +83,18 @@ def run(args: argparse.Namespace) -> int:
     else:
         where = "" if args.root == "/" else f" (tree {args.root})"
         print(f"virtopt doctor{where}" + (f", {t.describe()}" if t is not None else ""))
+        width = max([15] + [len(c.id) for c in report.checks])
+        pad = " " * (width + 7)
         for c in report.checks:
-            print(f"{MARK.get(c.verdict, c.verdict)} {c.id:<15} {c.summary}")
+            print(f"{MARK.get(c.verdict, c.verdict)} {c.id:<{width}} {c.summary}")
             if args.verbose:
                 for d in c.details:
-                    print(f"{'':22}{d}")
+                    print(f"{pad}{d}")
             elif c.verdict != "ok":
                 for d in c.details[:5]:
-                    print(f"{'':22}{d}")
+                    print(f"{pad}{d}")
             if c.fix and c.verdict != "ok":
-                print(f"{'':22}fix: {c.fix}")
+                print(f"{pad}fix: {c.fix}")
         n = report.counts()
         print(f"{n['ok']} ok, {n['warn']} warn, {n['bad']} bad, {n['unknown']} unknown")
     counts = report.counts()

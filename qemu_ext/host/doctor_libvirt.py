@@ -68,8 +68,13 @@ def _cputune_xml(ctx: _Ctx, dom: DomainXml) -> str:
     return "<cputune>" + "".join(parts) + "</cputune>"
 
 
-def _edit(name: str) -> str:
-    return f"virsh edit {name}, then restart the domain (or apply live with virsh vcpupin/emulatorpin/iothreadpin)"
+def _edit(name: str, live: str = "") -> str:
+    return f"virsh edit {name}, then restart the domain" + (f"; live: {live}" if live else "")
+
+
+def _findings(problems: list[str]) -> tuple[str, list[str]]:
+    """(summary, details): the one finding itself, or their count with each in the details."""
+    return (problems[0], []) if len(problems) == 1 else (f"{len(problems)} findings", list(problems))
 
 
 def check_vcpupin(ctx: _Ctx, dom: DomainXml) -> Check:
@@ -92,12 +97,12 @@ def check_vcpupin(ctx: _Ctx, dom: DomainXml) -> Check:
             if cpus[0] in seen:
                 problems.append(f"vCPUs {seen[cpus[0]]} and {v} share CPU {cpus[0]}")
             seen.setdefault(cpus[0], v)
-    fix = f"{_cputune_xml(ctx, dom)} ({_edit(dom.name)})"
+    fix = f"{_cputune_xml(ctx, dom)} ({_edit(dom.name, 'virsh vcpupin / emulatorpin / iothreadpin')})"
     if not iso:
         fix += "; isolate those CPUs on the host first (see cpu-isolation)"
     if problems:
-        return Check("libvirt-vcpupin", title, "warn", f"{len(problems)} finding(s): " + problems[0], found, fix,
-                     problems)
+        summary, details = _findings(problems)
+        return Check("libvirt-vcpupin", title, "warn", summary, found, fix, details)
     where = f"isolated CPU {_cpus(iso)}" if iso else "one CPU each (no CPU is isolated on this host)"
     verdict = "ok" if iso else "warn"
     return Check("libvirt-vcpupin", title, verdict, f"every vCPU ({dom.vcpus}) pinned alone to {where}", found,
@@ -128,10 +133,10 @@ def check_emulatorpin(ctx: _Ctx, dom: DomainXml) -> Check:
     _, hk = _plan(ctx, dom)
     fix_parts = [f"<emulatorpin cpuset='{_cpus(hk)}'/>"] + [f"<iothreadpin iothread='{i}' cpuset='{_cpus(hk)}'/>"
                                                            for i in dom.iothread_ids]
-    fix = f"in <cputune>: {''.join(fix_parts)} ({_edit(dom.name)})"
+    fix = f"in <cputune>: {''.join(fix_parts)} ({_edit(dom.name, 'virsh emulatorpin / iothreadpin')})"
     if problems:
-        return Check("libvirt-emulatorpin", title, "warn", f"{len(problems)} finding(s): " + problems[0], found, fix,
-                     problems)
+        summary, details = _findings(problems)
+        return Check("libvirt-emulatorpin", title, "warn", summary, found, fix, details)
     return Check("libvirt-emulatorpin", title, "ok",
                  f"emulator on CPU {dom.emulatorpin}, {len(dom.iothread_ids)} iothread(s) pinned off the vCPUs", found)
 
@@ -188,8 +193,9 @@ def check_numa(ctx: _Ctx, dom: DomainXml) -> Check:
         found["llc-error"] = str(exc)
     summary_where = (f"{len(nodes)} NUMA node(s); vCPUs on node(s) {', '.join(map(str, spanned)) or '?'}")
     if problems:
-        return Check("libvirt-numa", title, "warn", f"{summary_where}: {problems[0]}", found,
-                     "; ".join(fixes) + f" ({_edit(dom.name)})" if fixes else None, problems)
+        summary, details = _findings(problems)
+        return Check("libvirt-numa", title, "warn", f"{summary_where}: {summary}", found,
+                     "; ".join(fixes) + f" ({_edit(dom.name, 'virsh numatune / vcpupin')})" if fixes else None, details)
     return Check("libvirt-numa", title, "ok", summary_where + ", one last-level cache", found)
 
 
@@ -250,8 +256,9 @@ def check_cpu(ctx: _Ctx, dom: DomainXml) -> Check:
             sockets = 1
             fix = (fix or "") + f" <cpu><topology sockets='{sockets}' dies='1' cores='{dom.vcpus}' threads='1'/></cpu>"
     if problems:
-        return Check("libvirt-cpu", title, "warn", problems[0], found, f"{fix.strip()} ({_edit(dom.name)})" if fix
-                     else None, problems)
+        summary, details = _findings(problems)
+        return Check("libvirt-cpu", title, "warn", summary, found, f"{fix.strip()} ({_edit(dom.name)})" if fix
+                     else None, details)
     return Check("libvirt-cpu", title, "ok", f"CPU mode {dom.cpu_mode}"
                  + (f", topology {topo}" if topo else ""), found)
 
