@@ -341,6 +341,8 @@ def size_node(info: NodeCache, trace: W.SliceTrace, target: float = 0.99, second
         # the node was opened without cache options: QEMU's defaults are its real setting
         settings = sim.Settings(l2_cache_size=cfg.l2_cache_size, l2_cache_entry_size=cfg.l2_cache_entry_size,
                                 qemu_version=info.qemu_version)
+    if known:
+        trace.cap(cfg.l2_cache_entry_size)  # the options say what the slices are
     if n:
         captured = trace.slice_size
         if known and captured and captured < cfg.l2_cache_entry_size:

@@ -134,7 +134,15 @@ def load_workload(
 
 
 @contextlib.contextmanager
-def _opened(disk: Disk) -> Iterator[tuple[R.Geometry, Any]]:
+def _opened(disk: Disk, wl: Optional[WorkloadSpec] = None) -> Iterator[tuple[R.Geometry, Any]]:
+    with _opened_disk(disk) as (geom, img):
+        if wl is not None and wl.slice_trace is not None:
+            wl.slice_trace.cap(geom.cluster_size)
+        yield geom, img
+
+
+@contextlib.contextmanager
+def _opened_disk(disk: Disk) -> Iterator[tuple[R.Geometry, Any]]:
     if disk.image:
         from qemu_ext.qcow2 import open_image
 
@@ -331,7 +339,7 @@ def current_setting(geom: R.Geometry, settings: Settings, wl: WorkloadSpec) -> t
 def simulate(disk: Disk, settings: Settings, wl: WorkloadSpec, detailed: bool = False,
              progress: Optional[Progress] = None) -> dict:
     """Lookups, hits, misses, hit ratio, metadata bytes read and evictions for these settings."""
-    with _opened(disk) as (geom, img):
+    with _opened(disk, wl) as (geom, img):
         cfg, cur = current_setting(geom, settings, wl)
         e = cfg.l2_cache_entry_size
         why = not_evaluable(wl, e)
@@ -488,7 +496,7 @@ def curve(
     """Hit ratio over every cache size (LRU stack distances), for each entry size the workload
     can answer, with the sizes worth seeing marked: the knees, the maximum (the smallest size
     that holds every slice), the current setting and, with `target`, the recommended size."""
-    with _opened(disk) as (geom, img):
+    with _opened(disk, wl) as (geom, img):
         cfg, cur = current_setting(geom, settings, wl)
         sizes = sorted(set(entry_sizes)) if entry_sizes else sorted({cfg.l2_cache_entry_size,
                                                                       *default_entry_sizes(geom.cluster_size)})

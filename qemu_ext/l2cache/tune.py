@@ -341,6 +341,7 @@ class Watcher:
             return
         self.lookups += len(t)
         self.hits += int(t.hits.sum())
+        t.cap(self.info.cluster_size)
         if not self.streams:
             self.slice_size = t.slice_size or self.info.config.l2_cache_entry_size
             sizes = [e for e in sim.default_entry_sizes(self.info.cluster_size) if e >= self.slice_size]

@@ -449,6 +449,7 @@ class SliceTrace:
     hits: np.ndarray  # bool: what QEMU's own cache did
     index: np.ndarray  # int32: the cache entry QEMU used (-1 unknown)
     timestamps: Optional[np.ndarray] = None  # int64 ns
+    max_slice: Optional[int] = None  # what the slices can be at most (the cluster size, or the known entry size)
 
     @classmethod
     def from_lookups(cls, lookups: list[TraceLookup]) -> SliceTrace:
@@ -472,7 +473,12 @@ class SliceTrace:
         if not len(self.offsets):
             return 0
         g = int(np.bitwise_or.reduce(self.offsets))
-        return g & -g if g else 0
+        g = g & -g if g else 0
+        return min(g, self.max_slice) if self.max_slice else g
+
+    def cap(self, size: int) -> None:
+        """The slices are at most `size` bytes (a few L2 tables can share a larger alignment)."""
+        self.max_slice = min(self.max_slice, size) if self.max_slice else size
 
     def cache_evidence(self) -> dict[str, Any]:
         """What the trace says about QEMU's cache: entries used (highest index + 1) and whether
