@@ -355,3 +355,21 @@ def test_vcpus_spanning_cache_domains_and_numa_nodes(tmp_path):
     cpus, _ = qmp_answers(root)
     assert numa.found["vcpu-nodes"] == {"0": [1], "1": [0, 1]}
     assert [c["cpu-index"] for c in cpus] == [0, 1]
+
+
+def test_relative_root_and_a_vm_name_in_a_captured_tree(tmp_path):
+    """--root given relative to the working directory; the QEMU named by its -name in the tree's
+    proc/PID/cmdline (the capture has no exe links: the command line says it is QEMU); a process of the
+    tree that is not QEMU is refused."""
+    cp = virtopt("doctor", "--root", "baseline", "--vm", "capture", "--interval", "0", "--check", "threads",
+                 "--output=json", cwd=FIX)
+    assert cp.returncode == 0, cp.stderr
+    data = json.loads(cp.stdout)
+    assert data["pid"] == qemu_pid(FIX / "baseline")
+    assert data["checks"][0]["verdict"] == "ok" and len(data["checks"][0]["found"]["threads"]) == 7
+    root = copy_scenario("baseline", tmp_path)
+    (root / "proc/4242").mkdir()
+    (root / "proc/4242/comm").write_text("sleep\n")
+    (root / "proc/4242/cmdline").write_bytes(b"/usr/bin/sleep\x00300\x00")
+    cp = virtopt("doctor", "--root", "baseline", "--vm", "4242", "--interval", "0", cwd=tmp_path)
+    assert cp.returncode == 1 and cp.stderr == "virtopt: process 4242 is not QEMU (sleep, /usr/bin/sleep)\n"

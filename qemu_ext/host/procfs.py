@@ -25,10 +25,15 @@ def path(root: str, rel: str) -> str:
 
 def read_text(root: str, rel: str, limit: int = MAX_READ) -> str:
     """The text of one file under root, at most ``limit`` bytes (ValueError beyond)."""
-    with open(path(root, rel), "rb") as f:
+    return read_file(path(root, rel), limit)
+
+
+def read_file(file: str, limit: int = MAX_READ) -> str:
+    """The text of one file (a path already under its root), at most ``limit`` bytes (ValueError beyond)."""
+    with open(file, "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:
-        raise ValueError(f"{path(root, rel)} is larger than {limit} bytes")
+        raise ValueError(f"{file} is larger than {limit} bytes")
     return data.decode("utf-8", errors="replace")
 
 
@@ -402,7 +407,7 @@ def exists_process(pid: int, root: str = "/") -> bool:
 
 def comm(pid: int, tid: Optional[int] = None, root: str = "/") -> str:
     """The thread (or process) name, as QEMU sets it with -name NAME,debug-threads=on ("CPU 0/KVM")."""
-    return read_text("/", proc_path(pid, "comm", tid, root)).rstrip("\n")
+    return read_file(proc_path(pid, "comm", tid, root)).rstrip("\n")
 
 
 def tids(pid: int, root: str = "/") -> list[int]:
@@ -419,7 +424,7 @@ def parse_stat(text: str) -> list[str]:
 
 
 def task_stat(pid: int, tid: int, root: str = "/") -> list[str]:
-    return parse_stat(read_text("/", proc_path(pid, "stat", tid, root)))
+    return parse_stat(read_file(proc_path(pid, "stat", tid, root)))
 
 
 def last_cpu(stat: list[str]) -> Optional[int]:
@@ -429,7 +434,7 @@ def last_cpu(stat: list[str]) -> Optional[int]:
 
 def status(pid: int, tid: Optional[int] = None, root: str = "/") -> dict[str, str]:
     out: dict[str, str] = {}
-    for line in read_text("/", proc_path(pid, "status", tid, root)).splitlines():
+    for line in read_file(proc_path(pid, "status", tid, root)).splitlines():
         k, _, v = line.partition(":")
         out[k.strip()] = v.strip()
     return out
@@ -501,7 +506,7 @@ class Mapping:
 
 def maps(pid: int, root: str = "/") -> list[Mapping]:
     out: list[Mapping] = []
-    for line in read_text("/", proc_path(pid, "maps", root=root), limit=256 << 20).splitlines():
+    for line in read_file(proc_path(pid, "maps", root=root), limit=256 << 20).splitlines():
         parts = line.split(None, 5)
         if len(parts) < 5 or "-" not in parts[0]:
             continue
@@ -534,7 +539,7 @@ class Syscall:
 
 def task_syscall(pid: int, tid: int, root: str = "/") -> Optional[Syscall]:
     """None when the thread is running (the kernel says "running") or the line does not parse."""
-    fields = read_text("/", proc_path(pid, "syscall", tid, root)).split()
+    fields = read_file(proc_path(pid, "syscall", tid, root)).split()
     if not fields or not fields[0].lstrip("-").isdigit():
         return None
     try:
@@ -546,9 +551,9 @@ def task_syscall(pid: int, tid: int, root: str = "/") -> Optional[Syscall]:
 def smaps_rollup(pid: int, root: str = "/") -> dict[str, int]:
     """smaps_rollup in bytes; falls back to summing smaps (kernels before 4.14)."""
     try:
-        return kb_fields(read_text("/", proc_path(pid, "smaps_rollup", root=root)))
+        return kb_fields(read_file(proc_path(pid, "smaps_rollup", root=root)))
     except FileNotFoundError:
-        return kb_fields(read_text("/", proc_path(pid, "smaps", root=root), limit=256 << 20))
+        return kb_fields(read_file(proc_path(pid, "smaps", root=root), limit=256 << 20))
 
 
 def kb_fields(text: str) -> dict[str, int]:
