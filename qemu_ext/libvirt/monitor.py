@@ -55,6 +55,7 @@ class DomainMonitor:
         """Open the domain (running), learn QEMU's version from libvirt (no monitor command: no taint)."""
         from qemu_ext.libvirt import domain as lvdomain
 
+        self.close()  # a reconnect (the shell after the domain restarted) starts afresh
         try:
             self._conn, self._dom = lvconn.open_domain(self.domain_name, self.uri)
         except QemuError as exc:
