@@ -1,7 +1,23 @@
-"""Drive gdb through pygdbmi: attach to a pid, source the virtopt pack, run commands, detach.
+"""Drive gdb for `virtopt gdb`: attach to a live QEMU (or open a core), source the virtopt pack, run
+commands, detach, and never harm QEMU on the way.
 
-gdb only reads (and for `trace`, writes) QEMU's memory; it never calls into the process,
-and it always detaches (QEMU keeps running) — also when a command fails or times out.
+The order keeps QEMU's pause short: gdb reads the executable's symbols and loads the pack while QEMU
+runs; only then does it attach (QEMU stops), run the commands and detach (QEMU runs again). The pause,
+from the attach request to the detach answer, is measured and returned (``paused_seconds``).
+
+Safety (issue 12, "never harm the inspected QEMU"):
+- gdb runs in its own session (qemu_ext.gdbmi.mi): a terminal's Ctrl-C, SIGHUP or SIGTSTP never
+  reaches it, so it never forwards a signal to QEMU (gdb's SIGINT during an attach kills QEMU).
+- SIGINT, SIGTERM and SIGHUP to virtopt (``guard_signals``): an attach in progress completes, a
+  running command is interrupted (SIGINT to gdb alone, only once QEMU is stopped under gdb, where gdb
+  turns it into a KeyboardInterrupt of the Python command), gdb detaches, and ``Interrupted`` is
+  raised. A third signal gives up on gdb: it is killed and QEMU resumed. SIGTSTP waits for the detach.
+- Every exit path detaches (``close`` runs in ``finally``); a command that does not answer within
+  the timeout is interrupted, then gdb is killed and QEMU resumed.
+- A watchdog process (qemu_ext.gdbmi.watchdog) covers the death of virtopt itself (SIGKILL).
+- After every session QEMU is checked: left stopped (T) by us, it gets SIGCONT.
+- Commands that would let QEMU run under gdb or end the session are refused before gdb starts; on a
+  core, so are the commands that write QEMU's memory.
 """
 
 from __future__ import annotations
@@ -9,18 +25,35 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
-from qemu_ext.errors import NotAvailableError, QemuError, VirtoptError
+from qemu_ext.errors import BadInputError, NotAvailableError, QemuError, VirtoptError
+
+#: what the pack prints instead of JSON when virtopt-json-dir is set (large JSON through MI is slow)
+JSON_MARKER = "@virtopt-json-file "
 
 #: first words that are virtopt gdb commands (so `-c threads` means `virtopt threads`)
-JSON_MARKER = "@virtopt-json-file "  # what the pack prints instead of JSON when virtopt-json-dir is set
-VIRTOPT_COMMANDS = ("info", "threads", "vcpus", "mtree", "timers", "trace", "qcow2", "coroutines")
+VIRTOPT_COMMANDS = ("info", "threads", "vcpus", "mtree", "timers", "trace", "qcow2", "coroutines", "block")
+#: virtopt words that are gdb commands too: virtopt's only when followed by nothing, options, or these
+SHARED_WORDS: dict[str, tuple[str, ...]] = {"info": (), "trace": ("list", "enable", "disable")}
+#: virtopt commands that write QEMU's memory (refused on a core)
+WRITE_COMMANDS = ("virtopt trace enable", "virtopt trace disable")
+#: gdb commands (and their abbreviations) that resume, kill or signal QEMU, or end or switch the session
+RUN_CONTROL = frozenset((
+    "run r start starti continue c cont fg next n step s stepi si nexti ni until u advance finish fin "
+    "jump j signal queue-signal kill k attach detach disconnect quit q exit target file exec-file "
+    "symbol-file core-file core-file core checkpoint restart record rec reverse-continue rc "
+    "reverse-step rs reverse-next rn").split())
+
+GRACE_SECONDS = 5.0  # for gdb to answer after being interrupted, before it is killed
 
 
 def pack_path() -> Path:
@@ -66,34 +99,181 @@ class GdbResult:
 def error_for(message: str) -> VirtoptError:
     """The VirtoptError (and so the exit code) matching a gdb error line."""
     low = message.lower()
-    if "needs qemu's debug info" in low or "is not qemu" in low or " needs " in low or "not available" in low:
+    if ("needs qemu's debug info" in low or " needs " in low or "not available" in low
+            or "core file: nothing to change" in low):
         return NotAvailableError(message)
     return QemuError(message)
 
 
+# ---------------------------------------------------------------- commands
+
+
 def normalize(command: str) -> str:
-    """`threads --json` -> `virtopt threads --json`; anything else is passed to gdb as is."""
+    """`threads --json` -> `virtopt threads --json`; gdb's own commands (`info registers rip`,
+    `trace LOCATION`, `bt`) are passed to gdb as is."""
     c = command.strip()
-    first = c.split(None, 1)[0] if c else ""
-    return f"virtopt {c}" if first in VIRTOPT_COMMANDS else c
+    words = c.split()
+    if not words or words[0] not in VIRTOPT_COMMANDS:
+        return c
+    if words[0] in SHARED_WORDS:
+        nxt = words[1] if len(words) > 1 else ""
+        if nxt and not nxt.startswith("-") and nxt not in SHARED_WORDS[words[0]]:
+            return c
+    return f"virtopt {c}"
 
 
-def _mi_quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
+def refusal(command: str, core: bool) -> Optional[VirtoptError]:
+    """Why virtopt will not send ``command`` to gdb (None when it will)."""
+    c = normalize(command)
+    words = c.split()
+    first = words[0] if words else ""
+    if first in RUN_CONTROL:
+        return NotAvailableError(
+            f"{first!r} is not run by virtopt gdb: it would resume, signal or leave QEMU under gdb, or end the "
+            "session; virtopt gdb only inspects (use gdb -p PID for that)")
+    if core and any(c == w or c.startswith(w + " ") for w in WRITE_COMMANDS):
+        return NotAvailableError(f"{' '.join(words[:3])} changes a running QEMU's memory; a core file has no QEMU "
+                                 "to change")
+    return None
+
+
+# ---------------------------------------------------------------- results
+
+
+class Interrupted(VirtoptError):
+    """A signal asked virtopt to stop; gdb detached (or never attached) and QEMU runs on."""
+
+    def __init__(self, signum: int, pid: Optional[int], attached: bool, paused: Optional[float],
+                 qemu_running: Optional[bool]) -> None:
+        self.signum = signum
+        self.signame = signal.Signals(signum).name
+        self.pid = pid
+        self.attached = attached
+        self.paused_seconds = paused
+        self.qemu_running = qemu_running
+        where = f"QEMU {pid}" if pid else "the core"
+        super().__init__(f"interrupted by {self.signame} ({where}: gdb {'detached' if attached else 'not attached'})",
+                         exit_code=128 + signum)
+
+
+@dataclass
+class GdbRun:
+    """One `virtopt gdb` run: the target, each command's result, how long QEMU was paused."""
+
+    pid: Optional[int]
+    core: Optional[str]
+    exe: Optional[str]
+    build_id: Optional[str]
+    results: list[GdbResult]
+    paused_seconds: Optional[float]  # None for a core
+    resumed: bool = False  # QEMU was left stopped and virtopt sent it SIGCONT
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pid": self.pid, "core": self.core, "exe": self.exe, "build-id": self.build_id,
+                "paused-seconds": None if self.paused_seconds is None else round(self.paused_seconds, 4),
+                "resumed": self.resumed, "commands": [r.to_dict() for r in self.results]}
+
+
+# ---------------------------------------------------------------- targets
+
+
+def live_exe(pid: int) -> str:
+    """The path gdb should read QEMU's symbols from: the executable's path when that file is still
+    the one running, else /proc/PID/exe (a binary replaced or deleted since QEMU started)."""
+    from qemu_ext.host import procfs
+
+    link = procfs.proc_path(pid, "exe")
+    try:
+        path = os.readlink(link)
+        if os.path.isabs(path) and os.path.samestat(os.stat(path), os.stat(link)):
+            return path
+    except OSError:
+        pass
+    return link
+
+
+def _exe_build_id(path: str) -> Optional[str]:
+    from qemu_ext.gdbmi import elfsyms
+
+    return elfsyms.build_id(path)
+
+
+def check_core_exe(core: str, exe: Optional[str]) -> tuple[str, Optional[str], Any]:
+    """The executable to open a core with (given, else the one the core names) and its build-id;
+    one line when it is missing, not QEMU, or not the binary that made the core."""
+    from qemu_ext.gdbmi import corefile
+    from qemu_ext.host import procfs
+
+    info = corefile.read_core(core)
+    if exe is None:
+        if not info.exe:
+            raise BadInputError(f"{core}: the core does not name its executable: give the QEMU that made it with --exe")
+        exe = info.exe
+        if not os.path.exists(exe):
+            raise BadInputError(f"cannot open {exe}: No such file or directory (the executable {core} names): "
+                                "give the QEMU that made the core with --exe")
+    if info.exe and not procfs.is_qemu_executable(info.exe):
+        raise VirtoptError(f"{core} is not a core of QEMU ({info.fname or '?'}, {info.exe})")
+    bid = _exe_build_id(exe)
+    if info.build_id and bid != info.build_id:
+        raise BadInputError(f"{exe} is not the QEMU that made {core}: build-id {bid or 'none'} != "
+                            f"{info.build_id} (the core's {info.exe}); give the matching binary with --exe")
+    return exe, bid or info.build_id, info
+
+
+def check_live_exe(pid: int, exe: Optional[str]) -> tuple[str, Optional[str]]:
+    """The executable to read QEMU pid's symbols from and its build-id; a given one must match."""
+    from qemu_ext.host import procfs
+
+    running = live_exe(pid)
+    try:
+        bid_running = _exe_build_id(procfs.proc_path(pid, "exe"))
+    except BadInputError:
+        bid_running = None  # not readable (another user's QEMU): gdb will say whether it may attach
+    if exe is None:
+        return running, bid_running
+    bid = _exe_build_id(exe)
+    if bid_running is not None and bid != bid_running:
+        raise BadInputError(f"{exe} is not the executable of QEMU {pid}: build-id {bid or 'none'} != {bid_running} "
+                            f"({os.readlink(procfs.proc_path(pid, 'exe'))}); leave --exe out or give the matching "
+                            "binary")
+    return exe, bid
+
+
+# ---------------------------------------------------------------- the session
 
 
 @dataclass
 class GdbSession:
-    """One gdb attached to pid with the virtopt pack loaded. Use as a context manager."""
+    """One gdb with the virtopt pack loaded, attached to QEMU ``pid`` or holding ``core``.
+    Use as a context manager (it always detaches)."""
 
-    pid: int
+    pid: Optional[int] = None
     gdb: str = "gdb"
     timeout: float = 30.0
     pack: Optional[Path] = None
-    _ctl: Any = None
-    _token: int = 100
-    _json_dir: Optional[str] = None
+    core: Optional[str] = None
+    exe: Optional[str] = None
+    build_id: Optional[str] = None
+    paused_seconds: Optional[float] = None
+    attached: bool = False
+    resumed: bool = False
     log: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._mi: Any = None
+        self._watchdog: Any = None
+        self._qemu: Any = None
+        self._json_dir: Optional[str] = None
+        self._attach_t0: Optional[float] = None
+        self._phase = "idle"  # idle, setup, attach, command, detach, closed
+        self._stop_requests: list[int] = []
+        self._stop_seen = 0
+        self._wake_r: Optional[int] = None
+        self._wake_w: Optional[int] = None
+        self._forced = False
+
+    # -- lifecycle
 
     def __enter__(self) -> GdbSession:
         self.start()
@@ -102,75 +282,216 @@ class GdbSession:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def stop_signal(self) -> Optional[int]:
+        """The first signal that asked this session to stop, if any."""
+        return self._stop_requests[0] if self._stop_requests else None
+
+    def request_stop(self, signum: int) -> None:
+        """Ask the session to stop (safe to call from a signal handler): see the module docstring."""
+        self._stop_requests.append(signum)
+        if self._wake_w is not None:
+            try:
+                os.write(self._wake_w, b"!")
+            except OSError:
+                pass
+
     def start(self) -> None:
-        if self.pid <= 0:
-            raise QemuError(f"not a process id: {self.pid}")
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            raise QemuError(f"no process with pid {self.pid}") from None
-        except PermissionError:
-            pass  # gdb will say whether it may attach
-        exe = shutil.which(self.gdb)
-        if exe is None:
+        if (self.pid is None) == (self.core is None):
+            raise VirtoptError("give a QEMU process or a core file", exit_code=2)
+        exe_gdb = shutil.which(self.gdb)
+        if exe_gdb is None:
             raise NotAvailableError(f"{self.gdb} not found: apt-get install gdb")
-        try:
-            from pygdbmi.gdbcontroller import GdbController
-        except ImportError as exc:
-            raise NotAvailableError("pygdbmi is not installed: pip install pygdbmi") from exc
+        if self.core is not None:
+            self.exe, self.build_id, _info = check_core_exe(self.core, self.exe)
+        else:
+            from qemu_ext.gdbmi import watchdog
+            from qemu_ext.host.target import require_qemu
+
+            require_qemu(self.pid)  # type: ignore[arg-type]
+            self.exe, self.build_id = check_live_exe(self.pid, self.exe)  # type: ignore[arg-type]
+            self._qemu = watchdog.ProcessId.of(self.pid)  # type: ignore[arg-type]
+            if self._qemu is None:
+                from qemu_ext import errors
+
+                raise errors.no_process(self.pid)  # type: ignore[arg-type]
         pack = self.pack or pack_path()
-        self._ctl = GdbController(command=[exe, "-q", "-nx", "--interpreter=mi3"],
-                                  time_to_check_for_additional_output_sec=0.005)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            res = self.mi(f"-target-attach {self.pid}")
-            if not res.ok:
-                raise QemuError(f"gdb cannot attach to pid {self.pid}: {res.error}")
-            res = self.console(f"source {pack}")
-            if not res.ok or "did not load" in res.output:
-                raise QemuError(f"the virtopt gdb pack did not load: {res.error or res.output.strip()}")
-            # large JSON through MI console records is slow: let the pack hand it over in files
-            self._json_dir = tempfile.mkdtemp(prefix="virtopt-gdb-")
-            self.console(f"set virtopt-json-dir {self._json_dir}")
+            self._start(exe_gdb, pack)
         except BaseException:
             self.close()
             raise
 
+    def _start(self, exe_gdb: str, pack: Path) -> None:
+        from qemu_ext.gdbmi import mi
+
+        self._phase = "setup"
+        if self.core is None:
+            from qemu_ext.gdbmi import watchdog
+
+            self._watchdog = watchdog.Watchdog(self._qemu, grace=min(self.timeout, 10.0))
+        self._mi = mi.MiProcess(exe_gdb, ["-iex", "set debuginfod enabled off"])
+        self._mi.on_record = self.log.append
+        if self._watchdog is not None:
+            self._watchdog.gdb_started(self._mi.pid)
+        # while QEMU runs: symbols of the executable, the pack, the JSON directory
+        self._expect_ok(f"-file-exec-and-symbols {mi.mi_quote(self.exe or '')}", "gdb cannot read the symbols of")
+        ans = self._exchange(f"-interpreter-exec console {mi.mi_quote(f'source {pack}')}")
+        said = "".join(r.text for r in ans.records if r.kind in ("console", "log")).strip()
+        if not ans.ok or "did not load" in said:
+            raise QemuError(f"the virtopt gdb pack did not load: {ans.message or said.splitlines()[-1]}")
+        self._json_dir = tempfile.mkdtemp(prefix="virtopt-gdb-")
+        self.console(f"set virtopt-json-dir {self._json_dir}")
+        if self.core is not None:
+            ans = self._exchange(f"-interpreter-exec console {mi.mi_quote('core-file ' + self.core)}")
+            if not ans.ok:
+                raise BadInputError(f"gdb cannot open the core {self.core}: {ans.message}")
+            self._phase = "command"
+            return
+        if self._stop_requests:
+            return  # asked to stop before QEMU was touched: never attach
+        self._phase = "attach"
+        self._watchdog.attaching()
+        self._attach_t0 = time.monotonic()
+        ans = self._exchange(f"-target-attach {self.pid}")
+        if not ans.ok:
+            raise QemuError(f"gdb cannot attach to QEMU {self.pid}: {ans.message}"
+                            + (" (see /proc/sys/kernel/yama/ptrace_scope)" if "not permitted" in (ans.message or "")
+                               else ""))
+        self.attached = True
+        # gdb reads the next command once the attach is complete (QEMU stopped, libraries loaded)
+        self._exchange("-gdb-show confirm")
+        self._phase = "command"
+        self._watchdog.commands()
+
+    def _expect_ok(self, command: str, what: str) -> None:
+        ans = self._exchange(command)
+        if not ans.ok:
+            raise QemuError(f"{what} {self.exe}: {ans.message}")
+
+    def close(self) -> None:
+        """Detach (QEMU runs on), end gdb, check QEMU is not left stopped, end the watchdog."""
+        if self._phase == "closed":
+            return
+        try:
+            self._close_gdb()
+        finally:
+            self._phase = "closed"
+            if self._qemu is not None and self.attached:
+                from qemu_ext.gdbmi import watchdog
+
+                self.resumed = watchdog.resume_if_left_stopped(
+                    self._qemu, self._watchdog.was_stopped if self._watchdog else False,
+                    settle=0.5 if self._forced else 0.0) or self.resumed
+            if self._watchdog is not None:
+                self._watchdog.done()
+                self._watchdog = None
+            if self._json_dir:
+                shutil.rmtree(self._json_dir, ignore_errors=True)
+                self._json_dir = None
+            for fd in (self._wake_r, self._wake_w):
+                if fd is not None:
+                    os.close(fd)
+            self._wake_r = self._wake_w = None
+
+    def _close_gdb(self) -> None:
+        from qemu_ext.gdbmi import mi
+
+        m = self._mi
+        if m is None:
+            return
+        try:
+            if self.attached and m.alive() and not self._forced:
+                self._phase = "detach"
+                if self._watchdog is not None:
+                    self._watchdog.detaching()
+                try:
+                    self._exchange("-target-detach")
+                    self._paused_until(time.monotonic())
+                    if self._watchdog is not None:
+                        self._watchdog.detached()
+                except (VirtoptError, mi.MiError):
+                    self._give_up()
+            if m.alive() and not self._forced:
+                try:
+                    m.send("-gdb-exit")
+                except mi.MiError:
+                    pass
+        finally:
+            self._paused_until(time.monotonic())
+            m.close()
+            self._mi = None
+
+    def _paused_until(self, t: float) -> None:
+        if self._attach_t0 is not None and self.paused_seconds is None:
+            self.paused_seconds = t - self._attach_t0
+
+    def _give_up(self) -> None:
+        """gdb does not answer: kill it (the kernel detaches QEMU); close() then resumes QEMU."""
+        self._forced = True
+        self._paused_until(time.monotonic())
+        if self._mi is not None:
+            self._mi.kill()
+
+    # -- talking to gdb
+
+    def _safe_to_interrupt(self) -> bool:
+        """SIGINT to gdb is safe only while QEMU is stopped under gdb and gdb runs a command."""
+        return self._phase == "command" and self.attached and self._mi is not None and not self._mi.running
+
+    def _exchange(self, command: str, timeout: Optional[float] = None) -> Any:
+        from qemu_ext.gdbmi import mi
+
+        if self._mi is None or self._forced:
+            raise QemuError("gdb is not running")
+        limit = timeout or self.timeout
+        token = self._mi.send(command)
+        deadline = time.monotonic() + limit
+        interrupted = False
+        while True:
+            try:
+                return self._mi.wait_result(token, deadline, command, self._wake_r,
+                                            lambda: len(self._stop_requests) > self._stop_seen)
+            except mi.MiInterrupted:
+                self._stop_seen = len(self._stop_requests)
+                if self._phase == "setup":  # QEMU not touched yet: just end gdb
+                    self._forced = True
+                    self._mi.kill()
+                    raise QemuError("stopped before gdb attached") from None
+                if len(self._stop_requests) >= 3:
+                    self._give_up()  # the user insists: do not wait for gdb any longer
+                    raise QemuError(f"gdb abandoned while running {command!r}") from None
+                if not interrupted and self._safe_to_interrupt():
+                    self._mi.interrupt()
+                    interrupted = True
+                    deadline = min(deadline, time.monotonic() + GRACE_SECONDS)
+            except mi.MiTimeout:
+                if not interrupted and self._safe_to_interrupt():
+                    self._mi.interrupt()
+                    interrupted = True
+                    deadline = time.monotonic() + GRACE_SECONDS
+                    continue
+                self._give_up()
+                raise QemuError(f"gdb did not answer {command!r} within {limit:.0f} s") from None
+            except mi.MiError:
+                self._forced = True
+                self._paused_until(time.monotonic())
+                raise QemuError(f"gdb exited while running {command!r}") from None
+
     def mi(self, command: str, timeout: Optional[float] = None) -> GdbResult:
         """Send one MI command and wait for its result record; console output is collected."""
-        if self._ctl is None:
-            raise QemuError("gdb is not running")
-        self._token += 1
-        token = self._token
-        t0 = time.monotonic()
-        deadline = t0 + (timeout or self.timeout)
-        self._ctl.write(f"{token}{command}", read_response=False)
-        out: list[str] = []
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise QemuError(f"gdb did not answer {command!r} within {timeout or self.timeout:.0f} s")
-            try:
-                records = self._ctl.get_gdb_response(timeout_sec=min(left, 0.5), raise_error_on_timeout=False)
-            except Exception as exc:  # gdb died (pygdbmi raises on a closed pipe)
-                raise QemuError(f"gdb stopped while running {command!r}: {exc}") from exc
-            for r in records:
-                self.log.append(r)
-                if r.get("type") == "console" and r.get("payload") is not None:
-                    out.append(r["payload"])
-                elif r.get("type") == "result" and r.get("token") == token:
-                    ok = r.get("message") != "error"
-                    err = None
-                    if not ok:
-                        payload = r.get("payload") or {}
-                        err = payload.get("msg") if isinstance(payload, dict) else str(payload)
-                        err = "; ".join(ln.strip() for ln in str(err).splitlines() if ln.strip())
-                    return GdbResult(command, ok, "".join(out), err, time.monotonic() - t0)
-            if self._ctl.gdb_process.poll() is not None:
-                raise QemuError(f"gdb exited while running {command!r}")
+        ans = self._exchange(command, timeout)
+        err = None
+        if not ans.ok:
+            err = "; ".join(ln.strip() for ln in str(ans.message).splitlines() if ln.strip())
+        return GdbResult(command, ans.ok, ans.console, err, ans.seconds)
 
     def console(self, command: str, timeout: Optional[float] = None) -> GdbResult:
         """Run a CLI command (e.g. `virtopt threads --json`) and return what it printed."""
-        res = self.mi(f"-interpreter-exec console {_mi_quote(command)}", timeout)
+        from qemu_ext.gdbmi import mi
+
+        res = self.mi(f"-interpreter-exec console {mi.mi_quote(command)}", timeout)
         res.command = command
         if self._json_dir and JSON_MARKER in res.output:
             res.output = self._take_json_files(res.output)
@@ -192,37 +513,87 @@ class GdbSession:
         return "".join(parts)
 
     def run(self, command: str, timeout: Optional[float] = None) -> GdbResult:
+        """A virtopt command (`threads --json`) or a gdb command, refused when it would resume or
+        signal QEMU (or, on a core, write memory)."""
+        why = refusal(command, self.core is not None)
+        if why is not None:
+            return GdbResult(normalize(command), False, "", str(why))
         return self.console(normalize(command), timeout)
 
-    def close(self) -> None:
-        if self._json_dir:
-            shutil.rmtree(self._json_dir, ignore_errors=True)
-            self._json_dir = None
-        ctl, self._ctl = self._ctl, None
-        if ctl is None:
-            return
+    def describe(self) -> GdbRun:
+        return GdbRun(self.pid, self.core, self.exe, self.build_id, [], self.paused_seconds, self.resumed)
+
+
+# ---------------------------------------------------------------- signals
+
+
+@contextmanager
+def guard_signals(session: GdbSession) -> Iterator[None]:
+    """While the block runs, SIGINT/SIGTERM/SIGHUP ask ``session`` to stop (it detaches first) and
+    SIGTSTP waits until the block ends. Only in the main thread (elsewhere signals are not ours)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    deferred: list[int] = []
+    wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.signal(s, lambda signum, _frame: session.request_stop(signum)) for s in wanted}
+    old[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, lambda signum, _frame: deferred.append(signum))
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if deferred and old[signal.SIGTSTP] in (signal.SIG_DFL, None):
+            os.kill(os.getpid(), signal.SIGTSTP)  # QEMU runs again: now the shell may stop us
+
+
+def _qemu_running(pid: Optional[int]) -> Optional[bool]:
+    if pid is None:
+        return None
+    from qemu_ext.gdbmi import watchdog
+
+    st = watchdog.states(pid)
+    return bool(st) and not any(s in ("t", "T", "Z", "X") for s in st.values())
+
+
+def run(commands: Sequence[str], pid: Optional[int] = None, core: Optional[str] = None, exe: Optional[str] = None,
+        gdb: str = "gdb", timeout: float = 30.0, handle_signals: bool = True) -> GdbRun:
+    """Attach once (or open the core), run every command, detach. Commands gdb must not run are
+    refused before gdb starts; a signal ends the run with ``Interrupted`` after gdb detached."""
+    for c in commands:
+        why = refusal(c, core is not None)
+        if why is not None:
+            raise why
+    session = GdbSession(pid, gdb=gdb, timeout=timeout, core=core, exe=exe)
+    results: list[GdbResult] = []
+    guard = guard_signals(session) if handle_signals else _nothing()
+    with guard:
         try:
-            if ctl.gdb_process.poll() is None:
-                self._ctl = ctl
-                try:
-                    self.mi("-target-detach", timeout=10)
-                    ctl.write("-gdb-exit", read_response=False)
-                except VirtoptError:
-                    pass
-                finally:
-                    self._ctl = None
+            session.start()
+            for c in commands:
+                if session.stop_signal is not None:
+                    break
+                results.append(session.run(c))
+        except VirtoptError:
+            if session.stop_signal is None:
+                raise
         finally:
-            try:
-                ctl.gdb_process.wait(timeout=2)
-            except Exception:  # still running: exit() kills it
-                pass
-            ctl.exit()
+            session.close()
+    if session.stop_signal is not None:
+        raise Interrupted(session.stop_signal, pid, session.attached, session.paused_seconds, _qemu_running(pid))
+    out = session.describe()
+    out.results = results
+    return out
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 def run_commands(pid: int, commands: Sequence[str], gdb: str = "gdb", timeout: float = 30.0) -> list[GdbResult]:
     """Attach once, run every command (virtopt sub-commands or plain gdb commands), detach."""
-    with GdbSession(pid, gdb=gdb, timeout=timeout) as s:
-        return [s.run(c) for c in commands]
+    return run(commands, pid=pid, gdb=gdb, timeout=timeout).results
 
 
 def query(pid: int, command: str, *args: str, gdb: str = "gdb", timeout: float = 30.0) -> Any:

@@ -47,7 +47,7 @@ def read_symbols(
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
-        raise BadInputError(f"{path}: cannot open: {exc.strerror}") from exc
+        raise BadInputError(f"cannot open {path}: {exc.strerror}") from exc
     try:
         size = os.fstat(fd).st_size
         _check(size >= 64, path, "shorter than an ELF header")
@@ -107,3 +107,69 @@ def find_string(path: str, prefix: bytes, limit: int = 200) -> Optional[str]:
         if i >= 0:
             chunk = chunk[:i]
     return chunk.decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------- notes and build-ids
+
+PT_LOAD = 1
+PT_NOTE = 4
+NT_GNU_BUILD_ID = 3
+
+
+def iter_notes(data: bytes) -> list[tuple[bytes, int, bytes]]:
+    """(name, type, desc) of each ELF note in ``data`` (a PT_NOTE segment); stops at the first bad size."""
+    out = []
+    pos = 0
+    while pos + 12 <= len(data):
+        namesz, descsz, ntype = struct.unpack_from("<III", data, pos)
+        name_end = pos + 12 + namesz
+        desc_off = pos + 12 + ((namesz + 3) & ~3)
+        desc_end = desc_off + descsz
+        if name_end > len(data) or desc_end > len(data):
+            break
+        out.append((data[pos + 12:name_end].rstrip(b"\0"), ntype, data[desc_off:desc_end]))
+        pos = desc_off + ((descsz + 3) & ~3)
+    return out
+
+
+def program_headers(m: bytes | mmap.mmap, size: int, path: str) -> list[tuple[int, int, int, int, int, int]]:
+    """(type, flags, offset, vaddr, filesz, memsz) of each program header of a 64-bit little-endian ELF file,
+    checked against the file size."""
+    _check(size >= 64, path, "shorter than an ELF header")
+    _check(m[:4] == b"\x7fELF", path, "bad magic")
+    _check(m[4] == 2 and m[5] == 1, path, "only 64-bit little-endian ELF is supported")
+    (e_phoff,) = struct.unpack_from("<Q", m, 0x20)
+    e_phentsize, e_phnum = struct.unpack_from("<HH", m, 0x36)
+    if e_phnum == 0:
+        return []
+    _check(e_phentsize == 56 and e_phnum < 65535, path, "bad program header table")
+    _check(e_phoff + e_phnum * 56 <= size, path, "program headers beyond the end of the file")
+    out = []
+    for i in range(e_phnum):
+        p_type, p_flags, p_offset, p_vaddr, _paddr, p_filesz, p_memsz, _align = struct.unpack_from(
+            "<IIQQQQQQ", m, e_phoff + i * 56)
+        out.append((p_type, p_flags, p_offset, p_vaddr, p_filesz, p_memsz))
+    return out
+
+
+def build_id(path: str) -> Optional[str]:
+    """The GNU build-id (hex) of an ELF file, from its PT_NOTE segments; None when it has none.
+    Raises BadInputError for a file that cannot be opened or is not a usable ELF file."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise BadInputError(f"cannot open {path}: {exc.strerror}") from exc
+    try:
+        size = os.fstat(fd).st_size
+        _check(size >= 64, path, "shorter than an ELF header")
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
+            for p_type, _fl, off, _va, filesz, _ms in program_headers(m, size, path):
+                if p_type != PT_NOTE:
+                    continue
+                _check(off + filesz <= size, path, "note segment beyond the end of the file")
+                for name, ntype, desc in iter_notes(m[off:off + filesz]):
+                    if name == b"GNU" and ntype == NT_GNU_BUILD_ID and desc:
+                        return desc.hex()
+    finally:
+        os.close(fd)
+    return None
