@@ -73,3 +73,55 @@ def test_budget_decides_exact_or_sampled():
     small.feed(many)
     cv = small.curve()
     assert not cv.exact and cv.rate < 1.0 and small.slices <= small.limit
+
+
+def test_watch_an_hour_of_trace_in_bounded_memory():
+    """360 windows of 10 s (an hour) of QEMU-shaped L2 lookups (32 KiB slices of a 64 TiB disk:
+    a hot terabyte, reads anywhere, and a scan that keeps reaching new slices) through the watch
+    mode's Watcher with a
+    4 MiB budget: it turns to sampling, its state stays within the budget, the process's traced
+    memory does not grow from the 10th minute to the end, and the report covers the hour."""
+    import tracemalloc
+
+    from qemu_ext.l2cache import node as N
+    from qemu_ext.l2cache import options as O
+    from qemu_ext.l2cache import requests as R
+    from qemu_ext.l2cache import tune as T
+    from qemu_ext.l2cache import workloads as W
+
+    vsize, cs, entry = 64 << 40, 65536, 32768
+    g = R.Geometry(16, vsize)
+    cfg = O.resolve(cs, vsize, l2_cache_size=8 << 20, l2_cache_entry_size=entry)
+    info = N.NodeCache("disk0", "vm.qcow2", vsize, cs, False, "command line", {"l2-cache-size": 8 << 20}, cfg, "7.2",
+                       "-blockdev", False, "f0", None, None, O.full_coverage_size(cs, vsize))
+    budget = 4 << 20
+    wt = T.Watcher(info, 0.95, budget)
+    rng = np.random.default_rng(1)
+    t0 = 1_700_000_000.0
+    scan = 0
+    tracemalloc.start()
+    try:
+        mark = None
+        for k in range(360):
+            n = 5_000
+            hot = rng.integers(0, 1 << 28, n // 2) * 4096  # the first TiB: 4096 slices
+            anywhere = rng.integers(0, 1 << 34, n // 4) * 4096
+            lin = (scan + np.arange(n - n // 2 - n // 4, dtype=np.int64)) * (1 << 24) % vsize  # ever new slices
+            scan += len(lin)
+            guest = np.concatenate([hot, anywhere, lin])[rng.permutation(n)]
+            offs, _ = R.full_disk_l2_lookups(g, entry, guest, np.full(n, 4096))
+            tr = W.SliceTrace(offs, np.ones(n, bool), rng.random(n) < 0.5, np.full(n, -1, np.int32))
+            wt.add(T.Window(tr, 10.0, t0 + 10 * k, None, "simulated", []))
+            if k == 60:
+                mark = tracemalloc.get_traced_memory()[0]
+            if k % 60 == 59:
+                assert wt.state_bytes() <= budget
+        end = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    rep = wt.report()
+    assert rep["window"]["covered-seconds"] == 3600 and rep["window"]["windows"] == 360
+    assert rep["measured"]["lookups"] == 1_800_000
+    assert all(not s["exact"] and s["sampling-rate"] < 1 for s in rep["curves"])
+    assert rep["recommended"] is not None
+    assert mark is not None and end - mark < 2 << 20, (mark, end)

@@ -114,6 +114,36 @@ def test_ctrl_c_during_the_capture_turns_the_events_off(vmt):
     assert vmt.alive()
 
 
+def test_watch_updates_and_ctrl_c_prints_the_final_answer(vmt):
+    """recommend --watch: window after window (each capture file deleted once read), updates with
+    the time covered; Ctrl-C prints the final recommendation and the events are off."""
+    import glob
+    import os
+
+    before = set(glob.glob(os.path.join(os.environ.get("TMPDIR", "/tmp"), "virtopt-capture-*")))
+    with driving(vmt):
+        p = subprocess.Popen([sys.executable, "-m", "qemu_ext", "l2cache", "recommend", "--watch", "--qmp",
+                              str(vmt.qmp_path), "--node", "disk0", "--seconds", "0.5", "--target", "0.9"], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            updates = 0
+            assert p.stdout is not None
+            while updates < 3:
+                line = p.stdout.readline()
+                assert line, p.stderr.read() if p.stderr else ""
+                updates += line.startswith("node disk0: ")
+            p.send_signal(signal.SIGINT)
+            out, err = p.communicate(timeout=20)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert p.returncode == 0, err
+    assert "final: node disk0: " in out and "covered" in out and "smallest for a warm hit ratio of 90.0%" in out
+    assert not events_enabled(vmt)
+    assert set(glob.glob(os.path.join(os.environ.get("TMPDIR", "/tmp"), "virtopt-capture-*"))) <= before
+
+
 def test_an_error_inside_the_capture_turns_the_events_off(vmt):
     async def boom(s):
         states = await s.execute("trace-event-get-state", {"name": "qcow2_cache_get*"})

@@ -18,6 +18,7 @@ examples:
   virtopt l2cache curve --virtual-size 64T --pattern uniform --count 100000000 --max-memory 64M
   virtopt l2cache recommend disk.qcow2 --pattern hotset --working-set 20G --target 0.99
   virtopt l2cache tune /run/vm.qmp --node disk0 --seconds 10 --target 0.98 --apply
+  virtopt l2cache recommend --watch --qmp /run/vm.qmp --node disk0 --seconds 60 --max-memory 64M
 
 Without an image give --virtual-size (and --cluster-size, --extended-l2); --allocation says
 whether that bare disk is fully written (default) or fresh. Workload: --qemu-io FILE (qemu-io
@@ -322,6 +323,10 @@ def _cmd_curve(args: argparse.Namespace) -> int:
 
     if args.plot:
         check_plot_path(args.plot)
+    if args.watch:
+        from qemu_ext.l2cache.tune_cli import watch_command
+
+        return watch_command(args, "curve")
     progress = _setup()
     disk, settings, wl = _objects(args)
     res = sim.curve(disk, settings, wl, entry_sizes=args.entry_sizes, max_memory=args.max_memory,
@@ -378,6 +383,10 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     from qemu_ext.l2cache import sim
     from qemu_ext.output import print_json
 
+    if args.watch:
+        from qemu_ext.l2cache.tune_cli import watch_command
+
+        return watch_command(args, "recommend")
     progress = _setup()
     disk, settings, wl = _objects(args)
     res = sim.recommend(disk, settings, wl, target=args.target, max_memory=args.max_memory, progress=progress)
@@ -420,6 +429,9 @@ def register(sub: argparse._SubParsersAction, name: str, summary: str) -> None:
     pc.add_argument("--plot", metavar="FILE.png", help="write a PNG (else a terminal plot)")
     _target_option(pc, None)
     _memory_option(pc)
+    from qemu_ext.l2cache.tune_cli import add_watch_options
+
+    add_watch_options(pc, _number)
     pc.set_defaults(func=_cmd_curve)
 
     pr = s.add_parser("recommend", help="smallest l2-cache-size for a target hit ratio, and full coverage",
@@ -427,6 +439,7 @@ def register(sub: argparse._SubParsersAction, name: str, summary: str) -> None:
     _common(pr)
     _target_option(pr, 0.99)
     _memory_option(pr)
+    add_watch_options(pr, _number)
     pr.set_defaults(func=_cmd_recommend)
 
     from qemu_ext.l2cache import tune_cli

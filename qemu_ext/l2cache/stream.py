@@ -33,10 +33,10 @@ from qemu_ext.l2cache import curve as C
 
 HASH_BITS = 24
 HASH_SPACE = 1 << HASH_BITS
-# per distinct slice in exact mode: key (8), id (4), last use (8), live time (8), histogram (8),
-# one id-indexed scratch word (8), plus the sorted-array slack of the updates
-STATE_BYTES = 64
-HIST_BINS = 1 << 16
+# per distinct slice: key (8), id (4), hash (8), live time (8), histogram (8), and by id the last
+# use and the lookup count (16, with up to 1.5x spare ids between compactions and 1.25x growth)
+STATE_BYTES = 72
+HIST_BINS = 1 << 14  # the scaled histogram of sampled mode (and its folded copy): 2 x 128 KiB
 HEAVY_FACTOR = 16
 HEAVY_SHARE = 0.05
 DEFAULT_CHUNK = 1 << 17
@@ -168,7 +168,7 @@ class CurveStream:
         self.chunk = chunk or chunk_for_budget(max_memory)
         self.max_memory = max_memory
         if sample_slices is None and max_memory is not None:
-            state = max_memory - self.chunk * CHUNK_BYTES_PER_LOOKUP
+            state = max_memory - self.chunk * CHUNK_BYTES_PER_LOOKUP - 2 * 8 * HIST_BINS
             sample_slices = max(MIN_SAMPLE_SLICES, state // STATE_BYTES)
         self.limit = sample_slices  # None: unlimited (exact)
         self.t = 0  # positions fed to the exact engine (sampled lookups only, when sampling)
@@ -187,6 +187,8 @@ class CurveStream:
         self._bhist = np.zeros(0, np.float64)  # sampled: weight by scaled-distance bin, earlier rates
         self._bin = 1  # scaled distances per bin
         self._weight = 0.0  # sampled: total (rescaled) weight of the sampled references
+        self._pending: list[np.ndarray] = []  # lookups waiting for a full chunk
+        self._npending = 0
 
     # -- public ---------------------------------------------------------------------------------
     @property
@@ -203,16 +205,36 @@ class CurveStream:
                                           self._hist, self._bhist)))
 
     def feed(self, keys: np.ndarray) -> None:
+        """Add lookups. They are processed in chunks (small feeds wait in a buffer of at most one
+        chunk; curve() processes what waits); when sampling, only the sampled ones are kept."""
         keys = np.asarray(keys, dtype=I64)
-        s0 = 0
-        while s0 < len(keys):
-            # about half the slices held per chunk (as curve.stack_distances): the per-chunk cost
-            # grows with the slices held, the per-lookup cost with the log of the chunk length
-            c = min(self.chunk, max(MIN_CHUNK, 1 << max(0, self.slices.bit_length() - 1)))
-            self._feed_chunk(keys[s0 : s0 + c])
-            s0 += c
+        self.lookups += len(keys)
+        if not self.exact:
+            keys = keys[slice_hash(keys) < self.threshold]
+        if len(keys):
+            self._pending.append(keys)
+            self._npending += len(keys)
+        while self._npending >= self._chunk_len():
+            self._run(self._chunk_len())
+
+    def flush(self) -> None:
+        while self._npending:
+            self._run(self._chunk_len())
+
+    def _chunk_len(self) -> int:
+        # about half the slices held per chunk (as curve.stack_distances): the per-chunk cost
+        # grows with the slices held, the per-lookup cost with the log of the chunk length
+        return min(self.chunk, max(MIN_CHUNK, 1 << max(0, self.slices.bit_length() - 1)))
+
+    def _run(self, c: int) -> None:
+        allk = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
+        part, rest = allk[:c], allk[c:]
+        self._pending = [rest] if len(rest) else []
+        self._npending = len(rest)
+        self._feed_chunk(part)
 
     def curve(self, adjust: bool = True) -> StreamCurve:
+        self.flush()
         if self.exact:
             n = max(1, int(self._cold))
             h = self._hist[:n]
@@ -244,7 +266,6 @@ class CurveStream:
 
     # -- internals --------------------------------------------------------------------------------
     def _feed_chunk(self, keys: np.ndarray) -> None:
-        self.lookups += len(keys)
         if self.exact and self.limit is not None and self.slices + len(keys) > self.limit:
             # might outgrow the budget with this chunk: count what is new first
             new = self._new_keys(keys)
@@ -319,7 +340,7 @@ class CurveStream:
             self._last[gone_ids] = -1
             self._cnt[gone_ids] = 0
         self._keys, self._kid, self._khash = self._keys[keep], self._kid[keep], self._khash[keep]
-        if self._nid > 4 * max(1, len(self._keys)) + (1 << 16):
+        if self._nid > 3 * max(1024, len(self._keys)) // 2:
             self._compact_ids()
 
     def _compact_ids(self) -> None:
@@ -346,7 +367,7 @@ class CurveStream:
         ids_new = np.arange(self._nid, self._nid + len(nu), dtype=I32)
         self._nid += len(nu)
         if self._nid > len(self._last):
-            extra = max(self._nid, 2 * len(self._last)) - len(self._last)
+            extra = max(self._nid, len(self._last) * 5 // 4) - len(self._last)
             self._last = np.concatenate([self._last, np.full(extra, -1, I64)])
             self._cnt = np.concatenate([self._cnt, np.zeros(extra, I64)])
         ins = pos[~found]

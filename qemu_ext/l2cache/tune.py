@@ -346,7 +346,7 @@ class Watcher:
             self.slice_size = t.slice_size or self.info.config.l2_cache_entry_size
             sizes = [e for e in sim.default_entry_sizes(self.info.cluster_size) if e >= self.slice_size]
             sizes = sizes or [self.info.cluster_size]
-            budget = None if self.max_memory is None else max(1 << 20, self.max_memory // len(sizes))
+            budget = None if self.max_memory is None else self.max_memory // len(sizes)
             self.streams = {e: S.CurveStream(max_memory=budget) for e in sizes}
             wl = sim.WorkloadSpec(slice_trace=t)
             self.skipped = [{"l2-cache-entry-size": e, "reason": why}

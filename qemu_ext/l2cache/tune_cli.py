@@ -195,14 +195,16 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _watch(s: Any, args: argparse.Namespace) -> int:
+def _watch(s: Any, args: argparse.Namespace, kind: str = "tune") -> int:
+    """--watch: window after window until Ctrl-C, then the final answer (curve, recommend or tune's)."""
     from qemu_ext.l2cache import node as N
     from qemu_ext.l2cache import tune as T
-    from qemu_ext.l2cache.sim import strip_private
+    from qemu_ext.l2cache.sim import recommendation, strip_private
     from qemu_ext.output import dumps_json
 
     infos = s.call(N.node_caches, args.node)
-    wt = T.Watcher(infos[0], args.target, args.max_memory)
+    target = args.target if args.target is not None else 0.99
+    wt = T.Watcher(infos[0], target, args.max_memory)
 
     def update(rep: dict[str, Any]) -> None:
         if args.output == "json":
@@ -211,16 +213,55 @@ def _watch(s: Any, args: argparse.Namespace) -> int:
             print(render_watch(rep), flush=True)
 
     try:
-        s.call(T.watch, args.node, seconds=args.seconds, target=args.target, max_memory=args.max_memory,
+        s.call(T.watch, args.node, seconds=args.seconds, target=target, max_memory=args.max_memory,
                on_update=update, watcher=wt)
     except KeyboardInterrupt:
         pass
     rep = wt.report()
     if args.output == "json":
         print(dumps_json(strip_private(rep)))
-    else:
-        print(render_watch(rep, final=True))
+        return 0
+    print(render_watch(rep, final=True))
+    if kind != "tune" and "_curves" in rep:
+        from qemu_ext.l2cache.cli import render_curve, render_recommend, write_curve_plot
+
+        res = rep["_curves"]
+        if kind == "curve":
+            if getattr(args, "plot", None):
+                write_curve_plot(res, args.plot)
+            print(render_curve(res, getattr(args, "plot", None)))
+        else:
+            print(render_recommend(recommendation(res, wt.info.qemu_version, target, wt.info.filename,
+                                                  wt.info.node_name)))
     return 0
+
+
+def watch_command(args: argparse.Namespace, kind: str) -> int:
+    """curve/recommend --watch --qmp SOCKET --node NODE."""
+    from qemu_ext.errors import UsageError
+    from qemu_ext.l2cache import tune as T
+    from qemu_ext.output import tune_bulk_numpy
+    from qemu_ext.qmp.client import connect_sync
+
+    if not args.qmp or not args.node:
+        raise UsageError("--watch captures from a running QEMU: give --qmp SOCKET and --node NODE")
+    if args.image or args.virtual_size is not None or args.qemu_io or args.trace or args.pattern:
+        raise UsageError("--watch takes its lookups from QEMU: no image, --virtual-size, --qemu-io, --trace "
+                         "or --pattern")
+    T.check_args(args.seconds, args.target if args.target is not None else 0.99)
+    tune_bulk_numpy()
+    with connect_sync(args.qmp, timeout=10) as s:
+        return _watch(s, args, kind)
+
+
+def add_watch_options(p: argparse.ArgumentParser, number: Any) -> None:
+    g = p.add_argument_group("watching a running QEMU (instead of an image and a workload)")
+    g.add_argument("--watch", action="store_true",
+                   help="capture from QEMU window after window, print updates; Ctrl-C prints the final answer")
+    g.add_argument("--qmp", metavar="SOCKET", help="QEMU's QMP socket (with --watch)")
+    g.add_argument("--node", help="the qcow2 node-name (with --watch)")
+    g.add_argument("--seconds", type=number(float, 0.1, 3600), default=10.0, metavar="S",
+                   help="length of each window, 0.1 to 3600 (default 10)")
 
 
 def register(sub: argparse._SubParsersAction, fmt: Any, number: Any, size: Any) -> None:
