@@ -244,6 +244,18 @@ static inline uint8_t *put_dec(uint8_t *o, uint64_t v)
     return o + 24 - i;
 }
 
+/* n bytes from src, 16 at a time: src is readable and o writable 16 bytes past n (the blob is
+ * padded, the line bound leaves room), so no call to memcpy for these short copies */
+static inline uint8_t *put_text(uint8_t *o, const uint8_t *src, uint32_t n)
+{
+    uint32_t i = 0;
+    do {
+        memcpy(o + i, src + i, 16);
+        i += 16;
+    } while (i < n);
+    return o + n;
+}
+
 /* CPython's bytes repr (Objects/bytesobject.c, PyBytes_Repr with smartquotes): what both
  * versions of simpletrace.py print for a string argument. */
 static uint8_t *put_bytes_repr(uint8_t *o, const uint8_t *s, uint64_t n)
@@ -309,14 +321,13 @@ uint64_t vt_render(const uint8_t *d, struct vt_state *s, const int32_t *prog_of,
         uint64_t id = ld64(d + pos + 8), ts = ld64(d + pos + 16);
         uint32_t len = ld32(d + pos + 24), pid = ld32(d + pos + 28);
         const struct vt_prog *p = &progs[prog_of[id == DROPPED_EVENT_ID ? NIDS : id]];
-        uint64_t bound = (uint64_t)p->name_len + 64 + p->label_total + 19ULL * p->nargs + 4ULL * len;
+        uint64_t bound = (uint64_t)p->name_len + 96 + p->label_total + 35ULL * p->nargs + 4ULL * len;
         if ((uint64_t)(lim - o) < bound) {
             if (o == out)
                 s->need = bound;
             break;
         }
-        memcpy(o, blob + p->name_off, p->name_len); /* "NAME " */
-        o += p->name_len;
+        o = put_text(o, blob + p->name_off, p->name_len); /* "NAME " */
         if (s->slow_i < n_slow && slow_idx[s->slow_i] == s->index) {
             uint32_t a = slow_txt_off[s->slow_i], b = slow_txt_off[s->slow_i + 1];
             memcpy(o, slow_txt + a, b - a);
@@ -346,8 +357,7 @@ uint64_t vt_render(const uint8_t *d, struct vt_state *s, const int32_t *prog_of,
         const uint8_t *q = d + pos + 32;
         for (uint32_t i = 0; i < p->nargs; i++) {
             const struct vt_arg *a = &args[p->arg0 + i];
-            memcpy(o, blob + a->label_off, a->label_len);
-            o += a->label_len;
+            o = put_text(o, blob + a->label_off, a->label_len);
             if (a->is_str) {
                 uint32_t l = ld32(q);
                 o = put_bytes_repr(o, q + 4, l);

@@ -266,7 +266,7 @@ def _decode(lib, data: _Mapped, name: str, choose_events, compat, write) -> Opti
             total += len(label)
         p.label_total = total
     args = (Arg * max(1, len(arg_list)))(*arg_list)
-    blob_c = ctypes.create_string_buffer(bytes(blob), max(1, len(blob)))
+    blob_c = ctypes.create_string_buffer(bytes(blob), len(blob) + 32)  # padded: the C side copies 16 bytes at a time
     bad = (ctypes.c_uint64 * max(1, len(slots)))()
     lib.vt_check(data.addr, HEADER_LEN, so.end, prog_of, progs, args, bad)
     # the numpy decoder's order (simple._resolve, then the string-carrying events when their
