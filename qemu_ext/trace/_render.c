@@ -182,16 +182,25 @@ void vt_check(const uint8_t *d, uint64_t start, uint64_t end, const int32_t *pro
               const struct vt_prog *progs, const struct vt_arg *args, uint64_t *bad_off)
 {
     uint64_t pos = start;
-    while (pos < end) {
+    /* vt_scan proved this structure; the checks below only keep a file that changed since
+     * from taking the walk out of bounds (vt_render then reports it) */
+    while (end - pos >= 20) {
         if (ld64(d + pos) == RECORD_TYPE_MAPPING) {
             pos += 20 + (uint64_t)ld32(d + pos + 16);
             continue;
         }
+        if (end - pos < 32)
+            break;
         uint64_t id = ld64(d + pos + 8);
+        uint32_t len = ld32(d + pos + 24);
+        if (len < 24 || 8 + (uint64_t)len > end - pos || (id != DROPPED_EVENT_ID && id >= NIDS))
+            break;
         int32_t k = prog_of[id == DROPPED_EVENT_ID ? NIDS : id];
+        if (k < 0)
+            break;
         if (!args_fit(d, pos, &progs[k], args) && bad_off[k] == 0)
             bad_off[k] = pos;
-        pos += 8 + (uint64_t)ld32(d + pos + 24);
+        pos += 8 + (uint64_t)len;
     }
 }
 
@@ -314,13 +323,28 @@ uint64_t vt_render(const uint8_t *d, struct vt_state *s, const int32_t *prog_of,
         init_hex2();
     s->need = 0;
     while (pos < s->end) {
+        if (s->end - pos < 32 && !(s->end - pos >= 20 && ld64(d + pos) == RECORD_TYPE_MAPPING)) {
+            s->need = ~0ULL;
+            break;
+        }
         if (ld64(d + pos) == RECORD_TYPE_MAPPING) {
-            pos += 20 + (uint64_t)ld32(d + pos + 16);
+            uint64_t step = 20 + (uint64_t)ld32(d + pos + 16);
+            if (step > s->end - pos) {
+                s->need = ~0ULL;
+                break;
+            }
+            pos += step;
             continue;
         }
         uint64_t id = ld64(d + pos + 8), ts = ld64(d + pos + 16);
         uint32_t len = ld32(d + pos + 24), pid = ld32(d + pos + 28);
+        if (len < 24 || 8 + (uint64_t)len > s->end - pos || (id != DROPPED_EVENT_ID && id >= NIDS) ||
+            prog_of[id == DROPPED_EVENT_ID ? NIDS : id] < 0) {
+            s->need = ~0ULL; /* the file changed since vt_scan and vt_check read it */
+            break;
+        }
         const struct vt_prog *p = &progs[prog_of[id == DROPPED_EVENT_ID ? NIDS : id]];
+        const uint8_t *rec_end = d + pos + 8 + len;
         uint64_t bound = (uint64_t)p->name_len + 96 + p->label_total + 35ULL * p->nargs + 4ULL * len;
         if ((uint64_t)(lim - o) < bound) {
             if (o == out)
@@ -359,10 +383,20 @@ uint64_t vt_render(const uint8_t *d, struct vt_state *s, const int32_t *prog_of,
             const struct vt_arg *a = &args[p->arg0 + i];
             o = put_text(o, blob + a->label_off, a->label_len);
             if (a->is_str) {
-                uint32_t l = ld32(q);
+                uint32_t l = (uint64_t)(rec_end - q) >= 4 ? ld32(q) : ~0U;
+                if (l > (uint64_t)(rec_end - q) - 4) {
+                    s->need = ~0ULL;
+                    s->pos = pos;
+                    return 0;
+                }
                 o = put_bytes_repr(o, q + 4, l);
                 q += 4 + (uint64_t)l;
             } else {
+                if (rec_end - q < 8) {
+                    s->need = ~0ULL;
+                    s->pos = pos;
+                    return 0;
+                }
                 o = put_hex(o, ld64(q));
                 q += 8;
             }

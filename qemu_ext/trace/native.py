@@ -223,7 +223,7 @@ def _decode(lib, data: _Mapped, name: str, choose_events, compat, write) -> Opti
 
     # kinds in the numpy decoder's order (ascending event id, dropped last): same first error
     slots = sorted(ids[i] for i in range(int(so.n_ids)))
-    prog_of = (ctypes.c_int32 * (NIDS + 1))()
+    prog_of = (ctypes.c_int32 * (NIDS + 1))(*([-1] * (NIDS + 1)))
     progs = (Prog * max(1, len(slots)))()
     arg_list: list[Arg] = []
     blob = bytearray()
@@ -300,6 +300,8 @@ def _decode(lib, data: _Mapped, name: str, choose_events, compat, write) -> Opti
     while st.pos < st.end:
         n = lib.vt_render(data.addr, ctypes.byref(st), prog_of, progs, args, blob_c, qemu10,
                           slow_idx, slow_off, slow_txt, n_slow, out, cap)
+        if n == 0 and st.need == (1 << 64) - 1:
+            raise BadInputError(f"{name}: the file changed while it was read (a QEMU still writing it?): decode it again")
         if n == 0 and st.need:
             cap = int(st.need)
             out = ctypes.create_string_buffer(cap)
