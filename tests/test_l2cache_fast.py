@@ -21,7 +21,7 @@ def test_full_disk_fast_path_equals_the_model(cluster_bits, vsize, ext, entry):
     rng = np.random.default_rng(cluster_bits + entry)
     n = 1000
     lens = rng.choice([512, 4096, 65536, 1 << 20, 5 << 20, 300 * 512], n).astype(np.int64)
-    lens = np.minimum(lens, vsize)
+    lens = np.minimum(lens, min(vsize, 1 << (cluster_bits + 7)))  # the model is slow on many-slice requests
     offs = (rng.integers(0, (vsize - lens) // 512 + 1) * 512).astype(np.int64)
     offs[:5] = vsize - lens[:5]  # the last clusters of the disk
     writes = rng.random(n) < 0.4

@@ -49,6 +49,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from qemu_ext.errors import BadInputError
+from qemu_ext.l2cache.geometry import FAST_MAX_REQUEST, Geometry, full_disk_l2_lookups, full_disk_layout  # noqa: F401
 from qemu_ext.qcow2.entries import (
     COMPRESSED,
     COPIED,
@@ -74,41 +75,6 @@ L2_CACHE, REFCOUNT_CACHE = 0, 1
 # multi-piece writes: link_l2 of the last piece first (its data write is the smallest and
 # typically completes first); measured against qemu-io traces
 LINK_LAST_PIECE_FIRST = True
-
-
-@dataclass
-class Geometry:
-    """Bare image geometry (what the cache model needs from an image)."""
-
-    cluster_bits: int
-    virtual_size: int
-    extended_l2: bool = False
-    refcount_order: int = 4
-
-    @property
-    def cluster_size(self) -> int:
-        return 1 << self.cluster_bits
-
-    @property
-    def l2_entry_size(self) -> int:
-        return 16 if self.extended_l2 else 8
-
-    @property
-    def l2_entries(self) -> int:
-        return self.cluster_size // self.l2_entry_size
-
-    @property
-    def l1_size(self) -> int:
-        per = self.l2_entries * self.cluster_size
-        return max(1, -(-self.virtual_size // per))
-
-    @property
-    def subclusters(self) -> int:
-        return 32 if self.extended_l2 else 1
-
-    @property
-    def subcluster_bits(self) -> int:
-        return self.cluster_bits - (5 if self.extended_l2 else 0)
 
 
 @dataclass
@@ -854,39 +820,3 @@ def lookups_for(state: ImageState, ops, limit_bytes: Optional[int] = None,
             raise BadInputError(f"unknown request type {op!r}")
     return state.out
 
-
-FAST_MAX_REQUEST = 1 << 30  # longer requests go through the model (read/write loops split at INT_MAX)
-
-
-def full_disk_layout(geom: Geometry) -> int:
-    """First cluster of the L2 tables of ImageState.from_geometry(geom, ..., "full"): qemu-img
-    create's header, refcount table and block, then the L1 table."""
-    return 3 + -(-geom.l1_size * 8 // geom.cluster_size)
-
-
-def full_disk_l2_lookups(geom: Geometry, slice_bytes: int, offsets: np.ndarray,
-                         lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The L2 lookups of reads or writes on a fully written bare disk, without the per-request
-    model: (slice offsets, request number of each lookup), vectorized.
-
-    On ImageState.from_geometry(geom, slice_bytes, "full") every cluster is allocated (COPIED)
-    and contiguous in the file in guest order, so qcow2_get_host_offset (reads) and handle_copied
-    (writes: in place, no allocation, no link_l2) stop only at the end of an L2 slice: one lookup
-    per slice a request touches, in order. tests/test_l2cache_fast.py holds this to the model.
-    Requests must lie inside the disk and be at most FAST_MAX_REQUEST bytes."""
-    cb, cs = geom.cluster_bits, geom.cluster_size
-    span = (slice_bytes // geom.l2_entry_size) << cb  # guest bytes per slice
-    offsets = np.asarray(offsets, dtype=np.int64)
-    lengths = np.asarray(lengths, dtype=np.int64)
-    s0 = offsets // span
-    counts = (offsets + lengths - 1) // span - s0 + 1
-    if len(counts) and int(counts.max()) == 1:
-        s = s0
-        req = np.arange(len(offsets), dtype=np.int64)
-    else:
-        req = np.repeat(np.arange(len(offsets), dtype=np.int64), counts)
-        starts = np.cumsum(counts) - counts
-        s = np.repeat(s0, counts) + (np.arange(len(req), dtype=np.int64) - np.repeat(starts, counts))
-    per_table = cs // slice_bytes
-    table, within = np.divmod(s, per_table)
-    return (full_disk_layout(geom) + table) * cs + within * slice_bytes, req

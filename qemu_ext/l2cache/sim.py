@@ -4,7 +4,7 @@ by strip_private); the front doors only render it.
 
 Where the lookups come from: a captured slice-level trace (QEMU's own lookups; only entry sizes
 at least as large as the slices it was captured with can be derived from it), a bare disk that is
-fully written (vectorized: requests.full_disk_l2_lookups, generated and consumed in chunks, so
+fully written (vectorized: geometry.full_disk_l2_lookups, generated and consumed in chunks, so
 memory follows the slices touched, not the disk size or the request count), or the request model
 (requests.ImageState: real images, fresh bare disks, allocating writes).
 """
@@ -20,14 +20,14 @@ import numpy as np
 
 from qemu_ext import errors
 from qemu_ext.errors import BadInputError, UsageError
+from qemu_ext.l2cache import geometry as G
 from qemu_ext.l2cache import model as M
 from qemu_ext.l2cache import options as O
-from qemu_ext.l2cache import requests as R
 from qemu_ext.l2cache import stream as S
 from qemu_ext.l2cache import workloads as W
 
 MODEL_MAX_REQUESTS = 20_000_000  # the request model keeps every lookup in memory (about 100 B each)
-LOOKUP_CHUNK = 1 << 20
+LOOKUP_CHUNK = 1 << 17
 
 # progress(total, description) -> an object with update(n) and close() (tqdm's interface); the
 # front door passes qemu_ext.output.progress, the library never draws anything itself
@@ -44,7 +44,7 @@ class Disk:
     extended_l2: bool = False
     allocation: str = "full"  # bare geometry: 'full' or 'empty'
 
-    def describe(self, geom: R.Geometry) -> dict:
+    def describe(self, geom: G.Geometry) -> dict:
         d: dict[str, Any] = {
             "virtual-size": geom.virtual_size,
             "cluster-size": geom.cluster_size,
@@ -72,7 +72,7 @@ class Settings:
         return any(v is not None for v in (self.l2_cache_size, self.l2_cache_entry_size, self.refcount_cache_size,
                                           self.cache_size))
 
-    def resolve(self, geom: R.Geometry, entry_size: Optional[int] = None) -> O.CacheConfig:
+    def resolve(self, geom: G.Geometry, entry_size: Optional[int] = None) -> O.CacheConfig:
         return O.resolve(
             geom.cluster_size,
             geom.virtual_size,
@@ -134,7 +134,7 @@ def load_workload(
 
 
 @contextlib.contextmanager
-def _opened(disk: Disk, wl: Optional[WorkloadSpec] = None) -> Iterator[tuple[R.Geometry, Any]]:
+def _opened(disk: Disk, wl: Optional[WorkloadSpec] = None) -> Iterator[tuple[G.Geometry, Any]]:
     with _opened_disk(disk) as (geom, img):
         if wl is not None and wl.slice_trace is not None:
             wl.slice_trace.cap(geom.cluster_size)
@@ -142,7 +142,7 @@ def _opened(disk: Disk, wl: Optional[WorkloadSpec] = None) -> Iterator[tuple[R.G
 
 
 @contextlib.contextmanager
-def _opened_disk(disk: Disk) -> Iterator[tuple[R.Geometry, Any]]:
+def _opened_disk(disk: Disk) -> Iterator[tuple[G.Geometry, Any]]:
     if disk.image:
         from qemu_ext.qcow2 import open_image
 
@@ -153,7 +153,7 @@ def _opened_disk(disk: Disk) -> Iterator[tuple[R.Geometry, Any]]:
         with open_image(disk.image) as img:
             if img.has_data_file:
                 raise BadInputError(f"{disk.image}: images with an external data file are not modelled")
-            geom = R.Geometry(img.cluster_bits, img.virtual_size, bool(img.extended_l2), int(img.header.refcount_order))
+            geom = G.Geometry(img.cluster_bits, img.virtual_size, bool(img.extended_l2), int(img.header.refcount_order))
             yield geom, img
     else:
         if not disk.virtual_size:
@@ -166,10 +166,18 @@ def _opened_disk(disk: Disk) -> Iterator[tuple[R.Geometry, Any]]:
         O.check_virtual_size(disk.virtual_size, cs, disk.extended_l2)
         if disk.allocation not in ("full", "empty"):
             raise UsageError("--allocation must be full or empty")
-        yield R.Geometry(cs.bit_length() - 1, disk.virtual_size, disk.extended_l2), None
+        yield G.Geometry(cs.bit_length() - 1, disk.virtual_size, disk.extended_l2), None
 
 
-def _state(geom: R.Geometry, img: Any, disk: Disk, entry: int) -> R.ImageState:
+def _model() -> Any:
+    """The request model (imported when needed: a streamed bare disk does without it)."""
+    from qemu_ext.l2cache import requests
+
+    return requests
+
+
+def _state(geom: G.Geometry, img: Any, disk: Disk, entry: int) -> Any:
+    R = _model()
     if img is not None:
         return R.ImageState.from_image(img, entry)
     return R.ImageState.from_geometry(geom, entry, disk.allocation)
@@ -195,8 +203,8 @@ def _fast(disk: Disk, img: Any, wl: WorkloadSpec) -> bool:
     if img is not None or disk.allocation != "full" or wl.slice_trace is not None:
         return False
     if wl.synthetic is not None:
-        return wl.synthetic.request_size <= R.FAST_MAX_REQUEST
-    return wl.requests is not None and (not len(wl.requests) or int(wl.requests.lengths.max()) <= R.FAST_MAX_REQUEST)
+        return wl.synthetic.request_size <= G.FAST_MAX_REQUEST
+    return wl.requests is not None and (not len(wl.requests) or int(wl.requests.lengths.max()) <= G.FAST_MAX_REQUEST)
 
 
 def _check_bounds(w: W.Workload, vsize: int) -> None:
@@ -230,7 +238,7 @@ def _model_requests(wl: WorkloadSpec) -> W.Workload:
     return wl.synthetic.workload()
 
 
-def lookup_chunks(disk: Disk, geom: R.Geometry, img: Any, wl: WorkloadSpec, entries: list[int],
+def lookup_chunks(disk: Disk, geom: G.Geometry, img: Any, wl: WorkloadSpec, entries: list[int],
                   tick: Optional[Callable[[int], None]] = None) -> Iterator[dict[int, np.ndarray]]:
     """The L2 lookups (slice offsets, int64) for each entry size, in chunks: {entry: offsets}.
     tick(n) is called as requests (trace lookups) are done, once per entry size for the model."""
@@ -245,14 +253,14 @@ def lookup_chunks(disk: Disk, geom: R.Geometry, img: Any, wl: WorkloadSpec, entr
     if _fast(disk, img, wl):
         for ch in _request_chunks(wl):
             _check_bounds(ch, geom.virtual_size)
-            yield {e: R.full_disk_l2_lookups(geom, e, ch.offsets, ch.lengths)[0] for e in entries}
+            yield {e: G.full_disk_l2_lookups(geom, e, ch.offsets, ch.lengths, False)[0] for e in entries}
             if tick:
                 tick(len(ch))
         return
     reqs = _model_requests(wl)
     for e in entries:
         st = _state(geom, img, disk, e)
-        lk = R.lookups_for(st, reqs, tick=tick)
+        lk = _model().lookups_for(st, reqs, tick=tick)
         offs = lk.l2_offsets().astype(np.int64)
         for s0 in range(0, max(1, len(offs)), LOOKUP_CHUNK):
             yield {e: offs[s0 : s0 + LOOKUP_CHUNK]}
@@ -294,15 +302,15 @@ def _replay(
     return c
 
 
-def _model_lookups(disk: Disk, geom: R.Geometry, img: Any, wl: WorkloadSpec,
-                   entry: int) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[R.Lookups]]:
+def _model_lookups(disk: Disk, geom: G.Geometry, img: Any, wl: WorkloadSpec,
+                   entry: int) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray], Any]:
     """(L2 slice offsets, read_from_disk flags, timestamps or None, full lookup stream) for one entry size."""
     if wl.slice_trace is not None:
         t = wl.slice_trace
         return t.offsets & ~np.int64(entry - 1), t.read_from_disk, t.timestamps, None
     reqs = _model_requests(wl)
     st = _state(geom, img, disk, entry)
-    lk = R.lookups_for(st, reqs)
+    lk = _model().lookups_for(st, reqs)
     ts = None
     if reqs.timestamps is not None:
         req = lk.l2_requests()
@@ -312,7 +320,7 @@ def _model_lookups(disk: Disk, geom: R.Geometry, img: Any, wl: WorkloadSpec,
 
 
 # ------------------------------------------------------------------------------- current setting
-def current_setting(geom: R.Geometry, settings: Settings, wl: WorkloadSpec) -> tuple[O.CacheConfig, dict]:
+def current_setting(geom: G.Geometry, settings: Settings, wl: WorkloadSpec) -> tuple[O.CacheConfig, dict]:
     """The cache the workload ran with (or will run with): the options given; else, for a
     captured trace, what QEMU's own cache showed (entry size from the slice offsets, entries from
     the highest cache index it used); else QEMU's defaults for this disk and version."""
@@ -356,7 +364,7 @@ def simulate(disk: Disk, settings: Settings, wl: WorkloadSpec, detailed: bool = 
             if lk is not None:
                 rcache = M.Qcow2Cache(cfg.refcount_cache_entries, cfg.cluster_size)
                 for cache, o, r in zip(lk.cache, lk.offset, lk.read):
-                    if cache == R.REFCOUNT_CACHE:
+                    if cache == _model().REFCOUNT_CACHE:
                         rcache.put(rcache.get(o, r))
                 rc_stats = rcache.stats
         else:
@@ -443,7 +451,7 @@ def knees(cv: S.StreamCurve, lo: int, hi: int, limit: int = 3) -> list[int]:
     return sorted(best)
 
 
-def curve_series(geom: R.Geometry, cfg: O.CacheConfig, curves: dict[int, S.StreamCurve],
+def curve_series(geom: G.Geometry, cfg: O.CacheConfig, curves: dict[int, S.StreamCurve],
                  target: Optional[float] = None, max_points: int = 512) -> list[dict]:
     """One series per entry size: points over the cache sizes (a geometric grid plus every power
     of two), and the marked sizes: knees, maximum, current (for the current entry size) and, with

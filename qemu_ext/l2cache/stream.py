@@ -54,14 +54,17 @@ def slice_hash(keys: np.ndarray) -> np.ndarray:
     """A 24-bit hash of each key (splitmix64's finaliser): uniform, so `hash < T` samples each
     distinct slice with probability T / 2**24, independently of where it lies."""
     z = keys.astype(U64, copy=True)
+    t = np.empty_like(z)
     with np.errstate(over="ignore"):
         z += U64(0x9E3779B97F4A7C15)
-        z ^= z >> U64(30)
-        z *= U64(0xBF58476D1CE4E5B9)
-        z ^= z >> U64(27)
-        z *= U64(0x94D049BB133111EB)
-        z ^= z >> U64(31)
-    return (z >> U64(64 - HASH_BITS)).astype(I64)
+        for shift, mul in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+            np.right_shift(z, U64(shift), out=t)
+            z ^= t
+            z *= U64(mul)
+        np.right_shift(z, U64(31), out=t)
+        z ^= t
+    z >>= U64(64 - HASH_BITS)
+    return z.view(I64)
 
 
 def chunk_for_budget(max_memory: Optional[int]) -> int:

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional
 
 from qemu_ext.errors import BadInputError, UsageError
+from qemu_ext.l2cache import geometry as G
 from qemu_ext.l2cache import node as N
 from qemu_ext.l2cache import options as O
-from qemu_ext.l2cache import requests as R
 from qemu_ext.l2cache import sim
 from qemu_ext.l2cache import stream as S
 from qemu_ext.l2cache import workloads as W
@@ -359,7 +359,7 @@ class Watcher:
 
     def report(self) -> dict[str, Any]:
         info = self.info
-        geom = R.Geometry(info.cluster_size.bit_length() - 1, info.virtual_size, info.extended_l2)
+        geom = G.Geometry(info.cluster_size.bit_length() - 1, info.virtual_size, info.extended_l2)
         cfg = info.config
         window = {"from": self.first, "to": self.last, "windows": self.windows,
                   "captured-seconds": round(self.seconds, 3),

@@ -23,7 +23,7 @@ from qemu_ext.errors import BadInputError, UsageError
 from qemu_ext.l2cache.options import parse_size
 
 PATTERNS = ("sequential", "uniform", "zipf", "hotset", "hotset-scan")
-CHUNK_REQUESTS = 1 << 20  # synthetic requests per generated chunk (fixed: the stream depends on it)
+CHUNK_REQUESTS = 1 << 17  # synthetic requests per generated chunk (fixed: the stream depends on it)
 MAX_SYNTHETIC_REQUESTS = 10**12
 MAX_REQUEST = 1 << 30  # qemu-io's own limit for one request is lower (BDRV_REQUEST_MAX_BYTES)
 
@@ -143,7 +143,7 @@ class Synthetic:
                     other = (np.cumsum(~hot, dtype=np.int64) - 1 + self._scan_pos) % n
                     self._scan_pos += int(np.count_nonzero(~hot))
                 blocks = np.where(hot, hb, other)
-            writes = rng.random(k) >= self.read_ratio
+            writes = np.zeros(k, bool) if self.read_ratio >= 1.0 else rng.random(k) >= self.read_ratio
             yield Workload(writes, blocks * self.request_size, np.full(k, self.request_size, np.int64),
                            source=f"synthetic {self.pattern}")
             done += k
