@@ -36,7 +36,7 @@ def vmt(tmp_path_factory, qemu_build, module_qemu_factory):
     io_sock = d / "io.sock"
     qp = module_qemu_factory(name="l2tune", extra_args=[
         "-blockdev", json.dumps(bd), "-device", "ide-hd,drive=disk0,id=hd0,bus=ide.0",
-        "-drive", f"file={small},if=none,id=drv0,format=qcow2",
+        "-drive", f"file={small},if=none,id=drive0,format=qcow2",
         "-qmp", f"unix:{io_sock},server=on,wait=off"])
     qp.io_sock = io_sock  # type: ignore[attr-defined]
     return qp
@@ -69,6 +69,22 @@ def driving(qp, target: str = "-d hd0", hot: int = HOT) -> Iterator[list[int]]:
         c.close()
 
 
+def example(qp, *words: str, seconds: str = "1.5") -> list[str]:
+    """The --help example (virtopt l2cache --help, tune --help) with these words, as the arguments
+    to run against the test VM: its socket, and captures of `seconds` instead of the example's."""
+    from qemu_ext.l2cache import cli, tune_cli
+
+    text = cli.EPILOG + tune_cli.TUNE_EPILOG
+    lines = {ln.strip() for ln in text.splitlines() if ln.strip().startswith("virtopt l2cache") and "/run/vm.qmp" in ln}
+    found = [ln.split()[1:] for ln in sorted(lines) if all(w in ln.split() for w in words)
+             and len(ln.split()) - 1 == min(len(x.split()) - 1 for x in lines if all(w in x.split() for w in words))]
+    assert found, words
+    argv = [str(qp.qmp_path) if w == "/run/vm.qmp" else w for w in found[0]]
+    i = argv.index("--seconds")
+    argv[i + 1] = seconds
+    return argv
+
+
 def events_enabled(qp) -> set[str]:
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
@@ -81,9 +97,8 @@ def events_enabled(qp) -> set[str]:
 
 
 def test_drive_node_is_refused_with_the_alternatives(vmt):
-    with driving(vmt, target="drv0", hot=8):
-        cp = virtopt("l2cache", "tune", str(vmt.qmp_path), "--node", "drv0", "--seconds", "1", "--baseline", "0",
-                     "--target", "0.9", "--apply")
+    with driving(vmt, target="drive0", hot=8):
+        cp = virtopt(*example(vmt, "drive0", "--apply", seconds="1"))
     assert cp.returncode == 1, cp.stderr
     err = cp.stderr.strip().splitlines()
     assert len(err) == 1 and "automatic name" in err[0] and "nothing was changed" in err[0], cp.stderr
@@ -95,9 +110,9 @@ def test_drive_node_is_refused_with_the_alternatives(vmt):
 
 
 def test_ctrl_c_during_the_capture_turns_the_events_off(vmt):
-    p = subprocess.Popen([sys.executable, "-m", "qemu_ext", "l2cache", "tune", str(vmt.qmp_path), "--node", "disk0",
-                          "--seconds", "30", "--baseline", "0"], cwd=REPO, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    # the plain example: a baseline with the events off, then the capture, interrupted
+    p = subprocess.Popen([sys.executable, "-m", "qemu_ext", *example(vmt, "disk0", seconds="2")], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 20
         while not events_enabled(vmt):
@@ -122,8 +137,7 @@ def test_watch_updates_and_ctrl_c_prints_the_final_answer(vmt):
 
     before = set(glob.glob(os.path.join(os.environ.get("TMPDIR", "/tmp"), "virtopt-capture-*")))
     with driving(vmt):
-        p = subprocess.Popen([sys.executable, "-m", "qemu_ext", "l2cache", "recommend", "--watch", "--qmp",
-                              str(vmt.qmp_path), "--node", "disk0", "--seconds", "0.5", "--target", "0.9"], cwd=REPO,
+        p = subprocess.Popen([sys.executable, "-m", "qemu_ext", *example(vmt, "--watch", seconds="0.5")], cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             updates = 0
@@ -139,7 +153,7 @@ def test_watch_updates_and_ctrl_c_prints_the_final_answer(vmt):
                 p.kill()
                 p.wait()
     assert p.returncode == 0, err
-    assert "final: node disk0: " in out and "covered" in out and "smallest for a warm hit ratio of 90.0%" in out
+    assert "final: node disk0: " in out and "covered" in out and "smallest for a warm hit ratio of 99.0%" in out
     assert not events_enabled(vmt)
     assert set(glob.glob(os.path.join(os.environ.get("TMPDIR", "/tmp"), "virtopt-capture-*"))) <= before
 
@@ -175,8 +189,7 @@ def test_qemu_gone_during_the_capture_is_one_line(qemu_factory, tmp_path):
 
 def test_apply_raises_the_measured_warm_hit_ratio_to_the_target(vmt, tmp_path):
     with driving(vmt) as done:
-        cp = virtopt("l2cache", "tune", str(vmt.qmp_path), "--node", "disk0", "--seconds", "1.5", "--baseline", "0.5",
-                     "--target", "0.95", "--apply", "--output=json")
+        cp = virtopt(*example(vmt, "--apply", "--output=json"))
     assert cp.returncode == 0, cp.stderr
     assert done[0] > 200
     r = json.loads(cp.stdout)

@@ -11,10 +11,10 @@ from qemu_ext.errors import VirtoptError
 
 TUNE_EPILOG = """\
 examples:
-  virtopt l2cache tune /run/vm.qmp --node disk0
-  virtopt l2cache tune /run/vm.qmp --node disk0 --seconds 30 --target 0.98 --apply
-  virtopt l2cache tune /run/vm.qmp --node disk0 --watch --seconds 60 --max-memory 64M
-  virtopt l2cache tune /run/vm.qmp --node disk0 --output=json
+  virtopt l2cache tune /run/vm.qmp --node disk0 --seconds 5
+  virtopt l2cache tune /run/vm.qmp --node disk0 --seconds 5 --target 0.95 --apply --output=json
+  virtopt l2cache tune /run/vm.qmp --node drive0 --seconds 5 --apply
+  virtopt l2cache recommend --watch --qmp /run/vm.qmp --node disk0 --seconds 60 --max-memory 64M
 
 It captures QEMU's qcow2_cache_get* events (the log backend's -D file or stderr file, or the
 simple backend's trace file), turns off again whatever it turned on (also on Ctrl-C or when QEMU
