@@ -173,7 +173,8 @@ def test_views_never_stop_qemu(qemus, debug_build):
         probes.close()
     assert len(base) >= 5 and len(during) >= 20
     assert stopped_during_views == []
-    limit = max(2 * max(base), statistics.median(base) + 0.15)
+    # the host is shared (2 CPUs): CPU contention alone may slow a request; a pause is far longer
+    limit = max(3 * max(base), statistics.median(base) + 0.3)
     assert max(during) < limit, (max(during), limit, sorted(during)[-5:])
     assert any(g0 <= t <= g1 for t in probes.stopped_seen)  # the sampler does catch a stop
     assert max(probes.window(g0, g1)) > max(during)  # and the loop feels it

@@ -16,6 +16,11 @@ from qemu_ext.errors import BadInputError, open_error
 
 from .target import Field, IntrospectError, MemoryReadError, NotAvailable, Target, ThreadInfo, TypeInfo
 
+# drgn's plugins (its crash-compatible commands: 0.6 s of imports) serve nothing here; a user's
+# own DRGN_DISABLE_PLUGINS / DRGN_PLUGINS still win
+if not os.environ.get("DRGN_PLUGINS"):
+    os.environ.setdefault("DRGN_DISABLE_PLUGINS", "*")
+
 try:
     import drgn
 except ImportError:  # pragma: no cover - a dependency; said in one line when missing

@@ -26,7 +26,7 @@ _CODES = {
 def convert(t: Any) -> TypeInfo:
     """gdb.Type -> TypeInfo (fields and targets converted when first used)."""
     name = str(t)
-    s = t.strip_typedefs()
+    s = _complete(t.strip_typedefs())
     kind = _CODES.get(s.code, "int")
     size = 0 if kind in ("void", "func") else s.sizeof
     signed = False
@@ -47,8 +47,29 @@ def _lazy(what: tuple[str, Any]) -> Any:
     if part == "target":
         return convert(s.target())
     out: dict[str, Field] = {}
-    _collect_fields(s, 0, out)
+    _collect_fields(_complete(s), 0, out)
     return out
+
+
+def _complete(s: Any) -> Any:
+    """The full definition of a struct seen through a declaration only (``typedef struct X X;`` in a
+    header): gdb resolves such stubs from the selected frame's scope, which may not see the one
+    source file that defines it (block/qcow2-cache.c for Qcow2Cache)."""
+    if s.code not in (gdb.TYPE_CODE_STRUCT, gdb.TYPE_CODE_UNION) or s.sizeof:
+        return s  # complete (a declaration has no size)
+    tag = s.tag or str(s).split()[-1]
+    cands = []
+    try:
+        cands.append(gdb.lookup_global_symbol(tag, gdb.SYMBOL_STRUCT_DOMAIN))
+        cands += gdb.lookup_static_symbols(tag, gdb.SYMBOL_STRUCT_DOMAIN)
+    except (gdb.error, AttributeError, TypeError):
+        pass
+    for sym in cands:
+        if sym is not None:
+            full = sym.type.strip_typedefs()
+            if full.fields():
+                return full
+    return s
 
 
 def _collect_fields(s: Any, base: int, out: dict[str, Field]) -> None:

@@ -25,7 +25,8 @@ import time
 from typing import Any, Callable, Iterator, Optional
 
 from qemu_ext.errors import NotAvailableError, QemuError
-from qemu_ext.gdbmi import elfsyms
+
+from . import elf
 
 PAGE = 4096
 U64 = (1 << 64) - 1
@@ -293,12 +294,18 @@ class ThreadInfo:
     name: Optional[str]  # the OS thread name where the backend knows it (live: /proc comm)
 
 
-@dataclasses.dataclass
 class Symbol:
-    name: str
-    address: int  # run-time address
-    size: int
-    exported: bool  # in .dynsym: there on stripped builds too
+    """A symbol of the executable: run-time ``address``, ``size``, ``exported`` (in .dynsym: there
+    on stripped builds too; read on first use)."""
+
+    __slots__ = ("_t", "address", "name", "size")
+
+    def __init__(self, name: str, address: int, size: int, target: Target) -> None:
+        self.name, self.address, self.size, self._t = name, address, size, target
+
+    @property
+    def exported(self) -> bool:
+        return self.name in self._t.exported()
 
 
 class Target:
@@ -312,10 +319,10 @@ class Target:
         self._pages: dict[int, bytes] = {}
         self._types: dict[str, Optional[TypeInfo]] = {}
         self._vars: dict[str, Optional[tuple[int, TypeInfo]]] = {}
-        self._syms: Optional[dict[str, elfsyms.ElfSymbol]] = None
+        self._syms: Optional[dict[str, elf.Sym]] = None
         self._dyn: Optional[set[str]] = None
         self._bias: Optional[int] = None
-        self._sorted: Optional[tuple[list[int], list[elfsyms.ElfSymbol]]] = None
+        self._sorted: Optional[tuple[list[int], list[tuple[int, int, str]]]] = None
         self._tls: Optional[tuple[int, int, int]] = None
         self.memo: dict[str, Any] = {}  # per-target results other modules cache (events, layouts)
         self.snapshot_time: float = time.time()
@@ -473,11 +480,11 @@ class Target:
         return Value(self, addr, self.type(ty) if isinstance(ty, str) else ty)
 
     # -- symbols of the executable itself
-    def elf_symbols(self) -> dict[str, elfsyms.ElfSymbol]:
+    def elf_symbols(self) -> dict[str, elf.Sym]:
         if self._syms is None:
             path = self.exe()
             try:
-                self._syms = elfsyms.read_symbols(path)
+                self._syms = elf.symbols(path)
             except Exception as exc:  # BadInputError, a vanished file
                 raise IntrospectError(f"cannot read the symbols of {path}: {exc}") from exc
         return self._syms
@@ -485,7 +492,7 @@ class Target:
     def exported(self) -> set[str]:
         if self._dyn is None:
             try:
-                self._dyn = set(elfsyms.read_symbols(self.exe(), prefer="dynsym"))
+                self._dyn = set(elf.symbols(self.exe(), elf.SHT_DYNSYM))
             except Exception:
                 self._dyn = set()
         return self._dyn
@@ -508,7 +515,7 @@ class Target:
         s = self.elf_symbols().get(name)
         if s is None or s.kind == STT_TLS:
             return None
-        return Symbol(name, s.value + self.load_bias(), s.size, name in self.exported())
+        return Symbol(name, s.value + self.load_bias(), s.size, self)
 
     def symbol_address(self, name: str) -> Optional[int]:
         s = self.symbol(name)
@@ -519,9 +526,8 @@ class Target:
         if not addr:
             return None
         if self._sorted is None:
-            syms = sorted((s for s in self.elf_symbols().values() if s.kind in (1, 2) and s.value),
-                          key=lambda s: (s.value, -s.size, s.name))
-            self._sorted = ([s.value for s in syms], syms)
+            syms = sorted((s.value, -s.size, n) for n, s in self.elf_symbols().items() if s.kind in (1, 2) and s.value)
+            self._sorted = ([v for v, _s, _n in syms], [(v, -ns, n) for v, ns, n in syms])
         starts, syms = self._sorted
         try:
             rel = addr - self.load_bias()
@@ -530,9 +536,9 @@ class Target:
         i = bisect.bisect_right(starts, rel) - 1
         if i < 0:
             return None
-        s = syms[i]
-        if rel == s.value or rel < s.value + s.size:
-            return s.name
+        value, size, name = syms[i]
+        if rel == value or rel < value + size:
+            return name
         return None
 
     # -- thread-local variables (x86-64 static TLS of the executable, glibc's TLS_TCB_AT_TP)

@@ -101,16 +101,22 @@ def _read_span(t: Target, addrs: list[int], width: int) -> dict[int, bytes]:
 
 
 def backends(t: Target) -> list[str]:
-    syms = t.elf_symbols()
-    out = []
-    if "st_set_trace_file" in syms or "st_init" in syms:
-        out.append("simple")
+    """The trace backends compiled in (from the symbols) and, for log, switched on (qemu_loglevel)."""
+    built = t.memo.get("trace-backends")
+    if built is None:
+        syms = t.elf_symbols()
+        built = t.memo["trace-backends"] = {
+            "simple": "st_set_trace_file" in syms or "st_init" in syms,
+            "ftrace": "ftrace_init" in syms,
+            "ust": any(n.startswith(("lttng_ust_tracepoint", "__tracepoint_qemu")) for n in syms),
+        }
+    out = ["simple"] if built["simple"] else []
     lvl = t.symbol_address("qemu_loglevel")
     if lvl is not None and t.read_s32(lvl) & LOG_TRACE:
         out.append("log")
-    if "ftrace_init" in syms:
+    if built["ftrace"]:
         out.append("ftrace")
-    if any(n.startswith("lttng_ust_tracepoint") or n.startswith("__tracepoint_qemu") for n in syms):
+    if built["ust"]:
         out.append("ust")
     return out
 
@@ -156,7 +162,7 @@ def states(t: Target, patterns: list[str]) -> dict[str, Any]:
     }
 
 
-def collect_list(t: Target, patterns: list[str], enabled_only: bool = False) -> dict[str, Any]:
+def collect_list(t: Target, patterns: Optional[list[str]] = None, enabled_only: bool = False) -> dict[str, Any]:
     data = states(t, patterns or ["*"])
     if patterns and not data["events"]:
         raise IntrospectError(f"no trace event matches {' '.join(patterns)}")

@@ -1,0 +1,130 @@
+"""Bench `virtopt inspect` (drgn, QEMU never stopped) against `virtopt gdb PID -c` (gdb stops QEMU),
+end to end, on a 4-vCPU debug QEMU with 20 block nodes, each series (7.2, 10.0), in the same run.
+
+Targets (issue 17): each view under 1 s end to end including start-up, at least 3x faster than
+the same view through `virtopt gdb PID -c 'VIEW --json'`, and QEMU never stopped (every thread's
+state is sampled from /proc while inspect runs: no t/T). Exit 1 when a target is missed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from qemu_ext import vm  # noqa: E402
+
+VIEWS = ["info", "threads", "vcpus", "mtree", "mtree --flat", "mtree lookup 0xfee00000", "timers",
+         "trace list", "qcow2", "coroutines"]
+VIEW_TARGET = 1.0
+RATIO_TARGET = 3.0
+RUNS = 3
+NODES = 20  # 10 qcow2 drives: a format node and a file node each
+
+
+def timed(argv: list[str], runs: int) -> float:
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        cp = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
+        ts.append(time.perf_counter() - t0)
+        if cp.returncode != 0:
+            raise SystemExit(f"{' '.join(argv)} failed: {cp.stderr.strip()}")
+    return statistics.median(ts)
+
+
+class StopSampler:
+    """Counts samples in which any QEMU thread is stopped (t/T in /proc/PID/task/*/stat)."""
+
+    def __init__(self, pid: int) -> None:
+        self.task = Path(f"/proc/{pid}/task")
+        self.samples = self.stopped = 0
+        self.run = True
+        self.th = threading.Thread(target=self.loop, daemon=True)
+        self.th.start()
+
+    def loop(self) -> None:
+        while self.run:
+            self.samples += 1
+            for t in self.task.iterdir():
+                try:
+                    stat = (t / "stat").read_text()
+                except OSError:
+                    continue
+                if stat[stat.rindex(")") + 2] in "tT":
+                    self.stopped += 1
+                    break
+            time.sleep(0.002)
+
+    def close(self) -> None:
+        self.run = False
+        self.th.join()
+
+
+def bench(build: vm.QemuBuild, work: Path) -> list[str]:
+    drives = []
+    for i in range(NODES // 2):
+        img = work / f"{build.series}-d{i}.qcow2"
+        subprocess.run([build.img, "create", "-q", "-f", "qcow2", str(img), "1G"], check=True, env=build.env())
+        drives.append(f"file={img},if=none,id=d{i},format=qcow2")
+    qp = vm.start_qemu(build=build, name="bench-inspect", smp=4, drives=drives)
+    missed = []
+    try:
+        qp.hmp('qemu-io d0 "read 0 64k"')
+        print(f"\n{build.label}: pid {qp.pid}, {qp.accel}, 4 vCPUs, {NODES} block nodes")
+        print(f"  {'view':<26} {'inspect (s)':>11} {'virtopt gdb (s)':>16} {'ratio':>6}")
+        py = sys.executable
+        sampler = StopSampler(qp.pid)
+        try:
+            mine = {v: timed([py, "-m", "qemu_ext", "inspect", str(qp.pid), *v.split(), "--json"], RUNS)
+                    for v in VIEWS}
+        finally:
+            sampler.close()
+        for v in VIEWS:
+            theirs = timed([py, "-m", "qemu_ext", "gdb", str(qp.pid), "-c", f"{v} --json"], 1)
+            ratio = theirs / mine[v]
+            flag = ""
+            if mine[v] >= VIEW_TARGET:
+                flag += "  MISSED (< 1 s)"
+                missed.append(f"{build.label} {v}: {mine[v]:.2f} s")
+            if ratio < RATIO_TARGET:
+                flag += "  MISSED (ratio >= 3)"
+                missed.append(f"{build.label} {v}: ratio {ratio:.1f}")
+            print(f"  {v:<26} {mine[v]:>11.3f} {theirs:>16.3f} {ratio:>6.1f}{flag}", flush=True)
+        print(f"  QEMU stopped while inspect ran: {sampler.stopped} of {sampler.samples} samples of /proc "
+              "(pause time 0)" if not sampler.stopped else f"  QEMU STOPPED in {sampler.stopped} samples")
+        if sampler.stopped:
+            missed.append(f"{build.label}: QEMU stopped during inspect")
+        tv = timed([py, "-m", "qemu_ext", "--version"], RUNS)
+        print(f"  (of which python start + virtopt CLI import: {tv:.3f} s)")
+    finally:
+        qp.stop()
+    return missed
+
+
+def main() -> int:
+    missed: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="virtopt-bench-inspect-") as d:
+        for series in vm.SERIES:
+            b = vm.find_build(series, debug=True)
+            if b is None:
+                print(f"debug QEMU {series} not built (tests/qemu/build-debug-qemu {series}): skipped")
+                continue
+            missed += bench(b, Path(d))
+    if missed:
+        print("\nmissed targets: " + "; ".join(missed))
+        return 1
+    print(f"\nevery view under {VIEW_TARGET:.0f} s end to end and >= {RATIO_TARGET:.0f}x faster than virtopt gdb; "
+          "QEMU never stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

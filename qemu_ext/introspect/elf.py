@@ -1,0 +1,102 @@
+"""The executable's symbol table, read fast enough for a sub-second `virtopt inspect`.
+
+Same contents as qemu_ext.gdbmi.elfsyms.read_symbols (defined symbols of .symtab, else .dynsym;
+every size and offset checked against the file before use), but names come from one split of
+the string table instead of a search per symbol, and the entries are built at C speed: a third
+of the CPU time on a debug QEMU's 42,000 symbols. Standard library only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import os
+import struct
+from typing import NamedTuple
+
+from qemu_ext.errors import BadInputError, open_error
+
+SHT_SYMTAB = 2
+SHT_DYNSYM = 11
+
+
+class Sym(NamedTuple):
+    """One defined symbol: link-time ``value`` (add the load bias for a PIE), ``size``, ``kind`` (STT_*)."""
+
+    value: int
+    size: int
+    kind: int
+
+
+_new = tuple.__new__  # builds Sym instances at C speed (no Python __init__ per symbol)
+
+
+def _bad(path: str, what: str) -> BadInputError:
+    return BadInputError(f"{path}: not a usable ELF file ({what})")
+
+
+def symbols(path: str, table: int = SHT_SYMTAB) -> dict[str, Sym]:
+    """Defined symbols of a 64-bit little-endian ELF file by name: ``table`` (SHT_SYMTAB, falling
+    back to SHT_DYNSYM when the file is stripped; SHT_DYNSYM: the exported ones only)."""
+    names, values, sizes, kinds = _parse(path, table)
+    return dict(zip(names, map(_new, itertools.repeat(Sym), zip(values, sizes, kinds))))
+
+
+def _parse(path: str, table: int) -> tuple[list[str], list[int], list[int], list[int]]:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise open_error(path, exc) from None
+    try:
+        size = os.fstat(fd).st_size
+        if size < 64:
+            raise _bad(path, "shorter than an ELF header")
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
+            return _read(m, size, path, table)
+    finally:
+        os.close(fd)
+
+
+def _read(m: mmap.mmap, size: int, path: str, table: int) -> tuple[list[str], list[int], list[int], list[int]]:
+    if m[:4] != b"\x7fELF" or m[4] != 2 or m[5] != 1:
+        raise _bad(path, "only 64-bit little-endian ELF is supported")
+    (shoff,) = struct.unpack_from("<Q", m, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", m, 0x3A)
+    if shentsize != 64 or not 0 < shnum < 65536 or shoff + shnum * 64 > size:
+        raise _bad(path, "bad section header table")
+    sections = [struct.unpack_from("<IIQQQQIIQQ", m, shoff + i * 64) for i in range(shnum)]
+    by_type: dict[int, int] = {}
+    for i, sh in enumerate(sections):
+        by_type.setdefault(sh[1], i)
+    order = [SHT_SYMTAB, SHT_DYNSYM] if table == SHT_SYMTAB else [SHT_DYNSYM]
+    idx = next((by_type[t] for t in order if t in by_type), None)
+    if idx is None:
+        return [], [], [], []
+    _n, _t, _f, _a, off, sz, link, _i, _al, entsize = sections[idx]
+    if entsize != 24 or off + sz > size or link >= len(sections):
+        raise _bad(path, "symbol table beyond the end of the file")
+    str_off, str_sz = sections[link][4], sections[link][5]
+    if str_off + str_sz > size:
+        raise _bad(path, "string table beyond the end of the file")
+    strtab = m[str_off:str_off + str_sz]
+    parts = strtab.split(b"\0")
+    starts = dict(zip(itertools.accumulate((len(p) + 1 for p in parts), initial=0), parts))
+    names: list[str] = []
+    values: list[int] = []
+    sizes: list[int] = []
+    kinds: list[int] = []
+    for st_name, st_info, _other, st_shndx, st_value, st_size in struct.iter_unpack("<IBBHQQ", m[off:off + sz]):
+        if st_shndx == 0 or st_name == 0 or st_name >= str_sz:
+            continue
+        kind = st_info & 0xF
+        if kind in (3, 4):  # STT_SECTION, STT_FILE
+            continue
+        raw = starts.get(st_name)
+        if raw is None:  # a suffix of another string (the linker shares tails)
+            end = strtab.find(b"\0", st_name)
+            raw = strtab[st_name:end if end >= 0 else str_sz]
+        names.append(raw.decode("ascii", "replace"))
+        values.append(st_value)
+        sizes.append(st_size)
+        kinds.append(kind)
+    return names, values, sizes, kinds
