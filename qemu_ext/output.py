@@ -208,12 +208,14 @@ def save_plot(
     xfmt: Optional[Callable[[float], str]] = None,
     yfmt: Optional[Callable[[float], str]] = None,
     panels: Sequence[dict] = (),
+    marks: Sequence[tuple[str, float, float]] = (),
 ) -> str:
     """Write a PNG with matplotlib (the `plot` extra); return the file written (the path given).
 
     kind: line | step | bar | barh. xfmt/yfmt format the tick labels (use the units of the text
     output: ``duration``, ``count``, ``human_size``). panels: more plots below the first, each a
-    dict of these same arguments (series, xlabel, ylabel, title, logx, kind, xfmt, yfmt).
+    dict of these same arguments (series, xlabel, ylabel, title, logx, kind, xfmt, yfmt, marks).
+    marks: (label, x, y) points marked and labelled on the plot (the sizes a table names).
     A name that is not .png or a directory that does not exist is one clear line (check_plot_path).
     """
     check_plot_path(path)
@@ -226,7 +228,7 @@ def save_plot(
     except ImportError as exc:
         raise NotAvailableError("--plot needs matplotlib: pip install 'virtopt[plot]'") from exc
     specs = [dict(series=series, xlabel=xlabel, ylabel=ylabel, title=title, logx=logx, kind=kind, xfmt=xfmt,
-                  yfmt=yfmt), *panels]
+                  yfmt=yfmt, marks=marks), *panels]
     fig, axes = plt.subplots(len(specs), 1, figsize=(8, 4.5 * len(specs)), dpi=100, squeeze=False)
     try:
         for ax, spec in zip([row[0] for row in axes], specs):
@@ -242,6 +244,9 @@ def save_plot(
                     ax.step(list(xs), list(ys), where="post", label=label)
                 else:
                     ax.plot(list(xs), list(ys), label=label)
+            for label, x, y in spec.get("marks", ()):
+                ax.plot([x], [y], marker="o", linestyle="none", color="black", markersize=5)
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, -10), fontsize="x-small")
             if spec.get("logx"):
                 ax.set_xscale("log", base=2)
             for axis, fmt in ((ax.xaxis, spec.get("xfmt")), (ax.yaxis, spec.get("yfmt"))):

@@ -304,17 +304,10 @@ def write_curve_plot(res: dict, path: str) -> str:
     for s in res["curves"]:
         for p, label in curve_rows(s):
             if label:
-                marks.append((f"{label} ({_hs(p['l2-cache-size'])}, {_hs(s['l2-cache-entry-size'])} entries)",
+                marks.append((f"{label.replace(': every slice fits', '')} {_hs(p['l2-cache-size'])} ({_hs(s['l2-cache-entry-size'])})",
                               p["l2-cache-size"], p["hit-ratio"] * 100))
-    kw: dict[str, Any] = {}
-    import inspect
-
-    if "marks" in inspect.signature(save_plot).parameters:
-        kw["marks"] = marks
-    else:  # each marked size as a one-point series
-        series += [(label, [x], [y]) for label, x, y in marks]
     return save_plot(path, series, xlabel="l2-cache-size", ylabel="hit ratio (%)",
-                     title="qcow2 L2 cache hit ratio", logx=True, xfmt=_hs, yfmt=lambda v: f"{v:.0f}%", **kw)
+                     title="qcow2 L2 cache hit ratio", logx=True, xfmt=_hs, yfmt=lambda v: f"{v:.0f}%", marks=marks)
 
 
 def _cmd_curve(args: argparse.Namespace) -> int:
