@@ -42,6 +42,7 @@ struct vt_scan_out {
     uint64_t n_ids;     /* distinct event ids in use */
     uint64_t n_slow;    /* deltas Python formats (stored up to slow_cap) */
     uint64_t err, err_off, err_val;
+    uint64_t map_bytes; /* what vt_names packs: 12 bytes plus the name per mapping record */
 };
 
 struct vt_prog { /* one event: "NAME " then its arguments */
@@ -108,6 +109,7 @@ int vt_scan(const uint8_t *d, uint64_t size, uint64_t start, struct vt_scan_out 
             if (o->n_map < map_cap)
                 map_off[o->n_map] = pos;
             o->n_map++;
+            o->map_bytes += 12 + (uint64_t)len;
             pos += 20 + (uint64_t)len;
         } else if (type == RECORD_TYPE_EVENT) {
             if (rem < 32)
@@ -154,6 +156,19 @@ int vt_scan(const uint8_t *d, uint64_t size, uint64_t start, struct vt_scan_out 
     o->end = pos;
     o->truncated = pos < size;
     return 0;
+}
+
+/* The mapping records at map_off (found by vt_scan) packed into out: u64 id, u32 len, name.
+ * Returns the bytes written; out has room for all of them (the caller sized it from the records). */
+uint64_t vt_names(const uint8_t *d, const uint64_t *map_off, uint64_t n, uint8_t *out)
+{
+    uint8_t *o = out;
+    for (uint64_t i = 0; i < n; i++) {
+        uint32_t len = ld32(d + map_off[i] + 16);
+        memcpy(o, d + map_off[i] + 8, 12 + (uint64_t)len);
+        o += 12 + (uint64_t)len;
+    }
+    return (uint64_t)(o - out);
 }
 
 /* Arguments of the event record at pos laid out as declared, filling its length exactly? */

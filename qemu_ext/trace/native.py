@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 import sys
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional, Union
@@ -26,14 +27,17 @@ from qemu_ext.trace.header import HEADER_LEN, check_header, delta_text, open_tra
 SRC = Path(__file__).with_name("_render.c")
 NIDS = 65536
 SLOW_CAP = 4096  # deltas Python formats itself; more than that: the numpy path
-OUT_BYTES = 4 << 20  # text rendered per window
+OUT_BYTES = 1 << 20  # text rendered per window
+
+_MAP = struct.Struct("<QI")  # a mapping record's event id and name length, as vt_names packs them
 
 ERR_MAPPING_LEN, ERR_MAPPING_NAME, ERR_EVENT_LEN, ERR_RECORD_TYPE, UNSUPPORTED = 1, 2, 3, 4, 5
 
 
 class ScanOut(ctypes.Structure):
     _fields_ = [(n, ctypes.c_uint64) for n in
-                ("end", "truncated", "n_events", "n_map", "n_ids", "n_slow", "err", "err_off", "err_val")]
+                ("end", "truncated", "n_events", "n_map", "n_ids", "n_slow", "err", "err_off", "err_val",
+                 "map_bytes")]
 
 
 class Prog(ctypes.Structure):
@@ -108,6 +112,8 @@ def library() -> Optional[ctypes.CDLL]:
     lib.vt_unmap.restype = None
     lib.vt_scan.argtypes = [P, u64, u64, ctypes.POINTER(ScanOut), P, u64, P, P, P, u64]
     lib.vt_scan.restype = ctypes.c_int
+    lib.vt_names.argtypes = [P, P, u64, P]
+    lib.vt_names.restype = u64
     lib.vt_check.argtypes = [P, u64, u64, P, P, P, P]
     lib.vt_check.restype = None
     lib.vt_render.argtypes = [P, ctypes.POINTER(State), P, P, P, P, ctypes.c_uint32, P, P, P, u64, P, u64]
@@ -213,17 +219,22 @@ def _decode(lib, data: _Mapped, name: str, choose_events, compat, write) -> Opti
             f"{name}: record at offset {off} has type {so.err_val} (0 mapping or 1 event expected): corrupt trace"
         )
     mapping: dict[int, str] = {}
-    for i in range(int(so.n_map)):
-        off = map_off[i]
-        eid = int.from_bytes(data.bytes_at(off + 8, 8), "little")
-        ln = int.from_bytes(data.bytes_at(off + 16, 4), "little")
-        mapping[eid] = data.bytes_at(off + 20, ln).decode("ascii")
+    n_map = int(so.n_map)
+    packed = ctypes.create_string_buffer(max(1, int(so.map_bytes)))
+    n_packed = lib.vt_names(data.addr, map_off, n_map, packed)
+    raw = packed.raw[:n_packed]
+    pos = 0
+    for _ in range(n_map):
+        eid, ln = _MAP.unpack_from(raw, pos)
+        mapping[eid] = raw[pos + 12 : pos + 12 + ln].decode("ascii")  # vt_scan checked: an identifier
+        pos += 12 + ln
     events = choose_events(list(dict.fromkeys(mapping.values())))
     series = compat or qemu_series(events)
 
     # kinds in the numpy decoder's order (ascending event id, dropped last): same first error
     slots = sorted(ids[i] for i in range(int(so.n_ids)))
-    prog_of = (ctypes.c_int32 * (NIDS + 1))(*([-1] * (NIDS + 1)))
+    prog_of = (ctypes.c_int32 * (NIDS + 1))()
+    ctypes.memset(prog_of, 0xFF, ctypes.sizeof(prog_of))  # -1: no event of that id in the trace
     progs = (Prog * max(1, len(slots)))()
     arg_list: list[Arg] = []
     blob = bytearray()
