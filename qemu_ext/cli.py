@@ -13,10 +13,10 @@ import importlib
 import os
 import sys
 import traceback
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from qemu_ext import __version__
-from qemu_ext.errors import NotAvailableError, VirtoptError
+from qemu_ext.errors import VirtoptError
 
 # group name -> (module implementing it, one-line summary)
 GROUPS: dict[str, tuple[str, str]] = {
@@ -28,7 +28,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "gdb": ("qemu_ext.gdbmi.cli", "run virtopt gdb commands against a QEMU pid and return their data"),
     "inspect": ("qemu_ext.introspect.cli", "read a running QEMU's state without stopping it (drgn), or a core"),
     "doctor": ("qemu_ext.host.doctor_cli", "host and VM tuning checks from /proc and /sys"),
-    "demo": ("qemu_ext.demo", "start a throw-away VM on a fresh qcow2 image and show what virtopt sees"),
+    "demo": ("qemu_ext.demo", "a guided tour on a throw-away VM: what virtopt finds, what to change"),
 }
 
 EPILOG = """\
@@ -48,13 +48,6 @@ Set VIRTOPT_DEBUG=1 to see Python tracebacks.
 """
 
 
-def _not_landed(name: str, reason: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        raise NotAvailableError(f"'virtopt {name}' is not available in this build: {reason}")
-
-    return run
-
-
 def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     """The argparse tree. With ``only``, just that group's module is imported (fast start-up);
     the other groups appear in the top-level help by their summaries."""
@@ -71,16 +64,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
             p = sub.add_parser(name, help=summary, description=summary, add_help=False)
             p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
             continue
-        try:
-            mod = importlib.import_module(modname)
-        except ModuleNotFoundError as exc:
-            if exc.name is None or not modname.startswith(exc.name):
-                raise
-            p = sub.add_parser(name, help=f"{summary} [not available yet]", description=summary)
-            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-            p.set_defaults(func=_not_landed(name, "this capability has not landed yet"))
-            continue
-        mod.register(sub, name, summary)
+        importlib.import_module(modname).register(sub, name, summary)
     return parser
 
 
