@@ -307,6 +307,12 @@ def test_bad_files_give_one_clear_line(qio, tmp_path, path_env):
     assert "not in" in e and "qcow2_" in e
     e = _one_line_error(virtopt("trace", "summary", str(qio["image"]), env=path_env))
     assert "not a trace file" in e
+    if not path_env:  # the events file is read by the same code on both paths
+        for bad_events, words in [(tmp_path / "missing-events", "cannot open {}: No such file or directory"),
+                                  (tmp_path, "cannot open {}: Is a directory"), (empty, "{}: empty file"),
+                                  (qio["trace"], "{}: not a trace-events file (binary data)")]:
+            cp = virtopt("trace", "decode", str(qio["trace"]), "--events", str(bad_events))
+            assert _one_line_error(cp) == "virtopt: " + words.format(bad_events)
 
 
 @PATHS

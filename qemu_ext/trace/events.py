@@ -335,18 +335,31 @@ def parse_events(text: str, filename: str = "<events>") -> EventsFile:
 
 
 def load_events(path: Union[str, os.PathLike]) -> EventsFile:
+    """Read a trace-events(-all) file; CONTRIBUTING.md's one line for each bad condition."""
+    import stat
+
+    from qemu_ext.errors import binary_file, empty_file, not_a_file, open_error
+
     p = Path(path)
     try:
-        size = p.stat().st_size
-        if size > 64 << 20:
-            raise BadInputError(f"{p}: {size} bytes is too large for a trace-events file")
+        st = p.stat()
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(21, os.strerror(21))
+        if not stat.S_ISREG(st.st_mode):
+            raise not_a_file(p)
+        if st.st_size > 64 << 20:
+            raise BadInputError(f"{p}: {st.st_size} bytes is too large for a trace-events file")
         data = p.read_bytes()
     except OSError as exc:
-        raise BadInputError(f"cannot read trace-events file {p}: {exc.strerror or exc}") from None
+        raise open_error(p, exc) from None
+    if not data:
+        raise empty_file(p)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise BadInputError(f"{p}: not a trace-events file (binary data)") from None
+        raise binary_file(p, "trace-events file") from None
+    if "\0" in text:
+        raise binary_file(p, "trace-events file")
     return parse_events(text, str(p))
 
 
