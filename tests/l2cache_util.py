@@ -15,9 +15,11 @@ QEMU_IO = "qemu-io"
 
 
 def qemu_io_trace(
-    image: Path, cmds: Sequence[str], l2_cache_size: Optional[int] = None, entry: Optional[int] = None, extra: str = ""
+    image: Path, cmds: Sequence[str], l2_cache_size: Optional[int] = None, entry: Optional[int] = None, extra: str = "",
+    build=None,
 ) -> tuple[list[W.TraceLookup], str]:
-    """Run qemu-io on image with the commands on stdin and qcow2_cache_* traced: L2 lookups + raw output."""
+    """Run qemu-io on image with the commands on stdin and qcow2_cache_* traced: L2 lookups + raw output.
+    build: a qemu_ext.vm.QemuBuild whose qemu-io runs (default: the one on PATH)."""
     opts = f"driver=qcow2,file.filename={image}"
     if l2_cache_size is not None:
         opts += f",l2-cache-size={l2_cache_size}"
@@ -25,11 +27,12 @@ def qemu_io_trace(
         opts += f",l2-cache-entry-size={entry}"
     opts += extra
     cp = subprocess.run(
-        [QEMU_IO, "-T", "qcow2_cache_*", "--image-opts", opts],
+        [build.io if build is not None else QEMU_IO, "-T", "qcow2_cache_*", "--image-opts", opts],
         input="\n".join([*cmds, "quit"]) + "\n",
         capture_output=True,
         text=True,
         timeout=120,
+        env=build.env() if build is not None else None,
     )
     out = cp.stdout + cp.stderr
     if cp.returncode != 0 or ("qemu-io: " in cp.stderr and "Could not" in cp.stderr):
@@ -44,7 +47,7 @@ def refcount_lookups(out: str) -> int:
 
 
 def simulate_then_run(
-    image: Path, cmds: Sequence[str], l2_cache_size: int, entry: int, tmp: Path
+    image: Path, cmds: Sequence[str], l2_cache_size: int, entry: int, tmp: Path, build=None
 ) -> tuple[dict, list[W.TraceLookup]]:
     """Simulate on the image as it is (read-only), then let qemu-io run the same commands on a copy."""
     cmdfile = tmp / f"cmds-{len(cmds)}-{l2_cache_size}-{entry}.txt"
@@ -57,7 +60,7 @@ def simulate_then_run(
     )
     work = tmp / f"run-{image.name}"
     shutil.copyfile(image, work)
-    trace, out = qemu_io_trace(work, cmds, l2_cache_size, entry)
+    trace, out = qemu_io_trace(work, cmds, l2_cache_size, entry, build=build)
     res["_qemu_refcount_lookups"] = refcount_lookups(out)
     return res, trace
 

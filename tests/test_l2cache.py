@@ -62,6 +62,15 @@ def test_random_reads_match_qemu_lookup_for_lookup(images, tmp_path, l2size, ent
     assert res["lookups"] == len(trace) > 100
 
 
+def test_reads_and_overwrites_match_each_qemu(images, tmp_path, qemu_build):
+    """The same comparison with each QEMU's own qemu-io (7.2 and 10.0): lookup for lookup."""
+    cmds = random_cmds(21, 300, GiB, ops=("read",), sizes=(4096, 65536, 200704))
+    cmds += random_cmds(22, 200, GiB, ops=("read", "write"), sizes=(4096, 65536), regions=USED_REGIONS)
+    res, trace = simulate_then_run(images["used64k"], cmds, 16384, 4096, tmp_path, build=qemu_build)
+    assert res["misses"] == trace_misses(trace) and res["lookups"] == len(trace) > 300
+    assert sequence(res) == trace_sequence(trace)
+
+
 @pytest.mark.parametrize("l2size,entry", [(16384, 4096), (262144, 65536)], ids=["4x4k", "4x64k"])
 def test_overwrites_and_reads_match_qemu_lookup_for_lookup(images, tmp_path, l2size, entry):
     # every write lands inside allocated clusters: in-place overwrites (handle_copied only)
@@ -115,11 +124,11 @@ def test_extended_l2_subclusters_match_qemu(images, tmp_path, l2size, entry):
     assert sequence(res) == trace_sequence(trace)
 
 
-def _capacity_and_entry(image: Path, extra: str) -> tuple[int, int, int]:
+def _capacity_and_entry(image: Path, extra: str, build) -> tuple[int, int, int]:
     """QEMU's L2 cache: capacity (highest entry index + 1), distinct slices touched, and the
     slice granularity of the offsets, from reads that touch every slice of the image."""
     cmds = [f"read {i * 2 * MiB} 512" for i in range(512)]  # 1 GiB in 2 MiB steps
-    trace, _ = qemu_io_trace(image, cmds, extra=extra)
+    trace, _ = qemu_io_trace(image, cmds, extra=extra, build=build)
     gran = 0
     for t in trace:
         gran |= t.offset
@@ -138,16 +147,20 @@ def _capacity_and_entry(image: Path, extra: str) -> tuple[int, int, int]:
     ],
     ids=["defaults", "l2-size-only", "below-minimum", "cache-size-only", "size+entry", "refcount+cache-size"],
 )
-def test_option_resolution_matches_qemu_7_2(images, extra, kw):
-    cap, distinct, gran = _capacity_and_entry(images["used64k"], extra)
-    cfg = O.resolve(65536, GiB, False, qemu_version="7.2", **kw)
+def test_option_resolution_matches_qemu(images, extra, kw, qemu_build):
+    """options.resolve's rules against each real QEMU: what marks 7.2 and 'current' (10.0)
+    verified in options.VERIFIED."""
+    version = "current" if qemu_build.series == "10.0" else "7.2"
+    assert O.VERIFIED[version] is not None
+    cap, distinct, gran = _capacity_and_entry(images["used64k"], extra, qemu_build)
+    cfg = O.resolve(65536, GiB, False, qemu_version=version, **kw)
     e = cfg.l2_cache_entry_size
     assert cap == min(cfg.l2_cache_entries, distinct)
     assert distinct == 2 * 65536 // e  # the image has two L2 tables
     assert gran % e == 0 and (e == 65536 or gran == e)
 
 
-def test_option_errors_are_qemus(images):
+def test_option_errors_are_qemus(images, qemu_build):
     import subprocess
 
     img = images["used64k"]
@@ -157,8 +170,8 @@ def test_option_errors_are_qemus(images):
         (",cache-size=256k,l2-cache-size=512k", {"cache_size": 256 << 10, "l2_cache_size": 512 << 10}),
         (",l2-cache-entry-size=3000", {"l2_cache_entry_size": 3000}),
     ]:
-        cp = subprocess.run(["qemu-io", "--image-opts", f"driver=qcow2,file.filename={img}{extra}", "-c", "quit"],
-                            capture_output=True, text=True)
+        cp = subprocess.run([qemu_build.io, "--image-opts", f"driver=qcow2,file.filename={img}{extra}", "-c", "quit"],
+                            capture_output=True, text=True, env=qemu_build.env())
         assert cp.returncode != 0
         with pytest.raises(Exception) as ei:
             O.resolve(65536, GiB, False, **kw)

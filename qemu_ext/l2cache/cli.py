@@ -15,7 +15,7 @@ examples:
   virtopt l2cache simulate disk.qcow2 --qemu-io cmds.txt --l2-cache-size 1M --l2-cache-entry-size 4k
   virtopt l2cache simulate --virtual-size 1T --pattern uniform --count 100000 --output=json
   virtopt l2cache curve --virtual-size 256G --pattern zipf --read-ratio 0.7
-  virtopt l2cache curve --virtual-size 64T --pattern uniform --count 10000000 --max-memory 16M
+  virtopt l2cache curve --virtual-size 64T --pattern uniform --count 5000000 --entry-sizes 4k --max-memory 8M
   virtopt l2cache recommend disk.qcow2 --pattern hotset --hot-fraction 0.05 --target 0.99
   virtopt l2cache tune /run/vm.qmp --node disk0 --seconds 5 --target 0.95 --apply --output=json
   virtopt l2cache recommend --watch --qmp /run/vm.qmp --node disk0 --seconds 60 --max-memory 64M

@@ -578,6 +578,13 @@ def recommendation(res: dict, qemu_version: str, target: float, image: str = "di
             "options": texts(size, e if _needs_entry_option(cs, vsize, ext, size, e, qemu_version) else None),
         })
     best = min(options, key=lambda o: (o["memory"], -o["l2-cache-entry-size"])) if options else None
+    by_entry = {s["l2-cache-entry-size"]: s["_curve"] for s in res["curves"]}
+    for o in options:
+        # libvirt's cache-size leaves the entry size to QEMU: what that cache gives, when evaluated
+        t = o["options"]
+        le, ls = t.get("libvirt-entry-size"), t.get("libvirt-l2-cache-size")
+        if le in by_entry and ls:
+            t["libvirt-warm-hit-ratio"] = round(by_entry[le].warm_hit_ratio(max(ls // le, O.MIN_L2_CACHE_SIZE)), 6)
     fr = O.resolve(cs, vsize, ext, l2_cache_size=full, qemu_version=qemu_version)
     cur_series = next((s for s in res["curves"] if s["marks"]["current"] is not None), None)
     cur_mark = cur_series["marks"]["current"] if cur_series else None

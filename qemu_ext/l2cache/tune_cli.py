@@ -66,8 +66,10 @@ def render_options(opts: dict[str, Any], entry: Optional[int] = None) -> list[st
     if "libvirt" in opts:
         out.append(f"  libvirt: {opts['libvirt']}")
         if entry is not None and opts.get("libvirt-entry-size") not in (None, entry):
+            got = opts.get("libvirt-warm-hit-ratio")
             out.append(f"    (libvirt sets QEMU's cache-size, the total of both caches; it cannot set "
-                       f"l2-cache-entry-size: QEMU then uses {o.human_size(opts['libvirt-entry-size'])} entries)")
+                       f"l2-cache-entry-size: QEMU then uses {o.human_size(opts['libvirt-entry-size'])} entries"
+                       + (f", warm hit ratio {o.percent(got)})" if got is not None else ")"))
         else:
             out.append("    (libvirt's max_size is QEMU's cache-size, the total of both caches: "
                        "the L2 cache gets all but the refcount cache's 4 clusters)")
