@@ -181,6 +181,23 @@ def test_vm_by_name_non_qemu_dead_pid_and_usage(stock):
     assert cp.returncode == 1 and cp.stderr.startswith("virtopt: no QEMU named 'no-such-vm-name-xyz'")
 
 
+def test_a_qemu_held_by_another_debugger_is_one_line(stock):
+    other = subprocess.Popen(["gdb", "-q", "-nx", "-p", str(stock.pid)], stdin=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while f"TracerPid:\t{other.pid}" not in Path(f"/proc/{stock.pid}/status").read_text():
+            assert time.monotonic() < deadline and other.poll() is None
+            time.sleep(0.02)
+        cp = virtopt("gdb", str(stock.pid), "-c", "info")
+        assert cp.returncode == 1 and cp.stdout == ""
+        assert cp.stderr == (f"virtopt: QEMU {stock.pid} is already traced by process {other.pid} (gdb): a process "
+                             "has one tracer; detach that debugger first\n")
+    finally:
+        other.communicate(b"detach\nquit\n", timeout=60)
+    assert stock.client.cmd("query-status")["status"] == "running"
+
+
 def test_path_is_the_script_a_gdb_sources():
     cp = virtopt("gdb", "--path")
     assert cp.returncode == 0 and cp.stderr == ""

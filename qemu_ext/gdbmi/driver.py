@@ -54,6 +54,7 @@ RUN_CONTROL = frozenset((
     "reverse-step rs reverse-next rn").split())
 
 GRACE_SECONDS = 5.0  # for gdb to answer after being interrupted, before it is killed
+SETUP_SECONDS = 300.0  # reading symbols, loading the pack, attaching: slow on a busy machine, never a user's command
 
 
 def pack_path() -> Path:
@@ -221,6 +222,23 @@ def check_core_exe(core: str, exe: Optional[str]) -> tuple[str, Optional[str], A
     return exe, bid or info.build_id, info
 
 
+def check_not_traced(pid: int) -> None:
+    """One line when another debugger already holds QEMU (ptrace allows one tracer)."""
+    from qemu_ext.host import procfs
+
+    try:
+        tracer = int(procfs.status(pid).get("TracerPid", "0") or 0)
+    except (OSError, ValueError):
+        return
+    if tracer:
+        try:
+            name = procfs.comm(tracer)
+        except OSError:
+            name = "?"
+        raise QemuError(f"QEMU {pid} is already traced by process {tracer} ({name}): a process has one tracer; "
+                        "detach that debugger first")
+
+
 def check_live_exe(pid: int, exe: Optional[str]) -> tuple[str, Optional[str]]:
     """The executable to read QEMU pid's symbols from and its build-id; a given one must match."""
     from qemu_ext.host import procfs
@@ -238,6 +256,19 @@ def check_live_exe(pid: int, exe: Optional[str]) -> tuple[str, Optional[str]]:
                             f"({os.readlink(procfs.proc_path(pid, 'exe'))}); leave --exe out or give the matching "
                             "binary")
     return exe, bid
+
+
+def index_cache_args() -> list[str]:
+    """gdb's index cache in virtopt's cache directory: gdb indexes a debug QEMU's DWARF once per
+    build-id (about 1 s of CPU for QEMU 7.2) and reads the index from there afterwards (0.2 s)."""
+    from qemu_ext.vm import cache_dir
+
+    d = cache_dir() / "gdb-index"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return []
+    return ["-iex", "set index-cache enabled on", "-iex", f"set index-cache directory {d}"]
 
 
 # ---------------------------------------------------------------- the session
@@ -309,6 +340,7 @@ class GdbSession:
             from qemu_ext.host.target import require_qemu
 
             require_qemu(self.pid)  # type: ignore[arg-type]
+            check_not_traced(self.pid)  # type: ignore[arg-type]
             self.exe, self.build_id = check_live_exe(self.pid, self.exe)  # type: ignore[arg-type]
             self._qemu = watchdog.ProcessId.of(self.pid)  # type: ignore[arg-type]
             if self._qemu is None:
@@ -331,20 +363,21 @@ class GdbSession:
             from qemu_ext.gdbmi import watchdog
 
             self._watchdog = watchdog.Watchdog(self._qemu, grace=min(self.timeout, 10.0))
-        self._mi = mi.MiProcess(exe_gdb, ["-iex", "set debuginfod enabled off"])
+        self._mi = mi.MiProcess(exe_gdb, ["-iex", "set debuginfod enabled off", *index_cache_args()])
         self._mi.on_record = self.log.append
         if self._watchdog is not None:
             self._watchdog.gdb_started(self._mi.pid)
         # while QEMU runs: symbols of the executable, the pack, the JSON directory
         self._expect_ok(f"-file-exec-and-symbols {mi.mi_quote(self.exe or '')}", "gdb cannot read the symbols of")
-        ans = self._exchange(f"-interpreter-exec console {mi.mi_quote(f'source {pack}')}")
+        ans = self._exchange(f"-interpreter-exec console {mi.mi_quote(f'source {pack}')}", self._setup_timeout)
         said = "".join(r.text for r in ans.records if r.kind in ("console", "log")).strip()
         if not ans.ok or "did not load" in said:
             raise QemuError(f"the virtopt gdb pack did not load: {ans.message or said.splitlines()[-1]}")
         self._json_dir = tempfile.mkdtemp(prefix="virtopt-gdb-")
-        self.console(f"set virtopt-json-dir {self._json_dir}")
+        self.console(f"set virtopt-json-dir {self._json_dir}", self._setup_timeout)
         if self.core is not None:
-            ans = self._exchange(f"-interpreter-exec console {mi.mi_quote('core-file ' + self.core)}")
+            ans = self._exchange(f"-interpreter-exec console {mi.mi_quote('core-file ' + self.core)}",
+                                 self._setup_timeout)
             if not ans.ok:
                 raise BadInputError(f"gdb cannot open the core {self.core}: {ans.message}")
             self._phase = "command"
@@ -354,19 +387,23 @@ class GdbSession:
         self._phase = "attach"
         self._watchdog.attaching()
         self._attach_t0 = time.monotonic()
-        ans = self._exchange(f"-target-attach {self.pid}")
+        ans = self._exchange(f"-target-attach {self.pid}", self._setup_timeout)
         if not ans.ok:
             raise QemuError(f"gdb cannot attach to QEMU {self.pid}: {ans.message}"
                             + (" (see /proc/sys/kernel/yama/ptrace_scope)" if "not permitted" in (ans.message or "")
                                else ""))
         self.attached = True
         # gdb reads the next command once the attach is complete (QEMU stopped, libraries loaded)
-        self._exchange("-gdb-show confirm")
+        self._exchange("-gdb-show confirm", self._setup_timeout)
         self._phase = "command"
         self._watchdog.commands()
 
+    @property
+    def _setup_timeout(self) -> float:
+        return max(self.timeout, SETUP_SECONDS)
+
     def _expect_ok(self, command: str, what: str) -> None:
-        ans = self._exchange(command)
+        ans = self._exchange(command, self._setup_timeout)
         if not ans.ok:
             raise QemuError(f"{what} {self.exe}: {ans.message}")
 
@@ -407,20 +444,18 @@ class GdbSession:
                 if self._watchdog is not None:
                     self._watchdog.detaching()
                 try:
-                    self._exchange("-target-detach")
+                    self._exchange("-target-detach", max(self.timeout, 30.0))
                     self._paused_until(time.monotonic())
                     if self._watchdog is not None:
                         self._watchdog.detached()
                 except (VirtoptError, mi.MiError):
                     self._give_up()
-            if m.alive() and not self._forced:
-                try:
-                    m.send("-gdb-exit")
-                except mi.MiError:
-                    pass
         finally:
             self._paused_until(time.monotonic())
-            m.close()
+            if m.alive() and not self._forced:
+                m.release()  # detached: gdb's own exit (freeing its symbol tables) is no business of QEMU's
+            else:
+                m.close()
             self._mi = None
 
     def _paused_until(self, t: float) -> None:

@@ -224,6 +224,18 @@ class MiProcess:
         except subprocess.TimeoutExpired:
             return False
 
+    def release(self) -> None:
+        """Tell gdb to exit and do not wait for it (once it detached, its exit is only cleanup):
+        EOF on its stdin, our end of its output closed; Python's subprocess module reaps it later."""
+        try:
+            self.send("-gdb-exit")
+        except MiError:
+            pass
+        self.close_input()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.proc.poll()
+
     def close(self) -> None:
         """Reap gdb and close the pipes (gdb must be gone or going)."""
         self.close_input()
