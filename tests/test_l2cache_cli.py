@@ -215,3 +215,54 @@ def test_hostile_l2_entries_one_line(image, tmp_path):
     cmds.write_text("read 0 4k\n")
     cp = virtopt("l2cache", "simulate", str(bad), "--qemu-io", str(cmds))
     assert cp.returncode == 1 and cp.stderr.count("\n") == 1 and "Traceback" not in cp.stderr
+
+
+def _keys(obj, path=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield f"{path}.{k}", k
+            yield from _keys(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for x in obj:
+            yield from _keys(x, path + "[]")
+
+
+def kebab_only(doc) -> list[str]:
+    """Keys of a JSON document that are not kebab-case (QEMU's convention)."""
+    import re
+
+    return [p for p, k in _keys(doc) if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", k)]
+
+
+@pytest.mark.parametrize("args", [
+    ["simulate", "--virtual-size", "1G", "--count", "500", "--output=json"],
+    ["simulate", "IMAGE", "--qemu-io", "CMDS", "--detailed", "--output=json"],
+    ["curve", "--virtual-size", "64G", "--count", "3000", "--target", "0.9", "--output=json"],
+    ["curve", "--virtual-size", "64T", "--count", "20000", "--entry-sizes", "4k", "--max-memory", "1M", "--output=json"],
+    ["recommend", "--virtual-size", "64G", "--pattern", "hotset-scan", "--count", "3000", "--output=json"],
+])
+def test_json_keys_are_kebab_case_and_ratios_fractions(capsys, image, tmp_path, args):
+    cmds = tmp_path / "c.txt"
+    cmds.write_text("read 0 4k\nwrite 1M 64k\nread 600M 8k\n")
+    args = [str(image) if a == "IMAGE" else str(cmds) if a == "CMDS" else a for a in args]
+    code, out, err = _run(capsys, *args)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert kebab_only(doc) == []
+    ratios = [v for p, k in _keys(doc) if k.endswith("hit-ratio") for v in [_get(doc, p)] if v is not None]
+    assert ratios and all(0.0 <= r <= 1.0 for r in ratios)
+
+
+def _get(doc, path):
+    cur = [doc]
+    for part in path.strip(".").split("."):
+        nxt = []
+        for c in cur:
+            name = part.replace("[]", "")
+            v = c.get(name) if isinstance(c, dict) else None
+            if part.endswith("[]") and isinstance(v, list):
+                nxt.extend(v)
+            elif v is not None:
+                nxt.append(v)
+        cur = nxt
+    return cur[0] if cur else None

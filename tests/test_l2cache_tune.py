@@ -195,6 +195,9 @@ def test_apply_raises_the_measured_warm_hit_ratio_to_the_target(vmt, tmp_path):
     r = json.loads(cp.stdout)
     for key in ("before", "predicted", "recommended-l2-cache-size", "applied", "after"):
         assert key in r
+    from test_l2cache_cli import kebab_only
+
+    assert kebab_only(r) == []
     b, a = r["before"], r["after"]
     assert r["node"]["l2-cache-size"] == 131072 and r["node"]["settings-source"] == "command line"
     # 32 entries for 100 slices read in turn: every re-reference misses; QEMU's own count
