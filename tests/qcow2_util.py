@@ -235,3 +235,106 @@ def build_metadata_edits(d: Path) -> dict[str, Path]:
         _rw(p, off, ">Q", fn(_rw(p, off, ">Q")))
         out[name] = p
     return out
+
+
+# ------------------------------------------------------------------ QEMU's hostile-image iotests
+IOTESTS_DATA = Path(__file__).resolve().parent / "iotests-data"
+
+
+def build_iotest_images(out: Path, qemu_img: str = "qemu-img", qemu_io: str = "qemu-io",
+                        env: dict | None = None, only: str = "*") -> dict[str, Path]:
+    """Run tests/iotests-data/NNN.sh (QEMU 7.2's iotests' own image-building lines, with common.sh's
+    poke_file/_make_test_img/qcow2.py) and return every image they leave, by case name."""
+    import os
+
+    out.mkdir(parents=True, exist_ok=True)
+    base_env = dict(env if env is not None else os.environ)
+    for script in sorted(IOTESTS_DATA.glob(f"{only}.sh")):
+        if script.name == "common.sh":
+            continue
+        e = dict(base_env, OUT=str(out), QEMU_IMG=qemu_img, QEMU_IO=qemu_io, TEST_NUMBER=script.stem)
+        cp = run(["bash", "-c", f'source "{IOTESTS_DATA / "common.sh"}" && source "{script}"'], env=e, cwd=out,
+                 check=False, text=False)
+        assert cp.returncode == 0, f"{script.name}: {cp.stderr[-2000:]!r}"
+    return {d.name: d / "t.qcow2" for d in sorted(out.iterdir()) if (d / "t.qcow2").is_file()}
+
+
+# ------------------------------------------------------------------ virtopt in-process, qemu-img as the oracle
+def vo(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
+    """`virtopt ARGS` run in this process (the real argument parser and error handling): (exit, stdout, stderr)."""
+    import contextlib
+    import io
+    import os
+
+    from qemu_ext.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(list(args))
+    finally:
+        os.chdir(old)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def qemu_reason(stderr: str) -> str:
+    """What qemu-img says went wrong, without its prefixes: the qcow2 corruption message, or the
+    reason after "Could not open 'FILE': ", or its last error line."""
+    import re
+
+    m = re.search(r"qcow2: (?:Image is corrupt|Marking image as corrupt): (.*?); further", stderr)
+    if m:
+        return m.group(1)
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("qemu-img: ")]
+    if not lines:
+        return stderr.strip()
+    last = lines[-1][len("qemu-img: "):]
+    m = re.match(r"Could not open '[^']*': (.*)", last)
+    return m.group(1) if m else last
+
+
+def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    import os
+
+    out, pos = [], 0
+    while pos < size:
+        try:
+            d = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            break
+        h = os.lseek(fd, d, os.SEEK_HOLE)
+        out.append((d, h))
+        pos = h
+    return out
+
+
+def files_equal(a: Path, b: Path) -> bool:
+    """Two (sparse) files hold the same bytes: holes read as zeros, ranges that are holes in both
+    are not read at all."""
+    import bisect
+    import os
+
+    sa, sb = a.stat().st_size, b.stat().st_size
+    if sa != sb:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        ext = [_data_extents(f.fileno(), sa) for f in (fa, fb)]
+        marks = sorted({0, sa, *(x for e in ext for d, h in e for x in (d, h) if x <= sa)})
+
+        def in_data(e: list[tuple[int, int]], pos: int) -> bool:
+            i = bisect.bisect_right([d for d, _ in e], pos) - 1
+            return i >= 0 and e[i][0] <= pos < e[i][1]
+
+        for lo, hi in zip(marks, marks[1:]):
+            if not (in_data(ext[0], lo) or in_data(ext[1], lo)):
+                continue
+            pos = lo
+            while pos < hi:
+                n = min(hi - pos, 8 << 20)
+                if os.pread(fa.fileno(), n, pos) != os.pread(fb.fileno(), n, pos):
+                    return False
+                pos += n
+    return True

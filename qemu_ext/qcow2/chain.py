@@ -8,17 +8,35 @@ from typing import Any, Optional
 
 from qemu_ext.errors import BadInputError, NotAvailableError
 from qemu_ext.qcow2 import format as F
-from qemu_ext.qcow2.image import PathLike, Qcow2Image
+from qemu_ext.qcow2.image import OpenError, OpenMode, PathLike, Qcow2Image, open_file
 
 MAX_CHAIN = 256
+# QEMU's block drivers (7.2 and 10.0 as Debian builds them): a backing format outside this list is
+# "Unknown driver"; one inside it that is neither qcow2 nor raw is a format virtopt does not read.
+QEMU_DRIVERS = frozenset("""blkdebug blklogwrites blkreplay blkverify bochs cloop compress copy-before-write
+copy-on-read dmg file ftp ftps gluster host_cdrom host_device http https io_uring iscsi iser luks nbd nfs
+null-aio null-co nvme nvme-io_uring parallels preallocate qcow qcow2 qed quorum raw rbd replication
+snapshot-access ssh throttle vdi vhdx vmdk vpc vvfat""".split())
+RAW_LIKE = frozenset({"raw", "file", "host_device"})  # read as the guest disk byte for byte
+
+
+def path_has_protocol(name: str) -> bool:
+    """QEMU's path_has_protocol(): a ':' before any '/' ("nbd:host:10809", "json:{...}")."""
+    i = len(name)
+    for j, ch in enumerate(name):
+        if ch in ":/":
+            i = j
+            break
+    return i < len(name) and name[i] == ":"
 
 
 def path_combine(base: str, name: str) -> str:
-    """QEMU's path_combine(): a relative backing name is relative to the overlay's directory."""
-    if os.path.isabs(name) or "://" in name:
+    """bdrv_get_full_backing_filename_from_filename() / path_combine(): a relative backing name is
+    relative to the overlay's directory; absolute names and protocol names stay as they are."""
+    if path_has_protocol(name) or os.path.isabs(name):
         return name
-    d = os.path.dirname(base)
-    return os.path.join(d, name) if d else name
+    d = base[: base.rfind("/") + 1]
+    return d + name
 
 
 @dataclass
@@ -62,62 +80,64 @@ class Chain:
             layer.close()
 
 
-def _probe(path: str) -> str:
+def _probe(fd: int) -> str:
+    """bdrv_probe_all() for the formats virtopt reads: qcow2 by its magic, anything else raw."""
+    return "qcow2" if os.pread(fd, 4, 0) == F.QCOW_MAGIC else "raw"
+
+
+def _open_layer(filename: str, fmt: Optional[str], mode: OpenMode, compat: tuple[int, int]) -> Layer:
+    if fmt is not None and fmt not in QEMU_DRIVERS:
+        raise OpenError(filename, f"Unknown driver '{fmt}'")
+    if fmt is not None and fmt != "qcow2" and fmt not in RAW_LIKE:
+        raise NotAvailableError(f"{filename}: backing format {fmt!r} is not supported (qcow2 and raw are)")
     try:
-        with open(path, "rb") as f:
-            return "qcow2" if f.read(4) == F.QCOW_MAGIC else "raw"
-    except OSError as exc:
-        raise BadInputError(f"{path}: cannot open: {exc.strerror}") from None
-
-
-def _open_layer(filename: str, fmt: Optional[str]) -> Layer:
-    fmt = fmt or _probe(filename)
-    if fmt == "qcow2":
-        img = Qcow2Image(filename)
+        fd, length = open_file(filename)
+    except BadInputError as exc:  # QEMU's words for a file it cannot open
+        text = str(exc)
+        prefix = f"cannot open {filename}: "
+        raise OpenError(filename, f"Could not open '{filename}': {text[len(prefix):]}"
+                        if text.startswith(prefix) else text) from None
+    if (fmt or _probe(fd)) == "qcow2":
+        os.close(fd)
+        img = Qcow2Image(filename, mode, compat)
         return Layer(filename, "qcow2", img.virtual_size, img=img, file_size=img.file_size)
-    if fmt == "raw":
-        try:
-            fd = os.open(filename, os.O_RDONLY)
-        except OSError as exc:
-            raise BadInputError(f"{filename}: cannot open: {exc.strerror}") from None
-        size = os.fstat(fd).st_size
-        return Layer(filename, "raw", size, fd=fd, file_size=size)
-    raise NotAvailableError(f"{filename}: backing format {fmt!r} is not supported (qcow2 and raw are)")
+    # a raw layer's size is the file's, in whole sectors (bdrv_getlength)
+    return Layer(filename, "raw", F.align_up(length, 512), fd=fd, file_size=length)
 
 
-def open_chain(path: PathLike, follow_backing: bool = True, snapshot: Optional[str] = None) -> Chain:
-    """Open path and (unless follow_backing is False) its whole backing chain.
+def open_chain(path: PathLike, follow_backing: bool = True, snapshot: Optional[str] = None,
+               mode: OpenMode = OpenMode.IO, compat: tuple[int, int] = (10, 0)) -> Chain:
+    """Open path as qemu-img opens it for ``mode`` and (unless follow_backing is False) its whole
+    backing chain, each backing file by the name and format its overlay records (relative names
+    relative to the overlay, the format probed when none is recorded).
 
     snapshot: id or name of an internal snapshot of the top image whose L1 table (and disk size)
     replace the active ones, as `qemu-img convert -l` does."""
     filename = os.fspath(path)
     layers: list[Layer] = []
     seen: set[str] = set()
-    fmt: Optional[str] = None
+    fmt: Optional[str] = "qcow2"
     try:
         while True:
-            if "\0" in filename or not filename:
-                raise BadInputError(f"{layers[-1].filename if layers else filename!r}: invalid backing file name "
-                                    f"{filename!r}")
-            if "://" in filename or filename.startswith("json:"):
-                raise NotAvailableError(f"backing file {filename!r}: only local files are supported")
+            if len(layers) >= MAX_CHAIN:
+                raise BadInputError(f"{filename}: backing chain longer than {MAX_CHAIN} images")
+            if layers and path_has_protocol(filename):  # nbd:, json:{...}, http://...: QEMU would connect
+                raise OpenError(layers[0].filename, f"Could not open backing file: {filename!r}: virtopt reads "
+                                "local backing files only")
             real = os.path.realpath(filename)
             if real in seen:
                 raise BadInputError(f"{filename}: backing chain loops (the file is already in the chain)")
-            if len(layers) >= MAX_CHAIN:
-                raise BadInputError(f"{filename}: backing chain longer than {MAX_CHAIN} images")
             seen.add(real)
-            if not os.path.exists(filename):
-                if layers:
-                    raise BadInputError(f"{layers[-1].filename}: could not open backing file {filename!r}: no such file")
-                raise BadInputError(f"{filename}: no such file")
-            layer = _open_layer(filename, fmt if layers else "qcow2")
+            try:
+                layer = _open_layer(filename, fmt, mode, compat)
+            except OpenError as exc:
+                if not layers:
+                    raise
+                raise OpenError(layers[0].filename, f"Could not open backing file: {exc.reason}") from None
             layers.append(layer)
             img = layer.img
             if not follow_backing or img is None or not img.backing_file:
                 break
-            if img.has_data_file and img.backing_file:
-                pass
             fmt = img.backing_format
             filename = path_combine(layer.filename, img.backing_file)
         if snapshot is not None:

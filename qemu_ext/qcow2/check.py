@@ -11,15 +11,27 @@ is listed with the cluster, what is wrong and which table points there.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import numpy as np
 
+from qemu_ext.errors import BadInputError
 from qemu_ext.qcow2 import format as F
+from qemu_ext.qcow2.chain import open_chain
 from qemu_ext.qcow2.entries import ClusterType, cluster_types, compressed_span
-from qemu_ext.qcow2.image import PathLike, ProgressFactory, Qcow2Image, open_image, start_bar
+from qemu_ext.qcow2.image import (
+    BDRV_MAX_LENGTH,
+    INT_MAX,
+    OpenError,
+    OpenMode,
+    PathLike,
+    ProgressFactory,
+    Qcow2Image,
+    start_bar,
+)
 
 MAX_PROBLEMS = 10000
 CHUNK_BYTES = 2 << 20  # L2 tables decoded per step: small enough to stay in cache
@@ -39,6 +51,14 @@ class Problem:
     table: Optional[str] = None  # which table (and entry) points there
     guest_offset: Optional[int] = None
     referrers: Optional[list[str]] = None  # for refcount mismatches: every reference found to the cluster
+
+
+class CheckFailed(BadInputError):
+    """qemu-img check gave up (qcow2_co_check returned an error): no counts, exit 1. The message is
+    what QEMU printed about it, then qemu-img's own "Check failed: STRERROR"."""
+
+    def __init__(self, img: Qcow2Image, detail: str, err: int) -> None:
+        super().__init__(f"{img.path}: {detail} (Check failed: {os.strerror(err)})")
 
 
 @dataclass
@@ -304,7 +324,9 @@ class _Checker:
         if not l1_size:
             return
         self.inc1(l1_offset, l1_size * 8, f"header ({label} L1 table)")
-        l1 = np.frombuffer(img.pread_zero_padded(l1_offset, l1_size * 8), dtype=">u8").astype(np.uint64)
+        if l1_offset > BDRV_MAX_LENGTH or l1_size * 8 > BDRV_MAX_LENGTH - l1_offset:  # bdrv_pread() fails
+            raise CheckFailed(img, "ERROR: I/O error in check_refcounts_l1", errno.EIO)
+        l1 = img.read_be64_prefix(l1_offset, l1_size)  # past the end of the file: zeros, nothing to check
         used = np.nonzero(l1)[0]
         if not len(used):
             return
@@ -330,9 +352,13 @@ class _Checker:
                 )
             if active:
                 self.check_l1_copied(sel, offs, l1_copied[s : s + chunk], l1[sel])
-            tabs = img.read_l2_tables(offs.astype(np.uint64), reuse=True)
-            self.check_l2_chunk(L2Chunk(sel, offs, tabs[:, :, 0] if ext else tabs, tabs[:, :, 1] if ext else None,
-                                        label, active, n_entries, cs))
+            inside = offs < self.file_len  # a table past the end of the file reads as zeros: nothing in it
+            if not inside.all():
+                sel, offs = sel[inside], offs[inside]
+            if len(sel):
+                tabs = img.read_l2_tables(offs.astype(np.uint64), reuse=True)
+                self.check_l2_chunk(L2Chunk(sel, offs, tabs[:, :, 0] if ext else tabs,
+                                            tabs[:, :, 1] if ext else None, label, active, n_entries, cs))
             if self.bar is not None:
                 self.bar.update(len(sel))
 
@@ -486,6 +512,22 @@ class _Checker:
                 table=f"active L1 entry {int(sel[i])}",
             )
 
+    def read_snapshot_table(self) -> list[Any]:
+        """qcow2_check_read_snapshot_table(): the table is validated and read by the check; what
+        fails there ends the check (qemu-img: "Check failed: ...")."""
+        img = self.img
+        h = img.header
+        try:
+            img.validate_table(h.snapshots_offset, h.nb_snapshots, F.SNAPSHOT_HEADER_SIZE,
+                               F.SNAPSHOT_HEADER_SIZE * F.QCOW_MAX_SNAPSHOTS, "snapshot table")
+        except OpenError as exc:
+            raise CheckFailed(img, f"ERROR {exc.reason}",
+                              errno.EFBIG if exc.reason.endswith("too large") else errno.EINVAL) from None
+        try:
+            return img.snapshots()
+        except OpenError as exc:
+            raise CheckFailed(img, f"ERROR failed to read the snapshot table: {exc.reason}", errno.EFBIG) from None
+
     # -------------------------------------------------------------- the rest of the metadata
     def check_bitmaps(self) -> None:
         img = self.img
@@ -617,9 +659,11 @@ class _Checker:
     def run(self) -> CheckResult:
         img = self.img
         h = img.header
-        self.res.total_clusters = (((h.size + 511) // 512 * 512) + self.cs - 1) >> self.cb
-        # snapshot table sanity (qcow2_check_read_snapshot_table)
-        snaps = img.snapshots()
+        # bfi.total_clusters: clusters of the virtual disk (bs->total_sectors, whole sectors)
+        self.res.total_clusters = (img.virtual_size + self.cs - 1) >> self.cb
+        snaps = self.read_snapshot_table()
+        if self.file_clusters > INT_MAX:  # qcow2_check_refcounts()
+            raise CheckFailed(img, f"{self.file_clusters} clusters in the file, more than QEMU checks", errno.EFBIG)
         if h.version >= 3:
             for sn in snaps:
                 if sn.extra_data_size < 16:
@@ -664,8 +708,11 @@ class _Checker:
 
 
 def check_image(path: PathLike, progress: Optional[ProgressFactory] = None) -> CheckResult:
-    """Check a qcow2 image read-only, like `qemu-img check` (no repair)."""
-    with open_image(path) as img:
+    """Check a qcow2 image read-only, like `qemu-img check` (no repair): opened as qemu-img check
+    opens it (BDRV_O_CHECK, with its backing chain), then qcow2_co_check_locked()."""
+    with open_chain(path, mode=OpenMode.CHECK) as chain:
+        img = chain.layers[0].img
+        assert img is not None
         res = _Checker(img, os.fspath(path), progress).run()
         # which tables point at the clusters whose refcount is wrong: a second, targeted pass
         clusters = sorted({p.cluster for p in res.problems

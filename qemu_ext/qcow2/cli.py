@@ -80,7 +80,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     compat = _compat(args)
     infos = image_info(args.image, backing_chain=args.backing_chain, with_extras=not args.qemu_only,
-                       progress=_progress_wanted())
+                       progress=_progress_wanted(), compat=compat)
     if args.output == "json":
         ordered = []
         for d in infos:  # qemu-img's own key order for its fields, then ours
@@ -189,6 +189,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     _tune_malloc()
     from qemu_ext.qcow2.data import convert_to_raw
 
+    if args.out == "-":  # raw on standard output, as `read` writes it
+        if sys.stdout.isatty():
+            raise BadInputError("refusing to write a raw disk to a terminal; redirect stdout")
+        sys.stdout.flush()
+        convert_to_raw(args.image, sys.stdout.fileno(), progress=_progress_wanted(), snapshot=args.snapshot)
+        return 0
     size = convert_to_raw(args.image, args.out, progress=_progress_wanted(), snapshot=args.snapshot)
     if args.output == "json":
         print_json({"filename": args.image, "output": args.out, "virtual-size": size})

@@ -10,7 +10,8 @@ from qemu_ext.errors import BadInputError
 from qemu_ext.qcow2 import DUMP_STRUCTURES
 from qemu_ext.qcow2 import format as F
 from qemu_ext.qcow2.entries import ClusterType, cluster_type
-from qemu_ext.qcow2.image import PathLike, Qcow2Image, Snapshot, open_image
+from qemu_ext.qcow2.image import OpenMode, PathLike, Qcow2Image, open_image
+from qemu_ext.qcow2.snapshots import Snapshot
 
 U = np.uint64
 WHAT = DUMP_STRUCTURES
@@ -39,7 +40,7 @@ def dump(path: PathLike, what: str, l1_index: Optional[int] = None, snapshot: Op
     """Decoded structure `what` (one of WHAT) of an image, as plain data."""
     if what not in WHAT:
         raise BadInputError(f"unknown structure {what!r}; choose from {', '.join(WHAT)}")
-    with open_image(path) as img:
+    with open_image(path, OpenMode.INFO) as img:
         h = img.header
         cs = img.cluster_size
         if what == "header":

@@ -1,29 +1,51 @@
-"""A read-only qcow2 image: header, extensions, snapshots, bitmaps and bulk table decoding.
+"""A read-only qcow2 image, opened the way QEMU opens it.
 
-Every size read from the file is checked against the file size (and QEMU's own
-limits) before anything is allocated from it, so hostile images give one
-`BadInputError` line and bounded memory.  Large tables (L1, L2, refcount table
-and blocks) are decoded with numpy in one go per table.
+``Qcow2Image(path, mode)`` follows block/qcow2.c qcow2_do_open() step by step (QEMU 7.2 and 10.0
+agree on every rule here unless said otherwise): the header, the feature bits, the table limits
+(qcow2_validate_table), the header extensions (qcow2_read_extensions), the backing file name, the
+snapshot table (qcow2-snapshot.c qcow2_do_read_snapshots, snapshots.py) and the persistent
+bitmaps (qcow2-bitmap.c qcow2_load_dirty_bitmaps, bitmaps.py). An image QEMU refuses to open is
+refused with QEMU's reason (``OpenError``); one it opens is opened.
+
+Like QEMU's file driver, bytes past the end of the file read as zeros, but nothing past the end is
+materialised: tables are read up to the end of the file and the rest is known to be zeros, so
+memory follows the file, not the header's fields. Large tables (L1, L2, refcount table and blocks)
+are decoded with numpy.
+
+The mode is what qemu-img opens the image for:
+- ``INFO`` (qemu-img info: BDRV_O_NO_IO | BDRV_O_NO_BACKING) - the external data file is not
+  opened and an encrypted image needs no key;
+- ``CHECK`` (qemu-img check: BDRV_O_CHECK) - an empty refcount table is accepted and the snapshot
+  table is left to the check (qcow2_check_read_snapshot_table);
+- ``IO`` (map, convert, read) - everything, as for guest I/O.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import stat
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
-from construct import ConstructError
 
-from qemu_ext.errors import BadInputError, NotAvailableError
+from qemu_ext.errors import BadInputError, empty_file, not_a_file, open_error
 from qemu_ext.qcow2 import format as F
 
 PathLike = Union[str, os.PathLike]
 # A progress-bar factory the front door may pass: (total, desc, unit=, unit_scale=) -> bar with
 # update(n) and close() (qemu_ext.output.progress is one). The library never draws anything itself.
 ProgressFactory = Callable[..., Any]
+
+U64 = (1 << 64) - 1
+INT64_MAX = (1 << 63) - 1
+INT_MAX = (1 << 31) - 1
+# bdrv_check_request(): no request may reach past BDRV_MAX_LENGTH (include/block/block_int-common.h)
+BDRV_MAX_LENGTH = INT64_MAX & ~((1 << 30) - 1)
 
 
 class _NoBar:
@@ -40,6 +62,25 @@ def start_bar(progress: Optional[ProgressFactory], total: Optional[int], desc: s
     if not progress:
         return _NoBar()
     return progress(total, desc, unit=unit, unit_scale=unit_scale)
+
+
+class OpenMode(Enum):
+    INFO = "info"
+    CHECK = "check"
+    IO = "io"
+
+
+class OpenError(BadInputError):
+    """QEMU refuses to open the image: ``PATH: REASON`` with qemu-img's reason text."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.reason = reason
+
+
+def c_hex(v: int) -> str:
+    """printf's %#x: 0x1f, but 0 for zero (as QEMU's messages print offsets)."""
+    return f"{v:#x}" if v else "0"
 
 
 @dataclass
@@ -91,83 +132,35 @@ class Extension:
     data: bytes
 
     def as_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"type": f"0x{self.type:08x}", "name": self.name, "offset": self.offset, "length": self.length}
+        d: dict[str, Any] = {"type": f"0x{self.type:08x}", "name": self.name, "offset": self.offset,
+                             "length": self.length}
         if self.type in (F.EXT_BACKING_FORMAT, F.EXT_DATA_FILE):
-            d["value"] = self.data.decode("utf-8", "replace")
+            d["value"] = cstr(self.data)
         elif self.type == F.EXT_FEATURE_TABLE:
-            d["features"] = [
-                {"type": F.FEATURE_TYPES.get(t, str(t)), "bit": b, "name": n} for t, b, n in decode_feature_table(self.data)
-            ]
+            d["features"] = [{"type": F.FEATURE_TYPES.get(t, str(t)), "bit": b, "name": n}
+                             for t, b, n in decode_feature_table(self.data)]
         elif self.type == F.EXT_BITMAPS and len(self.data) >= F.BITMAPS_EXTENSION_SIZE:
             bx = F.BitmapsExtension.parse(self.data[: F.BITMAPS_EXTENSION_SIZE])
-            d.update(nb_bitmaps=bx.nb_bitmaps, bitmap_directory_size=bx.bitmap_directory_size,
-                     bitmap_directory_offset=bx.bitmap_directory_offset)
+            d.update({"nb-bitmaps": bx.nb_bitmaps, "bitmap-directory-size": bx.bitmap_directory_size,
+                      "bitmap-directory-offset": bx.bitmap_directory_offset})
         elif self.type == F.EXT_CRYPTO_HEADER and len(self.data) >= F.CRYPTO_HEADER_EXTENSION_SIZE:
             cx = F.CryptoHeaderExtension.parse(self.data[: F.CRYPTO_HEADER_EXTENSION_SIZE])
-            d.update(crypto_header_offset=cx.offset, crypto_header_length=cx.length)
+            d.update({"crypto-header-offset": cx.offset, "crypto-header-length": cx.length})
         else:
             d["data"] = self.data.hex()
         return d
 
 
-@dataclass
-class Snapshot:
-    """One internal snapshot: its table entry and where it points."""
-
-    index: int
-    entry_offset: int
-    id: str
-    name: str
-    l1_table_offset: int
-    l1_size: int
-    date_sec: int
-    date_nsec: int
-    vm_clock_nsec: int
-    vm_state_size: int
-    disk_size: int
-    icount: int  # -1 when icount was disabled
-    extra_data_size: int
-    extra_data: bytes = b""
-
-    def as_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if k != "extra_data"}
-        d["extra_data"] = self.extra_data.hex()
-        return d
-
-
-@dataclass
-class Bitmap:
-    """One persistent bitmap directory entry."""
-
-    entry_offset: int
-    name: str
-    bitmap_table_offset: int
-    bitmap_table_size: int
-    flags: int
-    type: int
-    granularity_bits: int
-    extra_data_size: int
-
-    @property
-    def granularity(self) -> int:
-        return 1 << self.granularity_bits
-
-    @property
-    def flag_names(self) -> list[str]:
-        return [n for bit, n in F.BME_FLAG_NAMES.items() if self.flags & bit]
-
-    def as_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items()}
-        d["granularity"] = self.granularity
-        d["flag_names"] = self.flag_names
-        return d
+def cstr(b: bytes) -> str:
+    """A C string from a buffer: up to the first NUL (QEMU reads names into NUL-terminated strings)."""
+    return b.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
 def decode_feature_table(data: bytes) -> list[tuple[int, int, str]]:
     out = []
     for i in range(len(data) // F.FEATURE_NAME_ENTRY_SIZE):
         e = F.FeatureNameEntry.parse(data[i * F.FEATURE_NAME_ENTRY_SIZE : (i + 1) * F.FEATURE_NAME_ENTRY_SIZE])
-        out.append((e.type, e.bit, e.name.split(b"\0", 1)[0].decode("utf-8", "replace")))
+        out.append((e.type, e.bit, cstr(e.name)))
     return out
 
 
@@ -180,26 +173,62 @@ class Features:
     autoclear: list[str] = field(default_factory=list)
 
 
-class Qcow2Image:
-    """A qcow2 image opened read-only.  Use as a context manager (``open_image``)."""
+def unsupported_features(data: Optional[bytes], mask: int) -> str:
+    """report_unsupported_feature() (block/qcow2.c): the feature table's names of the unknown
+    incompatible bits in table order (up to the first nameless entry), then the rest in hex."""
+    names = []
+    if data is not None:
+        data += bytes(2 * F.FEATURE_NAME_ENTRY_SIZE)  # QEMU reads the table into a zeroed, longer buffer
+        for i in range(len(data) // F.FEATURE_NAME_ENTRY_SIZE):
+            e = data[i * F.FEATURE_NAME_ENTRY_SIZE : (i + 1) * F.FEATURE_NAME_ENTRY_SIZE]
+            if e[2] == 0:
+                break
+            bit = 1 << (e[1] & 63)  # x86 shifts by the count modulo 64
+            if e[0] == 0 and mask & bit:
+                names.append(e[2:48].split(b"\0", 1)[0].decode("latin-1"))
+                mask &= ~bit
+    if mask:
+        names.append(f"Unknown incompatible feature: {mask:x}")
+    return "Unsupported qcow2 feature(s): " + ", ".join(names)
 
-    def __init__(self, path: PathLike) -> None:
+
+def open_file(path: PathLike) -> tuple[int, int]:
+    """(fd, length) of a regular file or block device opened read-only. A FIFO, socket or character
+    device is refused at once: it is opened non-blocking (a FIFO without a writer would hang)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise open_error(path, exc) from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise open_error(path, OSError(errno.EISDIR, os.strerror(errno.EISDIR)))
+        if stat.S_ISBLK(st.st_mode):  # qcow2 on an LV or a disk: its size is where it ends
+            length = os.lseek(fd, 0, os.SEEK_END)
+        elif stat.S_ISREG(st.st_mode):
+            length = st.st_size
+        else:
+            raise not_a_file(path)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, length
+
+
+class Qcow2Image:
+    """A qcow2 image opened read-only (see the module docstring). Use as a context manager."""
+
+    def __init__(self, path: PathLike, mode: OpenMode = OpenMode.IO, compat: tuple[int, int] = (10, 0)) -> None:
         self.path = Path(path)
+        self.mode = mode
+        self.compat = compat
+        self._fd = -1
+        self._fd, self.file_size = open_file(path)
         try:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        except OSError as exc:
-            raise BadInputError(f"{path}: cannot open: {exc.strerror}") from None
-        try:
-            st = os.fstat(self._fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise BadInputError(f"{path}: is a directory, not an image")
-            if stat.S_ISBLK(st.st_mode):  # qcow2 on an LV or a disk: its size is where it ends
-                self.file_size = os.lseek(self._fd, 0, os.SEEK_END)
-            elif stat.S_ISREG(st.st_mode):
-                self.file_size = st.st_size
-            else:
-                raise BadInputError(f"{path}: not a regular file or block device")
-            self._parse()
+            if self.file_size == 0:
+                raise empty_file(path)
+            self._do_open()
         except BaseException:
             self.close()
             raise
@@ -220,6 +249,9 @@ class Qcow2Image:
     def bad(self, msg: str) -> BadInputError:
         return BadInputError(f"{self.path}: {msg}")
 
+    def refuse(self, reason: str) -> OpenError:
+        return OpenError(self.path, reason)
+
     def pread(self, offset: int, length: int, what: str) -> bytes:
         """Read exactly length bytes at offset, refusing anything past the end of the file."""
         if offset < 0 or length < 0 or offset + length > self.file_size:
@@ -232,129 +264,231 @@ class Qcow2Image:
         return data
 
     def pread_zero_padded(self, offset: int, length: int) -> bytes:
-        """Read like QEMU's file driver does: bytes past the end of the file read as zeros."""
+        """Read like QEMU's file driver does: bytes past the end of the file read as zeros.
+        Only for short reads (headers, entries): tables use read_be64_prefix()."""
         if offset >= self.file_size:
             return bytes(length)
         data = os.pread(self._fd, min(length, self.file_size - offset), offset)
         return data + bytes(length - len(data))
 
+    def read_be64_prefix(self, offset: int, count: int) -> np.ndarray:
+        """The first entries of a table of count big-endian u64 at offset, up to the end of the file
+        (the entries past it read as zeros in QEMU: they are left out, callers treat them as 0)."""
+        n = max(0, min(count, (self.file_size - offset) // 8)) if offset < self.file_size else 0
+        if not n:
+            return np.zeros(0, dtype=np.uint64)
+        raw = os.pread(self._fd, n * 8, offset)
+        return np.frombuffer(raw[: len(raw) // 8 * 8], dtype=">u8").astype(np.uint64)
+
     def read_be64_array(self, offset: int, count: int, what: str) -> np.ndarray:
         raw = self.pread(offset, count * 8, what)
         return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
 
-    # ------------------------------------------------------------ header
-    def _parse(self) -> None:
-        if self.file_size < 4:
-            raise self.bad("not a qcow2 image (file too short)")
-        head = os.pread(self._fd, min(self.file_size, F.HEADER_V3_SIZE + 8), 0)
-        if head[:4] != F.QCOW_MAGIC:
-            raise self.bad("not a qcow2 image (bad magic)")
-        if len(head) < F.HEADER_V2_SIZE:
-            raise self.bad(f"truncated qcow2 header (file is {self.file_size} bytes)")
-        try:
-            v2 = F.HeaderV2.parse(head[: F.HEADER_V2_SIZE])
-        except ConstructError as exc:
-            raise self.bad(f"cannot decode the qcow2 header: {exc}") from None
-        fields = {k: v for k, v in v2.items() if not k.startswith("_")}
-        if v2.version not in (2, 3):
-            raise self.bad(f"unsupported qcow2 version {v2.version}")
-        if v2.version == 3:
-            if len(head) < F.HEADER_V3_SIZE:
-                raise self.bad(f"truncated qcow2 v3 header (file is {self.file_size} bytes)")
-            tail = F.HeaderV3Tail.parse(head[F.HEADER_V2_SIZE : F.HEADER_V3_SIZE])
-            fields.update({k: v for k, v in tail.items() if not k.startswith("_")})
-            if tail.header_length > F.COMPRESSION_TYPE_OFFSET and len(head) > F.COMPRESSION_TYPE_OFFSET:
-                fields["compression_type"] = head[F.COMPRESSION_TYPE_OFFSET]
-        self.header = h = Header(**fields)
-        cb = h.cluster_bits
-        if cb < F.MIN_CLUSTER_BITS or cb > F.MAX_CLUSTER_BITS:
-            raise self.bad(f"unsupported cluster size: 2^{cb}")
-        cs = h.cluster_size
-        if h.version == 3:
-            if h.header_length < F.HEADER_V3_SIZE:
-                raise self.bad("qcow2 header too short")
-            if h.header_length > cs:
-                raise self.bad("qcow2 header exceeds cluster size")
-            if h.header_length > self.file_size:
-                raise self.bad(f"header_length {h.header_length} is past the end of the file")
-        if h.refcount_order > 6:
-            raise self.bad(f"reference count entry width too large; may not exceed 64 bits (order {h.refcount_order})")
-        if h.incompatible_features & F.INCOMPAT_COMPRESSION:
-            if h.compression_type == 0:
-                raise self.bad("compression type incompatible feature bit is set, but compression type is zlib")
-        elif h.compression_type != 0:
-            raise self.bad("compression_type is not zlib but the compression type feature bit is not set")
-        if h.compression_type not in F.COMPRESSION_TYPES:
-            raise self.bad(f"unknown compression type {h.compression_type}")
-        if self.extended_l2 and cb < 14:
-            raise self.bad("extended L2 entries are only supported with cluster sizes of at least 16 KiB")
-        if h.backing_file_offset:
-            if h.backing_file_offset > cs or h.backing_file_size > 1023:
-                raise self.bad("backing file name too long")
-            if h.backing_file_offset + h.backing_file_size > self.file_size:
-                raise self.bad("backing file name is past the end of the file")
-        # refcount table
-        rt_bytes = h.refcount_table_clusters * cs
-        if rt_bytes > F.QCOW_MAX_REFTABLE_SIZE:
-            raise self.bad(f"reference count table too large ({h.refcount_table_clusters} clusters)")
-        if h.refcount_table_clusters == 0:
-            raise self.bad("image does not contain a reference count table")
-        self._check_table("reference count table", h.refcount_table_offset, rt_bytes)
-        # L1
-        if h.l1_size > F.QCOW_MAX_L1_SIZE // 8:
-            raise self.bad(f"active L1 table too large ({h.l1_size} entries)")
+    # ------------------------------------------------------------ qcow2_do_open()
+    def _do_open(self) -> None:
+        from qemu_ext.qcow2 import bitmaps, snapshots
+
+        self._read_header()
+        h = self.header
+        cs = self.cluster_size
+        if h.refcount_table_clusters == 0 and self.mode != OpenMode.CHECK:
+            raise self.refuse("Image does not contain a reference count table")
+        self.validate_table(h.refcount_table_offset, h.refcount_table_clusters, cs, F.QCOW_MAX_REFTABLE_SIZE,
+                            "Reference count table")
+        if self.mode != OpenMode.CHECK:
+            # the total size of the snapshot table is checked when it is read
+            self.validate_table(h.snapshots_offset, h.nb_snapshots, F.SNAPSHOT_HEADER_SIZE,
+                                F.SNAPSHOT_HEADER_SIZE * F.QCOW_MAX_SNAPSHOTS, "Snapshot table")
+        self.validate_table(h.l1_table_offset, h.l1_size, 8, F.QCOW_MAX_L1_SIZE, "Active L1 table")
+        if self.l1_entries_needed(h.size) > INT_MAX:
+            raise self.refuse("Image is too big")
         if h.l1_size < self.l1_entries_needed(h.size):
-            raise self.bad(f"L1 table is too small ({h.l1_size} entries for {h.size} bytes)")
-        if h.l1_size:
-            self._check_table("active L1 table", h.l1_table_offset, h.l1_size * 8)
-        # snapshots
-        if h.nb_snapshots > F.QCOW_MAX_SNAPSHOTS:
-            raise self.bad(f"too many snapshots ({h.nb_snapshots})")
-        if h.nb_snapshots:
-            self._check_table("snapshot table", h.snapshots_offset, h.nb_snapshots * F.SNAPSHOT_HEADER_SIZE)
-        self.extensions = self._read_extensions()
-        self.backing_file: Optional[str] = None
-        if h.backing_file_offset:
-            self.backing_file = self.pread(h.backing_file_offset, h.backing_file_size, "backing file name").decode(
-                "utf-8", "replace"
-            )
+            raise self.refuse("L1 table is too small")
+        self.extensions, _table = self._read_extensions(stop_on_error=False)
         ext = {e.type: e for e in self.extensions}
         self.backing_format: Optional[str] = (
-            ext[F.EXT_BACKING_FORMAT].data.decode("utf-8", "replace") if F.EXT_BACKING_FORMAT in ext else None
-        )
-        self.data_file: Optional[str] = (
-            ext[F.EXT_DATA_FILE].data.decode("utf-8", "replace") if F.EXT_DATA_FILE in ext else None
-        )
+            cstr(ext[F.EXT_BACKING_FORMAT].data) if F.EXT_BACKING_FORMAT in ext else None)
+        self.data_file: Optional[str] = cstr(ext[F.EXT_DATA_FILE].data) if F.EXT_DATA_FILE in ext else None
         self.feature_table = decode_feature_table(ext[F.EXT_FEATURE_TABLE].data) if F.EXT_FEATURE_TABLE in ext else []
-        self._snapshots: Optional[list[Snapshot]] = None
-        self._bitmaps: Optional[list[Bitmap]] = None
+        self._check_data_file()
+        self._check_crypto()
+        self.backing_file: Optional[str] = None
+        if h.backing_file_offset:
+            n = h.backing_file_size
+            if n > min(1023, cs - h.backing_file_offset) or n >= 4096:
+                raise self.refuse("Backing file name too long")
+            self.backing_file = cstr(self.pread_zero_padded(h.backing_file_offset, n)) or None
+        # internal snapshots: skipped in check mode (the check reads them itself)
+        self._snapshots: Optional[list[snapshots.Snapshot]] = None
+        self._snapshot_table_size = 0
+        if self.mode != OpenMode.CHECK:
+            self._snapshots, self._snapshot_table_size = snapshots.read_snapshots(self)
+        self._bitmaps = bitmaps.load_bitmaps(self)
 
-    def _check_table(self, what: str, offset: int, nbytes: int) -> None:
-        if offset % self.cluster_size:
-            raise self.bad(f"invalid {what} offset {offset:#x} (not cluster aligned)")
-        if offset + nbytes > self.file_size:
-            raise self.bad(
-                f"{what} at offset {offset:#x} ({nbytes} bytes) is past the end of the file ({self.file_size} bytes)"
-            )
+    def _read_header(self) -> None:
+        """The header part of qcow2_do_open(): the 112-byte QCowHeader (zeros past the end)."""
+        head = self.pread_zero_padded(0, F.HEADER_V3_SIZE + 8)
+        if head[:4] != F.QCOW_MAGIC:
+            raise self.refuse("Image is not in qcow2 format")
+        v2 = F.HeaderV2.parse(head[: F.HEADER_V2_SIZE])
+        fields = {k: v for k, v in v2.items() if not k.startswith("_")}
+        if v2.version < 2 or v2.version > 3:
+            raise self.refuse(f"Unsupported qcow2 version {v2.version}")
+        if v2.cluster_bits < F.MIN_CLUSTER_BITS or v2.cluster_bits > F.MAX_CLUSTER_BITS:
+            raise self.refuse(f"Unsupported cluster size: 2^{v2.cluster_bits}")
+        if v2.version == 3:
+            tail = F.HeaderV3Tail.parse(head[F.HEADER_V2_SIZE : F.HEADER_V3_SIZE])
+            fields.update({k: v for k, v in tail.items() if not k.startswith("_")})
+            if tail.header_length < F.HEADER_V3_SIZE:
+                raise self.refuse("qcow2 header too short")
+        self.header = h = Header(**fields)
+        cs = h.cluster_size
+        if h.header_length > cs:
+            raise self.refuse("qcow2 header exceeds cluster size")
+        if h.backing_file_offset > cs:
+            raise self.refuse("Invalid backing file offset")
+        if h.header_length > F.COMPRESSION_TYPE_OFFSET:
+            h.compression_type = head[F.COMPRESSION_TYPE_OFFSET]
+        # validate_compression_type()
+        if h.compression_type not in F.COMPRESSION_TYPES:
+            raise self.refuse(f"qcow2: unknown compression type: {h.compression_type}")
+        if h.compression_type == 0 and h.incompatible_features & F.INCOMPAT_COMPRESSION:
+            raise self.refuse("qcow2: Compression type incompatible feature bit must not be set")
+        if h.compression_type != 0 and not h.incompatible_features & F.INCOMPAT_COMPRESSION:
+            raise self.refuse("qcow2: Compression type incompatible feature bit must be set")
+        unknown = h.incompatible_features & ~F.INCOMPAT_KNOWN_MASK
+        if unknown:
+            _exts, table = self._read_extensions(stop_on_error=True)
+            raise self.refuse(unsupported_features(table, unknown))
+        if self.subcluster_size < 1 << F.MIN_CLUSTER_BITS:
+            raise self.refuse(f"Unsupported subcluster size: {self.subcluster_size}")
+        if h.refcount_order > 6:
+            raise self.refuse("Reference count entry width too large; may not exceed 64 bits")
 
-    def _read_extensions(self) -> list[Extension]:
+    def validate_table(self, offset: int, entries: int, entry_len: int, max_bytes: int, name: str) -> None:
+        """qcow2_validate_table(): "NAME too large" / "NAME offset invalid" (also for empty tables)."""
+        if entries > max_bytes // entry_len:
+            raise self.refuse(f"{name} too large")
+        if INT64_MAX - entries * entry_len < offset or offset % self.cluster_size:
+            raise self.refuse(f"{name} offset invalid")
+
+    def _read_extensions(self, stop_on_error: bool) -> tuple[list[Extension], Optional[bytes]]:
+        """qcow2_read_extensions(): from the end of the header to the backing file name (or the end
+        of the first cluster); returns the extensions and the feature name table's bytes. With
+        stop_on_error (the unknown-feature path) errors end the scan instead of refusing."""
         h = self.header
-        start = h.header_length if h.version == 3 else F.HEADER_V2_SIZE
-        end = h.backing_file_offset if h.backing_file_offset else h.cluster_size
-        end = min(end, self.file_size)
+        cs = self.cluster_size
+        end = h.backing_file_offset if h.backing_file_offset else cs
         out: list[Extension] = []
-        off = start
-        while off + 8 <= end:
-            eh = F.ExtensionHeader.parse(os.pread(self._fd, 8, off))
+        table: Optional[bytes] = None
+        off = h.header_length
+        while off < end:
+            typ = int.from_bytes(self.pread_zero_padded(off, 4), "big")
+            length = int.from_bytes(self.pread_zero_padded(off + 4, 4), "big")
             data_off = off + 8
-            if eh.length > end - data_off:
-                raise self.bad(f"header extension too large (type 0x{eh.type:08x}, {eh.length} bytes at {off:#x})")
-            if eh.type == F.EXT_END:
+            if data_off > end or length > end - data_off:
+                if stop_on_error:
+                    break
+                raise self.refuse("Header extension too large")
+            if typ == F.EXT_END:
                 break
-            data = self.pread(data_off, eh.length, "header extension")
-            out.append(Extension(eh.type, F.EXTENSION_NAMES.get(eh.type, "unknown"), off, eh.length, data))
-            off = data_off + F.align_up(eh.length, 8)
-        return out
+            data = self.pread_zero_padded(data_off, length)
+            reason = self._extension_error(typ, length, data)
+            if reason is not None:
+                if stop_on_error:
+                    break
+                raise self.refuse(reason)
+            if typ == F.EXT_FEATURE_TABLE:
+                table = data
+            out.append(Extension(typ, F.EXTENSION_NAMES.get(typ, "unknown"), off, length, data))
+            off = data_off + F.align_up(length, 8)
+        return out, table
+
+    def _extension_error(self, typ: int, length: int, data: bytes) -> Optional[str]:
+        """What qcow2_read_extensions() refuses in one extension (None: accepted)."""
+        h = self.header
+        if typ == F.EXT_BACKING_FORMAT and length >= 16:  # sizeof(bs->backing_format)
+            return f"ERROR: ext_backing_format: len={length} too large (>=16)"
+        if typ == F.EXT_CRYPTO_HEADER:
+            if h.crypt_method != 2:
+                return "CRYPTO header extension only expected with LUKS encryption method"
+            if length != F.CRYPTO_HEADER_EXTENSION_SIZE:
+                return f"CRYPTO header extension size {length}, but expected size {F.CRYPTO_HEADER_EXTENSION_SIZE}"
+            cx = F.CryptoHeaderExtension.parse(data)
+            if cx.offset % self.cluster_size:
+                return f"Encryption header offset '{cx.offset}' is not a multiple of cluster size '{self.cluster_size}'"
+            return self._luks_error(cx.offset, cx.length)
+        if typ == F.EXT_BITMAPS:
+            if length != F.BITMAPS_EXTENSION_SIZE:
+                return "bitmaps_ext: Invalid extension length"
+            if not h.autoclear_features & F.AUTOCLEAR_BITMAPS:
+                return None  # written by a program without bitmap support: ignored (QEMU warns)
+            if data[4:8] != bytes(4):
+                return "bitmaps_ext: Reserved field is not zero"
+            bx = F.BitmapsExtension.parse(data)
+            if bx.nb_bitmaps > F.QCOW2_MAX_BITMAPS:
+                return (f"bitmaps_ext: Image has {bx.nb_bitmaps} bitmaps, exceeding the QEMU supported maximum "
+                        f"of {F.QCOW2_MAX_BITMAPS}")
+            if bx.nb_bitmaps == 0:
+                return "found bitmaps extension with zero bitmaps"
+            if bx.bitmap_directory_offset % self.cluster_size:
+                return "bitmaps_ext: invalid bitmap directory offset"
+            if bx.bitmap_directory_size > F.QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
+                return (f"bitmaps_ext: bitmap directory size ({bx.bitmap_directory_size}) exceeds the maximum "
+                        f"supported size ({F.QCOW2_MAX_BITMAP_DIRECTORY_SIZE})")
+        return None
+
+    def _luks_error(self, offset: int, length: int) -> Optional[str]:
+        """The checks of QEMU's LUKS header reader (crypto/block-luks.c) that need no key: the header
+        lies inside the extension's region and starts with LUKS version 1's magic."""
+        if F.LUKS_HEADER_SIZE > length:
+            return "Request for data outside of extension header"
+        raw = self.pread_zero_padded(offset, F.LUKS_HEADER_SIZE)
+        if raw[:6] != F.LUKS_MAGIC:
+            return "Volume is not in LUKS format"
+        version = int.from_bytes(raw[6:8], "big")
+        if version != 1:
+            return f"LUKS version {version} is not supported"
+        return None
+
+    def _check_data_file(self) -> None:
+        """The external data file part of qcow2_do_open(): not opened for qemu-img info."""
+        if self.mode == OpenMode.INFO:
+            return
+        if self.has_data_file:
+            if self.data_file is None:
+                raise self.refuse("'data-file' is required for this image")
+            if self.mode == OpenMode.IO or self.mode == OpenMode.CHECK:
+                self.data_file_path()  # opened by name, as QEMU does
+        elif self.data_file_raw:
+            raise self.refuse("data-file-raw requires a data file")
+
+    def data_file_path(self) -> str:
+        """The external data file: opened by the name in the image, relative to the current directory
+        (QEMU opens it as a child node by that name), refused as QEMU refuses it."""
+        name = self.data_file
+        if name is None or not self.has_data_file:
+            raise self.refuse("'data-file' is required for this image")
+        if not name:
+            raise self.refuse("The 'file' block driver requires a file name")
+        try:
+            fd, _length = open_file(name)
+        except BadInputError as exc:
+            text = str(exc)
+            if text.startswith(f"cannot open {name}: "):
+                text = f"Could not open '{name}': {text[len(f'cannot open {name}: '):]}"
+            raise self.refuse(text) from None
+        os.close(fd)
+        return name
+
+    def _check_crypto(self) -> None:
+        """The end of qcow2_do_open()'s crypto set-up: LUKS needs its header extension (QEMU 7.2
+        lets qemu-img info through without it, 10.0 does not)."""
+        m = self.header.crypt_method
+        if not m or m == 1 or any(e.type == F.EXT_CRYPTO_HEADER for e in self.extensions):
+            return
+        if self.mode != OpenMode.INFO or self.compat >= (8, 0):
+            raise self.refuse(f"Missing CRYPTO header for crypt method {m}")
 
     # ------------------------------------------------------------ geometry
     @property
@@ -367,7 +501,8 @@ class Qcow2Image:
 
     @property
     def virtual_size(self) -> int:
-        return self.header.size
+        """bs->total_sectors * 512: the header's size in whole sectors."""
+        return self.header.size // 512 * 512
 
     @property
     def version(self) -> int:
@@ -422,8 +557,9 @@ class Qcow2Image:
         return bool(self.header.compatible_features & F.COMPAT_LAZY_REFCOUNTS)
 
     def l1_entries_needed(self, size: int) -> int:
-        per_l1 = self.cluster_size * (self.cluster_size // self.l2_entry_size)
-        return (size + per_l1 - 1) // per_l1
+        """size_to_l1(): L1 entries for size bytes, in QEMU's unsigned 64-bit arithmetic."""
+        shift = self.cluster_bits + (self.cluster_bits - (4 if self.extended_l2 else 3))
+        return ((size + (1 << shift) - 1) & U64) >> shift
 
     def features(self) -> Features:
         """Feature bits set in the header, named from the feature name table when present."""
@@ -441,30 +577,18 @@ class Qcow2Image:
                     lst.append(names.get((kind, bit)) or F.KNOWN_FEATURE_NAMES.get((kind, bit)) or f"unknown bit {bit}")
         return out
 
-    def require_known_features(self) -> None:
-        """Refuse (like QEMU) to interpret guest data when an unknown incompatible feature bit is set."""
-        unknown = self.header.incompatible_features & ~F.INCOMPAT_KNOWN_MASK
-        if unknown:
-            names = self.features().incompatible
-            known = {F.KNOWN_FEATURE_NAMES[("incompatible", b)] for b in range(5)}
-            raise NotAvailableError(
-                f"{self.path}: unsupported qcow2 feature(s): {', '.join(n for n in names if n not in known)}"
-            )
-
     # ------------------------------------------------------------ L1 / L2
     def l1_entries(self) -> np.ndarray:
-        """Raw active L1 entries (numpy uint64)."""
+        """Raw active L1 entries (numpy uint64) up to the end of the file; entries past it are 0."""
         h = self.header
-        if not h.l1_size:
-            return np.zeros(0, dtype=np.uint64)
-        return self.read_be64_array(h.l1_table_offset, h.l1_size, "active L1 table")
+        return self.read_be64_prefix(h.l1_table_offset, h.l1_size)
 
     def l2_table_offset(self, l1_index: int) -> int:
         """Host offset of the L2 table for l1_index (0 when unallocated or out of range)."""
         h = self.header
         if l1_index < 0 or l1_index >= h.l1_size:
             return 0
-        raw = self.pread(h.l1_table_offset + 8 * l1_index, 8, "L1 entry")
+        raw = self.pread_zero_padded(h.l1_table_offset + 8 * l1_index, 8)
         return int.from_bytes(raw, "big") & F.L1E_OFFSET_MASK
 
     def read_l2_table(self, offset: int) -> np.ndarray:
@@ -476,16 +600,15 @@ class Qcow2Image:
     def read_l2_tables(self, offsets: np.ndarray, reuse: bool = False) -> np.ndarray:
         """Many L2 tables at once: rows of (n,) or (n, 2) entries.
 
-        Like QEMU's file driver, bytes past the end of the file read as zeros (check
-        reports such tables separately); offsets need not be aligned."""
+        Like QEMU's file driver, bytes past the end of the file read as zeros (check reports such
+        tables separately); offsets need not be aligned. Callers leave out tables that start past
+        the end of the file (all zeros) instead of asking for them."""
         cs = self.cluster_size
         n = len(offsets)
         if reuse:  # one buffer for a whole scan (the previous result is overwritten)
             buf = getattr(self, "_l2buf", None)
             if buf is None or len(buf) != n * cs:
                 buf = self._l2buf = bytearray(n * cs)
-            else:
-                pass  # every table is either read in full or zeroed below
         else:
             buf = bytearray(n * cs)
         mv = memoryview(buf)
@@ -501,24 +624,24 @@ class Qcow2Image:
             if got != want:
                 raise self.bad(f"short read of L2 table at {off:#x}")
         a = np.frombuffer(buf, dtype=np.uint64)
-        if a.dtype.byteorder != ">" and np.little_endian:
+        if np.little_endian:
             a.byteswap(inplace=True)  # big endian on disk; one pass, no copy
         return a.reshape(n, -1, 2) if self.extended_l2 else a.reshape(n, -1)
 
     # ------------------------------------------------------------ refcounts
     def refcount_table(self) -> np.ndarray:
+        """The refcount table up to the end of the file (entries past it are 0)."""
         h = self.header
-        n = h.refcount_table_clusters * self.cluster_size // 8
-        return self.read_be64_array(h.refcount_table_offset, n, "refcount table")
+        return self.read_be64_prefix(h.refcount_table_offset, h.refcount_table_clusters * self.cluster_size // 8)
 
     def decode_refcount_block(self, raw: bytes) -> np.ndarray:
         """Refcounts of one block (uint64 array), for refcount_bits 1..64."""
         bits = self.refcount_bits
-        b = np.frombuffer(raw, dtype=np.uint8)
         if bits >= 8:
             dt = {8: ">u1", 16: ">u2", 32: ">u4", 64: ">u8"}[bits]
             return np.frombuffer(raw, dtype=dt).astype(np.uint64)
         # sub-byte widths: entry i lives in byte i*bits//8, bit 0 is the least significant bit
+        b = np.frombuffer(raw, dtype=np.uint8)
         per = 8 // bits
         mask = (1 << bits) - 1
         shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
@@ -527,7 +650,7 @@ class Qcow2Image:
 
     def refcounts(self, rt: Optional[np.ndarray] = None, max_clusters: Optional[int] = None) -> np.ndarray:
         """Stored refcount of each cluster covered by the refcount table, up to max_clusters
-        (default: the clusters of the file plus one).  Blocks past EOF or unaligned read as 0."""
+        (default: the clusters of the file plus one). Blocks past EOF or unaligned read as 0."""
         if rt is None:
             rt = self.refcount_table()
         per = self.refcount_block_entries
@@ -535,7 +658,6 @@ class Qcow2Image:
             max_clusters = self.file_size // self.cluster_size + 2
         rt = rt[: (max_clusters + per - 1) // per]
         offs = rt & np.uint64(F.RT_OFFSET_MASK)
-        # only cover up to the last allocated block
         nz = np.nonzero(offs)[0]
         nblocks = int(nz[-1]) + 1 if len(nz) else 0
         out = np.zeros(nblocks * per, dtype=np.uint64)
@@ -547,145 +669,47 @@ class Qcow2Image:
             out[i * per : (i + 1) * per] = self.decode_refcount_block(os.pread(self._fd, cs, off))
         return out
 
-    def refcount_of(self, host_offset: int) -> int:
-        idx = host_offset // self.cluster_size
-        per = self.refcount_block_entries
-        rt_i, rb_i = divmod(idx, per)
-        if rt_i >= self.header.refcount_table_clusters * self.cluster_size // 8:
-            return 0
-        e = int.from_bytes(self.pread(self.header.refcount_table_offset + 8 * rt_i, 8, "refcount table"), "big")
-        blk = e & F.RT_OFFSET_MASK
-        if not blk:
-            return 0
-        return int(self.decode_refcount_block(self.pread(blk, self.cluster_size, "refcount block"))[rb_i])
-
     # ------------------------------------------------------------ snapshots
-    def snapshots(self) -> list[Snapshot]:
+    def snapshots(self) -> list[Any]:
+        """The internal snapshots (snapshots.Snapshot); in check mode they are read on first use."""
         if self._snapshots is None:
-            self._snapshots = self._read_snapshots()
-        return self._snapshots
+            from qemu_ext.qcow2 import snapshots
 
-    def _read_snapshots(self) -> list[Snapshot]:
-        h = self.header
-        out: list[Snapshot] = []
-        off = h.snapshots_offset
-        limit = F.QCOW_MAX_SNAPSHOTS * 1024
-        for i in range(h.nb_snapshots):
-            start = off
-            sh = F.SnapshotHeader.parse(self.pread(off, F.SNAPSHOT_HEADER_SIZE, "snapshot table entry"))
-            off += F.SNAPSHOT_HEADER_SIZE
-            if sh.extra_data_size > F.QCOW_MAX_SNAPSHOT_EXTRA_DATA:
-                raise self.bad(f"snapshot {i}: too much extra metadata ({sh.extra_data_size} bytes)")
-            extra = self.pread(off, sh.extra_data_size, "snapshot extra data")
-            off += sh.extra_data_size
-            sid = self.pread(off, sh.id_str_size, "snapshot id")
-            off += sh.id_str_size
-            name = self.pread(off, sh.name_size, "snapshot name")
-            off += sh.name_size
-            off = F.align_up(off, 8)
-            if off - h.snapshots_offset > limit:
-                raise self.bad("snapshot table too big")
-            vm_state = sh.vm_state_size
-            disk_size = h.size
-            icount = -1
-            if sh.extra_data_size >= 8:
-                vm_state = int.from_bytes(extra[0:8], "big")
-            if sh.extra_data_size >= 16:
-                disk_size = int.from_bytes(extra[8:16], "big")
-            if sh.extra_data_size >= 24:
-                icount = int.from_bytes(extra[16:24], "big", signed=True)
-            out.append(
-                Snapshot(
-                    index=i,
-                    entry_offset=start,
-                    id=sid.decode("utf-8", "replace"),
-                    name=name.decode("utf-8", "replace"),
-                    l1_table_offset=sh.l1_table_offset,
-                    l1_size=sh.l1_size,
-                    date_sec=sh.date_sec,
-                    date_nsec=sh.date_nsec,
-                    vm_clock_nsec=sh.vm_clock_nsec,
-                    vm_state_size=vm_state,
-                    disk_size=disk_size,
-                    icount=icount,
-                    extra_data_size=sh.extra_data_size,
-                    extra_data=extra,
-                )
-            )
-        self._snapshot_table_size = off - h.snapshots_offset
-        return out
+            self._snapshots, self._snapshot_table_size = snapshots.read_snapshots(self)
+        return self._snapshots
 
     def snapshot_table_size(self) -> int:
         self.snapshots()
-        return getattr(self, "_snapshot_table_size", 0)
+        return self._snapshot_table_size
 
-    def snapshot_l1_entries(self, sn: Snapshot) -> np.ndarray:
+    def snapshot_l1_entries(self, sn: Any) -> np.ndarray:
+        """A snapshot's L1 table up to the end of the file (as QEMU loads it for convert -l)."""
         if sn.l1_size > F.QCOW_MAX_L1_SIZE // 8:
-            raise self.bad(f"snapshot {sn.id}: L1 table too large ({sn.l1_size} entries)")
-        if not sn.l1_size:
-            return np.zeros(0, dtype=np.uint64)
-        if sn.l1_table_offset % self.cluster_size:
-            raise self.bad(f"snapshot {sn.id}: L1 table offset {sn.l1_table_offset:#x} is not cluster aligned")
-        return self.read_be64_array(sn.l1_table_offset, sn.l1_size, f"L1 table of snapshot {sn.id}")
+            raise self.refuse("Snapshot L1 table too large")
+        if INT64_MAX - sn.l1_size * 8 < sn.l1_table_offset or sn.l1_table_offset % self.cluster_size:
+            raise self.refuse("Snapshot L1 table offset invalid")
+        return self.read_be64_prefix(sn.l1_table_offset, sn.l1_size)
 
     # ------------------------------------------------------------ bitmaps
     def bitmaps_extension(self) -> Optional[Any]:
+        """The bitmaps extension QEMU uses (None when absent or ignored: no autoclear bit)."""
+        if not self.header.autoclear_features & F.AUTOCLEAR_BITMAPS:
+            return None
         for e in self.extensions:
             if e.type == F.EXT_BITMAPS:
-                if len(e.data) < F.BITMAPS_EXTENSION_SIZE:
-                    raise self.bad("bitmaps extension too short")
                 return F.BitmapsExtension.parse(e.data[: F.BITMAPS_EXTENSION_SIZE])
         return None
 
-    def bitmaps(self) -> list[Bitmap]:
-        if self._bitmaps is None:
-            self._bitmaps = self._read_bitmaps()
+    def bitmaps(self) -> list[Any]:
         return self._bitmaps
 
-    def _read_bitmaps(self) -> list[Bitmap]:
-        bx = self.bitmaps_extension()
-        if bx is None:
-            return []
-        if bx.nb_bitmaps > 65535:
-            raise self.bad(f"too many persistent bitmaps ({bx.nb_bitmaps})")
-        size = bx.bitmap_directory_size
-        off0 = bx.bitmap_directory_offset
-        if size > 1024 * 65535 * 64 or off0 + size > self.file_size:
-            raise self.bad("bitmap directory is past the end of the file")
-        raw = self.pread(off0, size, "bitmap directory")
-        out: list[Bitmap] = []
-        pos = 0
-        for _ in range(bx.nb_bitmaps):
-            if pos + F.BITMAP_DIR_ENTRY_HEADER_SIZE > size:
-                raise self.bad("bitmap directory entry is past the end of the directory")
-            bh = F.BitmapDirEntryHeader.parse(raw[pos : pos + F.BITMAP_DIR_ENTRY_HEADER_SIZE])
-            npos = pos + F.BITMAP_DIR_ENTRY_HEADER_SIZE + bh.extra_data_size
-            name = raw[npos : npos + bh.name_size]
-            if npos + bh.name_size > size:
-                raise self.bad("bitmap directory entry is past the end of the directory")
-            out.append(
-                Bitmap(
-                    entry_offset=off0 + pos,
-                    name=name.decode("utf-8", "replace"),
-                    bitmap_table_offset=bh.bitmap_table_offset,
-                    bitmap_table_size=bh.bitmap_table_size,
-                    flags=bh.flags,
-                    type=bh.type,
-                    granularity_bits=bh.granularity_bits,
-                    extra_data_size=bh.extra_data_size,
-                )
-            )
-            pos = F.align_up(npos + bh.name_size, 8)
-        return out
-
-    def bitmap_table(self, bm: Bitmap) -> np.ndarray:
-        if bm.bitmap_table_size > F.QCOW_MAX_L1_SIZE // 8:
-            raise self.bad(f"bitmap {bm.name}: bitmap table too large")
-        return self.read_be64_array(bm.bitmap_table_offset, bm.bitmap_table_size, f"bitmap table of {bm.name}")
+    def bitmap_table(self, bm: Any) -> np.ndarray:
+        """A bitmap's table up to the end of the file (entries past it are 0)."""
+        return self.read_be64_prefix(bm.bitmap_table_offset, bm.bitmap_table_size)
 
     # ------------------------------------------------------------ iteration helpers
-    def iter_l1_chunks(self, l1: np.ndarray, chunk: int = 256) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """(first l1 index, L2 offsets, L2 tables) for chunks of allocated L1 entries (bounded memory)."""
+    def iter_l1_chunks(self, l1: np.ndarray, chunk: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(L1 indexes, L2 offsets, L2 tables) for chunks of allocated L1 entries (bounded memory)."""
         offs = l1 & np.uint64(F.L1E_OFFSET_MASK)
         idx = np.nonzero(offs)[0]
         for s in range(0, len(idx), chunk):
@@ -693,6 +717,6 @@ class Qcow2Image:
             yield sel, offs[sel], self.read_l2_tables(offs[sel])
 
 
-def open_image(path: PathLike) -> Qcow2Image:
-    """Open a qcow2 image read-only (validated header, extensions and table bounds)."""
-    return Qcow2Image(path)
+def open_image(path: PathLike, mode: OpenMode = OpenMode.IO, compat: tuple[int, int] = (10, 0)) -> Qcow2Image:
+    """Open a qcow2 image read-only, as qemu-img opens it for ``mode`` (validated like qcow2_do_open)."""
+    return Qcow2Image(path, mode, compat)

@@ -23,7 +23,7 @@ from qemu_ext.qcow2.entries import (
     cluster_types,
     compressed_span,
 )
-from qemu_ext.qcow2.image import PathLike, ProgressFactory, Qcow2Image, start_bar
+from qemu_ext.qcow2.image import OpenMode, PathLike, ProgressFactory, Qcow2Image, start_bar
 
 U = np.uint64
 
@@ -46,7 +46,7 @@ def file_child(filename: str, length: int) -> dict[str, Any]:
     actual = _actual_size(filename)
     if actual >= 0:
         d["actual-size"] = actual
-    d["virtual-size"] = length
+    d["virtual-size"] = F.align_up(length, 512)  # bdrv_getlength(): whole sectors
     d["format-specific"] = {"type": "file", "data": {}}
     return {"name": "file", "info": d}
 
@@ -356,10 +356,10 @@ def extras(img: Qcow2Image, progress: Optional[ProgressFactory] = None) -> dict[
 
 
 def image_info(path: PathLike, backing_chain: bool = False, with_extras: bool = True,
-               progress: Optional[ProgressFactory] = None) -> list[dict[str, Any]]:
+               progress: Optional[ProgressFactory] = None, compat: tuple[int, int] = (10, 0)) -> list[dict[str, Any]]:
     """One dict per image (the top only, or the whole chain): qemu-img's fields plus "virtopt" extras."""
     out = []
-    with open_chain(path, follow_backing=backing_chain) as chain:
+    with open_chain(path, follow_backing=backing_chain, mode=OpenMode.INFO, compat=compat) as chain:
         for layer in chain.layers:
             if layer.img is None:
                 out.append(_raw_info(layer))

@@ -94,6 +94,11 @@ def _fill_gaps(r: Runs, size: int) -> Runs:
     return Runs(*(getattr(allr, f)[order] for f in ("start", "length", "code", "has_off", "off")))
 
 
+def c_hex(v: int) -> str:
+    """printf's %#x: 0x1f, but 0 for zero."""
+    return f"{v:#x}" if v else "0"
+
+
 def corrupt(img: Qcow2Image, message: str) -> BadInputError:
     """qcow2_signal_corruption() on a read-only image: the request fails with EIO (qemu-img map:
     "Could not read file metadata: Input/output error")."""
@@ -123,17 +128,17 @@ def _entry_error(img: Qcow2Image, st: np.ndarray, cl_off: np.ndarray, guest_clus
     l2o, idx = int(l2_offs[k]), g % per
     why = int(bad[k])
     if why == 1:
-        msg = f"Zero cluster entry found in pre-v3 image (L2 offset: {l2o:#x}, L2 index: {idx:#x})"
+        msg = f"Zero cluster entry found in pre-v3 image (L2 offset: {c_hex(l2o)}, L2 index: {c_hex(idx)})"
     elif why == 2:
-        msg = (f"Compressed cluster entry found in image with external data file (L2 offset: {l2o:#x}, "
-               f"L2 index: {idx:#x})")
+        msg = (f"Compressed cluster entry found in image with external data file (L2 offset: {c_hex(l2o)}, "
+               f"L2 index: {c_hex(idx)})")
     elif why == 3:
-        msg = f"Cluster allocation offset {int(cl_off[k]):#x} unaligned (L2 offset: {l2o:#x}, L2 index: {idx:#x})"
+        msg = f"Cluster allocation offset {c_hex(int(cl_off[k]))} unaligned (L2 offset: {c_hex(l2o)}, L2 index: {c_hex(idx)})"
     elif why == 4:
-        msg = (f"External data file host cluster offset {int(cl_off[k]):#x} does not match guest cluster offset: "
-               f"{g * cs:#x}, L2 index: {idx:#x})")
+        msg = (f"External data file host cluster offset {c_hex(int(cl_off[k]))} does not match guest cluster offset: "
+               f"{c_hex(g * cs)}, L2 index: {c_hex(idx)})")
     else:
-        msg = f"Invalid cluster entry found  (L2 offset: {l2o:#x}, L2 index: {idx:#x})"
+        msg = f"Invalid cluster entry found  (L2 offset: {c_hex(l2o)}, L2 index: {c_hex(idx)})"
     return g, msg
 
 
@@ -301,7 +306,6 @@ def layer_runs(layer: Layer, progress_bar: Any = None) -> Runs:
         r.off[z] = r.start[z]
         return merge(r)
     img = layer.img
-    img.require_known_features()
     l1 = layer.l1_entries()
     l2_offs = l1 & U(F.L1E_OFFSET_MASK)
     used = np.nonzero(l2_offs)[0]
@@ -317,7 +321,7 @@ def layer_runs(layer: Layer, progress_bar: Any = None) -> Runs:
             k = int(unaligned[0])
             if k:
                 _chunk_runs(img, sel[:k], offs[:k], img.read_l2_tables(offs[:k], reuse=True))
-            raise corrupt(img, f"L2 table offset {int(offs[k]):#x} unaligned (L1 index: {int(sel[k]):#x})")
+            raise corrupt(img, f"L2 table offset {c_hex(int(offs[k]))} unaligned (L1 index: {c_hex(int(sel[k]))})")
         parts.append(_chunk_runs(img, sel, offs, img.read_l2_tables(offs, reuse=True)))
         if progress_bar is not None:
             progress_bar.update(len(sel))
