@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -107,14 +108,14 @@ ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 ENV["PYTHONPYCACHEPREFIX"] = str(CACHE / "pycache")
 
 
-def timed(argv: list[str], out: Path, runs: int = 1) -> tuple[float, float]:
+def timed(argv: list[str], out: Path, runs: int = 1, env: Optional[dict] = None) -> tuple[float, float]:
     """(best wall-clock seconds, CPU seconds of that run) of a command writing to out."""
     best = (float("inf"), 0.0)
     for _ in range(runs):
         r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         with open(out, "wb") as f:
             t = time.perf_counter()
-            cp = subprocess.run(argv, stdout=f, stderr=subprocess.PIPE, env=ENV)
+            cp = subprocess.run(argv, stdout=f, stderr=subprocess.PIPE, env={**ENV, **(env or {})})
             dt = time.perf_counter() - t
         r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         if cp.returncode != 0:
@@ -149,6 +150,7 @@ def bench_file(build: vm.QemuBuild, kind: str, trace: Path, work: Path) -> dict:
     t_sum, c_sum = timed([*virtopt, "trace", "summary", str(trace), "--events", str(ev)], null, runs=3)
     t_sumj, _ = timed([*virtopt, "trace", "summary", str(trace), "--events", str(ev), "--output=json"], null, runs=2)
     t_dec1, _ = timed([*group_only, "decode", str(trace), "--events", str(ev)], null, runs=2)
+    t_np, _ = timed(dec_argv, null, runs=2, env={"VIRTOPT_NATIVE": "0"})  # the fallback without a C compiler
     r_dec, r_sum = t_ref / t_dec, t_ref / t_sum
     print(f"simpletrace.py {build.series:<5}               : {t_ref:7.3f} s wall, {c_ref:7.3f} s CPU  "
           f"({n / t_ref:,.0f} events/s, {lines:,} lines)")
@@ -158,6 +160,7 @@ def bench_file(build: vm.QemuBuild, kind: str, trace: Path, work: Path) -> dict:
           f"{c_ref / c_sum:5.1f}x CPU" + (f" (target {SUMMARY_TARGET:.0f}x)" if kind == "reads" else ""))
     print(f"virtopt trace summary --output=json: {t_sumj:7.3f} s wall  ratio {t_ref / t_sumj:5.1f}x")
     print(f"python -m qemu_ext.trace decode    : {t_dec1:7.3f} s wall  ratio {t_ref / t_dec1:5.1f}x")
+    print(f"decode, numpy renderer (no C)      : {t_np:7.3f} s wall  ratio {t_ref / t_np:5.1f}x (not required)")
     summary_ok = kind != "reads" or r_sum >= SUMMARY_TARGET
     return {"series": build.series, "kind": kind, "events": n, "same": same, "decode": r_dec, "summary": r_sum,
             "ok": same and r_dec >= DECODE_TARGET and summary_ok}
