@@ -100,7 +100,7 @@ def library() -> Optional[ctypes.CDLL]:
         if not so.is_file() and not _compile(src, so):
             return None
         lib = ctypes.CDLL(str(so))
-    except (OSError, ValueError, ImportError) as exc:
+    except Exception as exc:  # compiling or loading failed in any way (no cc, timeout, read-only cache): numpy
         if os.environ.get("VIRTOPT_DEBUG"):
             sys.stderr.write(f"virtopt: native trace renderer unavailable: {exc}\n")
         return None
