@@ -12,6 +12,10 @@ Public API (stable):
   (args are keyed by declared names, as simpletrace.py prints them: qcow2_cache_get's ``c`` is
   the log's ``is_l2_cache``).
 
+Text as QEMU's scripts/simpletrace.py prints it: ``native.decode_text`` (a C renderer compiled
+once with the system's cc, no numpy) or ``decode.write_simpletrace_fd`` (numpy), both for 7.2's
+and 10.0's simpletrace.py (``events.qemu_series`` tells the events files apart).
+
 The names are imported on first use, so that importing ``qemu_ext.trace.cli`` (which
 `virtopt --help` does) does not load numpy and construct.
 """
