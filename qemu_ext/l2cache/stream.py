@@ -225,9 +225,10 @@ class CurveStream:
             self._run(self._chunk_len())
 
     def _chunk_len(self) -> int:
-        # about half the slices held per chunk (as curve.stack_distances): the per-chunk cost
-        # grows with the slices held, the per-lookup cost with the log of the chunk length
-        return min(self.chunk, max(MIN_CHUNK, 1 << max(0, self.slices.bit_length() - 1)))
+        # two to four times the slices held (up to the budget's chunk): the per-chunk cost grows
+        # with the slices held, the per-lookup cost with the log of the chunk length (measured:
+        # U/2 takes a third more CPU than 2U..4U on 10M uniform lookups of 32768 slices)
+        return min(self.chunk, max(MIN_CHUNK, 1 << (self.slices.bit_length() + 1)))
 
     def _run(self, c: int) -> None:
         allk = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
