@@ -37,7 +37,7 @@ REFCOUNT_CACHE = 256 << 10
 CLEAN_INTERVAL = 30
 DRIVE_OPTS = (f"l2-cache-size={L2_CACHE},l2-cache-entry-size={L2_ENTRY},"
               f"refcount-cache-size={REFCOUNT_CACHE},cache-clean-interval={CLEAN_INTERVAL}")
-DEBUG_ONLY = {"mtree", "mtree lookup", "qcow2", "coroutines"}
+DEBUG_ONLY = {"mtree", "mtree lookup", "qcow2", "coroutines", "block", "waiters", "cpustate"}
 # without DWARF, vcpus works from KVM's own view (kvm_run mappings) and so needs KVM
 DEBUG_ONLY_HERE = DEBUG_ONLY if vm.kvm_available() else DEBUG_ONLY | {"vcpus"}
 # the views of this pack that work from the symbol table alone (other views may be listed too)

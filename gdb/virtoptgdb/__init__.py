@@ -14,10 +14,24 @@ def load() -> None:
     global _LOADED
     if _LOADED:
         return
-    from . import command, coroutines, info, mtree, qcow2, threads, timers, trace, vcpus
+    from . import (  # block, bt, cpustate, locks: the hang-analysis commands
+        block,
+        bt,
+        command,
+        coroutines,
+        cpustate,
+        info,
+        locks,
+        mtree,
+        qcow2,
+        threads,
+        timers,
+        trace,
+        vcpus,
+    )
 
     command.init()
     command.PREFIX.append(command.VirtoptPrefix())
-    for mod in (info, threads, vcpus, mtree, timers, trace, qcow2, coroutines):
+    for mod in (info, threads, vcpus, mtree, timers, trace, qcow2, coroutines, block, locks, bt, cpustate):
         mod.register()
     _LOADED = True

@@ -190,6 +190,14 @@ class GdbTarget(Target):
             if selected is not None and selected.is_valid():
                 selected.switch()
 
+    def frames(self, tid: int, regs: Optional[dict[str, int]] = None, limit: int = 64) -> Optional[list[dict[str, Any]]]:
+        th = self._thread(tid)
+        if th is None:
+            return None
+        from . import gdb_frames
+
+        return gdb_frames.frames(th, regs, self.symbolize, limit)
+
     def frame_functions(self, tid: int, limit: int = 40) -> list[str]:
         """The function names of thread tid's stack, newest first (gdb unwinds from memory)."""
         th = self._thread(tid)

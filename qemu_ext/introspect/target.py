@@ -370,6 +370,12 @@ class Target:
         """One register of a thread (rip, rsp, fs_base, ...), None when this reader cannot see it."""
         return None
 
+    def frames(self, tid: int, regs: Optional[dict[str, int]] = None, limit: int = 64) -> Optional[list[dict[str, Any]]]:
+        """The stack of thread tid, newest frame first: [{pc, function, file, line, inline}]; with
+        ``regs`` (rip, rsp, rbp, rbx, r12-r15: a yielded coroutine's saved context) the stack those
+        registers describe instead. None when this reader cannot unwind (no registers, no unwinder)."""
+        return None
+
     # -- snapshot cache
     def begin_snapshot(self) -> None:
         """Forget cached memory: the next reads see QEMU as it is now."""

@@ -10,7 +10,22 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from . import common, coroutines, info, mtree, qcow2, threads, timers, trace, vcpus
+from . import (  # blockgraph, bt, cpustate, locks, waiters: the hang-analysis views
+    blockgraph,
+    bt,
+    common,
+    coroutines,
+    cpustate,
+    info,
+    locks,
+    mtree,
+    qcow2,
+    threads,
+    timers,
+    trace,
+    vcpus,
+    waiters,
+)
 from .target import Target
 
 COLLECT: dict[str, Callable[..., Any]] = {
@@ -25,6 +40,11 @@ COLLECT: dict[str, Callable[..., Any]] = {
     "trace disable": lambda t, patterns: trace.set_state(t, patterns, False),
     "qcow2": qcow2.collect,
     "coroutines": coroutines.collect,
+    "block": blockgraph.collect,
+    "waiters": waiters.collect,
+    "locks": locks.collect,
+    "bt": bt.collect,
+    "cpustate": cpustate.collect,
 }
 
 NAMES = list(COLLECT)
