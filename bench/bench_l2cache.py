@@ -11,7 +11,7 @@ same run.
    4 MiB budget against the exact one. Required: mean absolute error of the hit ratio over every
    cache size (1 .. distinct slices) <= 0.005 for each.
 3. Streaming: `virtopt l2cache curve --virtual-size 256T --count 1000000000 --entry-sizes 4k
-   --max-memory 8M`, the real command in a child process: 1 billion lookups. Required: peak RSS
+   --max-memory 4M`, the real command in a child process: 1 billion lookups. Required: peak RSS
    <= 64 MiB and >= 5 M lookups/s (the naive replay's rate from 1. printed beside it).
 4. `virtopt l2cache curve --virtual-size 1T --pattern zipf --count 5000000` (5 entry sizes; took
    300 s before the streamed engine): against the request model it replaced (the per-request
@@ -133,7 +133,7 @@ def sampled_accuracy() -> bool:
 def streamed(naive_rate: float) -> bool:
     n = 1_000_000_000
     argv = [sys.executable, "-m", "qemu_ext", "l2cache", "curve", "--virtual-size", "256T", "--pattern", "uniform",
-            "--count", str(n), "--entry-sizes", "4k", "--max-memory", "8M", "--output=json"]
+            "--count", str(n), "--entry-sizes", "4k", "--max-memory", "4M", "--output=json"]
     print(f"3. {' '.join(['virtopt', *argv[3:]])}")
     # the child's own peak (VmHWM of its address space after exec; a fork of this process would
     # count this process's pages in getrusage's children figure)
