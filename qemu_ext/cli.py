@@ -82,7 +82,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     group = _group_of(argv)
     # Import only the group asked for; with no group (top-level --help) import none.
-    parser = build_parser(only=group or "")
+    try:
+        parser = build_parser(only=group or "")
+    except KeyboardInterrupt:  # Ctrl-C while the group's modules load: one line, as below
+        print("virtopt: interrupted", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:

@@ -137,16 +137,20 @@ def test_cli_returns_command_data_and_meaningful_exit_codes(stock):
 
 def test_gdb_own_commands_run_as_is_and_run_control_is_refused(stock):
     cp = virtopt("gdb", str(stock.pid), "-c", "info registers rip", "-c", "info", "-c", "info threads",
-                 "--output=json")
+                 "-c", "bt", "--output=json")
     assert cp.returncode == 0, cp.stderr
-    rip, info, threads = json.loads(cp.stdout)["commands"]
+    rip, info, threads, bt = json.loads(cp.stdout)["commands"]
+    assert bt["output"].startswith("#0  ") and bt["command"] == "bt"  # gdb's backtrace of the main thread
     assert re.match(r"rip\s+0x[0-9a-f]+\s+0x[0-9a-f]+", rip["output"]), rip  # gdb's, not `virtopt info`
     assert "accelerator:" in info["output"]
     tids = set(proc_threads(stock.pid))
     listed = {int(t) for t in re.findall(r"LWP (\d+)", threads["output"])}
     assert listed and listed <= tids | listed and len(listed) >= len(tids) - 2
-    assert [normalize(c) for c in ("info", "info --json", "trace list", "trace foo", "bt", "threads")] == [
-        "virtopt info", "virtopt info --json", "virtopt trace list", "trace foo", "bt", "virtopt threads"]
+    words = ("info", "info --json", "info frame", "trace list", "trace foo", "bt", "bt 3", "bt -full", "bt all",
+             "bt --json", "threads", "virtopt bt")
+    assert [normalize(c) for c in words] == [
+        "virtopt info", "virtopt info --json", "info frame", "virtopt trace list", "trace foo", "bt", "bt 3",
+        "bt -full", "virtopt bt all", "virtopt bt --json", "virtopt threads", "virtopt bt"]
 
     for cmd in ("continue", "kill", "signal SIGINT", "detach"):
         with PauseSampler(stock.pid) as sampler:

@@ -23,9 +23,10 @@ examples:
   virtopt gdb --path                                   (the script to `source` in your own gdb)
 
 VM is a PID, a VM name (-name), a QMP socket or libvirt:DOMAIN. A command whose first word is a
-virtopt gdb command (info, threads, vcpus, mtree, timers, trace, qcow2, coroutines, block) is
-virtopt's; anything else runs as gdb's own command (`info` and `trace` followed by another word
-are gdb's `info ...` and `trace ...`). gdb reads QEMU's symbols and the pack first, then attaches
+virtopt gdb command (info, threads, vcpus, mtree, timers, trace, qcow2, coroutines, block, waiters,
+locks, bt, cpustate) is virtopt's; anything else runs as gdb's own command. Three words are gdb's
+too: `info` alone, `trace list|enable|disable` and `bt all` are virtopt's, while `info registers`,
+`trace LOCATION`, `bt` and `bt 5` are gdb's (`virtopt ...` spelled out is always virtopt's). gdb reads QEMU's symbols and the pack first, then attaches
 (QEMU pauses), runs every command and detaches (QEMU runs again): the pause is printed on stderr
 (`paused-seconds` in JSON). Ctrl-C, SIGTERM or SIGHUP at any moment detach first; gdb runs in its
 own session and a watchdog resumes QEMU if virtopt itself is killed. Commands that would resume,

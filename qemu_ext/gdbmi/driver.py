@@ -41,9 +41,13 @@ from qemu_ext.errors import BadInputError, NotAvailableError, QemuError, Virtopt
 JSON_MARKER = "@virtopt-json-file "
 
 #: first words that are virtopt gdb commands (so `-c threads` means `virtopt threads`)
-VIRTOPT_COMMANDS = ("info", "threads", "vcpus", "mtree", "timers", "trace", "qcow2", "coroutines", "block")
-#: virtopt words that are gdb commands too: virtopt's only when followed by nothing, options, or these
-SHARED_WORDS: dict[str, tuple[str, ...]] = {"info": (), "trace": ("list", "enable", "disable")}
+VIRTOPT_COMMANDS = ("info", "threads", "vcpus", "mtree", "timers", "trace", "qcow2", "coroutines", "block",
+                    "waiters", "locks", "bt", "cpustate")
+#: virtopt words that are gdb commands too: (virtopt's when alone?, next words that make it virtopt's);
+#: a `--option` next makes it virtopt's too. `info registers`, `trace LOCATION`, `bt`, `bt 5`,
+#: `bt -full` stay gdb's; `info`, `trace list`, `bt all`, `bt --json` are virtopt's.
+SHARED_WORDS: dict[str, tuple[bool, tuple[str, ...]]] = {
+    "info": (True, ()), "trace": (True, ("list", "enable", "disable")), "bt": (False, ("all",))}
 #: virtopt commands that write QEMU's memory (refused on a core)
 WRITE_COMMANDS = ("virtopt trace enable", "virtopt trace disable")
 #: gdb commands (and their abbreviations) that resume, kill or signal QEMU, or end or switch the session
@@ -111,14 +115,19 @@ def error_for(message: str) -> VirtoptError:
 
 def normalize(command: str) -> str:
     """`threads --json` -> `virtopt threads --json`; gdb's own commands (`info registers rip`,
-    `trace LOCATION`, `bt`) are passed to gdb as is."""
+    `trace LOCATION`, `bt`) are passed to gdb as is (see SHARED_WORDS)."""
     c = command.strip()
     words = c.split()
     if not words or words[0] not in VIRTOPT_COMMANDS:
         return c
     if words[0] in SHARED_WORDS:
+        alone, nexts = SHARED_WORDS[words[0]]
         nxt = words[1] if len(words) > 1 else ""
-        if nxt and not nxt.startswith("-") and nxt not in SHARED_WORDS[words[0]]:
+        if not nxt:
+            mine = alone
+        else:
+            mine = nxt.startswith("--") or nxt in nexts or (nxt.startswith("-") and words[0] != "bt")
+        if not mine:
             return c
     return f"virtopt {c}"
 
@@ -261,9 +270,8 @@ def check_live_exe(pid: int, exe: Optional[str]) -> tuple[str, Optional[str]]:
 def index_cache_args() -> list[str]:
     """gdb's index cache in virtopt's cache directory: gdb indexes a debug QEMU's DWARF once per
     build-id (about 1 s of CPU for QEMU 7.2) and reads the index from there afterwards (0.2 s)."""
-    from qemu_ext.vm import cache_dir
-
-    d = cache_dir() / "gdb-index"
+    # vm.cache_dir()'s rule, without importing qemu_ext.vm (socket, ...) on this path
+    d = Path(os.environ.get("VIRTOPT_CACHE", Path.home() / ".cache" / "virtopt")) / "gdb-index"
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError:
@@ -333,6 +341,21 @@ class GdbSession:
         exe_gdb = shutil.which(self.gdb)
         if exe_gdb is None:
             raise NotAvailableError(f"{self.gdb} not found: apt-get install gdb")
+        pack = self.pack or pack_path()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self._start(exe_gdb, pack)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, exe_gdb: str, pack: Path) -> None:
+        from qemu_ext.gdbmi import mi
+
+        self._phase = "setup"
+        # gdb starts up while the target is checked (it attaches to nothing until told)
+        self._mi = mi.MiProcess(exe_gdb, ["-iex", "set debuginfod enabled off", *index_cache_args()])
+        self._mi.on_record = self.log.append
         if self.core is not None:
             self.exe, self.build_id, _info = check_core_exe(self.core, self.exe)
         else:
@@ -347,34 +370,23 @@ class GdbSession:
                 from qemu_ext import errors
 
                 raise errors.no_process(self.pid)  # type: ignore[arg-type]
-        pack = self.pack or pack_path()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            self._start(exe_gdb, pack)
-        except BaseException:
-            self.close()
-            raise
-
-    def _start(self, exe_gdb: str, pack: Path) -> None:
-        from qemu_ext.gdbmi import mi
-
-        self._phase = "setup"
-        if self.core is None:
-            from qemu_ext.gdbmi import watchdog
-
+            # the watchdog closes every descriptor it inherits but its pipe: gdb's stdin is ours alone
             self._watchdog = watchdog.Watchdog(self._qemu, grace=min(self.timeout, 10.0))
-        self._mi = mi.MiProcess(exe_gdb, ["-iex", "set debuginfod enabled off", *index_cache_args()])
-        self._mi.on_record = self.log.append
-        if self._watchdog is not None:
             self._watchdog.gdb_started(self._mi.pid)
-        # while QEMU runs: symbols of the executable, the pack, the JSON directory
-        self._expect_ok(f"-file-exec-and-symbols {mi.mi_quote(self.exe or '')}", "gdb cannot read the symbols of")
-        ans = self._exchange(f"-interpreter-exec console {mi.mi_quote(f'source {pack}')}", self._setup_timeout)
+        # while QEMU runs: symbols of the executable, the pack, the JSON directory (sent at once)
+        self._json_dir = tempfile.mkdtemp(prefix="virtopt-gdb-")
+        tokens = [self._mi.send(c) for c in (
+            f"-file-exec-and-symbols {mi.mi_quote(self.exe or '')}",
+            f"-interpreter-exec console {mi.mi_quote(f'source {pack}')}",
+            f"-interpreter-exec console {mi.mi_quote(f'set virtopt-json-dir {self._json_dir}')}")]
+        ans = self._wait(tokens[0], "-file-exec-and-symbols", self._setup_timeout)
+        if not ans.ok:
+            raise QemuError(f"gdb cannot read the symbols of {self.exe}: {ans.message}")
+        ans = self._wait(tokens[1], "source", self._setup_timeout)
         said = "".join(r.text for r in ans.records if r.kind in ("console", "log")).strip()
         if not ans.ok or "did not load" in said:
             raise QemuError(f"the virtopt gdb pack did not load: {ans.message or said.splitlines()[-1]}")
-        self._json_dir = tempfile.mkdtemp(prefix="virtopt-gdb-")
-        self.console(f"set virtopt-json-dir {self._json_dir}", self._setup_timeout)
+        self._wait(tokens[2], "set virtopt-json-dir", self._setup_timeout)
         if self.core is not None:
             ans = self._exchange(f"-interpreter-exec console {mi.mi_quote('core-file ' + self.core)}",
                                  self._setup_timeout)
@@ -387,25 +399,21 @@ class GdbSession:
         self._phase = "attach"
         self._watchdog.attaching()
         self._attach_t0 = time.monotonic()
-        ans = self._exchange(f"-target-attach {self.pid}", self._setup_timeout)
+        # gdb reads the command after the attach once the attach is complete (QEMU stopped, libraries loaded)
+        tokens = [self._mi.send(f"-target-attach {self.pid}"), self._mi.send("-gdb-show confirm")]
+        ans = self._wait(tokens[0], "-target-attach", self._setup_timeout)
         if not ans.ok:
             raise QemuError(f"gdb cannot attach to QEMU {self.pid}: {ans.message}"
                             + (" (see /proc/sys/kernel/yama/ptrace_scope)" if "not permitted" in (ans.message or "")
                                else ""))
         self.attached = True
-        # gdb reads the next command once the attach is complete (QEMU stopped, libraries loaded)
-        self._exchange("-gdb-show confirm", self._setup_timeout)
+        self._wait(tokens[1], "-gdb-show confirm", self._setup_timeout)
         self._phase = "command"
         self._watchdog.commands()
 
     @property
     def _setup_timeout(self) -> float:
         return max(self.timeout, SETUP_SECONDS)
-
-    def _expect_ok(self, command: str, what: str) -> None:
-        ans = self._exchange(command, self._setup_timeout)
-        if not ans.ok:
-            raise QemuError(f"{what} {self.exe}: {ans.message}")
 
     def close(self) -> None:
         """Detach (QEMU runs on), end gdb, check QEMU is not left stopped, end the watchdog."""
@@ -476,12 +484,17 @@ class GdbSession:
         return self._phase == "command" and self.attached and self._mi is not None and not self._mi.running
 
     def _exchange(self, command: str, timeout: Optional[float] = None) -> Any:
+        if self._mi is None or self._forced:
+            raise QemuError("gdb is not running")
+        return self._wait(self._mi.send(command), command, timeout)
+
+    def _wait(self, token: int, command: str, timeout: Optional[float] = None) -> Any:
+        """The answer to ``token``, with the stop requests, timeouts and gdb's death handled."""
         from qemu_ext.gdbmi import mi
 
         if self._mi is None or self._forced:
             raise QemuError("gdb is not running")
         limit = timeout or self.timeout
-        token = self._mi.send(command)
         deadline = time.monotonic() + limit
         interrupted = False
         while True:
