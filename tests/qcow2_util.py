@@ -256,7 +256,50 @@ def build_iotest_images(out: Path, qemu_img: str = "qemu-img", qemu_io: str = "q
         cp = run(["bash", "-c", f'source "{IOTESTS_DATA / "common.sh"}" && source "{script}"'], env=e, cwd=out,
                  check=False, text=False)
         assert cp.returncode == 0, f"{script.name}: {cp.stderr[-2000:]!r}"
+    return iotest_images_in(out)
+
+
+def iotest_images_in(out: Path) -> dict[str, Path]:
     return {d.name: d / "t.qcow2" for d in sorted(out.iterdir()) if (d / "t.qcow2").is_file()}
+
+
+def cached_iotest_images() -> dict[str, Path]:
+    """The iotest images, built once with Debian's QEMU 7.2 (whose tests they are) and kept in the
+    virtopt cache like the QEMU builds (some of the tests' own steps take a minute: qemu-img amend
+    walking refcounts). Keyed by the building scripts and the qemu-img version: a change rebuilds."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    from qemu_ext import vm
+
+    build = vm.find_build("7.2")
+    assert build is not None, "Debian's QEMU 7.2 is needed to build QEMU 7.2's iotest images"
+    h = hashlib.sha256(build.version.encode())
+    for p in sorted(IOTESTS_DATA.iterdir()):
+        if p.is_file():
+            h.update(p.name.encode() + p.read_bytes())
+    root = vm.cache_dir() / "qcow2-iotests"
+    final = root / h.hexdigest()[:16]
+    if not (final / "READY").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        for old in root.iterdir():  # images of older scripts
+            shutil.rmtree(old, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix="build-"))
+        build_iotest_images(tmp, build.img, build.io, env=build.env())
+        (tmp / "READY").write_text(build.version + "\n")
+        tmp.rename(final)
+    return iotest_images_in(final)
+
+
+def tree_state(d: Path) -> dict[str, tuple[int, int, int]]:
+    """(size, mtime_ns, ctime_ns) of every file in a directory: any write to an image changes it."""
+    out = {}
+    for p in sorted(d.iterdir()):
+        if p.is_file():
+            st = p.stat()
+            out[p.name] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return out
 
 
 # ------------------------------------------------------------------ virtopt in-process, qemu-img as the oracle

@@ -9,6 +9,7 @@ each as QEMU 7.2 and 10.0 print them.
 from __future__ import annotations
 
 import datetime
+import re
 from typing import Any, Optional
 
 from qemu_ext.output import human_size
@@ -23,19 +24,31 @@ def _tdb_hash(name: str) -> int:
     return (1103515243 * value + 12345) & 0xFFFFFFFF
 
 
+_ORDERS: dict[tuple[str, ...], list[str]] = {}
+
+
 def qemu_key_order(obj: object) -> object:
     """Reorder dict keys the way QEMU prints a QDict: by hash bucket (of 512), and within a bucket
     the key inserted last first.  Dicts must be given in QAPI schema (insertion) order."""
     if isinstance(obj, dict):
-        keys = list(obj)
-        order = sorted(range(len(keys)), key=lambda i: (_tdb_hash(keys[i]) % 512, -i))
-        return {keys[i]: qemu_key_order(obj[keys[i]]) for i in order}
+        keys = tuple(obj)
+        order = _ORDERS.get(keys)
+        if order is None:
+            idx = sorted(range(len(keys)), key=lambda i: (_tdb_hash(keys[i]) % 512, -i))
+            order = _ORDERS[keys] = [keys[i] for i in idx]
+        return {k: qemu_key_order(obj[k]) for k in order}
     if isinstance(obj, list):
         return [qemu_key_order(x) for x in obj]
     return obj
 
 
+_PLAIN = re.compile(r'[ !#-\[\]-~]*\Z')  # printable ASCII without '"' and '\\': written as it is
+
+
 def _qjson_str(s: str) -> str:
+    """qobject/json-writer.c quoted_str(): escapes, and \\uXXXX (upper case) outside printable ASCII."""
+    if _PLAIN.match(s):
+        return '"' + s + '"'
     out = ['"']
     esc = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
     for ch in s:
@@ -52,26 +65,42 @@ def _qjson_str(s: str) -> str:
     return "".join(out)
 
 
+def _qjson(obj: object, depth: int, out: list[str]) -> None:
+    if isinstance(obj, dict):
+        pad = "\n" + " " * (4 * (depth + 1))
+        out.append("{")
+        first = True
+        for k, v in obj.items():
+            out.append(pad if first else "," + pad)
+            first = False
+            out.append(_qjson_str(str(k)))
+            out.append(": ")
+            _qjson(v, depth + 1, out)
+        out.append("\n" + " " * (4 * depth) + "}")
+    elif isinstance(obj, list):
+        pad = "\n" + " " * (4 * (depth + 1))
+        out.append("[")
+        for i, v in enumerate(obj):
+            out.append(pad if i == 0 else "," + pad)
+            _qjson(v, depth + 1, out)
+        out.append("\n" + " " * (4 * depth) + "]")
+    elif isinstance(obj, bool):
+        out.append("true" if obj else "false")
+    elif obj is None:
+        out.append("null")
+    elif isinstance(obj, int):
+        out.append(str(obj))
+    elif isinstance(obj, float):
+        out.append(repr(obj))
+    else:
+        out.append(_qjson_str(str(obj)))
+
+
 def qemu_json_text(obj: object, depth: int = 0) -> str:
     """JSON exactly as QEMU's pretty JSON writer (qobject/json-writer.c) prints it."""
-    if isinstance(obj, dict) or isinstance(obj, list):
-        is_dict = isinstance(obj, dict)
-        items = list(obj.items()) if isinstance(obj, dict) else [(None, v) for v in obj]
-        pad = " " * (4 * (depth + 1))
-        parts = []
-        for k, v in items:
-            name = f"{_qjson_str(str(k))}: " if is_dict else ""
-            parts.append(f"\n{pad}{name}{qemu_json_text(v, depth + 1)}")
-        return ("{" if is_dict else "[") + ",".join(parts) + "\n" + " " * (4 * depth) + ("}" if is_dict else "]")
-    if isinstance(obj, bool):
-        return "true" if obj else "false"
-    if obj is None:
-        return "null"
-    if isinstance(obj, int):
-        return str(obj)
-    if isinstance(obj, float):
-        return repr(obj)
-    return _qjson_str(str(obj))
+    out: list[str] = []
+    _qjson(obj, depth, out)
+    return "".join(out)
 
 
 # ---------------------------------------------------------------- which QEMU's output to print

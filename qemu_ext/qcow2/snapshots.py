@@ -5,6 +5,7 @@ too much extra data or the table grows too big."""
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +61,11 @@ class _Window:
         return self.buf[offset - self.start : offset - self.start + n]
 
 
+_HEADER = struct.Struct(">QIHHIIQII")  # F.SnapshotHeader, unpacked without construct (tables of 65536 entries)
+_EXTRA = struct.Struct(">QQQ")  # F.SnapshotExtra
+assert _HEADER.size == F.SNAPSHOT_HEADER_SIZE and _EXTRA.size == F.SNAPSHOT_EXTRA_SIZE
+
+
 def read_snapshots(img: Qcow2Image) -> tuple[list[Snapshot], int]:
     """(snapshots, table size in bytes); what QEMU refuses raises OpenError with QEMU's text."""
     h = img.header
@@ -68,37 +74,34 @@ def read_snapshots(img: Qcow2Image) -> tuple[list[Snapshot], int]:
     offset = h.snapshots_offset
     table_length = 0
     for i in range(h.nb_snapshots):
-        entry = offset = F.align_up(offset, 8)
-        table_length = F.align_up(table_length, 8)
-        sh = F.SnapshotHeader.parse(win.read(offset, F.SNAPSHOT_HEADER_SIZE))
+        entry = offset = (offset + 7) & ~7
+        table_length = (table_length + 7) & ~7
+        (l1_off, l1_size, id_size, name_size, date_sec, date_nsec, vm_clock, vm_state,
+         extra_size) = _HEADER.unpack(win.read(offset, F.SNAPSHOT_HEADER_SIZE))
         offset += F.SNAPSHOT_HEADER_SIZE
-        if sh.extra_data_size > F.QCOW_MAX_SNAPSHOT_EXTRA_DATA:
+        if extra_size > F.QCOW_MAX_SNAPSHOT_EXTRA_DATA:
             raise img.refuse(f"Too much extra metadata in snapshot table entry {i}")
-        extra = win.read(offset, sh.extra_data_size)
-        known = F.SnapshotExtra.parse(extra[: F.SNAPSHOT_EXTRA_SIZE].ljust(F.SNAPSHOT_EXTRA_SIZE, b"\0"))
-        offset += sh.extra_data_size
-        sid = win.read(offset, sh.id_str_size)
-        offset += sh.id_str_size
-        name = win.read(offset, sh.name_size)
-        offset += sh.name_size
-        table_length += F.SNAPSHOT_HEADER_SIZE + sh.extra_data_size + sh.id_str_size + sh.name_size
+        extra = win.read(offset, extra_size)
+        offset += extra_size
+        sid = win.read(offset, id_size)
+        offset += id_size
+        name = win.read(offset, name_size)
+        offset += name_size
+        table_length += F.SNAPSHOT_HEADER_SIZE + extra_size + id_size + name_size
         if table_length > F.QCOW_MAX_SNAPSHOTS_SIZE or offset - h.snapshots_offset > INT_MAX:
             raise img.refuse("Snapshot table is too big")
-        n = sh.extra_data_size
+        if extra_size:
+            vm_large, disk_size, icount = _EXTRA.unpack(extra[: F.SNAPSHOT_EXTRA_SIZE].ljust(F.SNAPSHOT_EXTRA_SIZE, b"\0"))
+        else:
+            vm_large = disk_size = icount = 0
         out.append(Snapshot(
-            index=i,
-            entry_offset=entry,
-            id=sid.split(b"\0", 1)[0].decode("utf-8", "replace"),
-            name=name.split(b"\0", 1)[0].decode("utf-8", "replace"),
-            l1_table_offset=sh.l1_table_offset,
-            l1_size=sh.l1_size,
-            date_sec=sh.date_sec,
-            date_nsec=sh.date_nsec,
-            vm_clock_nsec=sh.vm_clock_nsec,
-            vm_state_size=known.vm_state_size_large if n >= 8 else sh.vm_state_size,
-            disk_size=known.disk_size if n >= 16 else img.virtual_size,
-            icount=(known.icount if known.icount < 1 << 63 else known.icount - (1 << 64)) if n >= 24 else -1,
-            extra_data_size=n,
-            extra_data=extra,
+            i, entry,
+            sid.split(b"\0", 1)[0].decode("utf-8", "replace") if id_size else "",
+            name.split(b"\0", 1)[0].decode("utf-8", "replace") if name_size else "",
+            l1_off, l1_size, date_sec, date_nsec, vm_clock,
+            vm_large if extra_size >= 8 else vm_state,
+            disk_size if extra_size >= 16 else img.virtual_size,
+            (icount if icount < 1 << 63 else icount - (1 << 64)) if extra_size >= 24 else -1,
+            extra_size, extra,
         ))
     return out, offset - h.snapshots_offset if h.nb_snapshots else 0
