@@ -162,14 +162,14 @@ def test_qemu_io_input_one_line_each(capsys, image, tmp_path):
 
 
 def test_memory_follows_the_lookups_not_the_disk_size():
-    """A 64T, 256T and 1P disk with 1000 requests: what is touched costs memory, not the size
-    (they took 2.1 GB, 8.4 GB and a MemoryError). Peak RSS of the real command."""
+    """A 64T and a 1P disk with 1000 requests: what is touched costs memory, not the size (64T,
+    256T and 1P took 2.1 GB, 8.4 GB and a MemoryError). Peak RSS of the real command."""
     import subprocess
     import sys
 
     probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, check=True); "
              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    for size in ("64T", "256T", "1P"):
+    for size in ("64T", "1P"):
         cp = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "qemu_ext", "l2cache", "simulate",
                              "--virtual-size", size, "--count", "1000", "--output=json"], capture_output=True, text=True)
         assert cp.returncode == 0, cp.stderr

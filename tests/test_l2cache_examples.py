@@ -75,7 +75,7 @@ def test_example_runs(workdir, line):
 
 
 def test_a_long_run_shows_a_progress_bar_on_a_terminal_only():
-    args = ["l2cache", "curve", "--virtual-size", "1T", "--pattern", "zipf", "--count", "6000000", "--entry-sizes", "4k"]
+    args = ["l2cache", "curve", "--virtual-size", "1T", "--pattern", "zipf", "--count", "4000000", "--entry-sizes", "4k"]
     import fcntl
     import struct
     import termios
