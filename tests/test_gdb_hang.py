@@ -499,3 +499,23 @@ def test_views_refuse_in_one_line_where_they_cannot_work(hang_vm):
     states = {r["tid"]: r["state"] for r in lk["threads"]}
     assert states[qp.pid] != "unknown"
     assert_alive(qp)
+
+
+def test_without_debug_info_locks_and_bt_work_and_the_rest_refuse(qemu_factory, tmp_path):
+    """Debian's QEMU (no DWARF): thread states come from registers and backtraces from gdb's CFI
+    unwinding, so `locks` and `bt` work; the views that read QEMU's structures refuse in one line."""
+    qp = qemu_factory(name="virtopt-stock", extra_args=["-bios", str(firmware(tmp_path / "halt.bin", HALT))])
+    qp.client = qp.qmp()
+    with GdbSession(qp.pid) as s:
+        lk = s.run("virtopt locks --json")
+        bt = s.run(f"virtopt bt {qp.pid} --json")
+        refused = {v: s.run(f"virtopt {v}") for v in ("block", "waiters", "cpustate")}
+    assert lk.ok and bt.ok, (lk.error, bt.error)
+    assert lk.data["bql"]["known"] is False
+    rows = {r["tid"]: r for r in lk.data["threads"]}
+    assert rows[qp.pid]["state"].startswith("waits for events")  # the main loop in ppoll
+    fns = [f["function"] for f in bt.data["threads"][0]["segments"][0]["frames"]]
+    assert "main" in fns or "_start" in fns or "__libc_start_main" in fns, fns
+    for v, r in refused.items():
+        assert not r.ok and "needs QEMU's debug info" in r.error and "\n" not in r.error, (v, r.error)
+    assert_alive(qp)

@@ -24,6 +24,7 @@ from . import blockgraph, common, qom, threads, vcpus, waiters
 from .target import IntrospectError, NotAvailable, Target
 
 SYS_FUTEX = 202
+SYS_RESTART_SYSCALL = 219  # the kernel resumes an interrupted timed wait with it
 SYS_IOCTL = 16
 KVM_RUN = 0xAE80
 FUTEX_WAIT, FUTEX_WAIT_BITSET, FUTEX_LOCK_PI = 0, 9, 6
@@ -34,7 +35,7 @@ PTHREAD_MUTEX_COUNT = 4
 
 SYSCALLS = {0: "read", 1: "write", 7: "poll", 16: "ioctl", 17: "pread64", 18: "pwrite64", 19: "readv",
             20: "writev", 23: "select", 35: "nanosleep", 44: "sendto", 45: "recvfrom", 46: "sendmsg",
-            47: "recvmsg", 61: "wait4", 202: "futex", 208: "io_getevents", 230: "clock_nanosleep",
+            47: "recvmsg", 61: "wait4", 202: "futex", 219: "restart_syscall", 208: "io_getevents", 230: "clock_nanosleep",
             232: "epoll_wait", 270: "pselect6", 271: "ppoll", 281: "epoll_pwait", 288: "accept4",
             295: "preadv", 296: "pwritev", 426: "io_uring_enter", 441: "epoll_pwait2"}
 POLLS = ("poll", "ppoll", "epoll_wait", "epoll_pwait", "epoll_pwait2", "select", "pselect6", "io_uring_enter")
@@ -204,6 +205,8 @@ def collect(t: Target) -> dict[str, Any]:
                 row["state"] = "runs guest code (KVM_RUN)"
             elif name in POLLS:
                 row["state"] = "waits for events (" + name + ")"
+            elif nr == SYS_RESTART_SYSCALL:  # a timed wait interrupted by a stop (ptrace, SIGSTOP)
+                row["state"] = "in a timed wait resumed after a stop (restart_syscall: its object is not visible)"
         rows.append(row)
     if unknown:
         limits.append(f"what {unknown} thread(s) wait on needs their registers, which this reader does not see: "

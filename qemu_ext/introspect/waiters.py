@@ -259,6 +259,26 @@ def parked(t: Target) -> list[dict[str, Any]]:
     return out
 
 
+def source_label(p: dict[str, Any]) -> str:
+    """A parked coroutine's place in one token, for lists that label coroutines by where they were
+    found (the coroutines view's "source"): "throttled-writes:tg0:d0", "co-mutex:BDRVQcow2State.lock:
+    #block405", "blkdebug-break:A:#block266"."""
+    owner = p["owner"].get("name") or p["owner"].get("node-name") or ""
+    if p["waits-on"] == "blkdebug-break":
+        return f"blkdebug-break:{p.get('tag')}:{owner}"
+    if p.get("throttle-group") and p["field"].startswith("throttled_reqs["):
+        way = "reads" if p["field"].endswith("[0]") else "writes"
+        return f"throttled-{way}:{p['throttle-group']}:{owner}"
+    return f"{p['waits-on']}:{p['structure']}.{p['field']}:{owner}"
+
+
+def parked_coroutines(t: Target) -> list[tuple[int, str]]:
+    """(coroutine address, source label) of every parked coroutine: for the coroutines view, whose
+    other sources (running, tracked requests, scheduled, pools) miss a request queued before the
+    block layer tracks it (a throttled write waits in its group's CoQueue with blk->in_flight 1)."""
+    return [(p["coroutine"], source_label(p)) for p in parked(t)]
+
+
 def held_mutexes(t: Target) -> list[dict[str, Any]]:
     """Every CoMutex found held (locked > 0), with holder and waiters: for `virtopt locks`."""
     out = []
