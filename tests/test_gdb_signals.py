@@ -128,6 +128,26 @@ def test_signal_to_the_process_group_detaches_and_exits_with_one_line(vm, tmp_pa
         assert took < 10, took
 
 
+@pytest.fixture(scope="module")
+def dvm(module_debug_qemu_factory):
+    qp = module_debug_qemu_factory(name=f"virtopt-sig-dbg-{os.getpid()}")
+    qp.client = qp.qmp()
+    return qp
+
+
+@pytest.mark.parametrize("moment", ("attach", "command"))
+def test_ctrl_c_on_a_debug_build(dvm, tmp_path, moment):
+    """The debug build (DWARF: more to load while attached) under the same Ctrl-C."""
+    marker = tmp_path / "started"
+    proc = launch("gdb", str(dvm.pid), "-c", "threads", "-c", SLEEPER.format(marker=str(marker)))
+    reach(moment, proc, dvm.pid, marker)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert_running(dvm)
+    assert proc.returncode == 130 and out == "" and err.count("\n") == 1, err
+    assert err.startswith(f"virtopt: interrupted by SIGINT: gdb detached from QEMU {dvm.pid}")
+
+
 @pytest.mark.parametrize("moment", MOMENTS)
 def test_sigkill_of_virtopt_leaves_qemu_running(vm, tmp_path, moment):
     """SIGKILL cannot be caught: gdb (own session) reads EOF, detaches and exits; the watchdog checks."""
