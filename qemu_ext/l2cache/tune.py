@@ -329,6 +329,7 @@ class Watcher:
     seconds: float = 0.0
     last_window: Optional[dict[str, Any]] = None
     slice_size: int = 0
+    backend: Optional[str] = None
 
     def add(self, w: Window) -> None:
         t = w.trace
@@ -337,6 +338,7 @@ class Watcher:
         self.last = w.started + w.seconds
         self.seconds += w.seconds
         self.last_window = _measured(w)
+        self.backend = w.backend
         if not len(t):
             return
         self.lookups += len(t)
@@ -368,7 +370,8 @@ class Watcher:
                                "measured": {"lookups": self.lookups, "hits": self.hits,
                                             "hit-ratio": round(self.hits / self.lookups, 6) if self.lookups else None},
                                "last-window": self.last_window, "curves": [], "recommended": None,
-                               "not-evaluated": self.skipped, "state-bytes": self.state_bytes()}
+                               "not-evaluated": self.skipped, "state-bytes": self.state_bytes(),
+                               "backend": self.backend}
         if not self.streams:
             return out
         series = sim.curve_series(geom, cfg, {e: cs.curve() for e, cs in self.streams.items()}, self.target)

@@ -24,7 +24,9 @@ options kept) and captures again to show before -> after beside the prediction. 
 cannot be reopened (e.g. an automatic -drive node) is not changed: the option text to use
 instead is printed (-blockdev, -drive, libvirt's <metadata_cache><max_size>), exit 1.
 --watch captures window after window (each window's file deleted once read), keeps the curve
-over the whole time in --max-memory, and prints the final answer on Ctrl-C.
+over the whole time in --max-memory, and prints the final answer on Ctrl-C. With the simple trace
+backend each window has its own trace file; with the log backend the events also go to QEMU's own
+log (its -D file or stderr file), which grows by about 3 lines per L2 lookup while watching.
 exit codes: 0 ok, 1 failed (dead socket, not applied), 2 usage.
 """
 
@@ -154,6 +156,9 @@ def render_watch(w: dict[str, Any], final: bool = False) -> str:
             out += render_options(rec["options"], rec["l2-cache-entry-size"])
     elif w["measured"]["lookups"]:
         out.append("  no cache size reaches the target on what was captured")
+    if w.get("backend") == "log" and final:
+        out.append(f"  note: log backend: QEMU's own log grew by the events of {w['window']['windows']} windows "
+                   "(the simple backend rotates its trace file instead)")
     for s in w.get("curves", []):
         if not s["exact"]:
             out.append(f"  entries of {o.human_size(s['l2-cache-entry-size'])}: sampled, rate {s['sampling-rate']:.4g} "
