@@ -13,6 +13,7 @@ records, ``=notify`` records and the ``(gdb)`` prompt. Strings are C strings wit
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import select
@@ -113,7 +114,8 @@ class MiProcess:
             [gdb, "-q", "-nx", "--interpreter=mi3", *args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True, bufsize=0, env=env)
-        self._buf = bytearray()
+        self._buf = b""  # an incomplete last line
+        self._lines: collections.deque[bytes] = collections.deque()
         self._token = 0
         self.on_record: Optional[Callable[[Record], None]] = None
         self.stopped_seen = 0  # *stopped records so far (attach completion)
@@ -143,11 +145,8 @@ class MiProcess:
         assert self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
         while True:
-            nl = self._buf.find(b"\n")
-            if nl >= 0:
-                line = bytes(self._buf[:nl + 1])
-                del self._buf[:nl + 1]
-                rec = parse(line)
+            if self._lines:
+                rec = parse(self._lines.popleft())
                 if rec.kind == "exec":
                     if rec.text == "stopped":
                         self.stopped_seen += 1
@@ -176,7 +175,8 @@ class MiProcess:
                 chunk = os.read(fd, 1 << 16)
                 if not chunk:
                     raise MiError("gdb exited")
-                self._buf += chunk
+                *lines, self._buf = (self._buf + chunk).split(b"\n")
+                self._lines.extend(lines)
 
     def wait_result(self, token: int, deadline: float, command: str = "", wake_fd: Optional[int] = None,
                     should_stop: Callable[[], bool] = lambda: False) -> Answer:
