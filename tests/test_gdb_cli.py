@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -20,7 +21,7 @@ from helpers import gdb_batch, virtopt
 
 from qemu_ext import vm as vmlib
 from qemu_ext.errors import BadInputError
-from qemu_ext.gdbmi import corefile, elfsyms, kvm, query
+from qemu_ext.gdbmi import corefile, elfsyms, kvm, query, watchdog
 from qemu_ext.gdbmi.cli import EPILOG
 from qemu_ext.gdbmi.driver import normalize, pack_path
 
@@ -199,6 +200,27 @@ def test_a_qemu_held_by_another_debugger_is_one_line(stock):
                              "has one tracer; detach that debugger first\n")
     finally:
         other.communicate(b"detach\nquit\n", timeout=60)
+    assert stock.client.cmd("query-status")["status"] == "running"
+
+
+def test_a_stopped_qemu_is_left_stopped(stock):
+    """virtopt resumes only what it stopped: a QEMU stopped (SIGSTOP, state T) before stays stopped."""
+    os.kill(stock.pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 10
+        while "T" not in watchdog.states(stock.pid).values():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        cp = virtopt("gdb", str(stock.pid), "-c", "info --json", "--output=json")
+        assert cp.returncode == 0, cp.stderr
+        res = json.loads(cp.stdout)
+        assert res["was-stopped"] is True and res["resumed"] is False
+        cp = virtopt("gdb", str(stock.pid), "-c", "info")
+        assert cp.stderr == f"QEMU {stock.pid} was already stopped (state T) before gdb attached; it is left stopped\n"
+        time.sleep(0.3)
+        assert "T" in watchdog.states(stock.pid).values()
+    finally:
+        os.kill(stock.pid, signal.SIGCONT)
     assert stock.client.cmd("query-status")["status"] == "running"
 
 

@@ -104,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
 def pause_line(res) -> str:
     """`QEMU 123 was paused 270 ms (gdb attach to detach); it runs again`."""
     line = f"QEMU {res.pid} was paused {duration(res.paused_seconds or 0.0)} (gdb attach to detach)"
+    if res.was_stopped:
+        return f"QEMU {res.pid} was already stopped (state T) before gdb attached; it is left stopped"
     if res.resumed:
         return line + "; it was left stopped and virtopt resumed it (SIGCONT)"
     return line + "; it runs again"
@@ -114,6 +116,9 @@ def interrupted_line(exc) -> str:
         return f"interrupted by {exc.signame}"
     if not exc.attached:
         return f"interrupted by {exc.signame} before gdb attached: QEMU {exc.pid} was not paused"
-    state = "QEMU runs again" if exc.qemu_running else "QEMU is not running (check it)"
+    if exc.was_stopped:
+        state = "QEMU was stopped before gdb attached and is left so"
+    else:
+        state = "QEMU runs again" if exc.qemu_running else "QEMU is not running (check it)"
     return (f"interrupted by {exc.signame}: gdb detached from QEMU {exc.pid} after a "
             f"{duration(exc.paused_seconds or 0.0)} pause; {state}")

@@ -154,7 +154,8 @@ class Interrupted(VirtoptError):
     """A signal asked virtopt to stop; gdb detached (or never attached) and QEMU runs on."""
 
     def __init__(self, signum: int, pid: Optional[int], attached: bool, paused: Optional[float],
-                 qemu_running: Optional[bool]) -> None:
+                 qemu_running: Optional[bool], was_stopped: bool = False) -> None:
+        self.was_stopped = was_stopped
         self.signum = signum
         self.signame = signal.Signals(signum).name
         self.pid = pid
@@ -177,11 +178,13 @@ class GdbRun:
     results: list[GdbResult]
     paused_seconds: Optional[float]  # None for a core
     resumed: bool = False  # QEMU was left stopped and virtopt sent it SIGCONT
+    was_stopped: bool = False  # QEMU was stopped (T) before gdb attached: left as it was
 
     def to_dict(self) -> dict[str, Any]:
         return {"pid": self.pid, "core": self.core, "exe": self.exe, "build-id": self.build_id,
                 "paused-seconds": None if self.paused_seconds is None else round(self.paused_seconds, 4),
-                "resumed": self.resumed, "commands": [r.to_dict() for r in self.results]}
+                "was-stopped": self.was_stopped, "resumed": self.resumed,
+                "commands": [r.to_dict() for r in self.results]}
 
 
 # ---------------------------------------------------------------- targets
@@ -297,6 +300,7 @@ class GdbSession:
     paused_seconds: Optional[float] = None
     attached: bool = False
     resumed: bool = False
+    was_stopped: bool = False
     log: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -373,6 +377,7 @@ class GdbSession:
             # the watchdog closes every descriptor it inherits but its pipe: gdb's stdin is ours alone
             self._watchdog = watchdog.Watchdog(self._qemu, grace=min(self.timeout, 10.0))
             self._watchdog.gdb_started(self._mi.pid)
+            self.was_stopped = self._watchdog.was_stopped
         # while QEMU runs: symbols of the executable, the pack, the JSON directory (sent at once)
         self._json_dir = tempfile.mkdtemp(prefix="virtopt-gdb-")
         tokens = [self._mi.send(c) for c in (
@@ -427,8 +432,7 @@ class GdbSession:
                 from qemu_ext.gdbmi import watchdog
 
                 self.resumed = watchdog.resume_if_left_stopped(
-                    self._qemu, self._watchdog.was_stopped if self._watchdog else False,
-                    settle=0.5 if self._forced else 0.0) or self.resumed
+                    self._qemu, self.was_stopped, settle=0.5 if self._forced else 0.0) or self.resumed
             if self._watchdog is not None:
                 self._watchdog.done()
                 self._watchdog = None
@@ -569,7 +573,8 @@ class GdbSession:
         return self.console(normalize(command), timeout)
 
     def describe(self) -> GdbRun:
-        return GdbRun(self.pid, self.core, self.exe, self.build_id, [], self.paused_seconds, self.resumed)
+        return GdbRun(self.pid, self.core, self.exe, self.build_id, [], self.paused_seconds, self.resumed,
+                      self.was_stopped)
 
 
 # ---------------------------------------------------------------- signals
@@ -628,7 +633,8 @@ def run(commands: Sequence[str], pid: Optional[int] = None, core: Optional[str] 
         finally:
             session.close()
     if session.stop_signal is not None:
-        raise Interrupted(session.stop_signal, pid, session.attached, session.paused_seconds, _qemu_running(pid))
+        raise Interrupted(session.stop_signal, pid, session.attached, session.paused_seconds, _qemu_running(pid),
+                          session.was_stopped)
     out = session.describe()
     out.results = results
     return out
