@@ -47,6 +47,7 @@ struct vt_scan_out {
 
 struct vt_prog { /* one event: "NAME " then its arguments */
     uint32_t name_off, name_len, nargs, arg0, label_total;
+    uint32_t fixed_len; /* the record length of an event without strings (24 + 8 per argument); 0: strings */
 };
 
 struct vt_arg {
@@ -174,6 +175,8 @@ uint64_t vt_names(const uint8_t *d, const uint64_t *map_off, uint64_t n, uint8_t
 /* Arguments of the event record at pos laid out as declared, filling its length exactly? */
 static int args_fit(const uint8_t *d, uint64_t pos, const struct vt_prog *p, const struct vt_arg *args)
 {
+    if (p->fixed_len)
+        return ld32(d + pos + 24) == p->fixed_len;
     uint64_t q = pos + 32, end = pos + 8 + (uint64_t)ld32(d + pos + 24);
     for (uint32_t i = 0; i < p->nargs; i++) {
         if (args[p->arg0 + i].is_str) {

@@ -41,7 +41,7 @@ class ScanOut(ctypes.Structure):
 
 
 class Prog(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_uint32) for n in ("name_off", "name_len", "nargs", "arg0", "label_total")]
+    _fields_ = [(n, ctypes.c_uint32) for n in ("name_off", "name_len", "nargs", "arg0", "label_total", "fixed_len")]
 
 
 class Arg(ctypes.Structure):
@@ -276,6 +276,7 @@ def _decode(lib, data: _Mapped, name: str, choose_events, compat, write) -> Opti
             blob += label
             total += len(label)
         p.label_total = total
+        p.fixed_len = 0 if ev.has_strings else 24 + 8 * len(ev.args)
     args = (Arg * max(1, len(arg_list)))(*arg_list)
     blob_c = ctypes.create_string_buffer(bytes(blob), len(blob) + 32)  # padded: the C side copies 16 bytes at a time
     bad = (ctypes.c_uint64 * max(1, len(slots)))()
