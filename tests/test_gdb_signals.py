@@ -219,29 +219,91 @@ def test_a_command_past_its_timeout_is_interrupted_and_qemu_runs(vm, tmp_path):
     assert "TID" in out  # the next command still ran
 
 
-def test_ctrl_c_in_a_real_terminal(vm, tmp_path):
-    """^C typed into a pty: the terminal driver signals the foreground group; gdb is not in it."""
-    marker = tmp_path / "started"
+def _pty_run(vm, marker: Path) -> tuple[int, int]:
     pid, fd = pty.fork()
     if pid == 0:  # pragma: no cover - the child execs at once
         os.chdir(REPO)
         os.execv(sys.executable, [sys.executable, "-m", "qemu_ext", "gdb", str(vm.pid), "-c",
                                   SLEEPER.format(marker=str(marker))])
+    return pid, fd
+
+
+def _pty_read(fd: int, seconds: float) -> bytes:
+    text = b""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if r:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            text += chunk
+    return text
+
+
+# A job-control shell in miniature: the job in its own process group in the foreground of the pty
+# (a stop of a session leader's own, orphaned, group would be discarded by the kernel).
+MINI_SHELL = """
+import os, signal, sys
+signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+pid = os.fork()
+if pid == 0:
+    os.setpgid(0, 0)
+    os.tcsetpgrp(0, os.getpgrp())
+    os.execv(sys.executable, sys.argv[1:])
+os.setpgid(pid, pid)
+try:
+    os.tcsetpgrp(0, pid)
+except OSError:
+    pass
+_, st = os.waitpid(pid, os.WUNTRACED)
+print("SHELL", "stopped" if os.WIFSTOPPED(st) else "exited", pid, flush=True)
+if os.WIFSTOPPED(st):
+    _, st = os.waitpid(pid, 0)
+print("SHELL rc", os.waitstatus_to_exitcode(st), flush=True)
+"""
+
+
+def test_ctrl_z_in_a_real_terminal_detaches_before_suspending(vm, tmp_path):
+    """^Z: virtopt detaches (the command is cut short), then stops; QEMU runs while it is suspended."""
+    marker = tmp_path / "started"
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child execs at once
+        os.chdir(REPO)
+        os.execv(sys.executable, [sys.executable, "-c", MINI_SHELL, sys.executable, "-m", "qemu_ext", "gdb",
+                                  str(vm.pid), "-c", SLEEPER.format(marker=str(marker))])
+    try:
+        wait_for(lambda: marker.exists(), "the command to begin")
+        os.write(fd, b"\x1a")
+        text = b""
+        deadline = time.monotonic() + 30
+        while b"SHELL stopped" not in text and b"SHELL exited" not in text and time.monotonic() < deadline:
+            text += _pty_read(fd, 0.2)
+        assert b"SHELL stopped" in text, text
+        assert_running(vm)  # virtopt is suspended, QEMU is not
+        job = int(text.split(b"SHELL stopped ")[1].split()[0])
+        os.kill(job, signal.SIGCONT)
+        text += _pty_read(fd, 10)
+        os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    lines = [ln for ln in text.decode().replace("\r", "").replace("^Z", "").splitlines() if ln.strip()]
+    assert lines[-1] == f"SHELL rc {128 + signal.SIGTSTP}", text
+    said = [ln for ln in lines if not ln.startswith("SHELL")]
+    assert len(said) == 1 and said[0].startswith("virtopt: interrupted by SIGTSTP: gdb detached"), text
+
+
+def test_ctrl_c_in_a_real_terminal(vm, tmp_path):
+    """^C typed into a pty: the terminal driver signals the foreground group; gdb is not in it."""
+    marker = tmp_path / "started"
+    pid, fd = _pty_run(vm, marker)
     try:
         wait_for(lambda: marker.exists(), "the command to begin")
         os.write(fd, b"\x03")
-        text = b""
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            r, _, _ = select.select([fd], [], [], 0.5)
-            if r:
-                try:
-                    chunk = os.read(fd, 4096)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                text += chunk
+        text = _pty_read(fd, 20)
         _, status = os.waitpid(pid, 0)
     finally:
         os.close(fd)

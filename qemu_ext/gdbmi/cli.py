@@ -28,8 +28,8 @@ locks, bt, cpustate) is virtopt's; anything else runs as gdb's own command. Thre
 too: `info` alone, `trace list|enable|disable` and `bt all` are virtopt's, while `info registers`,
 `trace LOCATION`, `bt` and `bt 5` are gdb's (`virtopt ...` spelled out is always virtopt's). gdb reads QEMU's symbols and the pack first, then attaches
 (QEMU pauses), runs every command and detaches (QEMU runs again): the pause is printed on stderr
-(`paused-seconds` in JSON). Ctrl-C, SIGTERM or SIGHUP at any moment detach first; gdb runs in its
-own session and a watchdog resumes QEMU if virtopt itself is killed. Commands that would resume,
+(`paused-seconds` in JSON). Ctrl-C, SIGTERM or SIGHUP at any moment detach first (Ctrl-Z detaches,
+then suspends); gdb runs in its own session and a watchdog resumes QEMU if virtopt itself is killed. Commands that would resume,
 signal or kill QEMU under gdb are refused, and on a core so is `trace enable|disable`.
 
 exit codes: 0 all commands worked, 1 a command failed (or no such process, not QEMU, a core that

@@ -11,7 +11,8 @@ Safety (issue 12, "never harm the inspected QEMU"):
 - SIGINT, SIGTERM and SIGHUP to virtopt (``guard_signals``): an attach in progress completes, a
   running command is interrupted (SIGINT to gdb alone, only once QEMU is stopped under gdb, where gdb
   turns it into a KeyboardInterrupt of the Python command), gdb detaches, and ``Interrupted`` is
-  raised. A third signal gives up on gdb: it is killed and QEMU resumed. SIGTSTP waits for the detach.
+  raised. A third signal gives up on gdb: it is killed and QEMU resumed. SIGTSTP (Ctrl-Z) does the
+  same, then suspends virtopt: QEMU never waits for a suspended virtopt.
 - Every exit path detaches (``close`` runs in ``finally``); a command that does not answer within
   the timeout is interrupted, then gdb is killed and QEMU resumed.
 - A watchdog process (qemu_ext.gdbmi.watchdog) covers the death of virtopt itself (SIGKILL).
@@ -582,22 +583,28 @@ class GdbSession:
 
 @contextmanager
 def guard_signals(session: GdbSession) -> Iterator[None]:
-    """While the block runs, SIGINT/SIGTERM/SIGHUP ask ``session`` to stop (it detaches first) and
-    SIGTSTP waits until the block ends. Only in the main thread (elsewhere signals are not ours)."""
+    """While the block runs, SIGINT/SIGTERM/SIGHUP/SIGTSTP ask ``session`` to stop (it detaches
+    first); a SIGTSTP (Ctrl-Z) then suspends virtopt once QEMU runs again. Only in the main thread
+    (elsewhere signals are not ours)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    deferred: list[int] = []
-    wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    old = {s: signal.signal(s, lambda signum, _frame: session.request_stop(signum)) for s in wanted}
-    old[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, lambda signum, _frame: deferred.append(signum))
+    suspend: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if signum == signal.SIGTSTP:
+            suspend.append(signum)
+        session.request_stop(signum)
+
+    wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGTSTP)
+    old = {s: signal.signal(s, on_signal) for s in wanted}
     try:
         yield
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        if deferred and old[signal.SIGTSTP] in (signal.SIG_DFL, None):
-            os.kill(os.getpid(), signal.SIGTSTP)  # QEMU runs again: now the shell may stop us
+        if suspend and old[signal.SIGTSTP] in (signal.SIG_DFL, None):
+            os.kill(os.getpid(), signal.SIGTSTP)  # gdb detached, QEMU runs: now the shell may stop us
 
 
 def _qemu_running(pid: Optional[int]) -> Optional[bool]:
