@@ -47,7 +47,15 @@ def hmp(ctl, line: str) -> str:
 
 
 def json_lines(text: str) -> list[Any]:
-    return [json.loads(ln) for ln in text.splitlines() if ln.startswith(("{", "["))]
+    """The lines that are JSON documents (replies, events in scripts), in order."""
+    out = []
+    for ln in text.splitlines():
+        if ln.startswith(("{", "[")):
+            try:
+                out.append(json.loads(ln))
+            except ValueError:  # an event line at the prompt: "[12:00:01.123] event STOP"
+                continue
+    return out
 
 
 def shell_cmd(address: str, *args: str, timeout: float = 60, env: Optional[dict] = None,
@@ -88,6 +96,7 @@ class Repl:
         self._output = DummyOutput()
         self.rc: Optional[int] = None
         self.exc: Optional[BaseException] = None
+        self._closed = False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -156,7 +165,12 @@ class Repl:
         self._thread.join(timeout)
 
     def close(self) -> int:
+        if self._closed:
+            return int(self.rc or 0)
+        self._closed = True
         if self._thread.is_alive():
+            self.send("\x15")  # Ctrl-U: an empty line, so that Ctrl-D quits
+            time.sleep(0.05)
             self.send("\x04")  # Ctrl-D
             self._thread.join(15)
         self._pipe_cm.__exit__(None, None, None)
@@ -180,6 +194,7 @@ class Tmux:
         cmd = " ".join(_quote(a) for a in argv)
         self._tmux("new-session", "-d", "-s", "t", "-x", str(width), "-y", str(height), "-c", cwd,
                    f"{cmd}; echo EXIT=$?; sleep 30", env=e)
+        self._tmux("set-option", "-s", "escape-time", "0")  # Escape reaches the program at once
 
     def _tmux(self, *args: str, env: Optional[dict] = None) -> str:
         cp = subprocess.run(["tmux", "-L", self.sock, "-f", "/dev/null", *args], capture_output=True, text=True,

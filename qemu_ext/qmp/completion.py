@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Optional
 
 from qemu_ext.qmp.parse import tokenize
 from qemu_ext.qmp.schema import SchemaIndex
@@ -319,9 +319,12 @@ def _uniq(items: Iterable[str]) -> Iterator[str]:
 
 
 class ShellCompleter:
-    """prompt-toolkit adapter over :func:`complete_items`; ``mode()`` says (hmp, in a transaction)."""
+    """prompt-toolkit adapter over :func:`complete_items`; ``mode()`` says (hmp, in a transaction);
+    ``ready()`` is awaited first (the schema loading in the background: Tab right after the prompt
+    appears waits for it instead of offering nothing)."""
 
-    def __new__(cls, data: CompletionData, mode: Callable[[], tuple[bool, bool]]) -> Any:
+    def __new__(cls, data: CompletionData, mode: Callable[[], tuple[bool, bool]],
+                ready: Optional[Callable[[], Any]] = None) -> Any:
         from prompt_toolkit.completion import CompleteEvent, Completer, Completion
         from prompt_toolkit.document import Document
 
@@ -332,5 +335,12 @@ class ShellCompleter:
                 hmp, trans = mode()
                 for cand, meta in complete_items(data, text, hmp, trans):
                     yield Completion(cand, start_position=-len(word), display_meta=meta or None)
+
+            async def get_completions_async(self, document: Document,
+                                            complete_event: CompleteEvent) -> AsyncIterator[Completion]:
+                if ready is not None:
+                    await ready()
+                for c in self.get_completions(document, complete_event):
+                    yield c
 
         return _Completer()

@@ -145,8 +145,9 @@ class Shell:
         if not (self.interactive and self.opts.pager and self._tty() and self._stdout is None):
             self.out(text)
             return
-        rows = shutil.get_terminal_size().lines
-        if text.count("\n") + 2 < rows:
+        size = shutil.get_terminal_size()
+        shown = sum(max(1, -(-len(ln) // max(size.columns, 1))) for ln in text.split("\n"))  # wrapped rows
+        if shown + 1 < size.lines:
             self.out(text)
             return
         pager = os.environ.get("PAGER") or "less -FRX"
@@ -473,9 +474,9 @@ class Shell:
         return FileHistory(path)
 
     def _key_bindings(self) -> Any:
+        from prompt_toolkit import search
         from prompt_toolkit.filters import completion_is_selected, has_completions, is_searching
         from prompt_toolkit.key_binding import KeyBindings
-        from prompt_toolkit.key_binding.bindings import search
         from prompt_toolkit.keys import Keys
 
         kb = KeyBindings()
@@ -506,7 +507,7 @@ class Shell:
 
         @kb.add("enter", filter=is_searching)
         def _enter_in_search(event: Any) -> None:
-            search.accept_search(event)
+            search.accept_search()
             event.app.current_buffer.validate_and_handle()
 
         @kb.add(Keys.BracketedPaste)
@@ -565,9 +566,9 @@ class Shell:
         try:
             with patch_stdout(raw=True) if self._stdout is None else contextlib.nullcontext():
                 while True:
+                    default, self._paste_rest = self._paste_rest, ""  # the unfinished line of a paste
                     try:
-                        line = await ps.prompt_async(self.prompt_text, default=self._paste_rest)
-                        self._paste_rest = ""
+                        line = await ps.prompt_async(self.prompt_text, default=default)
                     except KeyboardInterrupt:
                         self._paste.clear()
                         self._drop_transaction("Ctrl-C")
@@ -603,7 +604,14 @@ class Shell:
     def _completer(self) -> Any:
         from qemu_ext.qmp.completion import ShellCompleter
 
-        return ShellCompleter(self.completion, lambda: (self.opts.hmp, self.parser.in_transaction))
+        return ShellCompleter(self.completion, lambda: (self.opts.hmp, self.parser.in_transaction), self._loaded)
+
+    async def _loaded(self) -> None:
+        """Completion data ready (or given up on: a failed load leaves completion poorer, never stuck)."""
+        task = self._schema_task
+        if task is not None and not task.done():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(task), self.opts.timeout)
 
     async def _interruptible(self, coro: Any) -> Any:
         """Run a command so that Ctrl-C cancels it (and not the shell)."""
