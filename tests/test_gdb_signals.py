@@ -191,6 +191,24 @@ def test_watchdog_ends_a_stuck_gdb_and_resumes_qemu(vm, tmp_path):
              "the stuck gdb to end", timeout=10, step=0.05)
 
 
+def test_a_stopped_virtopt_does_not_keep_qemu_paused(vm, tmp_path):
+    """SIGSTOP cannot be caught: the watchdog ends the gdb of a virtopt stopped past the grace period
+    (--timeout), QEMU runs again, and virtopt, continued, says gdb went away."""
+    marker = tmp_path / "started"
+    proc = launch("gdb", str(vm.pid), "--timeout", "2", "-c", SLEEPER.format(marker=str(marker)))
+    reach("command", proc, vm.pid, marker)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        assert_running(vm, settle=15)
+        assert watchdog.states(proc.pid).get(proc.pid) == "T"  # virtopt is still stopped
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and out == "" and "Traceback" not in err, err
+    assert err.splitlines()[0].startswith("virtopt: gdb exited"), err
+    assert_running(vm)
+
+
 def test_gdb_dying_mid_command_is_one_line_and_qemu_runs(vm, tmp_path):
     marker = tmp_path / "started"
     proc = launch("gdb", str(vm.pid), "-c", SLEEPER.format(marker=str(marker)), "-c", "info")

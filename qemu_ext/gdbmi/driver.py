@@ -489,9 +489,17 @@ class GdbSession:
         return self._phase == "command" and self.attached and self._mi is not None and not self._mi.running
 
     def _exchange(self, command: str, timeout: Optional[float] = None) -> Any:
+        from qemu_ext.gdbmi import mi
+
         if self._mi is None or self._forced:
             raise QemuError("gdb is not running")
-        return self._wait(self._mi.send(command), command, timeout)
+        try:
+            token = self._mi.send(command)
+        except mi.MiError:
+            self._forced = True
+            self._paused_until(time.monotonic())
+            raise QemuError(f"gdb exited before {command!r}") from None
+        return self._wait(token, command, timeout)
 
     def _wait(self, token: int, command: str, timeout: Optional[float] = None) -> Any:
         """The answer to ``token``, with the stop requests, timeouts and gdb's death handled."""

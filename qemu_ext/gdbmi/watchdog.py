@@ -5,11 +5,13 @@ the command it runs, detaches and exits, and QEMU runs on; gdb killed by SIGTERM
 attached leaves QEMU in state T (stopped): the kernel detaches the tracer, but the group stop of the
 SIGSTOP that PTRACE_ATTACH sent stays in force until someone sends SIGCONT.
 
-So before gdb starts, ``Watchdog`` forks a small process in its own session (terminal signals do not
-reach it) that holds the read end of a pipe from the virtopt process. The virtopt process tells it
-gdb's PID and when it attaches, detaches and is done. When the pipe closes without "done" (the
+So ``Watchdog`` forks a small process in its own session (terminal signals do not reach it) that
+holds the read end of a pipe from the virtopt process. The virtopt process tells it gdb's PID and
+when it attaches, runs commands, detaches and is done. When the pipe closes without "done" (the
 virtopt process died, e.g. SIGKILL), the watchdog waits for gdb to detach by itself (EOF on its
-stdin), kills that gdb only if it does not within the grace period, then sends SIGCONT to QEMU if,
+stdin), interrupts a command that runs on past the grace period, kills that gdb only if it is
+still there; when the virtopt process stays stopped (SIGSTOP) for the grace period while gdb holds
+QEMU, it ends that gdb the same way. Then it sends SIGCONT to QEMU if,
 and only if, QEMU is left stopped (T), was not stopped before we attached, and is still the same
 process (PID and start time). ``resume_if_left_stopped`` is the same check the driver runs after
 every session.
@@ -161,6 +163,7 @@ class Watchdog:
 
 
 def _guard(rfd: int, qemu: ProcessId, was_stopped: bool, grace: float) -> None:  # pragma: no cover - child
+    owner = ProcessId.of(os.getppid())  # the virtopt process
     os.setsid()
     for s in _IGNORED:
         signal.signal(s, signal.SIG_IGN)
@@ -175,9 +178,22 @@ def _guard(rfd: int, qemu: ProcessId, was_stopped: bool, grace: float) -> None: 
     os.closerange(rfd + 1, max(rfd + 1, os.sysconf("SC_OPEN_MAX")))
     gdb: Optional[ProcessId] = None
     pidfd: Optional[int] = None
-    in_commands = False
+    in_commands = attached = False
+    owner_stopped_since: Optional[float] = None
     buf = b""
     while True:
+        if attached and owner is not None:
+            # virtopt stopped (SIGSTOP, a debugger) while gdb holds QEMU: QEMU must not wait for it
+            ready, _, _ = select.select([rfd], [], [], 0.25)
+            if not ready:
+                st = _stat(owner.pid)
+                if st is not None and st[2] in ("T", "t"):
+                    owner_stopped_since = owner_stopped_since or time.monotonic()
+                    if time.monotonic() - owner_stopped_since >= grace:
+                        break  # treat it as gone: end that gdb below
+                else:
+                    owner_stopped_since = None
+                continue
         try:
             chunk = os.read(rfd, 4096)
         except InterruptedError:
@@ -195,14 +211,19 @@ def _guard(rfd: int, qemu: ProcessId, was_stopped: bool, grace: float) -> None: 
                     pidfd = os.pidfd_open(int(arg))
                 except (AttributeError, OSError):
                     pidfd = None
+            elif word == "A":
+                attached = True
             elif word == "C":
                 in_commands = True
-            elif word in ("R", "D"):
+            elif word == "R":
                 in_commands = False
+            elif word == "D":
+                in_commands = attached = False
             elif word == "X":
                 return
-    # The virtopt process is gone without saying "done": gdb read EOF on its stdin and is finishing.
-    if gdb is not None and gdb.same():
+    # The virtopt process is gone (or stopped) without saying "done": a dead one's gdb read EOF on its
+    # stdin and is finishing; a stopped one's gdb waits for it and is ended.
+    if gdb is not None and gdb.same() and owner_stopped_since is None:
         _wait_gone(gdb, pidfd, grace)
         if gdb.same() and in_commands:
             # a long command: interrupt it (QEMU is stopped under gdb, so gdb keeps the SIGINT to itself),
@@ -212,7 +233,7 @@ def _guard(rfd: int, qemu: ProcessId, was_stopped: bool, grace: float) -> None: 
             except ProcessLookupError:
                 pass
             _wait_gone(gdb, pidfd, 3.0)
-        if gdb.same():  # stuck: the kernel detaches QEMU when its tracer dies
+    if gdb is not None and gdb.same():  # stuck, or waiting for a stopped virtopt: the kernel detaches QEMU
             try:
                 os.kill(gdb.pid, signal.SIGKILL)
             except ProcessLookupError:
