@@ -429,7 +429,7 @@ class GdbSession:
             self._close_gdb()
         finally:
             self._phase = "closed"
-            if self._qemu is not None and self.attached:
+            if self._qemu is not None and self._attach_t0 is not None:  # an attach was at least begun
                 from qemu_ext.gdbmi import watchdog
 
                 self.resumed = watchdog.resume_if_left_stopped(
