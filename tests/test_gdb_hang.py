@@ -106,6 +106,13 @@ def _drgn_core(core: Path, build: vm.QemuBuild, *names: str) -> list[Any]:
     return [views.run(t, n) for n in names]
 
 
+def _drgn_live(pid: int, name: str) -> Any:
+    from qemu_ext.introspect import views
+    from qemu_ext.introspect.drgn_backend import DrgnTarget
+
+    return views.run(DrgnTarget.attach(pid), name)
+
+
 def _wait_stderr(qp: vm.QemuProcess, text: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while text not in qp.stderr_text():
@@ -142,6 +149,11 @@ def test_block_graph_matches_qmp(hang_vm):
             if gnodes[e["parent"]]["type"] == "block-driver"}
     got = {(n["node-name"], c["name"], c["node-name"]) for n in d["nodes"] for c in n["children"]}
     assert got == want and ("bthr", "file", "bfmt") in got
+    # and the BlockBackends' root edges (bdrv_get_xdbg_block_graph names a backend without a name by
+    # its device, as query-block's qdev)
+    roots = sorted((gnodes[e["parent"]]["name"], gnodes[e["child"]]["name"]) for e in graph["edges"]
+                   if gnodes[e["parent"]]["type"] == "block-backend")
+    assert roots == sorted((b["name"] or b["device"]["qdev"], b["node-name"]) for b in d["backends"])
     # backends: query-block's device, qdev and root node, and the throttle group
     backends = {b["node-name"]: b for b in d["backends"]}
     for b in blocks:
@@ -250,8 +262,7 @@ def test_parked_requests_are_found_named_and_the_same_on_a_core(hang_vm, debug_b
            or "wrote 65536/65536 bytes at offset 1048576" not in qp.stderr_text()):
         assert time.monotonic() < deadline, qp.stderr_text()[-1500:]
         time.sleep(0.05)
-    with GdbSession(qp.pid) as s:
-        after = s.run("virtopt waiters --json").data
+    after = _drgn_live(qp.pid, "waiters")  # read without stopping QEMU
     assert after["parked"] == [] and after["co-mutexes"] == []
     assert_alive(qp)
 
@@ -432,10 +443,10 @@ def test_a_vcpu_blocked_on_the_bql_is_named_with_the_holder(debug_qemu_factory, 
     vcpu0 = qp.client.cmd("query-cpus-fast")[0]["thread-id"]
     sym = "bql" if debug_build.series != "7.2" else "qemu_global_mutex"
     bql = _exe_base(qp.pid) + _nm_address(debug_build.system, sym)
-    assert hmp(qp, 'qemu-io t0 "write 0 64k"') == ""  # empties the throttle bucket
+    assert hmp(qp, 'qemu-io t0 "write 0 48k"') == ""  # fills the throttle bucket: the next write waits ~3 s
     done: list[str] = []
     qp.client.settimeout(120)  # the call returns when the throttled write is done, gdb's pause included
-    bg = threading.Thread(target=lambda: done.append(hmp(qp, 'qemu-io t0 "write 64k 64k"')))
+    bg = threading.Thread(target=lambda: done.append(hmp(qp, 'qemu-io t0 "write 64k 4k"')))
     bg.start()
     try:
         deadline = time.monotonic() + 10
@@ -477,7 +488,7 @@ def test_a_vcpu_blocked_on_the_bql_is_named_with_the_holder(debug_qemu_factory, 
     finally:
         bg.join(timeout=120)
     assert done == [""]
-    _wait_stderr(qp, "wrote 65536/65536 bytes at offset 65536")
+    _wait_stderr(qp, "wrote 4096/4096 bytes at offset 65536")
     assert_alive(qp)
 
 
@@ -518,4 +529,39 @@ def test_without_debug_info_locks_and_bt_work_and_the_rest_refuse(qemu_factory, 
     assert "main" in fns or "_start" in fns or "__libc_start_main" in fns, fns
     for v, r in refused.items():
         assert not r.ok and "needs QEMU's debug info" in r.error and "\n" not in r.error, (v, r.error)
+    assert_alive(qp)
+
+
+def test_tcg_vcpus_halted_wait_on_their_halt_cond_and_state_matches(debug_qemu_factory, tmp_path):
+    """Under TCG QEMU's CPUX86State is the state itself (current without any synchronisation), and a
+    halted vCPU's thread sleeps in qemu_cond_wait on its CPUState's halt_cond."""
+    qp = debug_qemu_factory(name="virtopt-tcg", smp=2, accel="tcg",
+                            extra_args=["-bios", str(firmware(tmp_path / "halt.bin", HALT))])
+    qp.client = qp.qmp()
+    vcpu_tids = {c["thread-id"]: c["cpu-index"] for c in qp.client.cmd("query-cpus-fast")}
+    deadline = time.monotonic() + 10
+    while "HLT=1" not in hmp(qp, "info registers"):  # vCPU 0 reached its hlt
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with GdbSession(qp.pid) as s:
+        running = s.run("virtopt cpustate --json").data
+        lk = s.run("virtopt locks --json").data
+    assert running["accelerator"] == "tcg"
+    assert all(c["registers-current"] for c in running["vcpus"])
+    rows = {r["tid"]: r for r in lk["threads"]}
+    mttcg = len(vcpu_tids) == 2  # one thread per vCPU; single-threaded TCG runs both on one
+    for tid, idx in vcpu_tids.items():
+        w = rows[tid]["waits-on"]
+        assert w and w["kind"] == "cond", rows[tid]
+        assert w["object"] == f"vCPU {idx} halt_cond" if mttcg else re.fullmatch(r"vCPU \d halt_cond", w["object"])
+    qp.client.cmd("stop")
+    try:
+        regs = _info_registers(hmp(qp, "info registers -a"))
+        with GdbSession(qp.pid) as s:
+            mine = s.run("virtopt cpustate --json").data["vcpus"]
+    finally:
+        qp.client.cmd("cont")
+    for c, h in zip(mine, regs):
+        assert {k: c[k] for k in h} == h and c["vcpu-dirty"] is False
+    assert mine[0]["halted"] and mine[0]["mode"] == "real" and mine[0]["exception"] is None
     assert_alive(qp)

@@ -202,7 +202,7 @@ def collect(t: Target) -> dict[str, Any]:
                 row["waits-on"] = what
                 row["state"] = "waits for " + (what["object"] or f"futex {addr:#x}")
             elif nr == SYS_IOCTL and len(args) > 1 and args[1] == KVM_RUN:
-                row["state"] = "runs guest code (KVM_RUN)"
+                row["state"] = "in KVM_RUN (runs the guest, or waits in the kernel for it)"
             elif name in POLLS:
                 row["state"] = "waits for events (" + name + ")"
             elif nr == SYS_RESTART_SYSCALL:  # a timed wait interrupted by a stop (ptrace, SIGSTOP)

@@ -26,27 +26,25 @@ def request(r: Optional[dict[str, Any]]) -> str:
 
 
 def parked_line(p: dict[str, Any]) -> str:
-    """One parked coroutine: what it runs and what it waits on."""
+    """One parked coroutine: what it runs, what it waits on, whose that is, who holds it."""
     what = request(p.get("request"))
     head = f"coroutine {p['coroutine']:#x} ({p['entry'] or '?'}{': ' + what if what else ''})"
-    if p["waits-on"] == "blkdebug-break":
-        place = f"a blkdebug break, tag {p.get('tag')!r} (qemu-io \"resume {p.get('tag')}\" resumes it)"
-    else:
-        place = f"{p['waits-on']} {p['structure']}.{p['field']}"
-        if p.get("meaning"):
-            place += f" ({p['meaning']})"
-    if p.get("throttle-group"):
-        place += f" of throttle group {p['throttle-group']}"
     owner = p.get("owner") or {}
     if owner.get("kind") == "backend":
-        place += f" of BlockBackend {owner.get('name') or owner.get('node-name')}"
+        of = f" of BlockBackend {owner.get('name') or owner.get('node-name')}"
     elif owner.get("kind") == "node":
-        place += f" of node {owner.get('name')}"
-    elif owner.get("name"):
-        place += f" of {owner['name']}"
-    if p.get("holder"):
-        place += f", held by coroutine {p['holder']:#x}"
-    return f"{head} waits in {place}"
+        of = f" of node {owner.get('name')}"
+    else:
+        of = f" of {owner['name']}" if owner.get("name") and p["structure"] != "graph-lock" else ""
+    if p["waits-on"] == "blkdebug-break":
+        return (f"{head} is held by a blkdebug break, tag {p.get('tag')!r}{of} "
+                f"(qemu-io \"resume {p.get('tag')}\" lets it go)")
+    place = p.get("meaning") or f"{p['structure']}.{p['field']}"
+    if p.get("throttle-group"):
+        of = f" of throttle group {p['throttle-group']}" + of.replace(" of ", " (", 1) + (")" if of else "")
+    verb = "waits in" if p["waits-on"] == "co-queue" else "waits for"
+    held = f", held by coroutine {p['holder']:#x}" if p.get("holder") else ""
+    return f"{head} {verb} {place}{of}{held} [{p['waits-on']} {p['structure']}.{p['field']}]"
 
 
 def block(d: dict[str, Any]) -> str:

@@ -43,14 +43,15 @@ DRIVER_STATE = {
 
 #: what a sync field means, by (structure, field); anything else is named by its C path
 MEANING = {
-    ("ThrottleGroupMember", "throttled_reqs[0]"): "throttled reads",
-    ("ThrottleGroupMember", "throttled_reqs[1]"): "throttled writes",
-    ("ThrottleGroupMember", "throttled_reqs_lock"): "throttle queue lock",
-    ("BlockBackend", "queued_requests"): "requests queued while the backend is drained",
-    ("BlockDriverState", "flush_queue"): "flushes waiting for the flush in progress",
-    ("BlockDriverState", "bsc_modify_lock"): "block-status cache lock",
-    ("BDRVQcow2State", "lock"): "qcow2 metadata lock (s->lock)",
-    ("BdrvTrackedRequest", "wait_queue"): "overlapping (serialising) request",
+    ("ThrottleGroupMember", "throttled_reqs[0]"): "the throttled-read queue",
+    ("ThrottleGroupMember", "throttled_reqs[1]"): "the throttled-write queue",
+    ("ThrottleGroupMember", "throttled_reqs_lock"): "the throttle queues' lock",
+    ("BlockBackend", "queued_requests"): "the queue of requests held while the backend is drained",
+    ("BlockDriverState", "flush_queue"): "the queue of flushes behind the flush in progress",
+    ("BlockDriverState", "bsc_modify_lock"): "the block-status cache lock",
+    ("BDRVQcow2State", "lock"): "the qcow2 metadata lock (s->lock)",
+    ("BdrvTrackedRequest", "wait_queue"): "the queue of an overlapping serialising request",
+    ("graph-lock", "reader_queue"): "the block graph lock (a writer holds it)",
 }
 
 common.register("waiters", "Coroutines parked in CoQueues, CoMutexes, throttle queues and blkdebug breaks, "
