@@ -22,7 +22,6 @@ image and QEMU's log (with the trace events captured) stay in DIR, nothing else 
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import shutil
 import subprocess
@@ -74,20 +73,6 @@ def _size(what: str, lo: int, hi: int) -> Callable[[str], int]:
     return conv
 
 
-def _number(kind: type, lo: float, hi: float) -> Callable[[str], Any]:
-    def conv(text: str) -> Any:
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not math.isfinite(v) or not lo <= v <= hi:
-            f = (lambda x: str(int(x))) if kind is int else (lambda x: f"{x:g}")
-            raise argparse.ArgumentTypeError(f"{text} is out of range (from {f(lo)} to {f(hi)})")
-        return v
-
-    return conv
-
-
 def _keep_dir(text: str) -> Path:
     p = Path(text)
     if p.exists() and not p.is_dir():
@@ -96,6 +81,8 @@ def _keep_dir(text: str) -> Path:
 
 
 def register(sub: argparse._SubParsersAction, name: str, summary: str) -> None:
+    from qemu_ext.output import number
+
     p = sub.add_parser(name, help=summary, description=summary, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=_size("a disk", 1 << 20, 1 << 50), default=16 << 30, metavar="SIZE",
@@ -103,12 +90,12 @@ def register(sub: argparse._SubParsersAction, name: str, summary: str) -> None:
     p.add_argument("--l2-cache-size", type=_size("a cache", 0, 1 << 32), default=256 << 10, metavar="SIZE",
                    help="l2-cache-size given to QEMU for the image, 0 to 4G (default 256K: too small on purpose; "
                         "QEMU raises it to 2 clusters and caps it at what covers the disk)")
-    p.add_argument("--writes", type=_number(int, 0, 100000), default=192, metavar="N",
+    p.add_argument("--writes", type=number(int, 0, 100000), default=192, metavar="N",
                    help="scattered 64 KiB writes that allocate clusters, 0 to 100000 (default 192)")
-    p.add_argument("--reads", type=_number(int, 1, 1000000), default=1500, metavar="N",
+    p.add_argument("--reads", type=number(int, 1, 1000000), default=1500, metavar="N",
                    help="4 KiB random reads in each live capture (the same ones before and after the change), "
                         "1 to 1000000 (default 1500)")
-    p.add_argument("--target", type=_number(float, 0.01, 1), default=0.99, metavar="R",
+    p.add_argument("--target", type=number(float, 0.01, 1), default=0.99, metavar="R",
                    help="warm hit ratio the recommendation aims at, 0.01 to 1 (default 0.99)")
     p.add_argument("--skip-inspect", "--skip-gdb", dest="skip_inspect", action="store_true",
                    help="leave out the last step (reading QEMU's memory with drgn)")

@@ -20,6 +20,30 @@ def add_output_option(parser: argparse.ArgumentParser, choices: Sequence[str] = 
     )
 
 
+def number(kind: type = float, lo: float = 0, hi: float = float("inf"), lo_open: bool = False,
+           what: str = "") -> Callable[[str], Any]:
+    """The argparse ``type`` of a numeric option: a finite ``kind`` in [lo, hi] ((lo, hi] with
+    ``lo_open``). One wording per condition (a usage error, exit 2): ``not a number: 'abc'``,
+    ``-1 is out of range (from 0 to 3600)`` (``what`` replaces the range text)."""
+    import math
+
+    def conv(text: str) -> Any:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(v) or v > hi or (v <= lo if lo_open else v < lo):
+            f = (lambda x: str(int(x))) if kind is int else (lambda x: f"{x:g}")
+            if hi == float("inf"):
+                rng = what or (f"above {f(lo)}" if lo_open else f"{f(lo)} or more")
+            else:
+                rng = what or (f"above {f(lo)} and at most {f(hi)}" if lo_open else f"from {f(lo)} to {f(hi)}")
+            raise argparse.ArgumentTypeError(f"{text} is out of range ({rng})")
+        return v
+
+    return conv
+
+
 def dumps_json(obj: Any) -> str:
     """JSON the way qemu-img prints it: 4-space indent, keys in insertion order."""
     return json.dumps(obj, indent=4)

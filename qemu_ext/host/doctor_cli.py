@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from qemu_ext.host.threads_cli import add_vm_options
-from qemu_ext.output import add_output_option, human_size, print_json
+from qemu_ext.output import add_output_option, human_size, number, print_json
 
 EPILOG = """\
 examples:
@@ -44,8 +44,9 @@ def register(sub: argparse._SubParsersAction, name: str, summary: str) -> None:
     p.add_argument("--vm", "--pid", dest="vm", metavar="VM",
                    help="a QEMU to check as well (threads, pinning, memory): PID, VM name, QMP socket, libvirt:DOMAIN")
     add_vm_options(p)
-    p.add_argument("--interval", type=float, default=1.0, metavar="S",
-                   help="seconds between the two samples of /proc/interrupts and /proc/stat (default 1; 0 = skip)")
+    p.add_argument("--interval", type=number(float, 0, 3600), default=1.0, metavar="S",
+                   help="seconds between the two samples of /proc/interrupts and /proc/stat, 0 to 3600 "
+                        "(default 1; 0 = skip)")
     p.add_argument("--root", default="/", metavar="DIR",
                    help="read /proc and /sys under DIR (a captured tree) instead of / (default /)")
     p.add_argument("--second-sample", metavar="DIR",
@@ -68,8 +69,6 @@ def run(args: argparse.Namespace) -> int:
         raise BadInputError(f"--root {args.root}: not a directory", exit_code=2)
     if args.second_sample and not os.path.isdir(args.second_sample):
         raise BadInputError(f"--second-sample {args.second_sample}: not a directory", exit_code=2)
-    if args.timeout <= 0:
-        raise BadInputError(f"--timeout must be > 0 (got {args.timeout:g})", exit_code=2)
     t = None
     if args.vm is not None or args.qmp or args.domain:
         t = target.resolve(args.vm, args.qmp, args.domain, args.timeout, root=args.root)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from qemu_ext.output import add_output_option, print_json, table
+from qemu_ext.output import add_output_option, number, print_json, table
 
 EPILOG = """\
 examples:
@@ -37,8 +37,8 @@ def add_vm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qmp", metavar="ADDR",
                    help="QMP unix socket or HOST:PORT of the QEMU (gives its pid, vCPUs and iothreads)")
     p.add_argument("--domain", metavar="NAME", help="a libvirt domain (qemu:///system)")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="S",
-                   help="seconds to wait for QMP answers (default 10)")
+    p.add_argument("--timeout", type=number(float, 0, 3600, lo_open=True), default=10.0, metavar="S",
+                   help="seconds to wait for QMP answers, above 0 and at most 3600 (default 10)")
 
 
 def register(sub: argparse._SubParsersAction, name: str, summary: str) -> None:
@@ -64,8 +64,6 @@ def resolve_args(args: argparse.Namespace) -> Any:
 
     if args.vm is None and args.qmp is None and args.domain is None:
         raise BadInputError(f"give the QEMU: {target.VM_FORMS} (or --qmp ADDR, --domain NAME)", exit_code=2)
-    if args.timeout is not None and args.timeout <= 0:
-        raise BadInputError(f"--timeout must be > 0 (got {args.timeout:g})", exit_code=2)
     return target.resolve(args.vm, args.qmp, args.domain, args.timeout)
 
 
