@@ -485,7 +485,14 @@ def test_mutated_traces_never_crash(qio, tmp_path):
             assert "\n" not in str(exc)
             native_ok = False
         try:
-            st = decode_simple("mutated", events, data=b)
+            c_index = decode_simple("mutated", events, data=b)  # records found by the C scanner
+        except BadInputError as exc:
+            c_index = exc
+        try:
+            st = decode_simple("mutated", events, data=b, use_native=False)  # by numpy's
+            assert not isinstance(c_index, BadInputError), f"mutation {i}: {c_index}"
+            assert c_index.offsets.tolist() == st.offsets.tolist() and c_index.mapping == st.mapping
+            assert (c_index.end_offset, c_index.truncated_bytes) == (st.end_offset, st.truncated_bytes)
             text = b"".join(dec.iter_simpletrace_text(st, qemu10=qio["build"].series != "7.2"))
             for _ in st.records():
                 pass
@@ -495,6 +502,7 @@ def test_mutated_traces_never_crash(qio, tmp_path):
         except BadInputError as exc:
             assert "\n" not in str(exc)
             assert not native_ok, f"mutation {i}: the C renderer took what numpy refused: {exc}"
+            assert isinstance(c_index, BadInputError) and str(c_index) == str(exc), f"mutation {i}"
             outcomes["bad"] += 1
     assert outcomes["ok"] and outcomes["bad"]
 

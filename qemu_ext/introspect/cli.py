@@ -20,6 +20,10 @@ views:
   trace list [PATTERN...]     trace events and their state (as QMP trace-event-get-state)
   qcow2 [NODE] [--slices]     live L2 and refcount cache state of each qcow2 node
   coroutines [--pools]        coroutines in flight (tracked requests, scheduled), the pools
+  block [NODE]                the block graph, BlockBackends and devices, throttle groups, queued requests
+  waiters                     coroutines parked in CoQueues, CoMutexes, throttle queues, blkdebug breaks
+  locks                       BQL holder and waiters, AioContext locks, what each thread is blocked on
+  cpustate [CPU]              guest x86 state (RIP, CS/mode, CR0-CR4, EFER, halted) from CPUX86State
 
 examples:
   virtopt inspect 12345 info
@@ -82,7 +86,9 @@ def _view_parser() -> argparse.ArgumentParser:
     co = view("coroutines", "coroutines in flight")
     co.add_argument("--pools", action="store_true", help="also list free coroutines in the pools")
     co.add_argument("--bt", metavar="N|ADDR", help=argparse.SUPPRESS)
-    view("block", "the block graph (not in this version)")
+    from . import cli_hang
+
+    cli_hang.add_parsers(view)  # block, waiters, locks, cpustate, bt
     return vp
 
 
@@ -101,7 +107,7 @@ def _target(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from qemu_ext.errors import NotAvailableError, VirtoptError
-    from qemu_ext.introspect import render, views
+    from qemu_ext.introspect import cli_hang, render, views
 
     rest = list(args.rest)
     if args.core and args.pid is not None:
@@ -146,8 +152,8 @@ def run(args: argparse.Namespace) -> int:
                                     f"virtopt gdb PID -c 'coroutines --bt {va.bt}' (it pauses QEMU while it reads), "
                                     "or virtopt gdb --core CORE")
         kw = {"pools": va.pools}
-    elif name == "block":
-        raise NotAvailableError("the block graph view is not in this version of virtopt inspect")
+    elif name in cli_hang.NAMES:
+        kw = cli_hang.view_args(name, va)
     t = _target(args)
     data = views.run(t, name, **kw)
     if as_json:
@@ -163,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         "trace list": render.trace_list,
         "qcow2": lambda d: render.qcow2(d, va.slices),
         "coroutines": lambda d: render.coroutines(d, va.pools),
+        **{n: (lambda d, n=n: cli_hang.render(n, d)) for n in cli_hang.NAMES},
     }[name](data)
     sys.stdout.write(text)
     sys.stdout.write(render.snapshot(data["snapshot"]))

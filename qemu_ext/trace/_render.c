@@ -132,7 +132,7 @@ int vt_scan(const uint8_t *d, uint64_t size, uint64_t start, struct vt_scan_out 
                 first_off[slot] = pos;
                 ids[o->n_ids++] = slot;
             }
-            if (started) {
+            if (started && slow_cap) { /* slow_cap 0: the caller does not print (vt_index) */
                 uint64_t mag = ts >= prev ? ts - prev : prev - ts;
                 if (mag >= EXACT_DELTA) {
                     if (o->n_slow >= slow_cap) {
@@ -170,6 +170,28 @@ uint64_t vt_names(const uint8_t *d, const uint64_t *map_off, uint64_t n, uint8_t
         o += 12 + (uint64_t)len;
     }
     return (uint64_t)(o - out);
+}
+
+/* The file offset and the four header words (type, event id, timestamp, length | pid << 32) of
+ * every event record in [start, end), which vt_scan proved: the numpy decoder's index. */
+void vt_index(const uint8_t *d, uint64_t start, uint64_t end, int64_t *offsets, uint64_t *hdr, uint64_t n)
+{
+    uint64_t pos = start, i = 0;
+    while (end - pos >= 20 && i < n) {
+        if (ld64(d + pos) == RECORD_TYPE_MAPPING) {
+            pos += 20 + (uint64_t)ld32(d + pos + 16);
+            continue;
+        }
+        if (end - pos < 32)
+            break;
+        offsets[i] = (int64_t)pos;
+        memcpy(hdr + 4 * i, d + pos, 32);
+        i++;
+        uint32_t len = ld32(d + pos + 24);
+        if (len < 24)
+            break;
+        pos += 8 + (uint64_t)len;
+    }
 }
 
 /* Arguments of the event record at pos laid out as declared, filling its length exactly? */

@@ -114,6 +114,8 @@ def library() -> Optional[ctypes.CDLL]:
     lib.vt_scan.restype = ctypes.c_int
     lib.vt_names.argtypes = [P, P, u64, P]
     lib.vt_names.restype = u64
+    lib.vt_index.argtypes = [P, u64, u64, P, P, u64]
+    lib.vt_index.restype = None
     lib.vt_check.argtypes = [P, u64, u64, P, P, P, P]
     lib.vt_check.restype = None
     lib.vt_render.argtypes = [P, ctypes.POINTER(State), P, P, P, P, ctypes.c_uint32, P, P, P, u64, P, u64]
@@ -190,44 +192,10 @@ def decode_text(
 def _decode(lib, data: _Mapped, name: str, choose_events, compat, write) -> Optional[TextResult]:
     from qemu_ext.trace.events import qemu_series
 
-    so = ScanOut()
-    map_cap = 1 << 14
-    while True:
-        map_off = (ctypes.c_uint64 * map_cap)()
-        first_off = (ctypes.c_uint64 * (NIDS + 1))()
-        ids = (ctypes.c_uint64 * (NIDS + 1))()
-        slow = (ctypes.c_uint64 * (3 * SLOW_CAP))()
-        rc = lib.vt_scan(data.addr, data.size, HEADER_LEN, ctypes.byref(so), map_off, map_cap, first_off, ids,
-                         slow, SLOW_CAP)
-        if rc == 0 and so.n_map > map_cap:
-            map_cap = int(so.n_map)
-            continue
-        break
-    if rc != 0:
-        off = int(so.err_off)
-        if so.err == UNSUPPORTED:
-            return None
-        if so.err == ERR_MAPPING_LEN:
-            raise BadInputError(f"{name}: mapping record at offset {off} names an event of {so.err_val} bytes: corrupt trace")
-        if so.err == ERR_MAPPING_NAME:
-            ln = int.from_bytes(data.bytes_at(off + 16, 4), "little")
-            raw = data.bytes_at(off + 20, ln)
-            raise BadInputError(f"{name}: mapping record at offset {off} has a bad event name {raw[:40]!r}: corrupt trace")
-        if so.err == ERR_EVENT_LEN:
-            raise BadInputError(f"{name}: event record at offset {off} has length {so.err_val} (< 24): corrupt trace")
-        raise BadInputError(
-            f"{name}: record at offset {off} has type {so.err_val} (0 mapping or 1 event expected): corrupt trace"
-        )
-    mapping: dict[int, str] = {}
-    n_map = int(so.n_map)
-    packed = ctypes.create_string_buffer(max(1, int(so.map_bytes)))
-    n_packed = lib.vt_names(data.addr, map_off, n_map, packed)
-    raw = packed.raw[:n_packed]
-    pos = 0
-    for _ in range(n_map):
-        eid, ln = _MAP.unpack_from(raw, pos)
-        mapping[eid] = raw[pos + 12 : pos + 12 + ln].decode("ascii")  # vt_scan checked: an identifier
-        pos += 12 + ln
+    scan = _scan(lib, data.addr, data.size, name, SLOW_CAP)
+    if scan is None:
+        return None
+    so, mapping, first_off, ids, slow = scan
     events = choose_events(list(dict.fromkeys(mapping.values())))
     series = compat or qemu_series(events)
 
@@ -320,3 +288,69 @@ def _decode(lib, data: _Mapped, name: str, choose_events, compat, write) -> Opti
             continue
         write(memoryview(out).cast("B")[:n])
     return TextResult(int(so.n_events), int(so.end), data.size - int(so.end))
+
+
+def _scan(lib, addr: int, size: int, name: str, slow_cap: int):
+    """vt_scan of the file at addr: (ScanOut, mapping, first_off, ids, slow), None where the numpy
+    decoder must do it (an event id beyond 65535, too many huge time steps). The numpy scanner's
+    messages for a corrupt file (qemu_ext.trace.simple._Scanner)."""
+    so = ScanOut()
+    map_cap = 1 << 14
+    while True:
+        map_off = (ctypes.c_uint64 * map_cap)()
+        first_off = (ctypes.c_uint64 * (NIDS + 1))()
+        ids = (ctypes.c_uint64 * (NIDS + 1))()
+        slow = (ctypes.c_uint64 * max(1, 3 * slow_cap))()
+        rc = lib.vt_scan(addr, size, HEADER_LEN, ctypes.byref(so), map_off, map_cap, first_off, ids, slow, slow_cap)
+        if rc == 0 and so.n_map > map_cap:
+            map_cap = int(so.n_map)
+            continue
+        break
+    if rc != 0:
+        off = int(so.err_off)
+        if so.err == UNSUPPORTED:
+            return None
+        if so.err == ERR_MAPPING_LEN:
+            raise BadInputError(f"{name}: mapping record at offset {off} names an event of {so.err_val} bytes: corrupt trace")
+        if so.err == ERR_MAPPING_NAME:
+            ln = int.from_bytes(ctypes.string_at(addr + off + 16, 4), "little")
+            raw = ctypes.string_at(addr + off + 20, min(ln, 64))
+            raise BadInputError(f"{name}: mapping record at offset {off} has a bad event name {raw[:40]!r}: corrupt trace")
+        if so.err == ERR_EVENT_LEN:
+            raise BadInputError(f"{name}: event record at offset {off} has length {so.err_val} (< 24): corrupt trace")
+        raise BadInputError(
+            f"{name}: record at offset {off} has type {so.err_val} (0 mapping or 1 event expected): corrupt trace"
+        )
+    mapping: dict[int, str] = {}
+    n_map = int(so.n_map)
+    packed = ctypes.create_string_buffer(max(1, int(so.map_bytes)))
+    n_packed = lib.vt_names(addr, map_off, n_map, packed)
+    raw = packed.raw[:n_packed]
+    pos = 0
+    for _ in range(n_map):
+        eid, ln = _MAP.unpack_from(raw, pos)
+        mapping[eid] = raw[pos + 12 : pos + 12 + ln].decode("ascii")  # vt_scan checked: an identifier
+        pos += 12 + ln
+    return so, mapping, first_off, ids, slow
+
+
+def index(data, name: str):
+    """The numpy decoder's index of a simpletrace file held in data (bytes or an mmap), found by the
+    C scanner: (mapping, offsets int64[n], header words uint64[n, 4], end offset, truncated-at or
+    None); None where the library cannot be had (the numpy scanner does it then)."""
+    lib = library()
+    if lib is None:
+        return None
+    import numpy as np
+
+    u8 = np.frombuffer(data, np.uint8)
+    addr = u8.ctypes.data
+    scan = _scan(lib, addr, len(u8), name, 0)
+    if scan is None:
+        return None
+    so, mapping = scan[0], scan[1]
+    n = int(so.n_events)
+    offsets = np.empty(n, np.int64)
+    hdr = np.empty((n, 4), np.uint64)
+    lib.vt_index(addr, HEADER_LEN, so.end, offsets.ctypes.data, hdr.ctypes.data, n)
+    return mapping, offsets, hdr, int(so.end), (int(so.end) if so.truncated else None)

@@ -652,43 +652,57 @@ def _read_file(path: Union[str, os.PathLike]) -> tuple[str, Buffer]:
 
 
 def decode_simple(
-    path: Union[str, os.PathLike], events_file: Union[str, os.PathLike, EventsFile, None] = None, data: Optional[Buffer] = None
+    path: Union[str, os.PathLike],
+    events_file: Union[str, os.PathLike, EventsFile, None] = None,
+    data: Optional[Buffer] = None,
+    use_native: bool = True,
 ) -> SimpleTrace:
     """Decode a simpletrace v4 file. Raises BadInputError with one clear line for anything wrong.
 
     A truncated tail is not an error: every complete record is decoded and
-    ``truncated_bytes`` says how many bytes were left over.
+    ``truncated_bytes`` says how many bytes were left over. The records are found by the C
+    scanner of qemu_ext.trace.native where it can be had (use_native), else by numpy (_Scanner):
+    the same index, the same errors.
     """
     if data is None:
         name, data = _read_file(path)
     else:
         name = str(path)
     version = check_header(data[:TraceHeaderLen], name)
-    sc = _Scanner(data, name)
-    end = sc.scan(TraceHeaderLen)
-    events = events_for_trace(events_file, dict.fromkeys(sc.mapping.values()))
-    hdrs = [h if h is not None else _words_at(data, o, 4, sc.cache) for o, h in sc.chunks]
-    if len(sc.chunks) == 1:  # the usual case: one proven run from the first record to the end
-        offsets, hdr = sc.chunks[0][0], hdrs[0]
+    # the records' index: the C scanner where it can be had (qemu_ext.trace.native), else numpy's
+    from qemu_ext.trace import native
+
+    found = native.index(data, name) if use_native else None
+    cache: dict = {}
+    if found is not None:
+        mapping, offsets, hdr, end, truncated_at = found
     else:
-        offsets = np.concatenate([o for o, _ in sc.chunks]) if sc.chunks else np.zeros(0, np.int64)
-        hdr = np.concatenate(hdrs) if hdrs else np.zeros((0, 4), np.uint64)
+        sc = _Scanner(data, name)
+        end = sc.scan(TraceHeaderLen)
+        mapping, truncated_at, cache = sc.mapping, sc.truncated_at, sc.cache
+        hdrs = [h if h is not None else _words_at(data, o, 4, sc.cache) for o, h in sc.chunks]
+        if len(sc.chunks) == 1:  # the usual case: one proven run from the first record to the end
+            offsets, hdr = sc.chunks[0][0], hdrs[0]
+        else:
+            offsets = np.concatenate([o for o, _ in sc.chunks]) if sc.chunks else np.zeros(0, np.int64)
+            hdr = np.concatenate(hdrs) if hdrs else np.zeros((0, 4), np.uint64)
+    events = events_for_trace(events_file, dict.fromkeys(mapping.values()))
     st = SimpleTrace(
         path=name,
         size=len(data),
         version=version,
-        mapping=sc.mapping,
+        mapping=mapping,
         events=events,
         offsets=offsets,
         event_ids=np.zeros(0, np.uint64),
         timestamps=np.zeros(0, np.uint64),
         pids=np.zeros(0, np.uint32),
         lengths=np.zeros(0, np.uint32),
-        end_offset=end if sc.truncated_at is None else sc.truncated_at,
-        truncated_bytes=0 if sc.truncated_at is None else len(data) - sc.truncated_at,
+        end_offset=end if truncated_at is None else truncated_at,
+        truncated_bytes=0 if truncated_at is None else len(data) - truncated_at,
         data=data,
     )
-    st._views = sc.cache
+    st._views = cache
     st.event_ids = hdr[:, 1]  # column views: no copies
     st.timestamps = hdr[:, 2]
     h32 = hdr.view(np.uint32)  # little-endian: word 3 is (length, pid)
