@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import pytest
 from gdb_util import PACK, assert_alive, hmp
-from helpers import make_qcow2
+from helpers import make_qcow2, virtopt
 
 from qemu_ext import vm
 from qemu_ext.gdbmi import GdbSession
@@ -208,6 +208,11 @@ def test_parked_requests_are_found_named_and_the_same_on_a_core(hang_vm, debug_b
         assert gen.ok, gen.error
     waiters, block, cpus = live
     assert len(cpus["vcpus"]) == 4
+    # virtopt inspect (drgn, QEMU keeps running) says the same of this frozen state, JSON for JSON
+    cp = virtopt("inspect", str(qp.pid), "block", "--json")
+    assert cp.returncode == 0, cp.stderr
+    assert _no_snapshot(json.loads(cp.stdout)) == _no_snapshot(block)
+    assert _no_snapshot(_drgn_live(qp.pid, "waiters")) == _no_snapshot(waiters)
     # the throttled writes: parked in their group's write queue, before the block layer tracks them
     tg0 = _parked(waiters, owner="d0", field="throttled_reqs[1]")
     assert len(tg0) == 1 and tg0[0]["throttle-group"] == "tg0"
@@ -504,6 +509,8 @@ def test_views_refuse_in_one_line_where_they_cannot_work(hang_vm):
     with pytest.raises(NotAvailable) as exc:
         views.run(t, "bt")
     assert "virtopt gdb PID -c 'bt all'" in str(exc.value) and "\n" not in str(exc.value)
+    cp = virtopt("inspect", str(qp.pid), "bt")
+    assert cp.returncode == 2 and cp.stderr == f"virtopt: {exc.value}\n" and not cp.stdout
     blk = views.run(t, "block")
     assert blk["snapshot"]["process-stopped"] is False and len(blk["nodes"]) == 11
     lk = views.run(t, "locks")
