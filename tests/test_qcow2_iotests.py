@@ -62,7 +62,9 @@ def compare_one(build, img: Path, tmp: Path) -> list[str]:
         err = err.replace(str(got), str(want))
         if qcp.returncode == 0:
             if rc != 0 or out != qcp.stdout:
-                bad.append(f"{what}: qemu-img answers, virtopt {'differs' if rc == 0 else 'refuses: ' + err.strip()}")
+                diff = next((f"{a!r} != {b!r}" for a, b in zip(out.splitlines(), qcp.stdout.splitlines()) if a != b),
+                            f"{len(out)} vs {len(qcp.stdout)} bytes")
+                bad.append(f"{what}: qemu-img answers, virtopt {'differs: ' + diff if rc == 0 else 'refuses: ' + err.strip()}")
             return
         reason = qemu_reason(qcp.stderr)
         if re.match(r"error while reading at byte \d+: ", reason):  # qemu-img reads in chunks of its own

@@ -156,13 +156,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ dump
 def cmd_dump(args: argparse.Namespace) -> int:
-    from qemu_ext.qcow2.dump import dump, render_human
+    from qemu_ext.qcow2.dump import dump
+    from qemu_ext.qcow2.render import dump_human
 
     d = dump(args.image, args.what, l1_index=args.l1_index, snapshot=args.snapshot)
     if args.output == "json":
         print_json(d)
     else:
-        print(render_human(d))
+        print(dump_human(d))
     return 0
 
 
@@ -203,52 +204,70 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+SNAPSHOT_HELP = "an internal snapshot (id or name) instead of the active state; -l as in qemu-img convert"
+
+
 def register(sub: Any, name: str, summary: str) -> None:
     """Add `virtopt qcow2` and its sub-commands to the top-level parser."""
-    p = sub.add_parser(name, help=summary, description=summary + ".\nImages are opened read-only and never written.",
-                       formatter_class=RAW, epilog="""examples:
+    p = sub.add_parser(name, help=summary, formatter_class=RAW, description=f"""{summary}.
+
+Images are opened read-only, never written, and validated the way QEMU opens them: an image
+qemu-img refuses is refused with qemu-img's reason (exit 1). In every subcommand -l means
+--snapshot, as in qemu-img convert.""", epilog="""examples:
   virtopt qcow2 info disk.qcow2 --output=json
   virtopt qcow2 map disk.qcow2 --output=json
   virtopt qcow2 check disk.qcow2
-  virtopt qcow2 dump disk.qcow2 l2 --l1-index 0
+  virtopt qcow2 dump disk.qcow2 header
   virtopt qcow2 convert disk.qcow2 disk.raw
-  virtopt qcow2 convert disk.qcow2 before-upgrade.raw --snapshot before-upgrade
 """)
     s = p.add_subparsers(dest="qcow2_cmd", metavar="COMMAND")
 
-    a = s.add_parser("info", help="qemu-img info fields plus L2/metadata/fragmentation/snapshot/bitmap facts",
-                     formatter_class=RAW, epilog="""examples:
+    a = s.add_parser("info", help="qemu-img info's fields plus what it hides (L2 tables, metadata, fragmentation)",
+                     formatter_class=RAW, description="""\
+What `qemu-img info` prints (the same text and JSON), then what it does not show: L2 tables,
+metadata bytes, fragmentation, compressed and zero clusters, per-snapshot sizes, bitmap flags.
+The output has the shape of the QEMU given by --qemu-compat, else of the qemu-img on PATH.""",
+                     epilog="""examples:
   virtopt qcow2 info disk.qcow2
   virtopt qcow2 info top.qcow2 --backing-chain --output=json
-  virtopt qcow2 info disk.qcow2 --output=json --qemu-only   # exactly qemu-img's fields
+  virtopt qcow2 info disk.qcow2 --output=json --qemu-only   # exactly qemu-img's JSON
+  virtopt qcow2 info disk.qcow2 --qemu-only --qemu-compat 7.2
 """)
     a.add_argument("image")
     a.add_argument("--backing-chain", action="store_true", help="show every image of the backing chain")
-    a.add_argument("--qemu-only", action="store_true", help="leave out the 'virtopt' extras (JSON like qemu-img's)")
+    a.add_argument("--qemu-only", action="store_true", help="leave out the 'virtopt' extras (exactly qemu-img's output)")
     a.add_argument("--qemu-compat", type=_compat_arg, metavar="VERSION", help=COMPAT_HELP)
     add_output_option(a)
     a.set_defaults(func=cmd_info)
 
-    m = s.add_parser("map", help="guest-to-host mapping, identical to qemu-img map", formatter_class=RAW,
-                     epilog="""examples:
+    m = s.add_parser("map", help="the guest-to-host mapping, as qemu-img map prints it", formatter_class=RAW,
+                     description="""\
+Which guest ranges are data, zeros or unallocated, and where they live in which file of the
+backing chain: the same text and JSON as `qemu-img map` of the QEMU given by --qemu-compat (else
+of the qemu-img on PATH). qemu-img map takes -l for --max-length; here -l is --snapshot in every
+subcommand, so --max-length has no short form.""", epilog="""examples:
   virtopt qcow2 map disk.qcow2
   virtopt qcow2 map top.qcow2 --output=json     # same bytes as qemu-img map --output=json
-  virtopt qcow2 map disk.qcow2 --start-offset 1G --max-length 64M
+  virtopt qcow2 map disk.qcow2 --start-offset 1M --max-length 64M
 """)
     m.add_argument("image")
     m.add_argument("-s", "--start-offset", type=_num, default=0, help="first guest byte to map (as qemu-img map)")
-    m.add_argument("-l", "--max-length", type=_num, default=None, help="map at most this many bytes")
+    m.add_argument("--max-length", type=_num, default=None, help="map at most this many bytes (qemu-img map's -l)")
     m.add_argument("--qemu-compat", type=_compat_arg, metavar="VERSION", help=COMPAT_HELP)
     add_output_option(m)
     m.set_defaults(func=cmd_map)
 
-    c = s.add_parser("check", help="read-only consistency check (qemu-img check counts and exit codes)",
-                     formatter_class=RAW, epilog="""examples:
+    c = s.add_parser("check", help="read-only consistency check (qemu-img check's counts and exit codes)",
+                     formatter_class=RAW, description="""\
+Recomputes every refcount from the active and snapshot tables, as `qemu-img check` does (same
+summary, JSON and exit codes), without ever repairing, and lists each problem with the table
+that points at it (on stderr, one line each; in JSON under "problems").""", epilog="""examples:
   virtopt qcow2 check disk.qcow2
   virtopt qcow2 check disk.qcow2 --output=json
+  virtopt qcow2 check disk.qcow2 --output=json --qemu-only   # exactly qemu-img's JSON
 
 exit codes (as qemu-img check): 0 clean, 2 corruptions, 3 leaked clusters only,
-1 the check could not finish.  Never repairs; every problem is listed.
+1 the check could not be done (the image does not open, or qemu-img's check gives up).
 """)
     c.add_argument("image")
     c.add_argument("--qemu-only", action="store_true", help="JSON without the per-problem list")
@@ -257,44 +276,57 @@ exit codes (as qemu-img check): 0 clean, 2 corruptions, 3 leaked clusters only,
 
     from qemu_ext.qcow2 import DUMP_STRUCTURES as WHAT
 
-    d = s.add_parser("dump", help="decoded header, extensions, L1/L2, refcounts, snapshots, bitmaps",
-                     formatter_class=RAW, epilog="""examples:
+    d = s.add_parser("dump", help="one on-disk structure decoded: header, extensions, L1/L2, refcounts, ...",
+                     formatter_class=RAW, description="""\
+One structure as it is on disk. header and extensions print exactly what QEMU's
+tests/qemu-iotests/qcow2.py dump-header prints (and work on images QEMU refuses); l1, l2,
+refcounts, snapshots and bitmaps are decoded entry by entry.""", epilog="""examples:
   virtopt qcow2 dump disk.qcow2 header
   virtopt qcow2 dump disk.qcow2 l2 --l1-index 0 --output=json
-  virtopt qcow2 dump disk.qcow2 l1 --snapshot snap1
-  virtopt qcow2 dump disk.qcow2 l2 --l1-index 0 --snapshot snap1
+  virtopt qcow2 dump disk.qcow2 l1 -l snap1
+  virtopt qcow2 dump disk.qcow2 refcounts
 """)
     d.add_argument("image")
     d.add_argument("what", choices=WHAT)
     d.add_argument("--l1-index", type=_num, help="which L2 table (for 'l2')")
-    d.add_argument("--snapshot", help="use this snapshot's tables (for 'l1' and 'l2'): id or name")
+    d.add_argument("-l", "--snapshot", help=SNAPSHOT_HELP + " (for 'l1' and 'l2')")
     add_output_option(d)
     d.set_defaults(func=cmd_dump)
 
-    r = s.add_parser("read", help="guest bytes through the backing chain", formatter_class=RAW, epilog="""examples:
+    r = s.add_parser("read", help="guest bytes through the backing chain", formatter_class=RAW,
+                     description="""\
+Guest bytes [OFFSET, OFFSET+LENGTH) through the backing chain, as qemu-io's read gets them (a
+request past the end of the disk fails). Raw bytes go to stdout (not to a terminal).""",
+                     epilog="""examples:
   virtopt qcow2 read disk.qcow2 0 512 --output=hex
   virtopt qcow2 read disk.qcow2 1M 64k > chunk.bin
+  virtopt qcow2 read disk.qcow2 0 4k -l snap1 --output=json
 """)
     r.add_argument("image")
     r.add_argument("offset", type=_num)
     r.add_argument("length", type=_num)
-    r.add_argument("-l", "--snapshot", help="read an internal snapshot (id or name) instead of the active state")
+    r.add_argument("-l", "--snapshot", help=SNAPSHOT_HELP)
     add_output_option(r, ("raw", "hex", "json"))
     r.set_defaults(func=cmd_read)
 
-    v = s.add_parser("convert", help="write the guest disk as raw (same bytes as qemu-img convert -O raw)",
-                     formatter_class=RAW, epilog="""examples:
+    v = s.add_parser("convert", help="the guest disk as raw (the bytes of qemu-img convert -O raw)",
+                     formatter_class=RAW, description="""\
+Writes the guest disk as raw: to a file (sparse where the guest reads zeros), a block device, a
+pipe or /dev/null, or to stdout with OUT = -. The bytes are those of qemu-img convert -O raw.""",
+                     epilog="""examples:
   virtopt qcow2 convert disk.qcow2 disk.raw
-  virtopt qcow2 convert disk.qcow2 before-upgrade.raw --snapshot before-upgrade
+  virtopt qcow2 convert disk.qcow2 snap1.raw -l snap1
+  virtopt qcow2 convert disk.qcow2 - | sha256sum
+  virtopt qcow2 convert disk.qcow2 /dev/null     # read the whole disk once
 """)
     v.add_argument("image")
-    v.add_argument("out")
-    v.add_argument("-l", "--snapshot", help="convert an internal snapshot (id or name), like qemu-img convert -l")
+    v.add_argument("out", help="output file, block device, pipe, or - for stdout")
+    v.add_argument("-l", "--snapshot", help=SNAPSHOT_HELP)
     add_output_option(v)
     v.set_defaults(func=cmd_convert)
 
     def no_cmd(args: argparse.Namespace) -> int:
-        p.print_help()
+        p.print_help(sys.stderr)
         return 2
 
     p.set_defaults(func=no_cmd)

@@ -42,10 +42,7 @@ def decompress_cluster(img: Qcow2Image, l2_entry: int) -> bytes:
         except zlib.error as exc:
             raise BadInputError(f"{img.path}: compressed cluster at {coff:#x} does not inflate: {exc}") from None
     else:
-        try:
-            import zstandard
-        except ImportError as exc:
-            raise NotAvailableError("zstd compressed clusters need the 'zstandard' Python package") from exc
+        import zstandard
         out = b""
         try:
             while len(out) < cs and buf:
@@ -174,24 +171,27 @@ def iter_guest(path: PathLike, chunk: int = CHUNK,
                snapshot: Optional[str] = None) -> Iterator[tuple[int, int, Optional[bytes]]]:
     """(offset, length, bytes or None where the guest reads zeros) over the whole disk, in order."""
     with open_chain(path, snapshot=snapshot) as chain:
-        size = chain.layers[0].size
         r = _open_reader(chain)
         try:
-            rows: list[tuple] = []
-            _descend(r.runs, chain.layers, 0, 0, size, rows)
-            for (s, ln, depth, _p, zero, data, off, _comp) in rows:
-                if zero or not data:
-                    yield s, ln, None
-                    continue
-                pos = s
-                while pos < s + ln:
-                    n = min(chunk, s + ln - pos)
-                    buf = bytearray(n)
-                    r.read_piece(depth, pos, n, None if off is None else off + (pos - s), data, zero, buf, 0)
-                    yield pos, n, bytes(buf)
-                    pos += n
+            yield from _iter_reader(r, chunk)
         finally:
             _close_reader(r)
+
+
+def _iter_reader(r: _Reader, chunk: int = CHUNK) -> Iterator[tuple[int, int, Optional[bytes]]]:
+    rows: list[tuple] = []
+    _descend(r.runs, r.chain.layers, 0, 0, r.chain.layers[0].size, rows)
+    for (s, ln, depth, _p, zero, data, off, _comp) in rows:
+        if zero or not data:
+            yield s, ln, None
+            continue
+        pos = s
+        while pos < s + ln:
+            n = min(chunk, s + ln - pos)
+            buf = bytearray(n)
+            r.read_piece(depth, pos, n, None if off is None else off + (pos - s), data, zero, buf, 0)
+            yield pos, n, bytes(buf)
+            pos += n
 
 
 class _Output:
@@ -288,30 +288,35 @@ def convert_to_raw(path: PathLike, out_path: Union[PathLike, int], progress: Opt
                    snapshot: Optional[str] = None) -> int:
     """Write the guest disk (or an internal snapshot of it) as raw to a file (sparse where the guest
     reads zeros), a block device, or a stream (an fd such as stdout, a pipe, /dev/null); returns
-    the disk size. The inputs (the chain and its data files) are never written."""
+    the disk size. The inputs (the chain and its data files) are never written, and nothing is
+    created before the image is known to be readable."""
     with open_chain(path, snapshot=snapshot) as chain:
         size = chain.layers[0].size
         inputs = [layer.filename for layer in chain.layers]
         inputs += [layer.img.data_file_path() for layer in chain.layers
                    if layer.img is not None and layer.img.has_data_file]
-    if not isinstance(out_path, int) and os.path.exists(out_path):
-        for name in inputs:
+        if not isinstance(out_path, int) and os.path.exists(out_path):
+            for name in inputs:
+                try:
+                    same = os.path.samefile(out_path, name)
+                except OSError:
+                    same = False
+                if same:
+                    raise BadInputError(f"{out_path}: refusing to overwrite an input of the conversion ({name})")
+        r = _open_reader(chain)
+        try:
+            out = _Output(out_path, size)
+            bar = start_bar(progress, size, "qcow2 convert", unit="B", unit_scale=True)
             try:
-                same = os.path.samefile(out_path, name)
-            except OSError:
-                same = False
-            if same:
-                raise BadInputError(f"{out_path}: refusing to overwrite an input of the conversion ({name})")
-    out = _Output(out_path, size)
-    bar = start_bar(progress, size, "qcow2 convert", unit="B", unit_scale=True)
-    try:
-        for off, n, data in iter_guest(path, snapshot=snapshot):
-            out.write(off, data, n)
-            bar.update(n)
-        out.finish()
-    finally:
-        bar.close()
-        out.close()
+                for off, n, data in _iter_reader(r):
+                    out.write(off, data, n)
+                    bar.update(n)
+                out.finish()
+            finally:
+                bar.close()
+                out.close()
+        finally:
+            _close_reader(r)
     return size
 
 

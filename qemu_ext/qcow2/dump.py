@@ -1,7 +1,13 @@
-"""`virtopt qcow2 dump`: the decoded structures, table by table."""
+"""`virtopt qcow2 dump`: the decoded on-disk structures, table by table, as plain data (kebab-case keys).
+
+``header`` and ``extensions`` read the header as QEMU's tests/qemu-iotests/qcow2.py does (the fields
+as they are on disk, extensions up to the first end marker or the first one that does not fit), so
+an image QEMU refuses to open can still be looked at; the other structures need an image QEMU opens.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import numpy as np
@@ -9,14 +15,100 @@ import numpy as np
 from qemu_ext.errors import BadInputError
 from qemu_ext.qcow2 import DUMP_STRUCTURES
 from qemu_ext.qcow2 import format as F
-from qemu_ext.qcow2.entries import ClusterType, cluster_type
-from qemu_ext.qcow2.image import OpenMode, PathLike, Qcow2Image, open_image
+from qemu_ext.qcow2.entries import ClusterType, cluster_type, compressed_span
+from qemu_ext.qcow2.image import OpenMode, PathLike, Qcow2Image, open_file, open_image
 from qemu_ext.qcow2.snapshots import Snapshot
 
 U = np.uint64
 WHAT = DUMP_STRUCTURES
 MAX_ROWS = 1 << 20
 
+# the header fields in the order and with the names of qcow2.py (QcowHeader.fields)
+HEADER_FIELDS = (
+    "magic", "version", "backing_file_offset", "backing_file_size", "cluster_bits", "size", "crypt_method",
+    "l1_size", "l1_table_offset", "refcount_table_offset", "refcount_table_clusters", "nb_snapshots",
+    "snapshot_offset", "incompatible_features", "compatible_features", "autoclear_features", "refcount_order",
+    "header_length",
+)
+_HEADER_FMT = ">IIQIIQIIQQIIQQQQII"
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def raw_header(path: PathLike) -> dict[str, Any]:
+    """The header and its extensions as qcow2.py dump-header reads them (v2 fields defaulted, as it does)."""
+    import struct
+
+    fd, length = open_file(path)
+    try:
+        head = os.pread(fd, struct.calcsize(_HEADER_FMT), 0)
+        if len(head) < 4 or head[:4] != F.QCOW_MAGIC:
+            raise BadInputError(f"{path}: Image is not in qcow2 format")
+        head = head.ljust(struct.calcsize(_HEADER_FMT), b"\0")
+        h = dict(zip(HEADER_FIELDS, struct.unpack(_HEADER_FMT, head)))
+        if h["version"] == 2:
+            h.update(incompatible_features=0, compatible_features=0, autoclear_features=0, refcount_order=4,
+                     header_length=72)
+        cs = 1 << min(h["cluster_bits"], 63)
+        end = min(cs, h["backing_file_offset"]) if h["backing_file_offset"] else cs
+        exts = []
+        pos = h["header_length"]
+        while pos + 8 <= min(end, length):
+            magic, n = struct.unpack(">II", os.pread(fd, 8, pos))
+            if magic == 0 or pos + 8 + n > min(end, length):
+                break
+            data = os.pread(fd, n, pos + 8)
+            ext: dict[str, Any] = {"magic": magic, "name": _EXT_NAMES.get(magic, "<unknown>"), "offset": pos,
+                                   "length": n, "data": data.hex()}
+            if magic == F.EXT_BITMAPS and n >= F.BITMAPS_EXTENSION_SIZE:
+                ext["bitmap-directory"] = _raw_bitmap_directory(fd, length, cs, data)
+            exts.append(ext)
+            pos += 8 + (n + 7) // 8 * 8
+        backing = None
+        if h["backing_file_offset"] and h["backing_file_size"] <= 4096:
+            backing = os.pread(fd, h["backing_file_size"], h["backing_file_offset"]).decode("utf-8", "replace")
+    finally:
+        os.close(fd)
+    return {"header": {_kebab(k): v for k, v in h.items()}, "extensions": exts, "backing-file": backing,
+            "cluster-size": cs, "file-size": length}
+
+
+def _raw_bitmap_directory(fd: int, length: int, cs: int, ext: bytes) -> list[dict[str, Any]]:
+    """The bitmap directory as qcow2.py reads it (Qcow2BitmapExt), bounded by the file."""
+    import struct
+
+    nb, _res, _size, off = struct.unpack(">IIQQ", ext[:24])
+    out = []
+    pos = off
+    for _ in range(min(nb, F.QCOW2_MAX_BITMAPS)):
+        if pos + 24 > length:
+            break
+        toff, tsize, flags, typ, gbits, nsize, esize = struct.unpack(">QIIBBHI", os.pread(fd, 24, pos))
+        name = os.pread(fd, nsize, pos + 24 + esize).decode("utf-8", "replace")
+        n = max(0, min(tsize, MAX_ROWS, (length - toff) // 8)) if toff < length else 0
+        tab = np.frombuffer(os.pread(fd, n * 8, toff)[: n * 8 // 8 * 8], dtype=">u8").astype(U) if n else []
+        table = []
+        for i, v in enumerate(int(x) for x in tab):
+            o = v & F.BME_TABLE_ENTRY_OFFSET_MASK
+            kind = ("invalid" if v & 1 else "serialized") if o else ("all-ones" if v & 1 else "all-zeroes")
+            table.append({"index": i, "type": kind, "offset": o, "reserved": v & F.BME_TABLE_ENTRY_RESERVED_MASK})
+        out.append({"name": name, "bitmap-table-offset": toff, "bitmap-table-size": tsize, "flags": flags,
+                    "type": typ, "granularity-bits": gbits, "name-size": nsize, "extra-data-size": esize,
+                    "table": table})
+        pos += (24 + nsize + esize + 7) // 8 * 8
+    return out
+
+
+# qcow2.py's names of the extension magics (QcowHeaderExtension.Magic)
+_EXT_NAMES = {
+    F.EXT_BACKING_FORMAT: "Backing format",
+    F.EXT_FEATURE_TABLE: "Feature table",
+    F.EXT_CRYPTO_HEADER: "Crypto header",
+    F.EXT_BITMAPS: "Bitmaps",
+    F.EXT_DATA_FILE: "Data file",
+}
 
 _TYPE_NAMES = {
     ClusterType.COMPRESSED: "compressed",
@@ -37,112 +129,108 @@ def _l2_type(img: Qcow2Image, e: int, bmp: int) -> str:
 
 
 def dump(path: PathLike, what: str, l1_index: Optional[int] = None, snapshot: Optional[str] = None) -> dict[str, Any]:
-    """Decoded structure `what` (one of WHAT) of an image, as plain data."""
+    """Decoded structure `what` (one of WHAT) of an image, as plain data with kebab-case keys."""
     if what not in WHAT:
         raise BadInputError(f"unknown structure {what!r}; choose from {', '.join(WHAT)}")
+    if what in ("header", "extensions"):
+        d = raw_header(path)
+        d["what"] = what
+        return d
     with open_image(path, OpenMode.INFO) as img:
-        h = img.header
-        cs = img.cluster_size
-        if what == "header":
-            f = img.features()
-            d = h.as_dict()
-            d.update(cluster_size=cs, refcount_bits=img.refcount_bits, l2_entry_size=img.l2_entry_size,
-                     compression=img.compression_type, crypt=F.CRYPT_METHODS.get(h.crypt_method, str(h.crypt_method)),
-                     backing_file=img.backing_file, file_size=img.file_size,
-                     features={"incompatible": f.incompatible, "compatible": f.compatible, "autoclear": f.autoclear})
-            return d
-        if what == "extensions":
-            return {"extensions": [e.as_dict() for e in img.extensions]}
         if what == "snapshots":
-            return {"snapshots": [s.as_dict() for s in img.snapshots()], "table_size": img.snapshot_table_size()}
+            return {"what": what, "snapshots": [s.as_dict() for s in img.snapshots()],
+                    "table-size": img.snapshot_table_size()}
         if what == "bitmaps":
-            out = []
-            for bm in img.bitmaps():
-                d = bm.as_dict()
-                tab = img.bitmap_table(bm)
-                d["table"] = []
-                for i, v in enumerate(tab[:MAX_ROWS].tolist()):
-                    be = F.BitmapTableEntry.parse(int(v).to_bytes(8, "big"))
-                    d["table"].append({"index": i, "raw": f"{int(v):#018x}", "offset": be.offset_9 << 9,
-                                       "all_ones": be.all_ones and not be.offset_9})
-                out.append(d)
-            return {"bitmaps": out}
+            return {"what": what, "cluster-size": img.cluster_size, "bitmaps": [_bitmap(img, bm) for bm in img.bitmaps()]}
         if what == "l1":
-            l1 = img.l1_entries()
-            label = "active"
-            if snapshot is not None:
-                sn = _find_snapshot(img, snapshot)
-                l1 = img.snapshot_l1_entries(sn)
-                label = f"snapshot {sn.id}"
-            idx = np.nonzero(l1)[0][:MAX_ROWS]
-            return {
-                "table": label,
-                "l1_size": len(l1),
-                "entries": [_l1_row(int(i), int(l1[i])) for i in idx.tolist()],
-            }
+            return _l1(img, snapshot)
         if what == "l2":
-            if l1_index is None:
-                raise BadInputError("dump l2 needs --l1-index N")
-            if snapshot is not None:
-                sn = _find_snapshot(img, snapshot)
-                l1 = img.snapshot_l1_entries(sn)
-                table = f"snapshot {sn.id}"
-            else:
-                l1 = img.l1_entries()
-                table = "active"
-            if not 0 <= l1_index < len(l1):
-                raise BadInputError(f"--l1-index {l1_index} is outside the {table} L1 table ({len(l1)} entries)")
-            off = int(l1[l1_index]) & F.L1E_OFFSET_MASK
-            if not off:
-                return {"table": table, "l1_index": l1_index, "l2_offset": 0, "entries": []}
-            tab = img.read_l2_tables(np.array([off], dtype=U))[0]
-            per = img.l2_entries_per_table
-            rows = []
-            comp = F.L2CompressedEntry(img.cluster_bits)
-            for j in range(per):
-                if img.extended_l2:
-                    e, bmp = int(tab[j, 0]), int(tab[j, 1])
-                else:
-                    e, bmp = int(tab[j]), 0
-                if not e and not bmp:
-                    continue
-                t = _l2_type(img, e, bmp)
-                raw = e.to_bytes(8, "big")
-                row: dict[str, Any] = {"index": j, "guest_offset": (l1_index * per + j) * cs, "raw": f"{e:#018x}",
-                                       "type": t}
-                if t == "compressed":
-                    c = comp.parse(raw)
-                    row.update(copied=c.copied, compressed_offset=c.host_offset,
-                               compressed_bytes=(c.additional_sectors + 1) * 512 - (c.host_offset & 511))
-                else:
-                    d = F.L2StandardEntry.parse(raw)
-                    row.update(copied=d.copied, host_offset=d.host_offset_9 << 9, zero_flag=d.zero,
-                               reserved_bits=(d.reserved_hi << 56) | (d.reserved_lo << 1))
-                if img.extended_l2:
-                    b = F.L2SubclusterBitmap.parse(bmp.to_bytes(8, "big"))
-                    row.update(alloc_bitmap=f"{b.alloc:032b}"[::-1], zero_bitmap=f"{b.zero:032b}"[::-1])
-                rows.append(row)
-            return {"table": table, "l1_index": l1_index, "l2_offset": off, "entries": rows}
-        # refcounts
-        rt = img.refcount_table()
-        per = img.refcount_block_entries
-        rows = []
-        for i in np.nonzero(rt)[0][:MAX_ROWS].tolist():
-            re_ = F.RefcountTableEntry.parse(int(rt[i]).to_bytes(8, "big"))
-            o = re_.block_offset_9 << 9
-            blk = img.decode_refcount_block(img.pread_zero_padded(o, cs)) if o and o % cs == 0 else np.zeros(0, U)
-            nz = np.nonzero(blk)[0]
-            hist = dict(zip(*(a.tolist() for a in np.unique(blk[nz], return_counts=True)))) if len(nz) else {}
-            rows.append({"index": i, "raw": f"{int(rt[i]):#018x}", "block_offset": o, "first_cluster": i * per,
-                         "used_clusters": len(nz), "refcount_histogram": {str(k): v for k, v in hist.items()}})
-        return {"refcount_bits": img.refcount_bits, "refcount_table_offset": h.refcount_table_offset,
-                "refcount_table_entries": len(rt), "entries_per_block": per, "blocks": rows}
+            return _l2(img, l1_index, snapshot)
+        return _refcounts(img)
 
 
-def _l1_row(i: int, v: int) -> dict[str, Any]:
-    e = F.L1Entry.parse(v.to_bytes(8, "big"))
-    return {"index": i, "raw": f"{v:#018x}", "l2_offset": e.l2_offset_9 << 9, "copied": e.copied,
-            "reserved_bits": (e.reserved_hi << 56) | e.reserved_lo}
+def _bitmap(img: Qcow2Image, bm: Any) -> dict[str, Any]:
+    d = bm.as_dict()
+    tab = img.bitmap_table(bm)
+    rows = []
+    for i in range(min(bm.bitmap_table_size, MAX_ROWS)):
+        v = int(tab[i]) if i < len(tab) else 0
+        off = v & F.BME_TABLE_ENTRY_OFFSET_MASK
+        kind = ("invalid" if v & 1 else "serialized") if off else ("all-ones" if v & 1 else "all-zeroes")
+        rows.append({"index": i, "type": kind, "offset": off, "reserved": v & F.BME_TABLE_ENTRY_RESERVED_MASK})
+    d["table"] = rows
+    return d
+
+
+def _l1_of(img: Qcow2Image, snapshot: Optional[str]) -> tuple[np.ndarray, int, str]:
+    if snapshot is None:
+        return img.l1_entries(), img.header.l1_size, "active"
+    sn = _find_snapshot(img, snapshot)
+    return img.snapshot_l1_entries(sn), sn.l1_size, f"snapshot {sn.id}"
+
+
+def _l1(img: Qcow2Image, snapshot: Optional[str]) -> dict[str, Any]:
+    l1, size, label = _l1_of(img, snapshot)
+    rows = []
+    for i in np.nonzero(l1)[0][:MAX_ROWS].tolist():
+        e = F.L1Entry.parse(int(l1[i]).to_bytes(8, "big"))
+        rows.append({"index": i, "raw": int(l1[i]), "l2-offset": e.l2_offset_9 << 9, "copied": e.copied,
+                     "reserved-bits": (e.reserved_hi << 56) | e.reserved_lo})
+    return {"what": "l1", "table": label, "l1-size": size, "entries": rows}
+
+
+def _l2(img: Qcow2Image, l1_index: Optional[int], snapshot: Optional[str]) -> dict[str, Any]:
+    if l1_index is None:
+        raise BadInputError("dump l2 needs --l1-index N")
+    l1, size, label = _l1_of(img, snapshot)
+    if not 0 <= l1_index < size:
+        raise BadInputError(f"--l1-index {l1_index} is outside the {label} L1 table ({size} entries)")
+    off = int(l1[l1_index]) & F.L1E_OFFSET_MASK if l1_index < len(l1) else 0
+    base = {"what": "l2", "table": label, "l1-index": l1_index, "l2-offset": off, "cluster-size": img.cluster_size,
+            "extended-l2": img.extended_l2}
+    if not off or off >= img.file_size:  # unallocated, or past the end of the file (reads as zeros)
+        return {**base, "entries": []}
+    tab = img.read_l2_tables(np.array([off], dtype=U))[0]
+    per = img.l2_entries_per_table
+    rows = []
+    for j in range(per):
+        e, bmp = (int(tab[j, 0]), int(tab[j, 1])) if img.extended_l2 else (int(tab[j]), 0)
+        if not e and not bmp:
+            continue
+        t = _l2_type(img, e, bmp)
+        row: dict[str, Any] = {"index": j, "guest-offset": (l1_index * per + j) * img.cluster_size, "raw": e,
+                               "type": t, "copied": bool(e >> 63)}
+        if t == "compressed":
+            coff, nbytes = compressed_span(e, img.cluster_bits)
+            row.update({"compressed-offset": coff, "compressed-bytes": nbytes})
+        else:
+            d = F.L2StandardEntry.parse(e.to_bytes(8, "big"))
+            row.update({"host-offset": d.host_offset_9 << 9, "zero-flag": d.zero,
+                        "reserved-bits": (d.reserved_hi << 56) | (d.reserved_lo << 1)})
+        if img.extended_l2:
+            b = F.L2SubclusterBitmap.parse(bmp.to_bytes(8, "big"))
+            row.update({"alloc-bitmap": f"{b.alloc:032b}"[::-1], "zero-bitmap": f"{b.zero:032b}"[::-1]})
+        rows.append(row)
+    return {**base, "entries": rows}
+
+
+def _refcounts(img: Qcow2Image) -> dict[str, Any]:
+    rt = img.refcount_table()
+    per = img.refcount_block_entries
+    cs = img.cluster_size
+    rows = []
+    for i in np.nonzero(rt)[0][:MAX_ROWS].tolist():
+        o = int(rt[i]) & F.RT_OFFSET_MASK
+        ok = o and o % cs == 0 and o + cs <= img.file_size
+        blk = img.decode_refcount_block(img.pread(o, cs, "refcount block")) if ok else np.zeros(0, U)
+        nz = np.nonzero(blk)[0]
+        hist = dict(zip(*(a.tolist() for a in np.unique(blk[nz], return_counts=True)))) if len(nz) else {}
+        rows.append({"index": i, "raw": int(rt[i]), "block-offset": o, "first-cluster": i * per,
+                     "used-clusters": len(nz), "refcount-histogram": {str(k): v for k, v in hist.items()}})
+    return {"what": "refcounts", "refcount-bits": img.refcount_bits,
+            "refcount-table-offset": img.header.refcount_table_offset,
+            "refcount-table-entries": img.header.refcount_table_clusters * cs // 8, "entries-per-block": per,
+            "blocks": rows}
 
 
 def _find_snapshot(img: Qcow2Image, key: str) -> Snapshot:
@@ -150,24 +238,3 @@ def _find_snapshot(img: Qcow2Image, key: str) -> Snapshot:
         if key in (sn.id, sn.name):
             return sn
     raise BadInputError(f"{img.path}: no snapshot with id or name {key!r}")
-
-
-def render_human(d: dict[str, Any], indent: str = "") -> str:
-    """A readable key: value rendering of nested dicts/lists."""
-    lines: list[str] = []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            lines.append(f"{indent}{k}:")
-            lines.append(render_human(v, indent + "    "))
-        elif isinstance(v, list):
-            lines.append(f"{indent}{k}: ({len(v)})")
-            for item in v:
-                if isinstance(item, dict):
-                    lines.append(indent + "  - " + ", ".join(f"{a}={b}" for a, b in item.items()))
-                else:
-                    lines.append(f"{indent}  - {item}")
-        else:
-            if isinstance(v, int) and not isinstance(v, bool) and k.endswith(("offset", "features")):
-                v = f"{v} ({v:#x})"
-            lines.append(f"{indent}{k}: {v}")
-    return "\n".join(x for x in lines if x != "")

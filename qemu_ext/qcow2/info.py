@@ -141,6 +141,7 @@ def luks_info(img: Qcow2Image) -> Optional[dict[str, Any]]:
     if ivgen_alg == "essiv":
         d["ivgen-hash-alg"] = ivgen_hash
     d["hash-alg"] = _cstr(h.hash_spec)
+    d["detached-header"] = False  # shown since QEMU 9.0 (the header is in the image)
     d["payload-offset"] = h.payload_offset_sector * 512
     d["master-key-iters"] = h.master_key_iterations
     d["uuid"] = _cstr(h.uuid)

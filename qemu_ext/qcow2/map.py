@@ -460,7 +460,8 @@ def image_map(path: PathLike, progress: Optional[ProgressFactory] = None, start:
     """The `qemu-img map` entries of an image through its backing chain."""
     with open_chain(path) as chain:
         entries = chain_map(chain, progress)
-        names = [L.filename for L in chain.layers]
+        names = [L.img.data_file if L.img is not None and L.img.has_data_file and L.img.data_file else L.filename
+                 for L in chain.layers]  # qemu-img names the node holding the data: the data file, if any
         for e in entries:
             e.filename = names[e.depth] if e.offset is not None else None
         if start or max_length is not None:

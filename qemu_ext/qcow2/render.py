@@ -109,6 +109,7 @@ VERIFIED_COMPAT = ("7.2", "10.0")  # compared byte for byte with these qemu-img 
 INFO_CHILDREN_SINCE = (8, 0)  # qemu-img info: BlockGraphInfo ("children", "Child node '/file':")
 SNAPSHOT_LIST_2024_SINCE = (9, 1)  # bdrv_snapshot_dump(): "%-7s %-16s ..." columns, "--" icount
 MAP_COMPRESSED_SINCE = (8, 2)  # qemu-img map --output=json: "compressed" after "data"
+LUKS_DETACHED_HEADER_SINCE = (9, 0)  # QCryptoBlockInfoLUKS "detached-header"
 
 
 def parse_compat(text: str) -> tuple[int, int]:
@@ -140,6 +141,11 @@ def qemu_img_on_path() -> Optional[tuple[int, int]]:
 def info_for_compat(d: dict[str, Any], compat: tuple[int, int]) -> dict[str, Any]:
     """One image's qemu-img info fields as that QEMU prints them (QAPI order, then QDict order)."""
     d = dict(d)
+    enc = d.get("format-specific", {}).get("data", {}).get("encrypt")
+    if enc is not None and compat < LUKS_DETACHED_HEADER_SINCE and "detached-header" in enc:
+        fs = dict(d["format-specific"], data=dict(d["format-specific"]["data"]))
+        fs["data"]["encrypt"] = {k: v for k, v in enc.items() if k != "detached-header"}
+        d["format-specific"] = fs
     children = d.pop("children", None)
     if compat >= INFO_CHILDREN_SINCE and children is not None:
         d["children"] = [{"name": c["name"], "info": {**c["info"], "children": []}} for c in children]
@@ -238,6 +244,7 @@ def _node_info_lines(d: dict[str, Any], compat: tuple[int, int], indentation: in
 
 def info_human(d: dict[str, Any], compat: tuple[int, int]) -> str:
     """qemu-img info's text for one image (qemu-img.c dump_human_image_info), without the final newline."""
+    d = info_for_compat(d, compat)
     out = _node_info_lines(d, compat, 0, False)
     if compat >= INFO_CHILDREN_SINCE:
         for c in d.get("children", []):
@@ -329,3 +336,117 @@ def map_human(entries: list[Any]) -> tuple[str, Optional[str]]:
         if e.data and not e.zero:
             lines.append(f"{_hex(e.start):<16}{_hex(e.length):<16}{_hex(e.offset or 0):<16}{e.filename or ''}")
     return "\n".join(lines) + "\n", None
+
+
+# ---------------------------------------------------------------- virtopt qcow2 dump
+_HEX_FIELDS = {"magic", "backing-file-offset", "backing-file-size", "l1-table-offset", "refcount-table-offset",
+               "snapshot-offset"}
+_FLAG_FIELDS = {"incompatible-features", "compatible-features", "autoclear-features"}
+_BITMAP_FLAGS = {0x1: "in-use", 0x2: "auto"}
+_PRINTABLE = set(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~ \t\n\r\x0b\x0c")
+
+
+def _kv(name: str, value: Any) -> str:
+    return f"{name:<25} {value}"
+
+
+def _bitmap_flags(v: int) -> str:
+    bits = [_BITMAP_FLAGS.get(v & (1 << b), f"bit-{b}") for b in range(64) if v & (1 << b)]
+    return f"{v:#x} ({bits})"
+
+
+def _bitmap_lines(e: dict[str, Any], cluster_size: int) -> list[str]:
+    """qcow2.py Qcow2BitmapDirEntry.dump(): the entry, then its table."""
+    out = [_kv("Bitmap name", e["name"]), _kv("bitmap_table_offset", f"{e['bitmap-table-offset']:#x}"),
+           _kv("bitmap_table_size", e["bitmap-table-size"]), _kv("flags", _bitmap_flags(e["flags"])),
+           _kv("type", e["type"]), _kv("granularity_bits", e["granularity-bits"]),
+           _kv("name_size", e["name-size"]), _kv("extra_data_size", e["extra-data-size"]),
+           f"{'Bitmap table':<14} {'type':<15} {'size':<12} offset"]
+    for r in e["table"]:
+        size = cluster_size if r["type"] == "serialized" else 0
+        out.append(f"{r['index']:<14} {r['type']:<15} {size:<12} {r['offset']}")
+    return out
+
+
+def _extension_lines(x: dict[str, Any], cluster_size: int) -> list[str]:
+    """qcow2.py QcowHeaderExtension.dump()."""
+    out = ["Header extension:", _kv("magic", f"{x['magic']:#x} ({x['name']})"), _kv("length", x["length"])]
+    if "bitmap-directory" in x:
+        import struct
+
+        nb, res, size, off = struct.unpack(">IIQQ", bytes.fromhex(x["data"])[:24])
+        out += [_kv("nb_bitmaps", nb), _kv("reserved32", res), _kv("bitmap_directory_size", f"{size:#x}"),
+                _kv("bitmap_directory_offset", f"{off:#x}")]
+        for e in x["bitmap-directory"]:
+            out.append("")
+            out += _bitmap_lines(e, cluster_size)
+    else:
+        data = bytes.fromhex(x["data"])
+        text = f"'{data.decode('ascii')}'" if all(c in _PRINTABLE for c in data) else "<binary>"
+        out.append(_kv("data", text))
+    return out
+
+
+def dump_human(d: dict[str, Any]) -> str:
+    """`virtopt qcow2 dump` as text: header and extensions exactly as QEMU's
+    tests/qemu-iotests/qcow2.py dump-header prints them, the tables as aligned columns."""
+    what = d["what"]
+    out: list[str] = []
+    if what in ("header", "extensions"):
+        if what == "header":
+            for k, v in d["header"].items():
+                name = k.replace("-", "_")
+                if k in _HEX_FIELDS:
+                    v = f"{v:#x}"
+                elif k in _FLAG_FIELDS:
+                    v = str([b for b in range(64) if v >> b & 1])
+                out.append(_kv(name, v))
+            out.append("")
+        for x in d["extensions"]:
+            out += _extension_lines(x, d["cluster-size"])
+            out.append("")
+        return "\n".join(out)
+    if what == "snapshots":
+        for s in d["snapshots"]:
+            out += [_kv(k.replace("-", "_"), v) for k, v in s.items() if k != "extra-data"] + [""]
+        out.append(_kv("table_size", d["table-size"]))
+        return "\n".join(out)
+    if what == "bitmaps":
+        for b in d["bitmaps"]:
+            e = {"name": b["name"], "bitmap-table-offset": b["bitmap-table-offset"],
+                 "bitmap-table-size": b["bitmap-table-size"], "flags": b["flags"], "type": b["type"],
+                 "granularity-bits": b["granularity-bits"], "name-size": len(b["name"].encode()),
+                 "extra-data-size": b["extra-data-size"], "table": b["table"]}
+            out += [*_bitmap_lines(e, d["cluster-size"]), ""]
+        return "\n".join(out)
+    from qemu_ext.output import table
+
+    if what == "l1":
+        out.append(f"{d['table']} L1 table: {d['l1-size']} entries, {len(d['entries'])} allocated")
+        rows = [[r["index"], f"{r['raw']:#018x}", f"{r['l2-offset']:#x}", "yes" if r["copied"] else "no",
+                 f"{r['reserved-bits']:#x}" if r["reserved-bits"] else ""] for r in d["entries"]]
+        out.append(table(["index", "entry", "L2 table", "copied", "reserved bits"], rows, right=[0]))
+    elif what == "l2":
+        out.append(f"{d['table']} L1 entry {d['l1-index']}: L2 table at {d['l2-offset']:#x}, "
+                   f"{len(d['entries'])} entries in use")
+        rows = []
+        for r in d["entries"]:
+            where = (f"{r['compressed-offset']:#x} +{r['compressed-bytes']}" if r["type"] == "compressed"
+                     else f"{r['host-offset']:#x}")
+            row = [r["index"], f"{r['guest-offset']:#x}", f"{r['raw']:#018x}", r["type"], where,
+                   "yes" if r["copied"] else "no"]
+            if d["extended-l2"]:
+                row += [r["alloc-bitmap"], r["zero-bitmap"]]
+            rows.append(row)
+        headers = ["index", "guest offset", "entry", "type", "host offset", "copied"]
+        if d["extended-l2"]:
+            headers += ["allocated subclusters 0-31", "zero subclusters 0-31"]
+        out.append(table(headers, rows, right=[0]))
+    else:
+        out.append(f"refcount table at {d['refcount-table-offset']:#x}: {d['refcount-table-entries']} entries, "
+                   f"{d['refcount-bits']}-bit refcounts, {d['entries-per-block']} per block")
+        rows = [[r["index"], f"{r['block-offset']:#x}", r["first-cluster"], r["used-clusters"],
+                 ", ".join(f"{k}: {v}" for k, v in r["refcount-histogram"].items())] for r in d["blocks"]]
+        out.append(table(["index", "block", "first cluster", "clusters in use", "refcount: clusters"], rows,
+                         right=[0, 2, 3]))
+    return "\n".join(out)
