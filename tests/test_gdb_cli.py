@@ -4,6 +4,7 @@ core notes, KVM exit reasons) against binutils and QEMU's own headers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import _factory
 from gdb_util import proc_threads
 from helpers import gdb_batch, virtopt
 
@@ -282,6 +284,33 @@ def test_core_runs_read_only_commands_with_the_executable_from_its_notes(core):
     # no pause line for a core: nothing was paused
     cp = virtopt("gdb", "--core", str(path), "-c", "info")
     assert cp.returncode == 0 and cp.stderr == "" and "core file" in cp.stdout
+
+
+def test_core_whose_executable_is_gone_is_opened_with_the_qemu_of_the_same_build_id(qemu_build, tmp_path):
+    """QEMU ran from a copy that is deleted since: the core's build-id finds the installed binary."""
+    copy_dir = tmp_path / "bin"
+    copy_dir.mkdir()
+    shutil.copy2(qemu_build.system, copy_dir / "qemu-system-x86_64")
+    moved = dataclasses.replace(qemu_build, bindir=copy_dir, firmware=qemu_build.firmware or vmlib.FIRMWARE_DIRS)
+    start = _factory(moved)  # leak-checked like every fixture QEMU
+    try:
+        qp = start(name=f"gdbcli-gone-{os.getpid()}", memory_mb=32, extra_args=["-machine", "dump-guest-core=off"])
+        path = tmp_path / f"core.{qp.pid}"
+        cp = gdb_batch(qp.pid, [f"generate-core-file {path}"])
+        assert path.is_file(), cp.stderr
+    finally:
+        for qp in start.started:
+            qp.stop()
+    (copy_dir / "qemu-system-x86_64").unlink()
+    assert corefile.read_core(str(path)).exe == str(copy_dir / "qemu-system-x86_64")
+    cp = virtopt("gdb", "--core", str(path), "-c", "info --json", "--output=json")
+    assert cp.returncode == 0, cp.stderr
+    res = json.loads(cp.stdout)
+    assert res["exe"] == os.path.realpath(qemu_build.system) and res["build-id"] == elfsyms.build_id(qemu_build.system)
+    version = subprocess.run([qemu_build.system, "--version"], capture_output=True, text=True, env=qemu_build.env(),
+                             check=True).stdout.splitlines()[0]
+    assert version == f"QEMU emulator version {res['commands'][0]['data']['version']}"
+    path.unlink()
 
 
 def test_core_refuses_writes_without_trying(core):

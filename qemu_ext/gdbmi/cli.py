@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction, name: str, summary: str) -> None:
                    help="the QEMU to attach to: PID, VM name (-name), QMP socket or libvirt:DOMAIN")
     p.add_argument("--core", metavar="CORE", help="a core file of QEMU instead of a live process")
     p.add_argument("--exe", metavar="QEMU",
-                   help="QEMU's executable (default: the process's, or the one the core names); checked by build-id")
+                   help="QEMU's executable (default: the process's; for a core, the one it names, else a QEMU "
+                        "here with the core's build-id); checked by build-id")
     p.add_argument("-c", "--command", dest="commands", action="append", metavar="CMD",
                    help="command to run (repeatable; default: virtopt info)")
     p.add_argument("--gdb", default="gdb", help="gdb binary (default gdb)")

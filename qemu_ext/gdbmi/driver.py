@@ -212,27 +212,63 @@ def _exe_build_id(path: str) -> Optional[str]:
     return elfsyms.build_id(path)
 
 
+def known_qemus() -> list[str]:
+    """QEMU system emulators on this host, to find a core's executable by build-id: the QEMUs virtopt
+    installed (qemu_ext.vm) and the usual install paths."""
+    import glob
+
+    from qemu_ext import vm
+
+    out = [b.system for b in vm.qemu_builds()]
+    for pattern in ("/usr/bin/qemu-system-*", "/usr/local/bin/qemu-system-*", "/usr/libexec/qemu-kvm"):
+        out += sorted(glob.glob(pattern))
+    return list(dict.fromkeys(os.path.realpath(p) for p in out))
+
+
 def check_core_exe(core: str, exe: Optional[str]) -> tuple[str, Optional[str], Any]:
-    """The executable to open a core with (given, else the one the core names) and its build-id;
-    one line when it is missing, not QEMU, or not the binary that made the core."""
+    """The executable to open a core with and its build-id: the one given; else the one the core
+    names when its build-id matches the core's; else a QEMU on this host with that build-id. One line
+    when there is none, when the core is not QEMU's, or when the given binary is not the one that ran."""
     from qemu_ext.gdbmi import corefile
     from qemu_ext.host import procfs
 
     info = corefile.read_core(core)
-    if exe is None:
-        if not info.exe:
-            raise BadInputError(f"{core}: the core does not name its executable: give the QEMU that made it with --exe")
-        exe = info.exe
-        if not os.path.exists(exe):
-            raise BadInputError(f"cannot open {exe}: No such file or directory (the executable {core} names): "
-                                "give the QEMU that made the core with --exe")
     if info.exe and not procfs.is_qemu_executable(info.exe):
         raise VirtoptError(f"{core} is not a core of QEMU ({info.fname or '?'}, {info.exe})")
+    if exe is None:
+        exe = _find_core_exe(core, info)
     bid = _exe_build_id(exe)
     if info.build_id and bid != info.build_id:
         raise BadInputError(f"{exe} is not the QEMU that made {core}: build-id {bid or 'none'} != "
                             f"{info.build_id} (the core's {info.exe}); give the matching binary with --exe")
     return exe, bid or info.build_id, info
+
+
+def _find_core_exe(core: str, info: Any) -> str:
+    named = info.exe
+    if not named and not info.build_id:
+        raise BadInputError(f"{core}: the core does not name its executable: give the QEMU that made it with --exe")
+    if named and os.path.exists(named) and (info.build_id is None or _same_build(named, info.build_id)):
+        return named
+    if info.build_id:
+        for cand in known_qemus():
+            if cand != named and _same_build(cand, info.build_id):
+                return cand
+    if named and os.path.exists(named):
+        bid = _exe_build_id(named)
+        raise BadInputError(f"{named} is not the QEMU that made {core}: build-id {bid or 'none'} != "
+                            f"{info.build_id} and no QEMU here has that build-id; give the matching binary with "
+                            "--exe")
+    raise BadInputError(f"cannot open {named or 'the executable'}: No such file or directory (the executable "
+                        f"{core} names; no QEMU here has its build-id {info.build_id}): give the QEMU that made "
+                        "the core with --exe")
+
+
+def _same_build(path: str, build_id: str) -> bool:
+    try:
+        return _exe_build_id(path) == build_id
+    except BadInputError:
+        return False
 
 
 def check_not_traced(pid: int) -> None:
