@@ -17,8 +17,6 @@ trace event and argument names, QEMU's address-space names, ids read from /sys).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import re
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from typing import Any, Callable, Optional
 import pytest
 from helpers import make_qcow2, qemu_tool, run, virtopt
 from qcow2_util import corrupt_leak
+from voice_util import in_process
 
 KEBAB = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
@@ -78,23 +77,6 @@ def json_docs(text: str) -> list[Any]:
         return [json.loads(text)]
     except json.JSONDecodeError:
         return [json.loads(ln) for ln in text.splitlines() if ln.strip()]
-
-
-def in_process(argv: list[str]) -> tuple[int, str, str]:
-    """``virtopt ARGV`` through qemu_ext.cli.main in this process (exit code, stdout, stderr): the same
-    code path as the command, without a Python start-up per report. Real subprocesses run the shell
-    and gdb below, and every other test file runs the CLI as a user does."""
-    from qemu_ext.cli import main
-
-    raw = io.BytesIO()
-    out, err = io.TextIOWrapper(raw, encoding="utf-8", write_through=True), io.StringIO()  # .buffer for binary writers
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main(argv)
-        except SystemExit as exc:  # argparse's usage errors
-            rc = int(exc.code or 0)
-        out.flush()
-    return rc, raw.getvalue().decode(), err.getvalue()
 
 
 def check(case: str, argv: list[str], ok: tuple[int, ...] = (0,)) -> list[Any]:
