@@ -146,8 +146,8 @@ def bench_file(build: vm.QemuBuild, kind: str, trace: Path, work: Path) -> dict:
     (work / "ours.txt").unlink()
     null = Path(os.devnull)
     t_ref, c_ref = timed(ref_argv, null, runs=2)
-    t_dec, c_dec = timed(dec_argv, null, runs=5)  # best of 5 (each run is short: one busy moment of the machine weighs more)
-    t_sum, c_sum = timed([*virtopt, "trace", "summary", str(trace), "--events", str(ev)], null, runs=3)
+    t_dec, c_dec = timed(dec_argv, null, runs=9)  # best of 9: a run is short, one busy moment of the machine weighs more
+    t_sum, c_sum = timed([*virtopt, "trace", "summary", str(trace), "--events", str(ev)], null, runs=5)
     t_sumj, _ = timed([*virtopt, "trace", "summary", str(trace), "--events", str(ev), "--output=json"], null, runs=2)
     t_dec1, _ = timed([*group_only, "decode", str(trace), "--events", str(ev)], null, runs=2)
     t_np, _ = timed(dec_argv, null, runs=2, env={"VIRTOPT_NATIVE": "0"})  # the fallback without a C compiler
