@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 from qemu_ext import vm  # noqa: E402
 
 VIEWS = ["info", "threads", "vcpus", "mtree", "mtree --flat", "mtree lookup 0xfee00000", "timers",
-         "trace list", "qcow2", "coroutines"]
+         "trace list", "qcow2", "coroutines", "block", "waiters", "locks", "cpustate"]
 VIEW_TARGET = 1.0
 RATIO_TARGET = 3.0
 RUNS = 3
