@@ -653,3 +653,22 @@ def test_log_backend_of_the_stock_qemu(qemu_factory, qemu_build, tmp_path):
     # simpletrace-style text of log lines: one line per event, the stock QEMU's form
     txt = virtopt("trace", "decode", str(log), "--events", ev).stdout.splitlines()
     assert [t.split(" ", 1)[0] for t in txt] == [j["event"] for j in js]
+
+
+@PATHS
+def test_a_reader_that_goes_away_ends_the_decode_quietly(qio, path_env):
+    """`virtopt trace decode FILE | head -1`: exit 0, nothing on stderr, no helper left behind."""
+    big = qio["dir"] / "big.bin"
+    if not big.exists():  # the trace's records ten times over: more text than a pipe holds
+        data = qio["trace"].read_bytes()
+        st = decode_simple(qio["trace"], qio["events"])
+        first = int(st.offsets[0])
+        big.write_bytes(data + data[first:] * 9)
+    p = subprocess.Popen([sys.executable, "-m", "qemu_ext", "trace", "decode", str(big), "--events", str(qio["events"])],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **path_env})
+    assert p.stdout is not None and p.stderr is not None
+    line = p.stdout.readline()
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=60) == 0 and err == b""
+    assert line == qio["ref"].splitlines(keepends=True)[0]
