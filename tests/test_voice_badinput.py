@@ -299,7 +299,6 @@ def _argv(cmd: str, opt: str, action: Any, value: str, w: dict[str, Path]) -> li
 NUMERIC = value_options("number")
 SIZES = value_options("size")
 KNOWN.update({
-    ("trace summary", "--bins"): "trace summary --bins is argparse's int ('invalid int value'; 0 and -1 accepted)",
     ("shell", "--timeout"): "shell --timeout says 'not a number of seconds' / 'must be more than 0 and at most 3600 "
                             "seconds, not -1'",
     ("gdb", "--timeout"): "gdb --timeout is argparse's float ('invalid float value'; -1 checked later, exit 2)",
