@@ -34,11 +34,18 @@ MAX_WAITERS = 10000
 
 #: bs->opaque type of the drivers whose state holds coroutine locks or queues (per drv->format_name)
 DRIVER_STATE = {
-    "qcow2": "BDRVQcow2State",
-    "qed": "BDRVQEDState",
+    "qcow2": "BDRVQcow2State",  # CoMutex lock, CoQueue thread_task_queue
+    "qed": "BDRVQEDState",  # CoMutex table_lock, CoQueue allocating_write_reqs
+    "vmdk": "BDRVVmdkState",
+    "vpc": "BDRVVPCState",
+    "vdi": "BDRVVdiState",  # CoRwlock bmap_lock
+    "vhdx": "BDRVVHDXState",
+    "parallels": "BDRVParallelsState",
+    "copy-before-write": "BDRVCopyBeforeWriteState",
     "nbd": "BDRVNBDState",
+    "nvme": "BDRVNVMeState",
     "throttle": "ThrottleGroupMember",  # block/throttle.c: bs->opaque is the member itself
-    "blkdebug": "BDRVBlkdebugState",
+    "blkdebug": "BDRVBlkdebugState",  # and its suspended_reqs
 }
 
 #: what a sync field means, by (structure, field); anything else is named by its C path
