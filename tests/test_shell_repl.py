@@ -275,6 +275,18 @@ def test_terminal_menu_escape_and_paste(vm, term):
     t.wait_text("system_powerdown not sent")
 
 
+def test_terminal_keys_typed_while_the_shell_starts_are_kept(vm, tmp_path: Path):
+    # the prompt shows before the line editor has loaded: what is typed meanwhile must not be lost
+    t = Tmux(launcher_argv(vm.addr, "--history", ""))
+    try:
+        t.type("query-name")
+        t.keys("Enter")
+        t.wait_text('{"return": {"name": "replvm"}}')
+        assert t.screen().count("(QEMU replvm)") == 2  # the early prompt was redrawn in place, not doubled
+    finally:
+        t.close()
+
+
 def test_terminal_pager_for_long_output(vm, term):
     t = term(height=20, env={"PAGER": "less -FRX"})
     t.type("query-qmp-schema")

@@ -75,6 +75,32 @@ def check_path(path: str) -> None:
         raise QmpConnectError(path, f"not a socket ({_KINDS.get(stat.S_IFMT(st.st_mode), 'not a socket')})")
 
 
+async def open_socket_async(address: Address, timeout: float = 5.0) -> socket.socket:
+    """:func:`open_socket` on the running event loop (no thread: the shell's prompt comes up sooner)."""
+    import asyncio
+
+    if not isinstance(address, str):
+        return await asyncio.get_running_loop().run_in_executor(None, open_socket, address, timeout)
+    check_path(address)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.setblocking(False)
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(s, address), timeout)
+    except asyncio.TimeoutError:
+        s.close()
+        raise QmpConnectError(address, f"no answer within {timeout:g} s") from None
+    except ConnectionRefusedError:
+        s.close()
+        raise QmpConnectError(address, f"{os.strerror(111)} (a socket file nobody listens on: QEMU exited?)") from None
+    except OSError as exc:
+        s.close()
+        raise QmpConnectError(address, exc.strerror or str(exc)) from None
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
 def open_socket(address: Address, timeout: float = 5.0) -> socket.socket:
     """Connect a blocking socket to the address (the QMP client then takes it over, non-blocking)."""
     where = describe(address)
@@ -109,8 +135,6 @@ def open_socket(address: Address, timeout: float = 5.0) -> socket.socket:
 def peer_pid(sock: socket.socket) -> Optional[int]:
     """The pid of the process at the other end: SO_PEERCRED for unix sockets; for TCP to this host,
     the owner of the peer's socket (/proc/net/tcp{,6} and /proc/*/fd). None when unknown."""
-    from qemu_ext.host import procfs
-
     if sock.family == socket.AF_UNIX:
         try:
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -119,6 +143,8 @@ def peer_pid(sock: socket.socket) -> Optional[int]:
         pid, _uid, _gid = struct.unpack("3i", creds)
         return pid or None
     if sock.family in (socket.AF_INET, socket.AF_INET6):
+        from qemu_ext.host import procfs
+
         try:
             local, remote = sock.getsockname(), sock.getpeername()
             inode = procfs.tcp_socket_inode(sock.family, remote[:2], local[:2])

@@ -126,7 +126,7 @@ class SocketTransport(Transport):
         return self._client is not None and self._client.runstate == Runstate.RUNNING
 
     async def connect(self) -> None:
-        sock = await asyncio.get_running_loop().run_in_executor(None, addr.open_socket, self.address, self.timeout)
+        sock = await addr.open_socket_async(self.address, self.timeout)
         self._client = self._new_client()
         pid = addr.peer_pid(sock)
         try:

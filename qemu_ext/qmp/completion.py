@@ -11,7 +11,6 @@ holds valid values; enum and boolean values come from the schema; elsewhere noth
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Optional
 
@@ -134,6 +133,8 @@ class CompletionData:
 
     def names_for_arg(self, command: str, key: str) -> list[str]:
         """Live values the argument ``key`` of ``command`` accepts (VALUE_SOURCES), [] when none is known."""
+        import fnmatch
+
         last = key.rsplit(".", 1)[-1]
         for pattern, arg, src in VALUE_SOURCES:
             if arg == last and fnmatch.fnmatchcase(command, pattern):

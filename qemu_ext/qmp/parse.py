@@ -17,7 +17,6 @@ from __future__ import annotations
 import ast
 import json
 import re
-import shlex
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -155,6 +154,8 @@ class LineParser:
         if not stripped or stripped.startswith("#"):
             return None
         if not self.in_transaction and stripped.startswith("/"):
+            import shlex
+
             try:
                 argv = shlex.split(stripped)
             except ValueError as exc:

@@ -11,7 +11,6 @@ features (deprecated, unstable).
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
@@ -249,6 +248,8 @@ class SchemaIndex:
             self._collect(v["type"], prefix, out, depth + 1, seen, f"{prefix}{tag}={v['case']}")
 
     def unknown_command(self, command: str) -> SchemaError:
+        import difflib
+
         near = difflib.get_close_matches(command, self.commands, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(near)}?" if near else "; 'help' lists the built-ins, Tab completes commands"
         return SchemaError(f"QEMU has no command {command!r}{hint}", "CommandNotFound")
@@ -284,6 +285,8 @@ class SchemaIndex:
                 raise SchemaError(f"{command} takes no arguments{' under ' + prefix.rstrip('.') if prefix else ''} "
                                   f"(got {prefix}{k})")
             if m is None:
+                import difflib
+
                 valid = ", ".join(sorted(members))
                 near = difflib.get_close_matches(k, list(members), n=1)
                 hint = f" (did you mean {prefix}{near[0]}?)" if near else ""

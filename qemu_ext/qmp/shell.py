@@ -21,24 +21,22 @@ import asyncio
 import contextlib
 import json
 import os
-import shlex
-import shutil
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Optional, TextIO
 
 from qemu_ext.errors import BadInputError, VirtoptError
-from qemu_ext.qmp import builtins
-from qemu_ext.qmp.builtins.registry import HelpShown, Result
 from qemu_ext.qmp.client import QmpSession
-from qemu_ext.qmp.completion import CompletionData
 from qemu_ext.qmp.errors import QmpCommandError, QmpError, QmpGoneError
 from qemu_ext.qmp.parse import BuiltinCommand, LineParser, ParseError, QmpCommand
-from qemu_ext.qmp.schema import SchemaIndex
 from qemu_ext.qmp.shell_cli import DEFAULT_HISTORY
+
+if TYPE_CHECKING:  # loaded on first use: the prompt shows before them
+    from qemu_ext.qmp.builtins.registry import Result
+    from qemu_ext.qmp.completion import CompletionData
+    from qemu_ext.qmp.schema import SchemaIndex
 
 RECONNECT_POLL = 0.25
 PARSE_HINT = "(format: command-name [arg-name1=arg1] ... [arg-nameN=argN])"
@@ -75,6 +73,16 @@ class _Declined(Exception):
     pass
 
 
+class _HelpText(Exception):
+    """``/NAME --help``: text to show instead of running."""
+
+
+def _complete_builtin(data: Any, before: list[str], word: str) -> list[str]:
+    from qemu_ext.qmp import builtins
+
+    return builtins.complete(data, before, word)
+
+
 class Shell:
     """One shell on one QEMU address. ``stdout``/``stderr`` default to sys.stdout/sys.stderr at print time.
 
@@ -84,7 +92,7 @@ class Shell:
         self.opts = opts
         self.session = QmpSession(opts.address, name="virtopt-shell", timeout=opts.timeout, negotiate=opts.negotiate)
         self.parser = LineParser()
-        self.completion = CompletionData(builtin_completer=builtins.complete)
+        self._completion: Optional[CompletionData] = None
         self.blockdev_options: dict[str, dict[str, Any]] = {}
         self.as_json = opts.output == "json"
         self.interactive = False
@@ -108,6 +116,15 @@ class Shell:
                 self._log = open(opts.logfile, "a", encoding="utf-8")
             except OSError as exc:
                 raise BadInputError(f"cannot open {opts.logfile}: {exc.strerror}") from exc
+
+    @property
+    def completion(self) -> CompletionData:
+        """Schema and live names (created on first use)."""
+        if self._completion is None:
+            from qemu_ext.qmp.completion import CompletionData
+
+            self._completion = CompletionData(builtin_completer=_complete_builtin)
+        return self._completion
 
     # -- output -----------------------------------------------------------------------------------
 
@@ -135,6 +152,8 @@ class Shell:
 
     def width(self) -> int:
         """Columns to fit tables to: the terminal's, else $COLUMNS, else 0 (no limit)."""
+        import shutil
+
         if self._tty():
             return shutil.get_terminal_size().columns
         cols = os.environ.get("COLUMNS", "")
@@ -145,6 +164,10 @@ class Shell:
         if not (self.interactive and self.opts.pager and self._tty() and self._stdout is None):
             self.out(text)
             return
+        import shlex
+        import shutil
+        import subprocess
+
         size = shutil.get_terminal_size()
         shown = sum(max(1, -(-len(ln) // max(size.columns, 1))) for ln in text.split("\n"))  # wrapped rows
         if shown + 1 < size.lines:
@@ -208,6 +231,8 @@ class Shell:
             pass
 
     async def _load_schema(self) -> None:
+        from qemu_ext.qmp.schema import SchemaIndex
+
         try:
             self.completion.schema = SchemaIndex.from_schema(await self.session.execute("query-qmp-schema"))
         except QmpCommandError:
@@ -312,7 +337,7 @@ class Shell:
         except ParseError as exc:
             self.report_error("ParseError", str(exc), f"parse error: {exc} {PARSE_HINT}")
             return exc.exit_code
-        except HelpShown as h:
+        except _HelpText as h:
             self.show(str(h))
             return 0
         except _Declined as d:
@@ -408,8 +433,14 @@ class Shell:
         return text
 
     async def run_builtin(self, name: str, args: list[str], as_json: bool = False, raw: str = "") -> None:
+        from qemu_ext.qmp import builtins  # loaded on first use: the prompt does not wait for it
+        from qemu_ext.qmp.builtins.registry import HelpShown
+
         b = builtins.lookup(name)
-        ns, flag = builtins.registry.parse(b, args)
+        try:
+            ns, flag = builtins.registry.parse(b, args)
+        except HelpShown as h:
+            raise _HelpText(str(h)) from None
         saved = self.as_json, self.raw_args
         self.as_json = self.as_json or as_json or flag
         self.raw_args = raw
@@ -545,13 +576,19 @@ class Shell:
 
     async def repl(self, input: Any = None, output: Any = None) -> int:
         """Interactive loop until Ctrl-D or /quit. ``input``/``output``: prompt-toolkit objects (tests)."""
-        from prompt_toolkit import PromptSession
-        from prompt_toolkit.patch_stdout import patch_stdout
-
         self._pt_io = (input, output)
         await self.start(interactive=True)
         self.out(self.greeting_text())
         self.out("Type help (or CMD ?) for help, Tab to complete, Ctrl-D to quit.")
+        # The prompt shows as soon as QEMU answered; the line editor (prompt-toolkit) loads meanwhile and
+        # redraws it in place. Keys typed in between wait in the terminal and reach the editor as typeahead.
+        early = input is None and self._stdout is None and self._tty() and sys.stdin.isatty()
+        if early:
+            sys.stdout.write(self.prompt_text())
+            sys.stdout.flush()
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.patch_stdout import patch_stdout
+
         self._tasks.append(asyncio.create_task(self._watch_connection()))
         ps: PromptSession[str] = PromptSession(
             history=self._history(),
@@ -563,6 +600,9 @@ class Shell:
             output=output,
         )
         self.prompt_session = ps
+        if early:
+            sys.stdout.write("\r\x1b[K")  # the editor draws the prompt (and any typeahead) from column 0
+            sys.stdout.flush()
         try:
             with patch_stdout(raw=True) if self._stdout is None else contextlib.nullcontext():
                 while True:

@@ -5,20 +5,22 @@ library (qemu_ext.l2cache.node, .tune); this module calls it and renders."""
 from __future__ import annotations
 
 import argparse
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from qemu_ext.errors import UsageError
-from qemu_ext.l2cache import node as N
 from qemu_ext.output import count, human_size, percent
 from qemu_ext.qmp.builtins.registry import BuiltinParser, Context, Result, builtin
 from qemu_ext.qmp.client import QmpSession
 
-L2CacheInfo = N.NodeCache  # the name /trace capture and the tests use
+if TYPE_CHECKING:  # the library (numpy) loads on first use: the shell's prompt does not wait for it
+    from qemu_ext.l2cache import node as N
 
 
 async def l2cache_info(s: QmpSession, node: Optional[str] = None,
                        known_options: Optional[dict[str, dict[str, Any]]] = None) -> list[N.NodeCache]:
     """Cache settings of every qcow2 node (or of ``node``): qemu_ext.l2cache.node.node_caches."""
+    from qemu_ext.l2cache import node as N
+
     return await N.node_caches(s, node, known_options)
 
 
@@ -95,6 +97,8 @@ async def _tune(ctx: Context, a: argparse.Namespace) -> Result:
 def simulate_capture(records: list[Any], geometry: Optional[N.NodeCache], notes: list[str]) -> Optional[dict[str, Any]]:
     """The captured lookups, replayed with the node's cache and with full coverage
     (qemu_ext.l2cache.node.replay_capture)."""
+    from qemu_ext.l2cache import node as N
+
     return N.replay_capture(records, geometry, notes)
 
 
