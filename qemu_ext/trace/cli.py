@@ -40,6 +40,13 @@ latest begin that has the same key argument, e.g. the coroutine `co`), dropped e
 COMPAT = ("7.2", "10.0")  # the versions whose simpletrace.py output is verified (tests, bench)
 
 
+def _bins(text: str) -> int:
+    """--bins: output.number's wording (imported when the option is given: decode starts without it)."""
+    from qemu_ext.output import number
+
+    return number(int, 1, 10000)(text)
+
+
 def register(sub: argparse._SubParsersAction, name: str, summary: str) -> None:
     p = sub.add_parser(
         name,
@@ -81,7 +88,7 @@ def register(sub: argparse._SubParsersAction, name: str, summary: str) -> None:
     s.add_argument("--events", metavar="FILE", help="trace-events(-all) file of the QEMU that wrote the trace")
     s.add_argument("--output", choices=["human", "json"], default="human", help="output format (default human)")
     s.add_argument("--plot", metavar="FILE.png", help="write the rate over time and latency histograms to a PNG")
-    s.add_argument("--bins", type=int, default=60, help="time bins for the rate over time (default 60)")
+    s.add_argument("--bins", type=_bins, default=60, help="time bins for the rate over time (1 to 10000, default 60)")
     s.add_argument(
         "--pair",
         action="append",
