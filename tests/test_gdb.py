@@ -495,3 +495,20 @@ def test_pack_installed_in_a_virtualenv_finds_its_site_packages(deb, tmp_path: P
     assert f"QEMU_EXT {site / 'qemu_ext' / '__init__.py'}" in cp.stdout
     assert "trace backends: log" in cp.stdout
     assert_alive(deb)
+
+
+def test_trace_names_are_qemus_own_spelling(deb):
+    """Every event name the pack lists is one QMP knows (13 have upper case: scsi_disk_dma_command_READ),
+    and a mixed-case event toggles by its real name."""
+    with GdbSession(deb.pid) as s:  # QEMU is stopped while gdb is attached: QMP only after
+        listed = {e["name"] for e in s.run("trace list --json").data["events"]}
+        on = s.run("trace enable scsi_disk_dma_command_READ --json")
+    state = _qmp_state(deb, "scsi_disk_dma_command_READ")
+    with GdbSession(deb.pid) as s:
+        off = s.run("trace disable scsi_disk_dma_command_READ --json")
+    assert listed == {e["name"] for e in deb.client.cmd("trace-event-get-state", name="*")}
+    assert any(n != n.lower() for n in listed)
+    assert on.ok and on.data["changed"] == ["scsi_disk_dma_command_READ"], on.error
+    assert state == {"scsi_disk_dma_command_READ": "enabled"}
+    assert off.ok and _qmp_state(deb, "scsi_disk_dma_command_READ") == {"scsi_disk_dma_command_READ": "disabled"}
+    assert_alive(deb)

@@ -78,11 +78,17 @@ def test_same_json_as_the_gdb_pack(qemus, qemu_build, kind):
             r = s.run(f"{v} --json")
             assert r.ok, f"gdb {v}: {r.error}"
             theirs[v] = r.data
+        gdb_flat = s.run("mtree --flat").output if kind == "debug" else None
     for v in views:
         assert mine[v]["snapshot"]["backend"] == "drgn" and mine[v]["snapshot"]["process-stopped"] is False
         assert theirs[v]["snapshot"]["backend"] == "gdb" and theirs[v]["snapshot"]["process-stopped"] is True
         a, b = comparable(_base(v), mine[v]), comparable(_base(v), theirs[v])
         assert a == b, (v, differences(a, b))
+    if kind == "debug":  # `mtree --flat` is HMP `info mtree -f`, line for line (order, roots, KVM marks)
+        hmp_flat = hmp(qp, "info mtree -f").replace("\r", "")
+        cp = virtopt("inspect", str(qp.pid), "mtree", "--flat")
+        assert cp.returncode == 0
+        assert cp.stdout.splitlines()[:-1] == hmp_flat.splitlines() == gdb_flat.splitlines()
     if kind == "debug":  # the data is QEMU's own, not merely equal: spot checks against QMP
         cpus = qp.client.cmd("query-cpus-fast")
         assert [(c["cpu-index"], c["thread-id"]) for c in mine["vcpus"]["vcpus"]] == [

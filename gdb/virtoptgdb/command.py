@@ -147,7 +147,8 @@ class VirtoptCommand(gdb.Command):
 
     def __init__(self) -> None:
         self.__doc__ = self._doc()
-        super().__init__("virtopt " + self.name, gdb.COMMAND_DATA, gdb.COMPLETE_NONE, self.prefix)
+        # no completer class: gdb then asks complete() (options, event names, address spaces, nodes)
+        super().__init__("virtopt " + self.name, gdb.COMMAND_DATA, prefix=self.prefix)
         COMMANDS.append(self)
 
     @property
@@ -179,6 +180,27 @@ class VirtoptCommand(gdb.Command):
 
     def view_args(self, args: argparse.Namespace) -> dict[str, Any]:
         return {}
+
+    def candidates(self) -> list[str]:
+        """Words this command takes besides its options (event names, address spaces, nodes)."""
+        return []
+
+    def complete(self, text: str, word: Optional[str]) -> Any:
+        """Completion at the gdb prompt: options, then what candidates() offers. Never raises."""
+        word = word or ""
+        # gdb splits words at characters such as '/' (an address space "I/O"): match the whole
+        # last token, answer for the part gdb calls the word
+        token = "" if not text or text.endswith(" ") else text.split()[-1]
+        lead = token[:len(token) - len(word)] if token.endswith(word) else ""
+        try:
+            if token.startswith("-"):
+                opts = [o for a in self.parser()._actions for o in a.option_strings if o.startswith("--")]
+                cands = set(opts)
+            else:
+                cands = set(self.candidates())
+            return sorted(c[len(lead):] for c in cands if c.startswith(token))
+        except Exception:  # completion must never break the prompt
+            return []
 
     def collect(self, args: argparse.Namespace) -> Any:
         return views.run(utils.target(), self.view_name, **self.view_args(args))

@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from qemu_ext.introspect import mtree as mtree_view
 from qemu_ext.introspect import render
 
 from . import command, utils
+
+
+def _as_names() -> list[str]:
+    return [a.deref()["name"].cstring() for a in mtree_view.address_spaces(utils.target())]
 
 
 class MtreeCommand(command.VirtoptCommand):
@@ -26,6 +31,9 @@ class MtreeCommand(command.VirtoptCommand):
     def view_args(self, args: argparse.Namespace) -> dict[str, Any]:
         return {"address_space": args.address_space, "flat_view": args.flat}
 
+    def candidates(self) -> list[str]:
+        return ["lookup", *_as_names()]
+
     def render(self, data: Any, args: argparse.Namespace) -> str:
         return render.mtree(data, args.disabled)
 
@@ -41,6 +49,9 @@ class MtreeLookupCommand(command.VirtoptCommand):
 
     def view_args(self, args: argparse.Namespace) -> dict[str, Any]:
         return {"addr": str(utils.parse_int(args.addr)), "address_space": args.address_space}
+
+    def candidates(self) -> list[str]:
+        return _as_names()
 
     def render(self, d: Any, args: argparse.Namespace) -> str:
         return render.mtree_lookup(d)

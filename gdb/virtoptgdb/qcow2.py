@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from qemu_ext.introspect import render
+from qemu_ext.introspect import block, render
 
-from . import command
+from . import command, utils
 
 
 class Qcow2Command(command.VirtoptCommand):
@@ -21,6 +21,11 @@ class Qcow2Command(command.VirtoptCommand):
 
     def view_args(self, args: argparse.Namespace) -> dict[str, Any]:
         return {"node": args.node}
+
+    def candidates(self) -> list[str]:
+        t = utils.target()
+        nodes = [bs.deref()["node_name"].cstring() for bs in block.bdrv_states(t)]
+        return [n for n in nodes if n] + [d for d in block.backends(t).values() if d]
 
     def render(self, d: Any, args: argparse.Namespace) -> str:
         return render.qcow2(d, args.slices)

@@ -69,6 +69,8 @@ def load(explicit: bool = False) -> Optional[str]:
         return None
     LOADED.append(script)
     NAMESPACES.append(ns)
+    if PARAM is not None and not PARAM.value:
+        PARAM.value = script  # `show virtopt-qemu-gdb-script` says what was loaded
     return script
 
 

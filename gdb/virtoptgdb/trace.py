@@ -6,9 +6,14 @@ import argparse
 from typing import Any
 
 from qemu_ext.introspect import render
+from qemu_ext.introspect import trace as trace_view
 from qemu_ext.introspect.target import IntrospectError
 
-from . import command
+from . import command, utils
+
+
+def _event_names() -> list[str]:
+    return [e.name for e in trace_view.events(utils.target())]
 
 
 class TracePrefix(command.VirtoptCommand):
@@ -41,6 +46,9 @@ class TraceList(command.VirtoptCommand):
     def view_args(self, args: argparse.Namespace) -> dict[str, Any]:
         return {"patterns": args.patterns, "enabled_only": args.enabled}
 
+    def candidates(self) -> list[str]:
+        return _event_names()
+
     def render(self, data: Any, args: argparse.Namespace) -> str:
         return render.trace_list(data)
 
@@ -52,6 +60,9 @@ class _TraceToggle(command.VirtoptCommand):
 
     def view_args(self, args: argparse.Namespace) -> dict[str, Any]:
         return {"patterns": args.patterns}
+
+    def candidates(self) -> list[str]:
+        return _event_names()
 
     def render(self, data: Any, args: argparse.Namespace) -> str:
         return render.trace_toggle(data)

@@ -110,6 +110,12 @@ def run(args: argparse.Namespace) -> int:
     from qemu_ext.introspect import cli_hang, render, views
 
     rest = list(args.rest)
+    while (len(rest) >= 2 and rest[0] in ("--core", "--exe")) or (rest and rest[0].startswith(("--core=", "--exe="))):
+        opt, _, val = rest[0].partition("=")  # `inspect PID --exe QEMU VIEW`: options after the PID
+        if not val:
+            val = rest.pop(1)
+        rest.pop(0)
+        setattr(args, opt[2:], val)
     if args.core and args.pid is not None:
         rest.insert(0, args.pid)  # `inspect --core C VIEW`: the first word was the view
         args.pid = None

@@ -28,6 +28,10 @@ def is_qemu(t: Target) -> bool:
 
 
 def check_qemu(t: Target, view: str) -> None:
+    if "mismatch" not in t.memo:
+        t.memo["mismatch"] = t.executable_mismatch()
+    if t.memo["mismatch"]:
+        raise IntrospectError(f"virtopt {view}: {t.memo['mismatch']}")
     if is_qemu(t):
         return
     exe = "?"

@@ -201,6 +201,9 @@ class DrgnTarget(Target):
     def exe(self) -> str:
         return self._exe
 
+    def symbol_file(self) -> Optional[str]:
+        return self._exe
+
     def has_debug_info(self) -> bool:
         if self._debug is None:
             try:

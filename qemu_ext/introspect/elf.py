@@ -12,7 +12,7 @@ import itertools
 import mmap
 import os
 import struct
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 from qemu_ext.errors import BadInputError, open_error
 
@@ -100,3 +100,38 @@ def _read(m: mmap.mmap, size: int, path: str, table: int) -> tuple[list[str], li
         sizes.append(st_size)
         kinds.append(kind)
     return names, values, sizes, kinds
+
+
+def build_id(path: str) -> Optional[str]:
+    """The GNU build-id (NT_GNU_BUILD_ID in a PT_NOTE segment) as hex, None when the file has none."""
+    try:
+        with open(path, "rb") as f:
+            hdr = f.read(64)
+            if len(hdr) < 64 or hdr[:4] != b"\x7fELF" or hdr[4] != 2 or hdr[5] != 1:
+                return None
+            size = os.fstat(f.fileno()).st_size
+            (phoff,) = struct.unpack_from("<Q", hdr, 0x20)
+            phentsize, phnum = struct.unpack_from("<HH", hdr, 0x36)
+            if phentsize != 56 or phoff + phnum * 56 > size:
+                return None
+            f.seek(phoff)
+            table = f.read(phnum * 56)
+            for i in range(phnum):
+                p_type, _fl, off, _va, _pa, filesz, _ms, _al = struct.unpack_from("<IIQQQQQQ", table, i * 56)
+                if p_type != 4 or off + filesz > size or filesz > 1 << 20:
+                    continue
+                f.seek(off)
+                blob = f.read(filesz)
+                pos = 0
+                while pos + 12 <= len(blob):
+                    namesz, descsz, ntype = struct.unpack_from("<III", blob, pos)
+                    pos += 12
+                    name = blob[pos:pos + namesz]
+                    pos += (namesz + 3) & ~3
+                    desc = blob[pos:pos + descsz]
+                    pos += (descsz + 3) & ~3
+                    if ntype == 3 and name.rstrip(b"\0") == b"GNU":
+                        return desc.hex()
+    except OSError:
+        return None
+    return None

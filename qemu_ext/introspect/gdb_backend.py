@@ -23,10 +23,11 @@ _CODES = {
 }
 
 
-def convert(t: Any) -> TypeInfo:
-    """gdb.Type -> TypeInfo (fields and targets converted when first used)."""
+def convert(t: Any, block: Any = None) -> TypeInfo:
+    """gdb.Type -> TypeInfo (fields and targets converted when first used). ``block``: the scope the
+    type was met in (a variable's file), where a struct declared in a header is complete."""
     name = str(t)
-    s = _complete(t.strip_typedefs())
+    s = _complete(t.strip_typedefs(), block)
     kind = _CODES.get(s.code, "int")
     size = 0 if kind in ("void", "func") else s.sizeof
     signed = False
@@ -39,25 +40,33 @@ def convert(t: Any) -> TypeInfo:
     if kind == "array":
         lo, hi = s.range()
         length = hi - lo + 1
-    return TypeInfo(name, kind, size, signed, length, native=s, conv=_lazy)
+    return TypeInfo(name, kind, size, signed, length, native=(s, block), conv=_lazy)
 
 
 def _lazy(what: tuple[str, Any]) -> Any:
-    part, s = what
+    part, (s, block) = what
     if part == "target":
-        return convert(s.target())
+        return convert(s.target(), block)
     out: dict[str, Field] = {}
-    _collect_fields(_complete(s), 0, out)
+    _collect_fields(_complete(s, block), 0, out, block)
     return out
 
 
-def _complete(s: Any) -> Any:
+def _complete(s: Any, block: Any = None) -> Any:
     """The full definition of a struct seen through a declaration only (``typedef struct X X;`` in a
     header): gdb resolves such stubs from the selected frame's scope, which may not see the one
     source file that defines it (block/qcow2-cache.c for Qcow2Cache)."""
     if s.code not in (gdb.TYPE_CODE_STRUCT, gdb.TYPE_CODE_UNION) or s.sizeof:
         return s  # complete (a declaration has no size)
     tag = s.tag or str(s).split()[-1]
+    kw = "union" if s.code == gdb.TYPE_CODE_UNION else "struct"
+    if block is not None:
+        try:
+            full = gdb.lookup_type(f"{kw} {tag}", block).strip_typedefs()
+            if full.sizeof:
+                return full
+        except gdb.error:
+            pass
     cands = []
     try:
         cands.append(gdb.lookup_global_symbol(tag, gdb.SYMBOL_STRUCT_DOMAIN))
@@ -65,22 +74,40 @@ def _complete(s: Any) -> Any:
     except (gdb.error, AttributeError, TypeError):
         pass
     for sym in cands:
-        if sym is not None:
-            full = sym.type.strip_typedefs()
-            if full.fields():
+        if sym is not None and sym.type.strip_typedefs().sizeof:
+            return sym.type.strip_typedefs()
+    # the defining file's symbols are not read yet: `info types` names the file, its static
+    # block then has the definition
+    try:
+        text = gdb.execute(f"info types {tag}", to_string=True)
+    except gdb.error:
+        return s
+    current = None
+    for line in text.splitlines():
+        if line.startswith("File ") and line.endswith(":"):
+            current = line[5:-1]
+            continue
+        num, _, decl = line.strip().partition(":")
+        if current and decl.strip() == f"{kw} {tag};" and num.isdigit():
+            try:
+                sal = gdb.decode_line(f"{current}:{num}")[1][0]
+                full = gdb.lookup_type(f"{kw} {tag}", sal.symtab.static_block()).strip_typedefs()
+            except (gdb.error, TypeError, IndexError, AttributeError):
+                continue
+            if full.sizeof:
                 return full
     return s
 
 
-def _collect_fields(s: Any, base: int, out: dict[str, Field]) -> None:
+def _collect_fields(s: Any, base: int, out: dict[str, Field], block: Any = None) -> None:
     for f in s.fields():
         if not hasattr(f, "bitpos"):
             continue  # static members (C++ only)
         ft = f.type
         if not f.name:  # an anonymous struct/union: its members are the parent's
-            _collect_fields(ft.strip_typedefs(), base + f.bitpos, out)
+            _collect_fields(ft.strip_typedefs(), base + f.bitpos, out, block)
             continue
-        out.setdefault(f.name, Field(f.name, base + f.bitpos, f.bitsize, convert(ft)))
+        out.setdefault(f.name, Field(f.name, base + f.bitpos, f.bitsize, convert(ft, block)))
 
 
 class GdbTarget(Target):
@@ -111,6 +138,9 @@ class GdbTarget(Target):
             raise IntrospectError("gdb does not know the executable of this process (use: file QEMU)")
         return name
 
+    def symbol_file(self) -> Optional[str]:
+        return gdb.current_progspace().filename
+
     def has_debug_info(self) -> bool:
         if self.ignore_debug_info:
             return False
@@ -140,6 +170,14 @@ class GdbTarget(Target):
         except gdb.error:
             return None
 
+    def _native_type_near(self, name: str, near: str) -> Optional[TypeInfo]:
+        try:
+            fn = gdb.lookup_global_symbol(near) or gdb.lookup_static_symbol(near)
+            block = fn.symtab.static_block() if fn is not None and fn.symtab is not None else None
+            return convert(gdb.lookup_type(name, block) if block is not None else gdb.lookup_type(name), block)
+        except (gdb.error, RuntimeError):
+            return self._native_type(name)
+
     def _native_var(self, name: str) -> Optional[tuple[int, TypeInfo]]:
         try:
             sym = gdb.lookup_global_symbol(name) or gdb.lookup_static_symbol(name)
@@ -154,7 +192,11 @@ class GdbTarget(Target):
             return None
         if addr is None:
             return None
-        return int(addr), convert(sym.type)
+        try:
+            block = sym.symtab.static_block() if sym.symtab is not None else None
+        except (gdb.error, RuntimeError):
+            block = None
+        return int(addr), convert(sym.type, block)
 
     def _runtime_address(self, name: str) -> Optional[int]:
         try:

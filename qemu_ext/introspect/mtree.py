@@ -118,25 +118,82 @@ def tree(t: Target, as_name: Optional[str] = None) -> dict[str, Any]:
     return {"address-spaces": out, "alias-targets": targets, "regions": count[0]}
 
 
+def _accel_marks(t: Target) -> Optional[tuple[str, dict[int, set[tuple[int, int]]], int]]:
+    """What `info mtree -f` needs to print the accelerator after a range: the accelerator's name
+    and, per address space KVM listens to, its memory slots (KVMState.as[].ml->slots).
+    mtree_print_flatview() asks AccelClass.has_memory (kvm_accel_has_memory, accel/kvm/kvm-all.c,
+    7.2 and 10.0): a slot with exactly that start and MIN(kvm_max_slot_size, size). TCG has no
+    has_memory: no marks."""
+    if not common.kvm_enabled(t):
+        return None
+    ks = t.find_var("kvm_state")
+    if ks is None or ks.is_null():
+        return None
+    k = ks.as_pointer_to(t.type("KVMState", near="kvm_accel_has_memory"))  # struct in kvm_int.h
+    slots: dict[int, set[tuple[int, int]]] = {}
+    for i in range(max(0, min(int(k["nr_as"]), 64))):
+        kas = k["as"].index(i)
+        if kas["ml"].is_null():
+            continue
+        ml = kas["ml"].deref()
+        n = int(ml["nr_slots_allocated"])
+        if not 0 <= n <= 1 << 16:
+            raise IntrospectError(f"a KVM memory listener claims {n} slots: corrupt")
+        got = set()
+        for j in range(n):
+            sl = ml["slots"].index(j)
+            got.add((int(sl["start_addr"]), int(sl["memory_size"])))
+        slots.setdefault(kas["as"].ptr(), set()).update(got)
+    mss = t.find_var("kvm_max_slot_size")
+    max_slot = int(mss) if mss is not None else U64
+    return "KVM", slots, max_slot
+
+
+def _glib_direct_hash_order(keys: list[int]) -> Optional[list[int]]:
+    """The order g_hash_table_foreach() visits pointer keys inserted in this order into a
+    g_hash_table_new(g_direct_hash, ...) (GLib 2.74 ghash.c: 8 buckets, index (hash * 11) % 7,
+    quadratic probing); None past 7 keys, where the table would have been resized."""
+    if len(keys) > 7:
+        return None
+    table: list[Optional[int]] = [None] * 8
+    for key in keys:
+        h = key & 0xFFFFFFFF
+        if h < 2:
+            h = 2
+        idx, step = ((h * 11) & 0xFFFFFFFF) % 7, 0  # guint arithmetic
+        while table[idx] is not None:
+            step += 1
+            idx = (idx + step) & 7
+        table[idx] = key
+    return [k for k in table if k is not None]
+
+
 def flat(t: Target, as_name: Optional[str] = None) -> list[dict[str, Any]]:
-    """QEMU's rendered FlatView of each address space: what `info mtree -f` prints."""
+    """QEMU's rendered FlatView of each address space, in the order and with the details
+    `info mtree -f` prints them (mtree_info_flatview/mtree_print_flatview, softmmu/memory.c 7.2,
+    system/memory.c 10.0)."""
     views: dict[int, dict[str, Any]] = {}
-    out = []
+    marks = _accel_marks(t)
+    as_ptrs: dict[int, list[int]] = {}
     for ap in _find_as(t, as_name):
         a = ap.deref()
         fvp = a["current_map"]
         key = fvp.ptr()
-        name = a["name"].cstring()
+        root_mr = a["root"].deref()
+        entry_as = {"name": a["name"].cstring(), "root": _name(root_mr),
+                    "root-alias": _name(root_mr["alias"].deref()) if root_mr["alias"].ptr() else None}
         if key in views:
-            views[key]["address-spaces"].append(name)
+            views[key]["address-spaces"].append(entry_as)
+            as_ptrs[key].append(ap.ptr())
             continue
+        as_ptrs[key] = [ap.ptr()]
         ranges = []
         root = None
         if key:
             fv = fvp.deref()
             nr = int(fv["nr"])
             if nr > 1000000:
-                raise IntrospectError(f"FlatView of {name} claims {nr} ranges: corrupt")
+                raise IntrospectError(f"FlatView of {entry_as['name']} claims {nr} ranges: corrupt")
             base = fv["ranges"]
             for i in range(nr):
                 fr = base.index(i)
@@ -153,13 +210,20 @@ def flat(t: Target, as_name: Optional[str] = None) -> list[dict[str, Any]]:
                     "nonvolatile": fr["nonvolatile"].bool(),
                     "offset-in-region": int(fr["offset_in_region"]),
                     "region-address": mr.addr,
+                    "accelerator": [],
                 })
             if fv["root"].ptr():
                 root = _name(fv["root"].deref())
-        entry = {"address-spaces": [name], "as-root": _name(a["root"].deref()), "root": root, "ranges": ranges}
-        views[key] = entry
-        out.append(entry)
-    return out
+        views[key] = {"address-spaces": [entry_as], "root": root, "ranges": ranges}
+    if marks is not None:
+        name, slots, max_slot = marks
+        for key, v in views.items():
+            for r in v["ranges"]:
+                for asp in as_ptrs[key]:
+                    if asp in slots and (r["start"], min(max_slot, r["size"] & U64)) in slots[asp]:
+                        r["accelerator"].append(name)
+    order = _glib_direct_hash_order(list(views)) if as_name is None else None
+    return [views[k] for k in (order if order is not None else views)]
 
 
 def _container_path(t: Target, mr_addr: int) -> list[str]:

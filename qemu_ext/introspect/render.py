@@ -104,7 +104,8 @@ def mtree(data: dict[str, Any], disabled: bool = False) -> str:
         for i, v in enumerate(data["flat-views"]):
             lines.append(f"FlatView #{i}")
             for a in v["address-spaces"]:
-                lines.append(f' AS "{a}", root: {v["as-root"]}')
+                alias = f", alias {a['root-alias']}" if a["root-alias"] else ""
+                lines.append(f' AS "{a["name"]}", root: {a["root"]}{alias}')
             lines.append(f" Root memory region: {v['root'] or '(none)'}")
             if not v["ranges"]:
                 lines.append("  No rendered FlatView")
@@ -113,7 +114,7 @@ def mtree(data: dict[str, Any], disabled: bool = False) -> str:
                 line = f"  {r['start']:016x}-{r['end']:016x} (prio {r['priority']}, {kind}): {r['region']}"
                 if r["offset-in-region"]:
                     line += f" @{r['offset-in-region']:016x}"
-                lines.append(line)
+                lines.append(line + "".join(f" {m}" for m in r["accelerator"]))
             lines.append("")
     else:
         for a in data["address-spaces"]:

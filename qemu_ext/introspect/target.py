@@ -339,6 +339,45 @@ class Target:
     def has_debug_info(self) -> bool:
         raise NotImplementedError
 
+    def relocation_mismatch(self) -> Optional[str]:
+        """One line when the reader has this QEMU's symbols at other addresses than the kernel
+        mapped the executable (a symbol file loaded before attaching and not relocated)."""
+        bias = self.maps_bias()
+        syms = self.elf_symbols()
+        if bias is None:
+            return None
+        for anchor in ("main_loop_tlg", "trace_events_enabled_count", "main"):
+            if anchor in syms:
+                got = self._runtime_address(anchor)
+                if got is not None and got != syms[anchor].value + bias:
+                    return (f"the reader has {anchor} at {got:#x}, but process {self.pid} has it at "
+                            f"{syms[anchor].value + bias:#x}: its symbols are stale or not relocated "
+                            f"(start gdb with -p {self.pid} and no other executable)")
+                return None
+        return None
+
+    def symbol_file(self) -> Optional[str]:
+        """The file the reader takes symbols and types from, when it is not exe() (gdb's `file`)."""
+        return None
+
+    def executable_mismatch(self) -> Optional[str]:
+        """One line when the symbols come from another build than the process runs (build-ids
+        differ): every address would be wrong. None when they agree or cannot be compared."""
+        if self.kind != "live" or self.pid is None:
+            return None
+        sym = self.symbol_file()
+        try:
+            running = os.path.realpath(f"/proc/{self.pid}/exe")
+        except OSError:
+            return None
+        if not sym or os.path.realpath(sym) == running:
+            return self.relocation_mismatch()
+        a, b = elf.build_id(sym), elf.build_id(f"/proc/{self.pid}/exe")
+        if a is None or b is None or a == b:
+            return self.relocation_mismatch()
+        return (f"the symbols come from {sym} (build-id {a[:12]}) but process {self.pid} runs {running} "
+                f"(build-id {b[:12]}): load the right one (file {running})")
+
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend, "kind": self.kind, "pid": self.pid, "executable": self.exe(),
                 "debug-info": self.has_debug_info(), "can-write": self.can_write,
@@ -446,18 +485,24 @@ class Target:
             self._pages.pop(pg, None)
 
     # -- types and variables
-    def type(self, name: str) -> TypeInfo:
-        t = self.find_type(name)
+    def type(self, name: str, near: Optional[str] = None) -> TypeInfo:
+        """A named type. ``near``: a function of the source file that defines it, for a struct that
+        other files only declare (gdb may otherwise find just the declaration; drgn needs no hint)."""
+        t = self.find_type(name, near)
         if t is None:
             raise NotAvailable(f"type {name} not found in the debug info: this QEMU differs")
         return t
 
-    def find_type(self, name: str) -> Optional[TypeInfo]:
+    def find_type(self, name: str, near: Optional[str] = None) -> Optional[TypeInfo]:
         if not self.has_debug_info():
             return None
-        if name not in self._types:
-            self._types[name] = self._native_type(name)
-        return self._types[name]
+        key = name if near is None else f"{name}@{near}"
+        if key not in self._types:
+            self._types[key] = self._native_type(name) if near is None else self._native_type_near(name, near)
+        return self._types[key]
+
+    def _native_type_near(self, name: str, near: str) -> Optional[TypeInfo]:
+        return self._native_type(name)
 
     def var(self, name: str) -> Value:
         """A global or file-static variable with its debug type."""
@@ -503,8 +548,26 @@ class Target:
                 self._dyn = set()
         return self._dyn
 
+    def maps_bias(self) -> Optional[int]:
+        """The load bias of a live process's executable as the kernel mapped it (/proc/PID/maps:
+        the executable's mapping at file offset 0, minus its first PT_LOAD address)."""
+        if self.kind != "live" or self.pid is None:
+            return None
+        try:
+            exe = os.path.realpath(f"/proc/{self.pid}/exe")
+            with open(f"/proc/{self.pid}/maps") as f:
+                for line in f:
+                    parts = line.split(maxsplit=5)
+                    if len(parts) == 6 and parts[5].strip() == exe and int(parts[2], 16) == 0:
+                        return int(parts[0].split("-")[0], 16) - _first_load(exe)
+        except (OSError, ValueError, IntrospectError):
+            return None
+        return None
+
     def load_bias(self) -> int:
         """Run-time minus link-time address of the executable (PIE)."""
+        if self._bias is None:
+            self._bias = self.maps_bias()
         if self._bias is None:
             syms = self.elf_symbols()
             for anchor in ("trace_events_enabled_count", "main_loop_tlg", "qemu_loglevel", "main"):
@@ -563,6 +626,21 @@ class Target:
         firstbyte = (-vaddr) & (align - 1)
         off = ((memsz - firstbyte + align - 1) // align) * align + firstbyte
         return fs - off + s.value
+
+
+def _first_load(path: str) -> int:
+    """The page-aligned address of the first PT_LOAD segment (0 for a PIE)."""
+    with open(path, "rb") as f:
+        hdr = f.read(64)
+        phoff, = struct.unpack_from("<Q", hdr, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", hdr, 0x36)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    for i in range(phnum):
+        p_type, _fl, _off, vaddr = struct.unpack_from("<IIQQ", table, i * phentsize)
+        if p_type == 1:
+            return vaddr & ~(PAGE - 1)
+    raise IntrospectError(f"{path} has no loadable segment")
 
 
 def _pt_tls(path: str) -> tuple[int, int, int]:

@@ -135,10 +135,13 @@ def _proc_fields(pid: int, tid: int) -> tuple[Optional[int], Optional[str]]:
 def collect(t: Target) -> dict[str, Any]:
     """Every thread with its role (roles.COLUMNS' fields) and who holds the BQL."""
     pid = t.pid
-    cpu_by_tid: dict[int, int] = {}
+    cpu_by_tid: dict[int, Optional[int]] = {}
     if t.has_debug_info():
         try:
-            cpu_by_tid = {c["thread-id"]: c["cpu-index"] for c in vcpus.cpu_states(t)}
+            for c in vcpus.cpu_states(t):
+                # single-threaded TCG runs every vCPU in one thread: no one index (roles.label)
+                tid = c["thread-id"]
+                cpu_by_tid[tid] = None if tid in cpu_by_tid else c["cpu-index"]
         except IntrospectError:
             cpu_by_tid = {}
     names = core_thread_names(t, cpu_by_tid) if t.kind == "core" else {}
@@ -170,14 +173,17 @@ def collect(t: Target) -> dict[str, Any]:
     return {"pid": pid, "bql": {"known": known, "holder": owner}, "threads": rows}
 
 
-def core_thread_names(t: Target, cpu_by_tid: dict[int, int]) -> dict[int, str]:
+def core_thread_names(t: Target, cpu_by_tid: dict[int, Optional[int]]) -> dict[int, str]:
     """Thread names of a dead QEMU rebuilt from QEMU's own structures, as qemu_thread_create()
     named them: "CPU N/ACCEL" (cpus_accel: kvm_vcpu_thread_fn names "CPU %d/KVM"), "IO ID"
     (iothread_complete), "IO mon_iothread" (monitor_init_globals)."""
     out: dict[int, str] = {}
     accel = common.accelerator(t).upper()
     for tid, idx in cpu_by_tid.items():
-        out[tid] = f"CPU {idx}/{accel}" if accel in ("KVM", "TCG") else f"CPU {idx}"
+        if idx is None:  # rr_cpu_thread_fn names its one thread "ALL CPUs/TCG"
+            out[tid] = "ALL CPUs/TCG"
+        else:
+            out[tid] = f"CPU {idx}/{accel}" if accel in ("KVM", "TCG") else f"CPU {idx}"
     for tid, ident in iothreads(t).items():
         out[tid] = f"IO {ident}"
     return out
