@@ -4,9 +4,9 @@ Layers (like qemu.qmp's: protocol, client, shell):
 
 - :class:`Transport` is how a session reaches one QEMU monitor. Its whole interface: ``name`` (for
   messages), ``connect()``, ``execute(command, arguments)``, ``next_event()`` (the event stream),
-  ``close()``, ``connected`` / ``wait_disconnected()``, plus ``pid``, ``greeting`` and
+  ``close()``, ``connected`` / ``wait_disconnected()``, plus ``pid``, ``greeting``,
   ``log_path()`` (where QEMU's log trace backend writes, when the transport knows better than the
-  process's /proc entry). :class:`SocketTransport` speaks QMP on a unix socket or TCP through
+  process's /proc entry) and ``notices`` (what the user must hear, e.g. a libvirt taint). :class:`SocketTransport` speaks QMP on a unix socket or TCP through
   qemu.qmp. Another transport plugs in by its address scheme: add ``"scheme":
   "module:Class"`` to :data:`SCHEMES` (e.g. ``libvirt:NAME`` -> a transport over
   virDomainQemuMonitorCommand); ``Class(rest_of_address, timeout=..., negotiate=...)``.
@@ -96,6 +96,12 @@ class Transport(abc.ABC):
     def log_path(self) -> Optional[Path]:
         """Where QEMU's log trace backend writes, when the transport knows (None: ask the process)."""
         return None
+
+    @property
+    def notices(self) -> list[str]:
+        """Things the user must hear about that no command returned, oldest first (the libvirt transport:
+        "libvirt marked the domain tainted (custom-monitor)"). The shell prints each new one once."""
+        return []
 
 
 class SocketTransport(Transport):

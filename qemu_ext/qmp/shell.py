@@ -111,6 +111,7 @@ class Shell:
         self._paste_rest = ""
         self._held: Optional[list[dict[str, Any]]] = None  # events held back while a pager runs
         self._pt_io: tuple[Any, Any] = (None, None)
+        self._noticed = 0
         if opts.logfile:
             try:
                 self._log = open(opts.logfile, "a", encoding="utf-8")
@@ -324,8 +325,21 @@ class Shell:
 
     # -- one line ---------------------------------------------------------------------------------
 
+    def _say_notices(self) -> None:
+        """The transport's new notices (a libvirt domain marked tainted by our command), once each."""
+        new = self.session.transport.notices[self._noticed:]
+        self._noticed += len(new)
+        for n in new:
+            self.err(f"note: {n}")
+
     async def execute_line(self, line: str) -> int:
         """Run one input line; print its result. Returns 0, or the exit code of the error it printed."""
+        try:
+            return await self._execute_one(line)
+        finally:
+            self._say_notices()
+
+    async def _execute_one(self, line: str) -> int:
         try:
             await self._execute_line(line)
             return 0

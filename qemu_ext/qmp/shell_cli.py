@@ -21,6 +21,7 @@ examples:
   virtopt shell vm.qmp -c '/hmp info block' --events=off
   virtopt shell vm.qmp --keep-going -c 'stop' -c 'no-such' -c 'cont'    (runs all three, exits 1)
   virtopt shell ga.sock -N -c guest-ping                                 (qemu-ga: no greeting)
+  virtopt shell --domain web1 -c '/trace capture qcow2_cache_* 5'        (a libvirt domain: libvirt:web1)
   printf 'stop\\ncont\\n' | virtopt shell vm.qmp     lines on stdin run like -c
 
 input as QEMU's qmp-shell: cmd key=value key.sub=value, JSON or Python literal values,
@@ -53,7 +54,9 @@ def register(sub: argparse._SubParsersAction, name: str, summary: str) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from qemu_ext.output import add_output_option
 
-    p.add_argument("address", metavar="SOCKET|HOST:PORT", help="QMP unix socket path, or HOST:PORT for TCP")
+    p.add_argument("address", nargs="?", metavar="SOCKET|HOST:PORT",
+                   help="QMP unix socket path, HOST:PORT for TCP, or libvirt:DOMAIN")
+    p.add_argument("--domain", metavar="NAME", help="a libvirt domain's monitor (the same as libvirt:NAME)")
     p.add_argument("-H", "--hmp", action="store_true", help="HMP mode: lines are HMP commands (built-ins still work)")
     p.add_argument("-N", "--skip-negotiation", dest="negotiate", action="store_false",
                    help="expect no greeting and skip qmp_capabilities (qemu-ga; or negotiate by hand)")
@@ -80,10 +83,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace):  # -> ShellOptions
+    from qemu_ext.errors import UsageError
     from qemu_ext.qmp.shell import ShellOptions
 
+    if (args.address is None) == (args.domain is None):
+        raise UsageError("give a QMP address (SOCKET, HOST:PORT, libvirt:NAME) or --domain NAME, one of them")
     return ShellOptions(
-        address=args.address,
+        address=args.address if args.domain is None else f"libvirt:{args.domain}",
         hmp=args.hmp,
         pretty=args.pretty,
         verbose=args.verbose,

@@ -19,13 +19,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional, Protocol
 
-from qemu_ext.errors import BadInputError
-
-
-class UsageError(BadInputError):
-    """A built-in's arguments are wrong (exit code 2, as every usage error)."""
-
-    exit_code = 2
+from qemu_ext.errors import UsageError  # a built-in's arguments are wrong: exit 2, as every usage error
 
 
 class HelpShown(Exception):
