@@ -29,7 +29,8 @@ def examples() -> list[str]:
     return sorted(found)
 
 
-FILE_EXAMPLES = [e for e in examples() if "/run/vm.qmp" not in e]
+# examples on a running QEMU: a socket (test_l2cache_tune.py) or a libvirt domain vm1 (test_l2cache_libvirt.py)
+FILE_EXAMPLES = [e for e in examples() if "/run/vm.qmp" not in e and " vm1 " not in e and "libvirt:vm1" not in e]
 
 
 def test_the_socket_examples_are_run_by_the_tune_tests():

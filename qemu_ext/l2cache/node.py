@@ -170,6 +170,17 @@ class NodeCache:
             opts["refcount-cache-size"] = self.config.refcount_cache_size
         return opts
 
+    def reopen_options_cache_size(self, cache_size: int) -> dict[str, Any]:
+        """The node's own options with ``cache-size`` alone for the qcow2 caches: what libvirt passes for
+        <metadata_cache><max_size>, so QEMU splits it as it will at the domain's next start
+        (read_cache_sizes, 7.2 and 10.0)."""
+        assert self.node_options is not None and self.file_child is not None
+        opts = {k: v for k, v in self.node_options.items()
+                if k not in ("file", "cache-size", "l2-cache-size", "refcount-cache-size", "l2-cache-entry-size")}
+        opts["file"] = self.file_child
+        opts["cache-size"] = cache_size
+        return opts
+
     def to_dict(self) -> dict[str, Any]:
         c = self.config
         return {
@@ -243,7 +254,11 @@ def qemu_series(version: dict[str, Any]) -> str:
 
 async def node_caches(s: Any, node: Optional[str] = None,
                       known_options: Optional[dict[str, dict[str, Any]]] = None) -> list[NodeCache]:
-    """Every qcow2 node of the QEMU behind session ``s`` (or ``node``, a node-name or drive id)."""
+    """Every qcow2 node of the QEMU behind session ``s``, or the one called ``node`` by any of its names:
+    node-name, drive id, device id or path, and on a libvirt domain libvirt-N-storage and the disk's
+    target (``vda``), through qemu_ext.libvirt.nodes.resolve_node."""
+    from qemu_ext.l2cache import domain as D
+    from qemu_ext.libvirt import nodes as lvnodes
     from qemu_ext.qmp import address as addr
     from qemu_ext.qmp.errors import NoMatchError, QmpCommandError
 
@@ -251,6 +266,17 @@ async def node_caches(s: Any, node: Optional[str] = None,
     blocks = await s.execute("query-block")
     drive_of = {b.get("inserted", {}).get("node-name"): b.get("device") or b.get("qdev")
                 for b in blocks if b.get("inserted")}
+    qcow2 = [n.get("node-name", "") for n in nodes if n.get("drv") == "qcow2"]
+    wanted = node
+    if node is not None and node not in qcow2 and node not in drive_of.values():
+        disks = await D.domain_disks(s)
+        try:
+            wanted = lvnodes.resolve_node(node, blocks, disks).node_name
+        except BadInputError:
+            names = [" = ".join(bn.names[:4]) for bn in lvnodes.block_nodes(blocks, disks) if bn.node_name in qcow2]
+            names += [n for n in qcow2 if n not in drive_of]
+            raise NoMatchError("qcow2 node", node, f"there is: {'; '.join(names)}" if names else
+                               "this QEMU has no qcow2 node") from None
     children: dict[str, str] = {}
     try:
         g = await s.execute("x-debug-query-block-graph")
@@ -268,13 +294,13 @@ async def node_caches(s: Any, node: Optional[str] = None,
             continue
         name = n.get("node-name", "")
         drive = drive_of.get(name)
-        if node is not None and node not in (name, drive):
+        if wanted is not None and wanted not in (name, drive):
             continue
         known = (known_options or {}).get(name)
         cmd = cmdline.get(name) or (cmdline.get(drive) if drive else None)
         out.append(node_cache(n, cmd, known, children.get(name), drive, version))
     if node is not None and not out:
-        raise NoMatchError("qcow2 node", node)
+        raise NoMatchError("qcow2 node", node, f"it names node {wanted}, which is not qcow2" if wanted != node else "")
     return out
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional
 
 from qemu_ext.errors import BadInputError, UsageError
+from qemu_ext.l2cache import domain as D
 from qemu_ext.l2cache import geometry as G
 from qemu_ext.l2cache import node as N
 from qemu_ext.l2cache import options as O
@@ -218,6 +219,7 @@ async def tune(s: Any, node: str, seconds: float = 10.0, target: float = 0.99, a
     if len(infos) != 1:
         raise BadInputError(f"{node!r} names {len(infos)} qcow2 nodes: give a node-name")
     info = infos[0]
+    disk = await D.disk_for(s, info)  # the libvirt domain's disk, None for a socket
     on_before = set(await _events_state(s))
     notes: list[str] = []
     base = seconds if baseline is None else baseline
@@ -233,6 +235,10 @@ async def tune(s: Any, node: str, seconds: float = 10.0, target: float = 0.99, a
     before = _measured(w1)
     cost = await tracing_cost(s, info, io_off, w1, probe and base > 0)
     rec = sizing.recommendation
+    if disk is not None:
+        if sizing.curves is not None:
+            rec, more = D.recommendation(sizing.curves, info, target, disk, rec)
+            notes += more
     report: dict[str, Any] = {
         "node": info.to_dict(),
         "qemu-version": info.qemu_version,
@@ -255,13 +261,13 @@ async def tune(s: Any, node: str, seconds: float = 10.0, target: float = 0.99, a
     if rec is None:
         if len(w1.trace):
             notes.append(f"no cache size reaches a warm hit ratio of {target} on the lookups captured")
-    elif rec["l2-cache-size"] == sizing.current["l2-cache-size"] and rec["l2-cache-entry-size"] == \
+    elif rec["memory"] == sizing.current["l2-cache-size"] and rec["l2-cache-entry-size"] == \
             sizing.current["l2-cache-entry-size"]:
         notes.append("the current setting is already the recommended one")
     if apply and rec is not None:
-        report["applied"], info2 = await _apply(s, info, rec, say)
+        report["applied"], info2 = await _apply(s, info, rec, say, rec.get("cache-size") if disk else None)
         if info2 is not None:
-            say(f"capturing again for {seconds:g} s with l2-cache-size={rec['l2-cache-size']}")
+            say(f"capturing again for {seconds:g} s with l2-cache-size={info2.config.l2_cache_size}")
             w2 = await capture_window(s, info2, seconds, during)
             after = _measured(w2)
             after["predicted-warm-hit-ratio"] = rec["warm-hit-ratio"]
@@ -276,11 +282,25 @@ async def tune(s: Any, node: str, seconds: float = 10.0, target: float = 0.99, a
         report["applied"] = {"done": False, "reason": "nothing to apply: no recommendation"}
     left = sorted(set(await _events_state(s)) - on_before) if s.connected else []
     report["events-left-enabled"] = left
+    if disk is not None:
+        report["libvirt"] = libvirt_section(s, disk, info, w1.backend, report["applied"])
     return report
 
 
-async def _apply(s: Any, info: N.NodeCache, rec: dict[str, Any], say: Notify) -> tuple[dict[str, Any], Optional[N.NodeCache]]:
-    """blockdev-reopen with the recommended size, or why not (then nothing changed)."""
+def libvirt_section(s: Any, disk: D.DomainDisk, info: N.NodeCache, backend: Optional[str],
+                    applied: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """What a report on a libvirt domain adds: the domain and disk, where the trace lines were read,
+    whether our monitor commands made libvirt taint the domain, and whether a change is live only."""
+    return {**disk.to_dict(), "node-name": info.node_name,
+            "trace-read-from": disk.log if backend == "log" else None,
+            "tainted-by-virtopt": [n for n in s.transport.notices if "tainted" in n],
+            "live-only": bool(applied and applied.get("done"))}
+
+
+async def _apply(s: Any, info: N.NodeCache, rec: dict[str, Any], say: Notify,
+                 cache_size: Optional[int] = None) -> tuple[dict[str, Any], Optional[N.NodeCache]]:
+    """blockdev-reopen with the recommended size, or why not (then nothing changed). ``cache_size``
+    (a libvirt domain): reopen with that cache-size alone, as libvirt passes <metadata_cache>."""
     from qemu_ext.qmp.errors import QmpCommandError
 
     size, e = rec["l2-cache-size"], rec["l2-cache-entry-size"]
@@ -296,8 +316,13 @@ async def _apply(s: Any, info: N.NodeCache, rec: dict[str, Any], say: Notify) ->
     alternatives = rec["options"]
     if why:
         return {"done": False, "reason": f"{why}; nothing was changed", "instead": alternatives}, None
-    opts = info.reopen_options(size, entry)
-    say(f"blockdev-reopen {info.node_name} with l2-cache-size={size}" + (f", l2-cache-entry-size={entry}" if entry else ""))
+    if cache_size is not None:
+        opts = info.reopen_options_cache_size(cache_size)
+        say(f"blockdev-reopen {info.node_name} with cache-size={cache_size}")
+    else:
+        opts = info.reopen_options(size, entry)
+        say(f"blockdev-reopen {info.node_name} with l2-cache-size={size}"
+            + (f", l2-cache-entry-size={entry}" if entry else ""))
     try:
         await s.execute("blockdev-reopen", {"options": [opts]})
     except QmpCommandError as exc:
@@ -308,7 +333,10 @@ async def _apply(s: Any, info: N.NodeCache, rec: dict[str, Any], say: Notify) ->
                                                                   "format-specific": {"data": {"extended-l2": info.extended_l2}}},
                           "file": info.filename},
                          None, opts, info.file_child, info.device, info.qemu_version)
-    return {"done": True, "command": "blockdev-reopen", "options": opts, "instead": alternatives}, info2
+    c = info2.config
+    return {"done": True, "command": "blockdev-reopen", "options": opts, "instead": alternatives,
+            "l2-cache-size": c.l2_memory, "l2-cache-entry-size": c.l2_cache_entry_size,
+            "refcount-cache-size": c.refcount_memory}, info2
 
 
 # ------------------------------------------------------------------------------------------- watch
@@ -330,6 +358,7 @@ class Watcher:
     last_window: Optional[dict[str, Any]] = None
     slice_size: int = 0
     backend: Optional[str] = None
+    domain: Optional[D.DomainDisk] = None  # a libvirt domain's disk: the recommendation its XML can keep
 
     def add(self, w: Window) -> None:
         t = w.trace
@@ -382,6 +411,11 @@ class Watcher:
         rec = sim.recommendation(res, info.qemu_version, self.target, info.filename, info.node_name)
         out["curves"] = series
         out["recommended"] = rec["recommended"]
+        if self.domain is not None:
+            out["recommended"], out["notes"] = D.recommendation(res, info, self.target, self.domain,
+                                                                rec["recommended"])
+            out["libvirt"] = {**self.domain.to_dict(), "node-name": info.node_name,
+                              "trace-read-from": self.domain.log if self.backend == "log" else None}
         out["current"] = rec["current"]
         out["exact"] = rec["exact"]
         out["_curves"] = res
@@ -401,6 +435,7 @@ async def watch(s: Any, node: str, seconds: float = 10.0, target: float = 0.99, 
         raise BadInputError(f"{node!r} names {len(infos)} qcow2 nodes: give a node-name")
     wt = watcher if watcher is not None else Watcher(infos[0], target, max_memory)
     wt.info = infos[0]
+    wt.domain = await D.disk_for(s, wt.info)
     k = 0
     while windows is None or k < windows:
         w = await capture_window(s, wt.info, seconds, during)
