@@ -285,6 +285,16 @@ def test_terminal_keys_typed_while_the_shell_starts_are_kept(vm, tmp_path: Path)
         assert t.screen().count("(QEMU replvm)") == 2  # the early prompt was redrawn in place, not doubled
     finally:
         t.close()
+    # a paste at the very first prompt is still one paste: it stops at its error
+    t = Tmux(launcher_argv(vm.addr, "--history", ""))
+    try:
+        t.wait_text("(QEMU replvm)")
+        t.paste("query-name\nno-such-command\nstop\n")
+        t.wait_text("stopped at the error: 1 pasted line(s) not run")
+        assert vm.ctl.cmd("query-status")["running"] is True
+        assert "no-such-command" not in t.screen().split("(QEMU replvm)")[0]  # not echoed before the editor
+    finally:
+        t.close()
 
 
 def test_terminal_pager_for_long_output(vm, term):

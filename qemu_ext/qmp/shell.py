@@ -595,28 +595,30 @@ class Shell:
         self.out(self.greeting_text())
         self.out("Type help (or CMD ?) for help, Tab to complete, Ctrl-D to quit.")
         # The prompt shows as soon as QEMU answered; the line editor (prompt-toolkit) loads meanwhile and
-        # redraws it in place. Keys typed in between wait in the terminal and reach the editor as typeahead.
-        early = input is None and self._stdout is None and self._tty() and sys.stdin.isatty()
-        if early:
-            sys.stdout.write(self.prompt_text())
-            sys.stdout.flush()
-        from prompt_toolkit import PromptSession
-        from prompt_toolkit.patch_stdout import patch_stdout
+        # redraws it in place. Keys typed (and pastes, bracketed as the editor will ask for) in between wait
+        # in the terminal, unechoed, and reach the editor as typeahead.
+        early = _EarlyPrompt() if input is None and self._stdout is None and self._tty() and sys.stdin.isatty() \
+            else None
+        try:
+            if early is not None:
+                early.show(self.prompt_text())
+            from prompt_toolkit import PromptSession
+            from prompt_toolkit.patch_stdout import patch_stdout
 
-        self._tasks.append(asyncio.create_task(self._watch_connection()))
-        ps: PromptSession[str] = PromptSession(
-            history=self._history(),
-            completer=self._completer(),
-            complete_while_typing=False,
-            enable_history_search=True,
-            key_bindings=self._key_bindings(),
-            input=input,
-            output=output,
-        )
-        self.prompt_session = ps
-        if early:
-            sys.stdout.write("\r\x1b[K")  # the editor draws the prompt (and any typeahead) from column 0
-            sys.stdout.flush()
+            self._tasks.append(asyncio.create_task(self._watch_connection()))
+            ps: PromptSession[str] = PromptSession(
+                history=self._history(),
+                completer=self._completer(),
+                complete_while_typing=False,
+                enable_history_search=True,
+                key_bindings=self._key_bindings(),
+                input=input,
+                output=output,
+            )
+            self.prompt_session = ps
+        finally:
+            if early is not None:
+                early.hand_over()
         try:
             with patch_stdout(raw=True) if self._stdout is None else contextlib.nullcontext():
                 while True:
@@ -688,6 +690,38 @@ class Shell:
             self._current = None
             if installed:
                 loop.remove_signal_handler(signal.SIGINT)
+
+
+class _EarlyPrompt:
+    """The prompt drawn before the line editor is loaded. Meanwhile the terminal neither echoes nor
+    line-buffers what is typed (it waits for the editor as typeahead) and wraps pastes in bracketed-paste
+    markers, as the editor will ask; ``hand_over()`` restores the terminal and erases the line."""
+
+    def __init__(self) -> None:
+        import termios
+
+        self.fd = sys.stdin.fileno()
+        self.saved: Optional[list[Any]] = None
+        try:
+            self.saved = termios.tcgetattr(self.fd)
+            quiet = termios.tcgetattr(self.fd)
+            quiet[3] &= ~(termios.ECHO | termios.ICANON)
+            termios.tcsetattr(self.fd, termios.TCSANOW, quiet)
+        except termios.error:
+            self.saved = None
+
+    def show(self, prompt: str) -> None:
+        sys.stdout.write("\x1b[?2004h" + prompt)
+        sys.stdout.flush()
+
+    def hand_over(self) -> None:
+        import termios
+
+        if self.saved is not None:
+            with contextlib.suppress(termios.error):
+                termios.tcsetattr(self.fd, termios.TCSANOW, self.saved)
+        sys.stdout.write("\x1b[?2004l\r\x1b[K")  # the editor turns bracketed paste on again as it draws
+        sys.stdout.flush()
 
 
 class _AsyncLines:
