@@ -1,12 +1,16 @@
 """`virtopt qcow2 check`: read-only refcount recomputation with qemu-img check's semantics.
 
-Follows QEMU 7.2 block/qcow2-refcount.c (qcow2_check_refcounts and friends) without
-ever writing: every cluster referenced by the header, the active and snapshot
-L1/L2 tables, the snapshot table, the refcount table and blocks, the encryption
-header and the bitmaps is counted in an in-memory refcount array (numpy bincount
-per chunk of L2 tables), then compared with the on-disk refcounts.  The counts,
-JSON fields and exit codes are those of `qemu-img check`; in addition every problem
-is listed with the cluster, what is wrong and which table points there.
+Follows block/qcow2-refcount.c qcow2_check_refcounts() and friends (QEMU 7.2 and 10.0 agree)
+without ever writing: every cluster referenced by the header, the active and snapshot L1/L2
+tables, the snapshot table, the refcount table and blocks, the encryption header and the bitmaps
+is counted in an in-memory refcount array (refcounts.Computed, a byte per cluster of the file),
+then compared window by window with the on-disk refcounts (refcounts.OnDisk, decoded block by
+block). The counts, JSON fields and exit codes are those of `qemu-img check`; in addition every
+problem is listed with the cluster, what is wrong and which table points there.
+
+Work follows the file, not the header: an L2 table that lies past the end of the file reads as
+zeros (nothing to count), and an L2 table that many L1 entries point at is decoded once and its
+references counted once per L1 entry (QEMU walks it again for each; the counts are the same).
 """
 
 from __future__ import annotations
@@ -32,11 +36,11 @@ from qemu_ext.qcow2.image import (
     Qcow2Image,
     start_bar,
 )
+from qemu_ext.qcow2.refcounts import Computed, OnDisk
 
 MAX_PROBLEMS = 10000
 CHUNK_BYTES = 2 << 20  # L2 tables decoded per step: small enough to stay in cache
-# computed refcounts: int32 is plenty (a cluster would need 2^31 references to overflow it)
-IMRT = np.int32
+WINDOW = 1 << 20  # clusters compared per step
 U = np.uint64
 
 
@@ -118,7 +122,8 @@ class CheckResult:
 
     def as_dict(self) -> dict[str, Any]:
         d = self.qemu_json()
-        d["problems"] = [{k: v for k, v in asdict(p).items() if v is not None} for p in self.problems]
+        d["problems"] = [{k.replace("_", "-"): v for k, v in asdict(p).items() if v is not None}
+                         for p in self.problems]
         if self.problems_not_listed:
             d["problems-not-listed"] = self.problems_not_listed
         return d
@@ -136,10 +141,13 @@ class L2Chunk:
     active: bool
     n_entries: int  # entries per L2 table
     cluster_size: int
+    weight: np.ndarray  # how many L1 entries point at each table (1 but for corrupt images)
 
     def where(self, r: int, j: int) -> dict[str, Any]:
+        more = int(self.weight[r]) - 1
         return {
-            "table": f"{self.label} L2 table at {int(self.offs[r]):#x} (L1 entry {int(self.sel[r])}) entry {j}",
+            "table": f"{self.label} L2 table at {int(self.offs[r]):#x} (L1 entry {int(self.sel[r])}"
+                     + (f" and {more} more" if more else "") + f") entry {j}",
             "guest_offset": (int(self.sel[r]) * self.n_entries + j) * self.cluster_size,
         }
 
@@ -156,20 +164,22 @@ class _Checker:
         self.cb = img.cluster_bits
         self.file_len = img.file_size
         self.file_clusters = (self.file_len + self.cs - 1) >> self.cb
-        self.imrt = np.zeros(self.file_clusters, dtype=IMRT)
-        self.refmax = min((1 << img.refcount_bits) - 1, 1 << 62)
         self.progress = progress
+        self.bar: Any = None
+        # s->refcount_max: the largest refcount an entry holds
+        self.refmax = min((1 << img.refcount_bits) - 1, 1 << 62)
 
     # -------------------------------------------------------------- findings
-    def problem(self, kind: str, what: str, **kw: Any) -> None:
+    def problem(self, kind: str, what: str, n: int = 1, **kw: Any) -> None:
+        """A finding counted n times (the same entry of an L2 table n L1 entries point at), listed once."""
         if self.watch is not None:
             return
         if kind == "corruption":
-            self.res.corruptions += 1
+            self.res.corruptions += n
         elif kind == "leak":
-            self.res.leaks += 1
+            self.res.leaks += n
         else:
-            self.res.check_errors += 1
+            self.res.check_errors += n
         self.note(kind, what, **kw)
 
     def note(self, kind: str, what: str, **kw: Any) -> None:
@@ -183,47 +193,44 @@ class _Checker:
             self.res.problems_not_listed += 1
 
     # -------------------------------------------------------------- refcount increments
-    def inc(self, offs: np.ndarray, sizes: Any, tables: Any) -> None:
-        """qcow2_inc_refcounts_imrt for many regions at once.  tables(i) names region i's referrer."""
+    def inc(self, offs: np.ndarray, sizes: Any, tables: Any, weights: Optional[np.ndarray] = None) -> None:
+        """qcow2_inc_refcounts_imrt() for many regions at once (region i counted weights[i] times);
+        tables(i) names region i's referrer."""
         offs = offs.astype(np.int64, copy=False)
-        if isinstance(sizes, int) and sizes == self.cs and len(offs) and self.watch is None:
-            # fast path: cluster-sized regions (L2 tables, data clusters)
-            bad = offs >= self.file_len
-            if not bad.any() and not (offs & (self.cs - 1)).any():
-                self._count(offs >> self.cb)
+        if isinstance(sizes, int) and sizes == self.cs and len(offs) and self.watch is None and weights is None:
+            # fast path: cluster-sized, aligned regions inside the file (L2 tables, data clusters)
+            if not (offs >= self.file_len).any() and not (offs & (self.cs - 1)).any():
+                self.imrt.add(offs >> self.cb)
                 return
         sizes = np.broadcast_to(np.asarray(sizes, dtype=np.int64), offs.shape)
+        w = np.ones(len(offs), dtype=np.int64) if weights is None else weights.astype(np.int64, copy=False)
         keep = sizes > 0
         bad = keep & (offs + sizes - self.file_len >= self.cs)
-        for i in np.nonzero(bad)[0][: MAX_PROBLEMS + 1].tolist():
-            self.problem(
-                "corruption",
-                f"reference to a region exceeding the end of the file by one cluster or more "
-                f"(offset {int(offs[i]):#x} size {int(sizes[i]):#x})",
-                offset=int(offs[i]),
-                table=tables(i),
-            )
-        nbad = int(bad.sum())
-        if nbad > MAX_PROBLEMS + 1:
-            self.res.corruptions += nbad - (MAX_PROBLEMS + 1)
-            self.res.problems_not_listed += nbad - (MAX_PROBLEMS + 1)
+        for i in np.nonzero(bad)[0][:MAX_PROBLEMS].tolist():
+            self.problem("corruption", f"reference to a region exceeding the end of the file by one cluster or more "
+                         f"(offset {int(offs[i]):#x} size {int(sizes[i]):#x})", n=int(w[i]), offset=int(offs[i]),
+                         table=tables(i))
+        extra = np.nonzero(bad)[0][MAX_PROBLEMS:]
+        if len(extra):
+            self.res.corruptions += int(w[extra].sum())
+            self.res.problems_not_listed += len(extra)
         good = keep & ~bad
         if not good.any():
             return
-        o = offs[good]
-        s = sizes[good]
+        o, sz, wg = offs[good], sizes[good], w[good]
         start = o >> self.cb
-        last = (o + s - 1) >> self.cb
+        last = (o + sz - 1) >> self.cb
         spans = last - start + 1
         if self.watch is not None:
             self._record(start, last, np.flatnonzero(good), tables)
         if not (spans - 1).any():
-            idx = start
+            idx, wi = start, wg
         else:
             idx = np.repeat(start, spans)
             first = np.repeat(np.cumsum(spans) - spans, spans)
             idx = idx + (np.arange(len(idx), dtype=np.int64) - first)
-        self._count(idx)
+            wi = np.repeat(wg, spans)
+        self.imrt.add(idx, None if (wi == 1).all() else wi)
 
     def _record(self, start: np.ndarray, last: np.ndarray, region: np.ndarray, tables: Any) -> None:
         """Watch mode: note the referrer of every watched cluster inside [start, last] of each region."""
@@ -238,87 +245,18 @@ class _Checker:
                 if len(lst) < 64:
                     lst.append(name)
 
-    def _count(self, idx: np.ndarray) -> None:
-        if not len(idx):
-            return
-        lo = int(idx.min())
-        top = int(idx.max()) + 1
-        if top > len(self.imrt):
-            grown = np.zeros(top, dtype=IMRT)
-            grown[: len(self.imrt)] = self.imrt
-            self.imrt = grown
-        if len(idx) > 1 and (np.diff(idx) > 0).all():  # strictly increasing: each cluster once
-            self.imrt[idx] += 1
-        elif top - lo > 64 * len(idx):  # few references spread over the file (e.g. L2 tables)
-            u, cnt = np.unique(idx, return_counts=True)
-            self.imrt[u] += cnt
-        else:
-            self.imrt[lo:top] += np.bincount(idx - lo, minlength=top - lo)
-
     def inc1(self, offset: int, size: int, table: str) -> None:
+        if size > 0 and offset >= 1 << 63:  # negative as QEMU's int64: the in-memory table cannot grow there
+            raise CheckFailed(self.img, f"{table}: reference to offset {offset:#x}", errno.ENOMEM)
         if size > 0 and (offset >= 1 << 62 or size >= 1 << 62):
             self.problem("corruption", f"reference to a region exceeding the end of the file by one cluster or more "
                          f"(offset {offset:#x} size {size:#x})", table=table)
             return
         self.inc(np.array([offset], dtype=np.int64), np.array([size], dtype=np.int64), lambda i: table)
 
-    # -------------------------------------------------------------- on-disk refcounts
-    def load_disk_refcounts(self) -> None:
-        """On-disk refcounts of every cluster of the file (+2 of slack), as qcow2_get_refcount reads them."""
-        img = self.img
-        rt = img.refcount_table()
-        self.rt = rt
-        per = img.refcount_block_entries
-        self.rb_bits = per.bit_length() - 1
-        n = self.file_clusters + 2
-        offs = rt[: (n + per - 1) // per] & U(F.RT_OFFSET_MASK)
-        disk = np.zeros(n, dtype={1: np.uint8, 2: np.uint8, 4: np.uint8, 8: np.uint8, 16: np.uint16, 32: np.uint32,
-                                  64: np.uint64}[img.refcount_bits])
-        self.block_err = (rt & U(F.RT_OFFSET_MASK)) % U(self.cs) != 0  # unaligned block: get_refcount fails
-        self.err_mask: Optional[np.ndarray] = None
-        for i in np.nonzero(offs)[0].tolist():
-            off = int(offs[i])
-            if off % self.cs:
-                if self.err_mask is None:
-                    self.err_mask = np.zeros(n, dtype=bool)
-                self.err_mask[i * per : (i + 1) * per] = True
-                continue
-            blk = img.decode_refcount_block(img.pread_zero_padded(off, self.cs))
-            lo = i * per
-            disk[lo : min(n, lo + per)] = blk[: min(n, lo + per) - lo]
-        self.disk = disk
-
-    def disk_refcount(self, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(refcounts, error mask) of cluster indexes as qcow2_get_refcount returns them."""
-        c = clusters.astype(np.int64)
-        n = len(self.disk)
-        inb = (c >= 0) & (c < n)
-        if inb.all():
-            out = self.disk[c]
-            err = self.err_mask[c] if self.err_mask is not None else np.zeros(len(c), dtype=bool)
-            return out, err
-        out = np.zeros(len(c), dtype=np.uint64)
-        err = np.zeros(len(c), dtype=bool)
-        out[inb] = self.disk[c[inb]]
-        if self.err_mask is not None:
-            err[inb] = self.err_mask[c[inb]]
-        # clusters past the end of the file (corrupt pointers): look each one up
-        for k in np.nonzero(~inb)[0][:MAX_PROBLEMS].tolist():
-            ci = int(c[k])
-            rti = ci >> self.rb_bits
-            if ci < 0 or rti >= len(self.rt):
-                continue
-            if self.block_err[rti]:
-                err[k] = True
-                continue
-            blk = int(self.rt[rti]) & F.RT_OFFSET_MASK
-            if blk:
-                b = self.img.decode_refcount_block(self.img.pread_zero_padded(blk, self.cs))
-                out[k] = b[ci & ((1 << self.rb_bits) - 1)]
-        return out, err
-
     # -------------------------------------------------------------- L1 / L2
     def check_l1(self, l1_offset: int, l1_size: int, label: str, active: bool) -> None:
+        """check_refcounts_l1(): the table, each L2 table once per L1 entry pointing at it."""
         img = self.img
         cs = self.cs
         if not l1_size:
@@ -334,33 +272,26 @@ class _Checker:
         for i in used[resv].tolist():
             self.problem("corruption", f"L1 entry with reserved bits set: {int(l1[i]):#x}", table=f"{label} L1 entry {i}")
         l2_offs = (l1[used] & U(F.L1E_OFFSET_MASK)).astype(np.int64)
-        n_entries = img.l2_entries_per_table
+        self.inc(l2_offs, cs, lambda i: f"{label} L1 entry {int(used[i])}")
+        for i in np.nonzero(l2_offs % cs)[0][:MAX_PROBLEMS].tolist():
+            self.problem("corruption", f"L2 table at {int(l2_offs[i]):#x} is not cluster aligned; L1 entry corrupted",
+                         offset=int(l2_offs[i]), table=f"{label} L1 entry {int(used[i])}")
+        if active:
+            self.check_l1_copied(used, l2_offs, (l1[used] & U(F.L1E_COPIED)) != 0, l1[used])
+        # each distinct table inside the file once, with the number of L1 entries pointing at it
+        uniq, first, weight = np.unique(l2_offs, return_index=True, return_counts=True)
+        inside = uniq < self.file_len  # a table past the end of the file reads as zeros: nothing in it
+        order = np.argsort(first[inside], kind="stable")  # in L1 order
+        uniq, sel, weight = uniq[inside][order], used[first[inside][order]], weight[inside][order]
         chunk = max(1, CHUNK_BYTES // cs)
         ext = img.extended_l2
-        l1_copied = (l1[used] & U(F.L1E_COPIED)) != 0
-        for s in range(0, len(used), chunk):
-            sel = used[s : s + chunk]
-            offs = l2_offs[s : s + chunk]
-            # L2 tables themselves
-            self.inc(offs, cs, lambda i, sel=sel: f"{label} L1 entry {int(sel[i])}")
-            for i in np.nonzero(offs % cs)[0].tolist():
-                self.problem(
-                    "corruption",
-                    f"L2 table at {int(offs[i]):#x} is not cluster aligned; L1 entry corrupted",
-                    offset=int(offs[i]),
-                    table=f"{label} L1 entry {int(sel[i])}",
-                )
-            if active:
-                self.check_l1_copied(sel, offs, l1_copied[s : s + chunk], l1[sel])
-            inside = offs < self.file_len  # a table past the end of the file reads as zeros: nothing in it
-            if not inside.all():
-                sel, offs = sel[inside], offs[inside]
-            if len(sel):
-                tabs = img.read_l2_tables(offs.astype(np.uint64), reuse=True)
-                self.check_l2_chunk(L2Chunk(sel, offs, tabs[:, :, 0] if ext else tabs,
-                                            tabs[:, :, 1] if ext else None, label, active, n_entries, cs))
-            if self.bar is not None:
-                self.bar.update(len(sel))
+        for s in range(0, len(uniq), chunk):
+            offs = uniq[s : s + chunk]
+            tabs = img.read_l2_tables(offs.astype(np.uint64), reuse=True)
+            self.check_l2_chunk(L2Chunk(sel[s : s + chunk], offs, tabs[:, :, 0] if ext else tabs,
+                                        tabs[:, :, 1] if ext else None, label, active, img.l2_entries_per_table,
+                                        cs, weight[s : s + chunk]))
+            self.bar.update(int(weight[s : s + chunk].sum()))
 
     def check_l2_chunk(self, ch: L2Chunk) -> None:
         """check_refcounts_l2() for a chunk of L2 tables (and check_oflag_copied() for active ones)."""
@@ -382,10 +313,11 @@ class _Checker:
                 self.report(ch, ua, "unallocated cluster has a non-zero subcluster allocation bitmap")
 
     def report(self, ch: L2Chunk, mask: np.ndarray, what: Any) -> None:
-        """One corruption per entry of mask; what is a text or a function of (row, entry)."""
+        """One corruption per entry of mask (times its table's weight); what is a text or a function of (row, entry)."""
         rr, jj = np.nonzero(mask)
         for r, j in zip(rr.tolist(), jj.tolist()):
-            self.problem("corruption", what(r, j) if callable(what) else what, offset=None, **ch.where(r, j))
+            self.problem("corruption", what(r, j) if callable(what) else what, n=int(ch.weight[r]), offset=None,
+                         **ch.where(r, j))
 
     def _compressed_clusters(self, ch: L2Chunk, comp: np.ndarray) -> None:
         """QCOW2_CLUSTER_COMPRESSED in check_refcounts_l2(): flags, then the compressed bytes are counted."""
@@ -403,9 +335,10 @@ class _Checker:
                 usable &= ~bad_bmp
         rr, jj = np.nonzero(usable)
         coff, csize = compressed_span(ch.ent[rr, jj], self.cb)
-        self.inc(coff, csize, lambda i: ch.where(int(rr[i]), int(jj[i]))["table"])
+        w = ch.weight[rr]
+        self.inc(coff, csize, lambda i: ch.where(int(rr[i]), int(jj[i]))["table"], None if (w == 1).all() else w)
         if ch.active:
-            k = len(rr)
+            k = int(w.sum())
             self.res.allocated_clusters += k
             self.res.compressed_clusters += k
             self.res.fragmented_clusters += k
@@ -433,84 +366,81 @@ class _Checker:
             fi = np.flatnonzero(alloc)
             rr, jj = np.divmod(fi, alloc.shape[1])
             o = off.ravel()[fi].astype(np.int64)
+        w = ch.weight[rr]
+        weighted = not (w == 1).all()
         if ch.active:
-            self.res.allocated_clusters += len(rr)
+            self.res.allocated_clusters += int(w.sum())
             # fragmentation: per L2 table, an allocated cluster not following the previous one
             same_row = np.zeros(len(rr), dtype=bool)
             same_row[1:] = rr[1:] == rr[:-1]
             contiguous = np.zeros(len(rr), dtype=bool)
             contiguous[1:] = o[1:] == o[:-1] + cs
-            self.res.fragmented_clusters += int((same_row & ~contiguous).sum())
+            self.res.fragmented_clusters += int(w[same_row & ~contiguous].sum())
         if not self.img.has_data_file:
-            self.inc(o, cs, lambda i: ch.where(int(rr[i]), int(jj[i]))["table"])
+            self.inc(o, cs, lambda i: ch.where(int(rr[i]), int(jj[i]))["table"], w if weighted else None)
         if not ch.active:
             return
         if self.img.has_data_file:  # every cluster of an external data file has refcount 1
-            rc = np.ones(len(o), dtype=np.uint64)
+            rc = np.ones(len(o), dtype=np.int64)
             err = np.zeros(len(o), dtype=bool)
         else:
-            rc, err = self.disk_refcount(o >> self.cb)
+            rc, err = self.disk.get(o >> self.cb)
         copied = (ent & U(F.L2E_COPIED)) != 0
         cp = copied.ravel() if fi is None else copied.ravel()[fi]
         mism = ~err & ((rc == 1) != cp)
         for i in np.nonzero(mism)[0].tolist():
             r, j = int(rr[i]), int(jj[i])
             self.problem("corruption", f"OFLAG_COPIED data cluster: l2_entry={int(ent[r, j]):x} refcount={int(rc[i])}",
-                         offset=int(o[i]), **ch.where(r, j))
+                         n=int(w[i]), offset=int(o[i]), **ch.where(r, j))
 
     def _fast_chunk(self, ch: L2Chunk) -> bool:
         """The common case in one tight pass: every entry a normal, aligned cluster inside the file.
 
         Returns False (nothing counted) when the chunk needs the general path."""
         cs = self.cs
-        # compressed, zero, reserved bits or an offset not aligned to the cluster: general path
         ent = ch.ent
         special = U(F.L2E_COMPRESSED | F.L2E_ZERO | F.L2E_STD_RESERVED_MASK | ((cs - 1) & ~0x1FF))
-        if (ent & special).any():
+        if (ch.weight != 1).any() or (ent & special).any():
             return False
         off = ent & U(F.L2E_OFFSET_MASK)
         o = off.ravel().view(np.int64)
         if not o.all() or int(o.max()) >= self.file_len:
             return False
         idx = o >> self.cb
-        d = np.diff(o)
-        if len(d) and (d > 0).all():
-            self.imrt[idx] += 1
-        else:
-            self._count(idx)
+        self.imrt.add(idx)
         if not ch.active:
             return True
         per = ent.shape[1]
         self.res.allocated_clusters += o.size
-        brk = d != cs
+        brk = np.diff(o) != cs
         brk[per - 1 :: per] = False  # a new L2 table starts: not counted as fragmentation
         self.res.fragmented_clusters += int(np.count_nonzero(brk))
-        rc = self.disk[idx]
-        mism = (rc == 1) ^ (ent.ravel() >= U(F.L2E_COPIED))
+        rc, err = self.disk.get(idx)
+        mism = ~err & ((rc == 1) ^ (ent.ravel() >= U(F.L2E_COPIED)))
         if mism.any():
             for k in np.flatnonzero(mism).tolist():
                 r, j = divmod(k, per)
-                self.problem(
-                    "corruption",
-                    f"OFLAG_COPIED data cluster: l2_entry={int(ent[r, j]):x} refcount={int(rc[k])}",
-                    offset=int(o[k]),
-                    **ch.where(r, j),
-                )
+                self.problem("corruption", f"OFLAG_COPIED data cluster: l2_entry={int(ent[r, j]):x} "
+                             f"refcount={int(rc[k])}", offset=int(o[k]), **ch.where(r, j))
         return True
 
     def check_l1_copied(self, sel: np.ndarray, offs: np.ndarray, copied: np.ndarray, raw: np.ndarray) -> None:
+        """check_oflag_copied() for the L1 entries: OFLAG_COPIED of each L2 table against its refcount."""
         nz = offs != 0
         if not nz.any():
             return
-        rc, err = self.disk_refcount(offs >> self.cb)
+        rc, err = self.disk.get(offs >> self.cb)
         mism = nz & ~err & ((rc == 1) != copied)
-        for i in np.nonzero(mism)[0].tolist():
+        for i in np.nonzero(mism)[0][:MAX_PROBLEMS].tolist():
             self.problem(
                 "corruption",
                 f"OFLAG_COPIED L2 cluster: l1_index={int(sel[i])} l1_entry={int(raw[i]):x} refcount={int(rc[i])}",
                 offset=int(offs[i]),
                 table=f"active L1 entry {int(sel[i])}",
             )
+        extra = np.nonzero(mism)[0][MAX_PROBLEMS:]
+        self.res.corruptions += len(extra)
+        self.res.problems_not_listed += len(extra)
 
     def read_snapshot_table(self) -> list[Any]:
         """qcow2_check_read_snapshot_table(): the table is validated and read by the check; what
@@ -530,18 +460,15 @@ class _Checker:
 
     # -------------------------------------------------------------- the rest of the metadata
     def check_bitmaps(self) -> None:
+        """qcow2_check_bitmaps_refcounts(): the directory, each table and the clusters it points at."""
         img = self.img
-        if not (img.header.autoclear_features & F.AUTOCLEAR_BITMAPS):
-            return
         bx = img.bitmaps_extension()
         if bx is None or bx.nb_bitmaps == 0:
             return
         self.inc1(bx.bitmap_directory_offset, bx.bitmap_directory_size, "bitmaps extension (bitmap directory)")
         for bm in img.bitmaps():
             self.inc1(bm.bitmap_table_offset, bm.bitmap_table_size * 8, f"bitmap {bm.name!r} directory entry")
-            tab = np.frombuffer(
-                img.pread_zero_padded(bm.bitmap_table_offset, bm.bitmap_table_size * 8), dtype=">u8"
-            ).astype(np.uint64)
+            tab = img.bitmap_table(bm)  # up to the end of the file; zeros past it are valid, empty entries
             off = tab & U(F.BME_TABLE_ENTRY_OFFSET_MASK)
             bad = ((tab & U(F.BME_TABLE_ENTRY_RESERVED_MASK)) != 0) | (
                 (off != 0) & (((tab & U(1)) != 0) | ((off % U(self.cs)) != 0))
@@ -555,8 +482,9 @@ class _Checker:
                      lambda i, idx=idx, bm=bm: f"bitmap {bm.name!r} table entry {int(idx[i])}")
 
     def check_refblocks(self) -> None:
+        """check_refblocks(): each refcount block is counted and must have refcount 1."""
         cs = self.cs
-        rt = self.rt
+        rt = self.disk.rt
         nb = max(len(self.imrt), self.file_clusters)
         resv = (rt & U(F.RT_RESERVED_MASK)) != 0
         offs_u = rt & U(F.RT_OFFSET_MASK)
@@ -577,9 +505,7 @@ class _Checker:
             return
         o = offs[use]
         c = o >> self.cb
-        before = np.zeros(len(c), dtype=np.int64)
-        inside = c < len(self.imrt)
-        before[inside] = self.imrt[c[inside]]
+        before = self.imrt.get(c)
         self.inc(o, np.full(len(o), cs, dtype=np.int64), lambda i: f"refcount table entry {int(use[i])}")
         # blocks are processed in table order: each sees the count right after its own increment
         order = np.argsort(c, kind="stable")
@@ -597,39 +523,24 @@ class _Checker:
     def compare(self) -> None:
         """compare_refcounts(): on-disk against computed refcount, cluster by cluster (in windows)."""
         nb = max(len(self.imrt), self.file_clusters)
-        if nb > len(self.disk):  # cannot happen: references stop within a cluster of the end of the file
-            raise AssertionError("refcount array shorter than the image")
-        W = 1 << 22
         highest = -1
-        mism_all: list[np.ndarray] = []
         listed = 0
-        disk_all = self.disk
-        if self.disk.dtype == np.uint64:  # compare as signed; clamp absurd 64-bit refcounts
-            disk_all = np.minimum(self.disk, U(1 << 62)).view(np.int64)
-        for w in range(0, nb, W):
-            e = min(nb, w + W)
-            if e <= len(self.imrt):
-                ref = self.imrt[w:e]
-            else:
-                ref = np.zeros(e - w, dtype=np.int64)
-                k = min(e, len(self.imrt))
-                if k > w:
-                    ref[: k - w] = self.imrt[w:k]
-            if self.refmax < (1 << 31) - 1 and int(ref.max(initial=0)) > self.refmax:
+        per = self.disk.per
+        win = max(per, WINDOW // per * per)
+        for w in range(0, nb, win):
+            e = min(nb, w + win)
+            ref = self.imrt.window(w, e)
+            if int(ref.max(initial=0)) > self.refmax:  # qcow2_inc_refcounts_imrt() stops at refcount_max
                 over = ref > self.refmax
-            else:
-                over = None
-            if over is not None:
                 for i in np.flatnonzero(over)[:MAX_PROBLEMS].tolist():
                     self.note("corruption", f"refcount overflow: {int(ref[i])} references, at most {self.refmax} fit",
                               cluster=w + i, offset=(w + i) * self.cs)
-                self.res.corruptions += int((ref[over].astype(np.int64) - self.refmax).sum())
+                self.res.corruptions += int((ref[over] - self.refmax).sum())
                 ref = np.minimum(ref, self.refmax)
-            disk = disk_all[w:e]
-            err = self.err_mask[w:e] if self.err_mask is not None else None
+            disk, err = self.disk.window(w, e)
             mism = disk != ref
             used = (disk != 0) | (ref != 0)
-            if err is not None and err.any():
+            if err.any():
                 self.res.check_errors += int(err.sum())
                 for i in np.flatnonzero(err)[:MAX_PROBLEMS].tolist():
                     self.note("check-error", f"cannot get the refcount of cluster {w + i} (refcount block unaligned)",
@@ -643,7 +554,6 @@ class _Checker:
                 low = disk[mi] < ref[mi]
                 self.res.corruptions += int(low.sum())
                 self.res.leaks += int((~low).sum())
-                mism_all.append(mi + w)
                 for i, lw in zip(mi.tolist(), low.tolist()):
                     if listed >= MAX_PROBLEMS:
                         self.res.problems_not_listed += 1
@@ -654,7 +564,6 @@ class _Checker:
                             + (" (refcount too low)" if lw else " (leaked)"))
                     self.note(kind, what, cluster=w + i, offset=(w + i) * self.cs)
         self.res.image_end_offset = (max(highest, 0) + 1) * self.cs
-        self.mismatched = np.concatenate(mism_all) if mism_all else np.zeros(0, dtype=np.int64)
 
     def run(self) -> CheckResult:
         img = self.img
@@ -669,10 +578,10 @@ class _Checker:
                 if sn.extra_data_size < 16:
                     self.problem("corruption", f"snapshot table entry {sn.index} is incomplete",
                                  offset=sn.entry_offset, table="snapshot table")
-        self.load_disk_refcounts()
+        self.imrt = Computed(self.file_clusters)
+        self.disk = OnDisk(img)
         l1n = int(np.count_nonzero(img.l1_entries())) if h.l1_size else 0
-        total = l1n + sum(int(sn.l1_size) for sn in snaps)
-        self.bar = start_bar(self.progress, total, "qcow2 check", unit="L2")
+        self.bar = start_bar(self.progress, l1n, "qcow2 check", unit="L2")
         try:
             self.inc1(0, self.cs, "header")
             self.check_l1(h.l1_table_offset, h.l1_size, "active", True)
@@ -689,8 +598,7 @@ class _Checker:
                     continue
                 self.check_l1(sn.l1_table_offset, sn.l1_size, label, False)
         finally:
-            if self.bar is not None:
-                self.bar.close()
+            self.bar.close()
         if h.nb_snapshots:
             self.inc1(h.snapshots_offset, img.snapshot_table_size(), "header (snapshot table)")
         self.inc1(h.refcount_table_offset, h.refcount_table_clusters * self.cs, "header (refcount table)")
