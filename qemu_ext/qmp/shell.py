@@ -77,6 +77,25 @@ class _HelpText(Exception):
     """``/NAME --help``: text to show instead of running."""
 
 
+def _may_convert(value: Any) -> bool:
+    """A number, boolean or size-with-suffix anywhere in the arguments: the schema decides how it is sent."""
+    from qemu_ext.qmp.schema import parse_size
+
+    if isinstance(value, dict):
+        return any(_may_convert(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_may_convert(v) for v in value)
+    if isinstance(value, str):
+        return parse_size(value) is not None
+    return isinstance(value, (int, float, bool))
+
+
+def _schema_complaint(exc: QmpCommandError) -> bool:
+    """QEMU's answers to an unknown command or argument (7.2 and 10.0): nothing ran."""
+    return exc.error_class == "CommandNotFound" or (
+        exc.error_class == "GenericError" and ("is unexpected" in exc.desc or "Invalid parameter type" in exc.desc))
+
+
 def _complete_builtin(data: Any, before: list[str], word: str) -> list[str]:
     from qemu_ext.qmp import builtins
 
@@ -407,7 +426,10 @@ class Shell:
         msg = dict(cmd.msg)
         name = cmd.name
         args = msg.get("arguments")
-        if isinstance(args, dict) or args is None:
+        checkable = isinstance(args, dict) or args is None
+        # The schema is asked for (once) at a prompt, or when a value may need converting (123 where a
+        # string is wanted, 1G where an integer is): a script of plain commands does not wait for it.
+        if checkable and (self.interactive or self._schema_task is not None or _may_convert(args or {})):
             schema = await self.schema()
             if schema is not None:
                 checked, notes = schema.check(name, args or {})
@@ -419,7 +441,15 @@ class Shell:
         if self.opts.verbose:
             self.out(self.dumps(msg))
         self.log(msg)
-        ret = await self.session.execute_msg(msg)
+        try:
+            ret = await self.session.execute_msg(msg)
+        except QmpCommandError as exc:
+            # QEMU refused the name or an argument (nothing ran): say it as the schema check would
+            if checkable and self._schema_task is None and _schema_complaint(exc):
+                schema = await self.schema()
+                if schema is not None:
+                    schema.check(name, args or {})  # raises the SchemaError with "did you mean"
+            raise
         reply: dict[str, Any] = {"return": ret}
         if "id" in msg:
             reply["id"] = msg["id"]
