@@ -381,7 +381,7 @@ async def capture(s: QmpSession, pattern: str, seconds: float, during: Optional[
             fd, out = tempfile.mkstemp(prefix=f"virtopt-capture-{s.pid}-", suffix=".log")
             os.close(fd)
         Path(out).write_text("".join(lines))
-        where = os.readlink(log) if str(log).startswith("/proc/") and log.is_symlink() else None
+        where = os.readlink(log) if log.is_symlink() and log.name == "2" else None  # /proc/PID/fd/2
         notes.append(f"read QEMU's stderr ({where})" if where else f"read QEMU's log file {log}")
     if backend == "log" and not Path(out).stat().st_size:
         records: list[Any] = []

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from qemu_ext.errors import NotAvailableError
 from qemu_ext.host import roles
@@ -14,11 +13,6 @@ from qemu_ext.qmp.builtins.registry import Context, Result, builtin
 NO_NAMES_HINT = ("note: QEMU did not name its threads, so only the main loop and what QMP reports (vCPUs, "
                  "iothreads) have a role and the rest show as 'other': start QEMU with "
                  "-name NAME,debug-threads=on to name them")
-
-
-def _row(t: dict[str, Any]) -> list[str]:
-    return ["-" if t.get(k) in (None, "") else str(t.get(k))
-            for k in ("tid", "name", "label", "last-cpu", "affinity", "identified-by")]
 
 
 @builtin("threads", "QEMU's threads, their roles, last CPU and affinity (as virtopt threads)",
@@ -34,7 +28,7 @@ async def threads(ctx: Context, a: argparse.Namespace) -> Result:
     iothreads = await s.execute("query-iothreads")
     name = (await s.execute("query-name")).get("name")
     items = [t.to_dict() for t in thread_map(s.pid, vcpus=vcpus, iothreads=iothreads)]
-    text = table(list(roles.COLUMNS), [_row(t) for t in items], right=(0, 3))
+    text = table(list(roles.COLUMNS), [roles.row(t) for t in items], right=(0, 3))
     main = next((t for t in items if t["tid"] == s.pid), None)
     # QEMU names its threads only with debug-threads=on; the kernel's kvm-* workers have their own names
     if main is not None and all(t["name"] == main["name"] for t in items if t["role"] != "kvm-kernel"):
