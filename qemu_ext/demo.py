@@ -36,8 +36,7 @@ from qemu_ext.errors import NotAvailableError, UsageError, VirtoptError
 EPILOG = """\
 examples:
   virtopt demo
-  virtopt demo --l2-cache-size 2M                    (a cache that already covers the 16 GiB disk)
-  virtopt demo --size 64G --l2-cache-size 128K --reads 5000
+  virtopt demo --size 1G --l2-cache-size 1M          (a cache that covers the disk: nothing to gain)
   virtopt demo --keep /tmp/demo                      (keep the image and QEMU's log with the trace)
 
 Each step prints one headline (what was found and why it matters), the evidence, and the virtopt

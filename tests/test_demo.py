@@ -1,6 +1,10 @@
 """`make demo` as a user runs it: a guided tour on a real QEMU whose headlines say what was found,
 checked against what QEMU itself wrote (its trace events, qemu-img check), for a cache that is too
-small and one that covers the disk; nothing left behind (no QEMU, no socket, no temp files)."""
+small and one that covers the disk; nothing left behind (no QEMU, no socket, no temp files).
+
+These runs are the demo's --help examples (test_voice_examples.py checks that they are these):
+`virtopt demo` and `virtopt demo --keep /tmp/demo` (the first test), `virtopt demo --size 1G
+--l2-cache-size 1M` (the second); --reads, --writes and --skip-inspect only bound the time."""
 
 from __future__ import annotations
 
