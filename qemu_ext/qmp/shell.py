@@ -650,39 +650,41 @@ class Shell:
             if early is not None:
                 early.hand_over()
         try:
-            with patch_stdout(raw=True) if self._stdout is None else contextlib.nullcontext():
-                while True:
-                    default, self._paste_rest = self._paste_rest, ""  # the unfinished line of a paste
-                    try:
+            while True:
+                default, self._paste_rest = self._paste_rest, ""  # the unfinished line of a paste
+                try:
+                    # events print above the prompt while it waits; commands print straight to the
+                    # terminal (one stream order for their output, progress bars and events)
+                    with patch_stdout(raw=True) if self._stdout is None else contextlib.nullcontext():
                         line = await ps.prompt_async(self.prompt_text, default=default)
-                    except KeyboardInterrupt:
-                        self._paste.clear()
-                        self._drop_transaction("Ctrl-C")
+                except KeyboardInterrupt:
+                    self._paste.clear()
+                    self._drop_transaction("Ctrl-C")
+                    continue
+                except EOFError:
+                    if self._gone is not None:
+                        raise self._gone from None
+                    if self.parser.in_transaction:
+                        self._drop_transaction("Ctrl-D")
                         continue
+                    break
+                lines, self._paste = [line, *self._paste], []
+                for i, ln in enumerate(lines):
+                    if i:
+                        ps.history.append_string(ln)
+                        self.out(f"{self.prompt_text()}{ln}")
+                    try:
+                        rc = await self._interruptible(self.execute_line(ln))
                     except EOFError:
-                        if self._gone is not None:
-                            raise self._gone from None
-                        if self.parser.in_transaction:
-                            self._drop_transaction("Ctrl-D")
-                            continue
+                        return 0
+                    except Exception as exc:  # a bug must not end the session: one line, keep going
+                        self.err(f"internal error: {type(exc).__name__}: {exc}")
+                        rc = 1
+                    if self._gone is not None:
+                        raise self._gone
+                    if rc and i + 1 < len(lines):
+                        self.err(f"stopped at the error: {len(lines) - i - 1} pasted line(s) not run")
                         break
-                    lines, self._paste = [line, *self._paste], []
-                    for i, ln in enumerate(lines):
-                        if i:
-                            ps.history.append_string(ln)
-                            self.out(f"{self.prompt_text()}{ln}")
-                        try:
-                            rc = await self._interruptible(self.execute_line(ln))
-                        except EOFError:
-                            return 0
-                        except Exception as exc:  # a bug must not end the session: one line, keep going
-                            self.err(f"internal error: {type(exc).__name__}: {exc}")
-                            rc = 1
-                        if self._gone is not None:
-                            raise self._gone
-                        if rc and i + 1 < len(lines):
-                            self.err(f"stopped at the error: {len(lines) - i - 1} pasted line(s) not run")
-                            break
         finally:
             await self.close()
         return 0

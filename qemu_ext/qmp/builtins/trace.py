@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import sys
+import time
 from typing import Any, Optional
 
 from qemu_ext.output import count, duration, table
@@ -67,7 +70,8 @@ async def _capture(ctx: Context, pattern: str, seconds: float, file: Optional[st
     geos = await l2cache.l2cache_info(ctx.session, node, ctx.blockdev_options) if node else None  # fail early
     if ctx.interactive and seconds >= 2:
         ctx.err(f"capturing {pattern} for {duration(seconds)} (Ctrl-C stops early; the events are turned off)")
-    res = await cap.capture(ctx.session, pattern, seconds, file=file)
+    res = await _with_progress(cap.capture(ctx.session, pattern, seconds, file=file), seconds,
+                               f"capture {pattern}", ctx.interactive and seconds >= 2)
     data = res.to_dict()
     lines = [f"captured {count(res.total)} events in {duration(res.seconds)} ({res.backend} backend) -> {res.file}"]
     if res.counts:
@@ -82,6 +86,32 @@ async def _capture(ctx: Context, pattern: str, seconds: float, file: Optional[st
             lines.append(l2cache.render_simulation(sim))
     lines += [f"note: {n}" for n in res.notes]
     return Result(data, "\n".join(lines))
+
+
+async def _with_progress(coro: Any, seconds: float, desc: str, show: bool) -> Any:
+    """Await ``coro`` with a progress bar of its ``seconds`` on a terminal (tqdm, output.progress)."""
+    if not show:
+        return await coro
+    from qemu_ext.output import progress
+
+    bar = progress(total=round(seconds), desc=desc, unit="s")
+
+    async def tick() -> None:
+        t0 = time.monotonic()
+        while True:
+            await asyncio.sleep(0.25)
+            bar.update(round(min(seconds, time.monotonic() - t0)) - bar.n)
+
+    shown = not bar.disable
+    ticker = asyncio.ensure_future(tick())
+    try:
+        return await coro
+    finally:
+        ticker.cancel()
+        bar.close()
+        if shown:  # a bar as wide as the terminal leaves the cursor past its end: clear the line
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
 
 
 def _trace_file_args(p: BuiltinParser) -> None:
