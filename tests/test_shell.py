@@ -585,3 +585,37 @@ def test_completion_in_transactions_builtins_and_hmp(vmq, comp):
 
 def evs_like(vmq, pattern: str) -> list[str]:
     return sorted(e["name"] for e in vmq.ctl.cmd("trace-event-get-state", name=pattern))
+
+
+def test_completion_through_the_repl(vmq):
+    """The same completion, through prompt-toolkit's Tab in the real REPL (QMP mode, then HMP mode)."""
+    from shell_util import Repl
+
+    r = Repl(vmq.addr)
+    try:
+        r.wait_prompt()
+        r.send("device_del id=\t")
+        r.wait_until(lambda: r.menu() == ["id=dbgcon", "id=ptest"], "device_del's menu: -device ids only")
+        r.send("\x15")  # Ctrl-U
+        r.send("/json st\t")
+        r.wait_typed("/json stats")
+        r.send(" vcpu --i\t")
+        r.wait_typed("/json stats vcpu --interval")
+        r.send("\x15block-dirty-bitmap-add \t")
+        r.wait_until(lambda: r.menu() is not None, "the argument menu")
+        ps = r.shell.prompt_session
+        meta = {c.text: c.display_meta_text for c in ps.default_buffer.complete_state.completions}
+        assert meta["node="] == "str, required" and meta["granularity="] == "int"
+    finally:
+        r.close()
+    r = Repl(vmq.addr, hmp=True)
+    try:
+        r.wait_prompt()
+        r.send("info mtre\t")
+        r.wait_typed("info mtree")
+        r.send(" -f\n")
+        r.wait_line(hmp(vmq.ctl, "info mtree -f").strip().splitlines()[0].strip())
+        r.send("/trace list qcow2_cache_get\n")  # built-ins work in HMP mode too
+        r.wait_line("qcow2_cache_get  disabled")
+    finally:
+        r.close()
