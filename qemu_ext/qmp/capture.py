@@ -373,6 +373,7 @@ async def capture(s: QmpSession, pattern: str, seconds: float, during: Optional[
             await asyncio.sleep(0.05)  # let the last lines reach the file
             fh.seek(start)
             data = fh.read()
+            data = data[: data.rfind(b"\n") + 1]  # a line still being written (virtlogd copies in chunks): not yet
         wanted = set(names)
         lines = [ln for ln in data.decode(errors="replace").splitlines(keepends=True) if _log_event(ln) in wanted]
         if file:
