@@ -601,6 +601,8 @@ def test_completion_through_the_repl(vmq):
         r.wait_typed("/json stats")
         r.send(" vcpu --i\t")
         r.wait_typed("/json stats vcpu --interval")
+        r.send("\x15/hmp info mtr\t")  # HMP names from QMP mode too
+        r.wait_typed("/hmp info mtree")
         r.send("\x15block-dirty-bitmap-add \t")
         r.wait_until(lambda: r.menu() is not None, "the argument menu")
         ps = r.shell.prompt_session

@@ -246,7 +246,7 @@ class Shell:
     async def _load_completion(self) -> None:
         """Schema, trace events and live names (a failure only leaves completion poorer)."""
         try:
-            await self.completion.load(self.session, hmp=self.opts.hmp)
+            await self.completion.load(self.session, hmp=True)  # HMP names: -H mode and /hmp
         except QmpError:
             pass
 
