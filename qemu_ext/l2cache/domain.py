@@ -104,8 +104,7 @@ def recommendation(curves: dict[str, Any], info: Any, target: float, disk: Domai
     """The recommendation for a domain (see the module docstring) from a curve() result of the
     node's lookups, with its <metadata_cache> advice (qemu_ext.libvirt.cache.metadata_cache_for)
     under ``"libvirt"``, and notes. ``unconstrained``: the recommendation without libvirt's limit; kept
-    as ``"without-libvirt"`` when it differs (another entry size, or less memory). None when the
-    curves hold no lookup."""
+    as ``"without-libvirt"`` when it needs less memory. None when the curves hold no lookup."""
     from qemu_ext.libvirt.cache import metadata_cache_for
 
     cs, vsize, ext, ver = info.cluster_size, info.virtual_size, info.extended_l2, info.qemu_version
@@ -150,7 +149,7 @@ def recommendation(curves: dict[str, Any], info: Any, target: float, disk: Domai
         "libvirt": adv.to_dict(),
     }
     u = unconstrained
-    if u is not None and (u["l2-cache-entry-size"] != rec["l2-cache-entry-size"] or u["memory"] < rec["memory"]):
+    if u is not None and u["memory"] < rec["memory"]:
         # what QEMU alone could do (with l2-cache-entry-size, which the domain would lose at its next start)
         rec["without-libvirt"] = {k: u[k] for k in ("l2-cache-size", "l2-cache-entry-size", "entries", "memory",
                                                     "warm-hit-ratio", "hit-ratio")}
