@@ -4,8 +4,8 @@
    `gdb -p PID -batch -ex 'source gdb/virtopt-gdb.py' -ex 'virtopt X'`, run alternately in the same
    run (median of RUNS each) on the stock and debug QEMU of each series. Targets: time ratio <= 1.3;
    QEMU paused no longer than under plain gdb. The pause of both is what a sampler thread sees in
-   /proc/PID/stat (ptrace stop `t`, polled every millisecond); virtopt's own `paused-seconds` is
-   printed beside it.
+   /proc/PID/stat (ptrace stop `t`, polled every millisecond) in separate runs (the sampler would
+   slow what it times); virtopt's own `paused-seconds` is printed beside it.
 2. Each command inside one gdb session (the pack's target: under 1 s), debug QEMUs only.
 3. Signals (issue 12, section 1): SIGINT, SIGTERM, SIGHUP to virtopt's process group at three
    moments (symbols and pack loading, attach, a command) and SIGKILL, SIGNAL_RUNS times each; after
@@ -37,7 +37,7 @@ from qemu_ext.gdbmi import GdbSession, watchdog  # noqa: E402
 
 RATIO_TARGET = 1.3
 CMD_TARGET = 1.0
-RUNS = 5
+RUNS = 7
 E2E_COMMANDS = ("info", "threads")
 SESSION_COMMANDS = [
     "info", "threads", "vcpus", "mtree", "mtree --flat", "mtree lookup 0xfee00000", "timers",
@@ -57,14 +57,22 @@ class PauseSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        path = f"/proc/{self.pid}/stat"
+        try:
+            fd = os.open(f"/proc/{self.pid}/stat", os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            self._poll(fd)
+        finally:
+            os.close(fd)
+
+    def _poll(self, fd: int) -> None:
         while not self._stop.is_set():
             try:
-                with open(path) as f:
-                    state = f.read().rsplit(")", 1)[1].split()[0]
-            except OSError:
+                state = os.pread(fd, 512, 0).rsplit(b")", 1)[1].split()[0]
+            except (OSError, IndexError):
                 return
-            if state == "t":
+            if state == b"t":
                 now = time.monotonic()
                 self.first = self.first or now
                 self.last = now
@@ -83,34 +91,42 @@ class PauseSampler:
         return 0.0 if self.first is None or self.last is None else self.last - self.first
 
 
-def run_once(argv: list[str], pid: int) -> tuple[float, float, str]:
-    """Wall time, observed pause, stdout of one run (which must succeed)."""
-    with PauseSampler(pid) as sampler:
+def run_once(argv: list[str], pid: int, sample: bool) -> tuple[float, float, str]:
+    """Wall time, observed pause (when sampled), stdout of one run (which must succeed). Wall times come
+    from runs without the sampler: its thread competes for the CPUs with what it measures."""
+    sampler = PauseSampler(pid) if sample else None
+    if sampler is not None:
+        sampler.__enter__()
+    try:
         t0 = time.perf_counter()
         cp = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
         wall = time.perf_counter() - t0
+    finally:
+        if sampler is not None:
+            sampler.__exit__()
     if cp.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({cp.returncode}): {cp.stderr.strip()[-300:]}")
-    return wall, sampler.seconds, cp.stdout
+    return wall, sampler.seconds if sampler is not None else 0.0, cp.stdout
 
 
 def bench_e2e(label: str, qp: vm.QemuProcess) -> list[str]:
     missed = []
-    print(f"\n{label}: pid {qp.pid}, {qp.accel} — end to end, median of {RUNS} (alternating runs)")
+    print(f"\n{label}: pid {qp.pid}, {qp.accel} — end to end, median of {RUNS} timed and {RUNS} sampled runs "
+          "(alternating)")
     print(f"  {'command':<10} {'plain gdb':>10} {'virtopt':>9} {'ratio':>6}   {'paused: plain':>13} "
           f"{'virtopt':>8} {'(reported)':>10}")
     for cmd in E2E_COMMANDS:
         plain = ["gdb", "-p", str(qp.pid), "-batch", "-ex", f"source {PACK}", "-ex", f"virtopt {cmd}"]
         ours = [sys.executable, "-m", "qemu_ext", "gdb", str(qp.pid), "-c", cmd, "--output=json"]
         pw, pp, ow, op, rep = [], [], [], [], []
-        for _ in range(RUNS):
-            w, p, _ = run_once(plain, qp.pid)
-            pw.append(w)
-            pp.append(p)
-            w, p, out = run_once(ours, qp.pid)
-            ow.append(w)
-            op.append(p)
-            rep.append(json.loads(out)["paused-seconds"])
+        for i in range(2 * RUNS):
+            sample = i % 2 == 1  # alternately timed and sampled, plain and ours side by side
+            w, p, _ = run_once(plain, qp.pid, sample)
+            (pp if sample else pw).append(p if sample else w)
+            w, p, out = run_once(ours, qp.pid, sample)
+            (op if sample else ow).append(p if sample else w)
+            if sample:
+                rep.append(json.loads(out)["paused-seconds"])
         mp, mo = statistics.median(pw), statistics.median(ow)
         ratio = mo / mp
         pause_p, pause_o = statistics.median(pp), statistics.median(op)
@@ -230,12 +246,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--signal-runs", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="debug 7.2 and stock 7.2 only, 2 signal runs")
+    ap.add_argument("--builds", help="only these QEMUs, e.g. 7.2,10.0-debug (labels of qemu_ext.vm.QemuBuild)")
     args = ap.parse_args()
     missed: list[str] = []
     started: list[vm.QemuProcess] = []
     work = Path(tempfile.mkdtemp(prefix="virtopt-bench-gdb-"))
     try:
         builds = [b for b in vm.qemu_builds() if not args.quick or b.series == "7.2"]
+        if args.builds:
+            builds = [b for b in builds if b.label in args.builds.split(",")]
         for b in builds:
             img = work / f"{b.label}.qcow2"
             subprocess.run([b.img, "create", "-q", "-f", "qcow2", str(img), "1G"], check=True, env=b.env())

@@ -54,8 +54,8 @@ WRITE_COMMANDS = ("virtopt trace enable", "virtopt trace disable")
 #: gdb commands (and their abbreviations) that resume, kill or signal QEMU, or end or switch the session
 RUN_CONTROL = frozenset((
     "run r start starti continue c cont fg next n step s stepi si nexti ni until u advance finish fin "
-    "jump j signal queue-signal kill k attach detach disconnect quit q exit target file exec-file "
-    "symbol-file core-file core-file core checkpoint restart record rec reverse-continue rc "
+    "jump j signal queue-signal kill k attach detach disconnect quit q target file exec-file "
+    "symbol-file core-file core checkpoint restart record rec reverse-continue rc "
     "reverse-step rs reverse-next rn").split())
 
 GRACE_SECONDS = 5.0  # for gdb to answer after being interrupted, before it is killed
