@@ -165,6 +165,9 @@ def test_tune_apply_on_a_domain_and_its_xml_advice_round_trips(tuned, tmp_path):
     assert cp.returncode == 0, cp.stderr + cp.stdout
     assert done[0] > 2 * HOT
     r = json.loads(cp.stdout)
+    from test_l2cache_cli import kebab_only
+
+    assert kebab_only(r) == []
     n = r["node"]
     assert n["node-name"] == "libvirt-1-format" and n["settings-source"] == "command line"
     assert n["l2-cache-size"] == L2_BEFORE and n["l2-cache-entry-size"] == 4096
