@@ -14,6 +14,7 @@ Public API::
     qemu_ext.l2cache.node.size_node(info, trace)      # the one sizing from QEMU's own lookups
     qemu_ext.l2cache.tune.tune(session, node, ...)    # measure, recommend, apply, verify (async)
     qemu_ext.l2cache.tune.Watcher / watch(...)        # window after window in bounded memory
+    qemu_ext.l2cache.domain.recommendation(...)       # on a libvirt domain: what its <metadata_cache> can keep
 
     qemu_ext.l2cache.options.resolve(...)     # QEMU's cache option resolution per version (VERIFIED)
     qemu_ext.l2cache.model.Qcow2Cache         # block/qcow2-cache.c's replacement policy
