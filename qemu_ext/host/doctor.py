@@ -672,7 +672,8 @@ def check_cache_topology(ctx: _Ctx) -> Check:
         "last-level-domains": sorted(domains),
     }
     first = per_cpu[online[0]] if online else []
-    sizes = ", ".join(f"L{k.level}{k.type[0].lower() if k.type != 'Unified' else ''} {k.size}" for k in first)
+    sizes = ", ".join(f"L{k.level}{k.type[0].lower() if k.type != 'Unified' else ''} "
+                      f"{ctx.size(k.size_bytes) if k.size_bytes is not None else k.size}" for k in first)
     summary = f"CPU{online[0] if online else -1}: {sizes}; L{llc_level} shared by {' | '.join(sorted(domains)) or '?'}"
     vcpus = _vcpu_affinities(ctx)
     if vcpus:

@@ -227,11 +227,18 @@ class Cache:
     shared_cpu_list: list[int]
     id: Optional[int] = None
 
+    @property
+    def size_bytes(self) -> Optional[int]:
+        """sysfs's size ("32K", "1024K", "32M": binary multiples) in bytes."""
+        m = re.fullmatch(r"(\d+)([KMG]?)", self.size.strip())
+        return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2)] if m else None
+
     def to_dict(self) -> dict:
         return {
             "level": self.level,
             "type": self.type,
             "size": self.size,
+            "size-bytes": self.size_bytes,
             "shared-cpu-list": format_cpu_list(self.shared_cpu_list),
             "id": self.id,
         }
