@@ -141,13 +141,17 @@ def _reads(vsize: int, written: list[int], count: int) -> Callable[[Any], Any]:
     capture window, so that before and after see exactly the same workload."""
 
     async def during(s: Any) -> None:
+        from qemu_ext.output import progress
+
         rng = random.Random(11)
-        for _ in range(count):
-            if written and rng.random() < 0.8:
-                off = rng.choice(written) + rng.randrange(CLUSTER // 4096) * 4096
-            else:
-                off = rng.randrange(max(1, vsize // 4096)) * 4096
-            await s.hmp(f'qemu-io {NODE} "read {off} 4k"')
+        with progress(count, "random reads", unit="read") as bar:  # on a terminal, after a second
+            for _ in range(count):
+                if written and rng.random() < 0.8:
+                    off = rng.choice(written) + rng.randrange(CLUSTER // 4096) * 4096
+                else:
+                    off = rng.randrange(max(1, vsize // 4096)) * 4096
+                await s.hmp(f'qemu-io {NODE} "read {off} 4k"')
+                bar.update(1)
 
     return during
 
@@ -417,7 +421,7 @@ def _writes(vsize: int, n: int) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     _tools()
     from qemu_ext import vm
-    from qemu_ext.output import human_size
+    from qemu_ext.output import human_size, progress
     from qemu_ext.qmp.client import connect_sync
 
     keep: Optional[Path] = args.keep
@@ -450,9 +454,10 @@ def run(args: argparse.Namespace) -> int:
                                                                     "-msg", "timestamp=on"], smp=2) as qp, \
                 connect_sync(str(qp.qmp_path), timeout=10) as s:
             writes = _writes(args.size, args.writes)
-            _status(f"writing {len(writes)} clusters")
-            for off in writes:
-                s.hmp(f'qemu-io {NODE} "write -P 0x5a {off} 64k"')
+            with progress(len(writes), "scattered writes", unit="write") as bar:
+                for off in writes:
+                    s.hmp(f'qemu-io {NODE} "write -P 0x5a {off} 64k"')
+                    bar.update(1)
             s.hmp(f'qemu-io {NODE} "flush"')
             _step_vm(tour, s, qp, shown, args, writes)
             _step_image(tour, image, shown)

@@ -126,3 +126,49 @@ def test_demo_bad_options_are_usage_errors(argv, message):
     assert cp.returncode == 2
     assert message in cp.stderr and "Traceback" not in cp.stderr
     assert cp.stdout == ""
+
+
+def test_demo_on_a_terminal_says_what_it_waits_for(tmp_path):
+    """Through a real pty, as `make demo` runs in a terminal: the headlines, and on stderr (the same
+    terminal) what each wait is for; the progress bars leave no line behind."""
+    import pty
+    import select
+    import sys
+    import time
+
+    from helpers import REPO
+
+    main, sub = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k != "VIRTOPT_DEBUG"}
+    env["TMPDIR"] = str(tmp_path)
+    p = subprocess.Popen([sys.executable, "-m", "qemu_ext", "demo", "--size", "1G", "--writes", "32", "--reads",
+                          "200", "--skip-inspect"], stdin=sub, stdout=sub, stderr=sub, cwd=REPO, env=env,
+                         close_fds=True)
+    os.close(sub)
+    buf = b""
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([main], [], [], 1)
+            if r:
+                try:
+                    chunk = os.read(main, 65536)
+                except OSError:  # the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                buf += chunk
+            elif p.poll() is not None:
+                break
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+        os.close(main)
+    text = buf.decode(errors="replace")
+    assert p.returncode == 0, text[-2000:]
+    assert "... before: capturing QEMU's L2 lookups during 200 random reads" in text
+    heads = _headlines(text.replace("\r\n", "\n"))
+    assert sorted(heads) == list(range(1, 8)), text[-2000:]
+    assert "Traceback" not in text
+    assert list(Path(tmp_path).iterdir()) == []
