@@ -134,7 +134,9 @@ class SocketTransport(Transport):
     async def connect(self) -> None:
         sock = await addr.open_socket_async(self.address, self.timeout)
         self._client = self._new_client()
-        pid = addr.peer_pid(sock)
+        # unix: SO_PEERCRED names the listener at once; TCP: the peer's socket belongs to a process only
+        # once QEMU accepted it (it has when it greets), so it is looked up after the greeting
+        pid = addr.peer_pid(sock) if isinstance(self.address, str) else None
         try:
             await asyncio.wait_for(self._client.connect(sock), self.timeout)
         except asyncio.TimeoutError:
@@ -152,7 +154,7 @@ class SocketTransport(Transport):
             if isinstance(exc, Exception):
                 raise self._translate(exc, "connect") from None
             raise
-        self.pid = pid
+        self.pid = pid if isinstance(self.address, str) else addr.peer_pid(sock)
         g = self._client.greeting
         self.greeting = dict(g._asdict()) if g is not None else {}
 
