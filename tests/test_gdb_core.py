@@ -78,6 +78,7 @@ def test_every_view_on_a_core_says_what_the_live_qemu_said(debug_qemu_factory, d
             assert time.monotonic() < deadline, qp.stderr_text()
             time.sleep(0.05)
     cpus = qp.client.cmd("query-cpus-fast")
+    pid = qp.pid
     core = tmp_path / "qemu.core"
     with GdbSession(qp.pid) as s:
         live = {}
@@ -117,6 +118,8 @@ def test_every_view_on_a_core_says_what_the_live_qemu_said(debug_qemu_factory, d
     for c in cpus:  # thread names rebuilt from QEMU's structures, as qemu_thread_create named them
         assert names[c["thread-id"]] == f"CPU {c['cpu-index']}/{accel.upper()}"
     assert "IO mon_iothread" in names.values()
+    live_names = {t["tid"]: t["name"] for t in live["threads"]["threads"]}
+    assert names[pid] == live_names[pid] == "qemu-system-x86"  # the main thread's, from NT_PRPSINFO
     timers = by_view["timers"]["data"]
     assert all(t["expires-in-ns"] is None for c in timers["clocks"] if c["clock"] == "realtime"
                for tl in c["timer-lists"] for t in tl["timers"])

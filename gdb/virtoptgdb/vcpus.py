@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from qemu_ext.introspect import render
+from qemu_ext.introspect import render, threads
 
 from . import command, utils
 
@@ -20,8 +20,7 @@ class VcpusCommand(command.VirtoptCommand):
               "unknown (kvm_run is a device mapping, not in the dump).")
 
     def render(self, d: Any, args: argparse.Namespace) -> str:
-        names = {th.tid: th.name or "?" for th in utils.target().threads()}
-        return render.vcpus(d, names)
+        return render.vcpus(d, threads.thread_names(utils.target()))
 
 
 def register() -> None:

@@ -107,7 +107,7 @@ def _target(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from qemu_ext.errors import NotAvailableError, VirtoptError
-    from qemu_ext.introspect import cli_hang, render, views
+    from qemu_ext.introspect import cli_hang, render, threads, views
 
     rest = list(args.rest)
     while (len(rest) >= 2 and rest[0] in ("--core", "--exe")) or (rest and rest[0].startswith(("--core=", "--exe="))):
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     text = {
         "info": lambda d: render.info(d),
         "threads": render.threads,
-        "vcpus": lambda d: render.vcpus(d, {th.tid: th.name or "?" for th in t.threads()}),
+        "vcpus": lambda d: render.vcpus(d, threads.thread_names(t)),
         "mtree": lambda d: render.mtree(d, va.disabled),
         "mtree lookup": render.mtree_lookup,
         "timers": render.timers,

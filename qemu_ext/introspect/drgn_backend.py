@@ -151,6 +151,7 @@ class DrgnTarget(Target):
         except Exception:
             pass
         t = cls(prog, "core", pid, path)
+        t._core = core
         t._load(path)
         t._add_file_segments(path)
         return t
@@ -203,6 +204,9 @@ class DrgnTarget(Target):
 
     def symbol_file(self) -> Optional[str]:
         return self._exe
+
+    def core_path(self) -> Optional[str]:
+        return getattr(self, "_core", None)
 
     def has_debug_info(self) -> bool:
         if self._debug is None:

@@ -9,6 +9,7 @@ frame. gdb never calls a function in QEMU.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Optional
 
 import gdb  # type: ignore[import-not-found]
@@ -140,6 +141,16 @@ class GdbTarget(Target):
 
     def symbol_file(self) -> Optional[str]:
         return gdb.current_progspace().filename
+
+    def core_path(self) -> Optional[str]:
+        if self.kind != "core":
+            return None
+        try:
+            text = gdb.execute("info target", to_string=True)
+        except gdb.error:
+            return None
+        m = re.search(r"Local core dump file:\s*\n?\s*`([^']+)'", text)
+        return m.group(1) if m else None
 
     def has_debug_info(self) -> bool:
         if self.ignore_debug_info:

@@ -360,6 +360,10 @@ class Target:
         """The file the reader takes symbols and types from, when it is not exe() (gdb's `file`)."""
         return None
 
+    def core_path(self) -> Optional[str]:
+        """The core file read (None for a live QEMU)."""
+        return None
+
     def executable_mismatch(self) -> Optional[str]:
         """One line when the symbols come from another build than the process runs (build-ids
         differ): every address would be wrong. None when they agree or cannot be compared."""

@@ -186,7 +186,31 @@ def core_thread_names(t: Target, cpu_by_tid: dict[int, Optional[int]]) -> dict[i
             out[tid] = f"CPU {idx}/{accel}" if accel in ("KVM", "TCG") else f"CPU {idx}"
     for tid, ident in iothreads(t).items():
         out[tid] = f"IO {ident}"
+    core = t.core_path()
+    if core and t.pid is not None and t.pid not in out:
+        from . import corefile
+
+        try:
+            _pid, fname = corefile.process_info(core)  # NT_PRPSINFO: the main thread's name
+        except (OSError, IntrospectError):
+            fname = None
+        if fname:  # the kernel's comm holds 15 characters; gdb's gcore fills 16 from argv[0]
+            out[t.pid] = fname[:15]
     return out
+
+
+def thread_names(t: Target) -> dict[int, str]:
+    """tid -> thread name: the OS's on a live QEMU, rebuilt from QEMU's structures on a core."""
+    names = {th.tid: th.name for th in t.threads() if th.name is not None}
+    if t.kind == "core" and t.has_debug_info():
+        cpu_by_tid: dict[int, Optional[int]] = {}
+        try:
+            for c in vcpus.cpu_states(t):
+                cpu_by_tid[c["thread-id"]] = None if c["thread-id"] in cpu_by_tid else c["cpu-index"]
+        except IntrospectError:
+            pass
+        names.update(core_thread_names(t, cpu_by_tid))
+    return names
 
 
 def iothreads(t: Target) -> dict[int, str]:
