@@ -4,6 +4,7 @@ script runner in-process, the checkout launcher as a subprocess, and the shell i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -235,8 +236,11 @@ class Tmux:
         return self.wait(lambda t: needle in t, repr(needle), timeout, full)
 
     def close(self) -> None:
-        with_server = subprocess.run(["tmux", "-L", self.sock, "kill-server"], capture_output=True)
-        del with_server
+        """Stop this private tmux server (and the program in it) and remove its socket file."""
+        subprocess.run(["tmux", "-L", self.sock, "kill-server"], capture_output=True)
+        base = os.environ.get("TMUX_TMPDIR") or "/tmp"
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(base, f"tmux-{os.getuid()}", self.sock))
 
 
 def _quote(a: str) -> str:
