@@ -32,23 +32,6 @@ SEGMENT = 1 << 16  # lookups per call of the in-chunk counting (cache-sized buff
 CHUNK_SHIFT = 1  # chunks of about U/2 lookups: fewer chunks vs fewer levels
 
 
-def tune_malloc() -> None:
-    """Keep freed big arrays for reuse instead of returning them to the kernel (glibc).
-
-    The curve allocates and frees arrays of tens of MB; with glibc's defaults each is a fresh
-    mmap whose pages fault in again, which on a VM costs as much as the arithmetic. Process-wide:
-    the CLI and the benchmark call it; library users may.
-    """
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-    mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD
-
-
 I32 = np.int32
 
 
