@@ -7,7 +7,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-APT_PKGS := qemu-system-x86 qemu-utils gdb python3-venv procps
+APT_PKGS := qemu-system-x86 qemu-utils gdb python3-venv procps tmux
 STAMP := $(VENV)/.virtopt-installed
 
 .PHONY: install demo test lint bench qemus debug-qemu libvirt clean
