@@ -275,6 +275,42 @@ class DrgnTarget(Target):
             out.append(ThreadInfo(i + 1, th.tid, name))
         return out
 
+    def frames(self, tid: int, regs: Optional[dict[str, int]] = None, limit: int = 64) -> Optional[list[dict[str, Any]]]:
+        """A dumped thread's stack, unwound by drgn from the core's registers and the DWARF CFI.
+        A running thread's (live: no registers without ptrace) and a saved context's (drgn
+        unwinds only from a thread's own registers) are not available: None."""
+        if self.kind != "core" or regs is not None:
+            return None
+        th = next((x for x in self._drgn_threads() if x.tid == tid), None)
+        if th is None:
+            return None
+        if not self.memo.get("all-modules"):
+            self.memo["all-modules"] = True
+            try:  # the libraries' unwind tables (libc's .eh_frame): frames inside glibc need them
+                self.prog.load_debug_info(default=True)
+            except Exception:
+                pass
+        try:
+            trace = th.stack_trace()
+        except Exception:
+            return None
+        out: list[dict[str, Any]] = []
+        for fr in trace:
+            if len(out) >= limit:
+                break
+            try:
+                pc = int(fr.pc)
+            except (ValueError, LookupError):
+                break
+            name = fr.name or self.symbolize(pc)
+            try:
+                file, line, _col = fr.source()
+            except LookupError:
+                file, line = None, None
+            out.append({"pc": pc, "function": name, "file": file, "line": line or None,
+                        "inline": bool(getattr(fr, "is_inline", False))})
+        return out
+
     def register(self, tid: int, name: str) -> Optional[int]:
         if self.kind != "core":
             if name == "fs_base":  # the thread pointer is the thread's struct pthread, found in memory
