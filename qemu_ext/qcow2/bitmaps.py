@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qemu_ext.qcow2 import format as F
+from qemu_ext.qcow2.image import BDRV_MAX_LENGTH
 
 if TYPE_CHECKING:
     from qemu_ext.qcow2.image import Qcow2Image
@@ -143,6 +144,9 @@ def load_bitmaps(img: Qcow2Image) -> list[Bitmap]:
         seen.add(bm.name)
         if bm.flags & F.BME_FLAG_IN_USE:
             continue  # its data is unusable: not loaded
+        if bm.bitmap_table_offset + bm.bitmap_table_size * 8 > BDRV_MAX_LENGTH:  # bdrv_pread() fails
+            raise img.refuse(f"Could not read bitmap_table table from image for bitmap '{bm.name}': "
+                             "Input/output error")
         tab = img.bitmap_table(bm)  # the entries past the end of the file are 0, which are valid
         if check_table_entry(tab, img.cluster_size).any():
             raise img.refuse(f"Could not read bitmap_table table from image for bitmap '{bm.name}': Invalid argument")

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from qemu_ext.errors import BadInputError, NotAvailableError
 from qemu_ext.qcow2 import format as F
-from qemu_ext.qcow2.image import OpenError, OpenMode, PathLike, Qcow2Image, open_file
+from qemu_ext.qcow2.image import OpenError, OpenMode, PathLike, Qcow2Image, open_child
 
 MAX_CHAIN = 256
 # QEMU's block drivers (7.2 and 10.0 as Debian builds them): a backing format outside this list is
@@ -85,18 +85,15 @@ def _probe(fd: int) -> str:
     return "qcow2" if os.pread(fd, 4, 0) == F.QCOW_MAGIC else "raw"
 
 
-def _open_layer(filename: str, fmt: Optional[str], mode: OpenMode, compat: tuple[int, int]) -> Layer:
+def _open_layer(filename: str, fmt: Optional[str], mode: OpenMode, compat: tuple[int, int], top: bool = False) -> Layer:
+    if top:  # the image the user named: errors in virtopt's words for files (qemu_ext.errors)
+        img = Qcow2Image(filename, mode, compat)
+        return Layer(filename, "qcow2", img.virtual_size, img=img, file_size=img.file_size)
     if fmt is not None and fmt not in QEMU_DRIVERS:
         raise OpenError(filename, f"Unknown driver '{fmt}'")
     if fmt is not None and fmt != "qcow2" and fmt not in RAW_LIKE:
         raise NotAvailableError(f"{filename}: backing format {fmt!r} is not supported (qcow2 and raw are)")
-    try:
-        fd, length = open_file(filename)
-    except BadInputError as exc:  # QEMU's words for a file it cannot open
-        text = str(exc)
-        prefix = f"cannot open {filename}: "
-        raise OpenError(filename, f"Could not open '{filename}': {text[len(prefix):]}"
-                        if text.startswith(prefix) else text) from None
+    fd, length = open_child(filename, filename)  # QEMU's words for a file it cannot open
     if (fmt or _probe(fd)) == "qcow2":
         os.close(fd)
         img = Qcow2Image(filename, mode, compat)
@@ -129,7 +126,7 @@ def open_chain(path: PathLike, follow_backing: bool = True, snapshot: Optional[s
                 raise BadInputError(f"{filename}: backing chain loops (the file is already in the chain)")
             seen.add(real)
             try:
-                layer = _open_layer(filename, fmt, mode, compat)
+                layer = _open_layer(filename, fmt, mode, compat, top=not layers)
             except OpenError as exc:
                 if not layers:
                     raise

@@ -268,9 +268,10 @@ class _Checker:
         used = np.nonzero(l1)[0]
         if not len(used):
             return
-        resv = (l1[used] & U(F.L1E_RESERVED_MASK)) != 0
-        for i in used[resv].tolist():
+        resv = used[(l1[used] & U(F.L1E_RESERVED_MASK)) != 0]
+        for i in resv[:MAX_PROBLEMS].tolist():
             self.problem("corruption", f"L1 entry with reserved bits set: {int(l1[i]):#x}", table=f"{label} L1 entry {i}")
+        self.bulk("corruption", len(resv) - MAX_PROBLEMS)
         l2_offs = (l1[used] & U(F.L1E_OFFSET_MASK)).astype(np.int64)
         self.inc(l2_offs, cs, lambda i: f"{label} L1 entry {int(used[i])}")
         for i in np.nonzero(l2_offs % cs)[0][:MAX_PROBLEMS].tolist():
@@ -313,11 +314,26 @@ class _Checker:
                 self.report(ch, ua, "unallocated cluster has a non-zero subcluster allocation bitmap")
 
     def report(self, ch: L2Chunk, mask: np.ndarray, what: Any) -> None:
-        """One corruption per entry of mask (times its table's weight); what is a text or a function of (row, entry)."""
+        """One corruption per entry of mask (times its table's weight); what is a text or a function of
+        (row, entry). Past MAX_PROBLEMS listed, the rest is counted without building each line."""
         rr, jj = np.nonzero(mask)
-        for r, j in zip(rr.tolist(), jj.tolist()):
+        room = max(0, MAX_PROBLEMS - len(self.res.problems))
+        for r, j in zip(rr[:room].tolist(), jj[:room].tolist()):
             self.problem("corruption", what(r, j) if callable(what) else what, n=int(ch.weight[r]), offset=None,
                          **ch.where(r, j))
+        if len(rr) > room:
+            self.bulk("corruption", len(rr) - room, int(ch.weight[rr[room:]].sum()))
+
+    def bulk(self, kind: str, listed: int, n: Optional[int] = None) -> None:
+        """Findings not listed one by one: `listed` of them, counted n times (default: once each)."""
+        if listed <= 0 or self.watch is not None:
+            return
+        n = listed if n is None else n
+        if kind == "corruption":
+            self.res.corruptions += n
+        else:
+            self.res.check_errors += n
+        self.res.problems_not_listed += listed
 
     def _compressed_clusters(self, ch: L2Chunk, comp: np.ndarray) -> None:
         """QCOW2_CLUSTER_COMPRESSED in check_refcounts_l2(): flags, then the compressed bytes are counted."""
@@ -387,11 +403,13 @@ class _Checker:
             rc, err = self.disk.get(o >> self.cb)
         copied = (ent & U(F.L2E_COPIED)) != 0
         cp = copied.ravel() if fi is None else copied.ravel()[fi]
-        mism = ~err & ((rc == 1) != cp)
-        for i in np.nonzero(mism)[0].tolist():
+        mism = np.nonzero(~err & ((rc == 1) != cp))[0]
+        room = max(0, MAX_PROBLEMS - len(self.res.problems))
+        for i in mism[:room].tolist():
             r, j = int(rr[i]), int(jj[i])
             self.problem("corruption", f"OFLAG_COPIED data cluster: l2_entry={int(ent[r, j]):x} refcount={int(rc[i])}",
                          n=int(w[i]), offset=int(o[i]), **ch.where(r, j))
+        self.bulk("corruption", len(mism) - room, int(w[mism[room:]].sum()))
 
     def _fast_chunk(self, ch: L2Chunk) -> bool:
         """The common case in one tight pass: every entry a normal, aligned cluster inside the file.
@@ -416,12 +434,13 @@ class _Checker:
         brk[per - 1 :: per] = False  # a new L2 table starts: not counted as fragmentation
         self.res.fragmented_clusters += int(np.count_nonzero(brk))
         rc, err = self.disk.get(idx)
-        mism = ~err & ((rc == 1) ^ (ent.ravel() >= U(F.L2E_COPIED)))
-        if mism.any():
-            for k in np.flatnonzero(mism).tolist():
-                r, j = divmod(k, per)
-                self.problem("corruption", f"OFLAG_COPIED data cluster: l2_entry={int(ent[r, j]):x} "
-                             f"refcount={int(rc[k])}", offset=int(o[k]), **ch.where(r, j))
+        mism = np.flatnonzero(~err & ((rc == 1) ^ (ent.ravel() >= U(F.L2E_COPIED))))
+        room = max(0, MAX_PROBLEMS - len(self.res.problems))
+        for k in mism[:room].tolist():
+            r, j = divmod(k, per)
+            self.problem("corruption", f"OFLAG_COPIED data cluster: l2_entry={int(ent[r, j]):x} "
+                         f"refcount={int(rc[k])}", offset=int(o[k]), **ch.where(r, j))
+        self.bulk("corruption", len(mism) - room)
         return True
 
     def check_l1_copied(self, sel: np.ndarray, offs: np.ndarray, copied: np.ndarray, raw: np.ndarray) -> None:
@@ -438,9 +457,7 @@ class _Checker:
                 offset=int(offs[i]),
                 table=f"active L1 entry {int(sel[i])}",
             )
-        extra = np.nonzero(mism)[0][MAX_PROBLEMS:]
-        self.res.corruptions += len(extra)
-        self.res.problems_not_listed += len(extra)
+        self.bulk("corruption", int(mism.sum()) - MAX_PROBLEMS)
 
     def read_snapshot_table(self) -> list[Any]:
         """qcow2_check_read_snapshot_table(): the table is validated and read by the check; what
@@ -473,9 +490,10 @@ class _Checker:
             bad = ((tab & U(F.BME_TABLE_ENTRY_RESERVED_MASK)) != 0) | (
                 (off != 0) & (((tab & U(1)) != 0) | ((off % U(self.cs)) != 0))
             )
-            for i in np.nonzero(bad)[0].tolist():
+            for i in np.nonzero(bad)[0][:MAX_PROBLEMS].tolist():
                 self.problem("corruption", f"invalid bitmap table entry {int(tab[i]):#x}",
                              table=f"bitmap {bm.name!r} table entry {i}")
+            self.bulk("corruption", int(bad.sum()) - MAX_PROBLEMS)
             ok = ~bad & (off != 0)
             idx = np.nonzero(ok)[0]
             self.inc(off[ok].astype(np.int64), np.full(len(idx), self.cs, dtype=np.int64),
@@ -489,17 +507,20 @@ class _Checker:
         resv = (rt & U(F.RT_RESERVED_MASK)) != 0
         offs_u = rt & U(F.RT_OFFSET_MASK)
         unal = ~resv & ((offs_u % U(cs)) != 0)
-        for i in np.nonzero(resv)[0].tolist():
+        for i in np.nonzero(resv)[0][:MAX_PROBLEMS].tolist():
             self.problem("corruption", f"refcount table entry {i} has reserved bits set", table=f"refcount table entry {i}")
-        for i in np.nonzero(unal)[0].tolist():
+        self.bulk("corruption", int(resv.sum()) - MAX_PROBLEMS)
+        for i in np.nonzero(unal)[0][:MAX_PROBLEMS].tolist():
             self.problem("corruption", f"refcount block {i} is not cluster aligned; refcount table entry corrupted",
                          offset=int(offs_u[i]), table=f"refcount table entry {i}")
+        self.bulk("corruption", int(unal.sum()) - MAX_PROBLEMS)
         rest = ~resv & ~unal
         outside = rest & ((offs_u >> U(self.cb)) >= U(nb))
         offs = np.where(outside, U(0), offs_u).astype(np.int64)
-        for i in np.nonzero(outside)[0].tolist():
+        for i in np.nonzero(outside)[0][:MAX_PROBLEMS].tolist():
             self.problem("corruption", f"refcount block {i} is outside the image", offset=int(offs_u[i]),
                          table=f"refcount table entry {i}")
+        self.bulk("corruption", int(outside.sum()) - MAX_PROBLEMS)
         use = np.nonzero(rest & ~outside & (offs != 0))[0]
         if not len(use):
             return
@@ -516,9 +537,10 @@ class _Checker:
         rank = np.empty(len(c), dtype=np.int64)
         rank[order] = np.arange(len(c)) - first
         seen = np.minimum(before + rank + 1, self.refmax)
-        for i in np.nonzero(seen != 1)[0].tolist():
+        for i in np.nonzero(seen != 1)[0][:MAX_PROBLEMS].tolist():
             self.problem("corruption", f"refcount block {int(use[i])} refcount={int(seen[i])}", offset=int(o[i]),
                          table=f"refcount table entry {int(use[i])}")
+        self.bulk("corruption", int((seen != 1).sum()) - MAX_PROBLEMS)
 
     def compare(self) -> None:
         """compare_refcounts(): on-disk against computed refcount, cluster by cluster (in windows)."""

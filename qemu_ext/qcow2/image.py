@@ -192,6 +192,21 @@ def unsupported_features(data: Optional[bytes], mask: int) -> str:
     return "Unsupported qcow2 feature(s): " + ", ".join(names)
 
 
+def open_child(path: str, owner: object) -> tuple[int, int]:
+    """open_file() for a file QEMU opens as a child node (a backing file, an external data file), refused
+    with file-posix's words (raw_open_common): a directory, FIFO or character device is not a
+    regular file for the 'file' driver (block devices get the host_device driver)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise OpenError(owner, f"Could not open '{path}': {exc.strerror}") from None
+    os.close(fd)
+    try:
+        return open_file(path)
+    except BadInputError:
+        raise OpenError(owner, f"'file' driver requires '{path}' to be a regular file") from None
+
+
 def open_file(path: PathLike) -> tuple[int, int]:
     """(fd, length) of a regular file or block device opened read-only. A FIFO, socket or character
     device is refused at once: it is opened non-blocking (a FIFO without a writer would hang)."""
@@ -471,13 +486,7 @@ class Qcow2Image:
             raise self.refuse("'data-file' is required for this image")
         if not name:
             raise self.refuse("The 'file' block driver requires a file name")
-        try:
-            fd, _length = open_file(name)
-        except BadInputError as exc:
-            text = str(exc)
-            if text.startswith(f"cannot open {name}: "):
-                text = f"Could not open '{name}': {text[len(f'cannot open {name}: '):]}"
-            raise self.refuse(text) from None
+        fd, _length = open_child(name, self.path)
         os.close(fd)
         return name
 

@@ -142,8 +142,9 @@ def _entry_error(img: Qcow2Image, st: np.ndarray, cl_off: np.ndarray, guest_clus
     return g, msg
 
 
-def _chunk_runs(img: Qcow2Image, sel: np.ndarray, offs: np.ndarray, tabs: np.ndarray) -> Runs:
-    """Status runs (qcow2_co_block_status, 7.2 and 10.0) of the guest units of a chunk of L2 tables."""
+def _chunk_runs(img: Qcow2Image, sel: np.ndarray, offs: np.ndarray, tabs: np.ndarray, split: bool = False) -> Runs:
+    """Status runs (qcow2_co_block_status, 7.2 and 10.0) of the guest units of a chunk of L2 tables
+    (with split, no run continues from one table into the next)."""
     cs = img.cluster_size
     per = img.l2_entries_per_table
     crypto = img.header.crypt_method != 0
@@ -156,7 +157,7 @@ def _chunk_runs(img: Qcow2Image, sel: np.ndarray, offs: np.ndarray, tabs: np.nda
     else:
         ent = tabs
         if not crypto and not data_file and img.version >= 3:
-            fast = _fast_chunk_runs(img, sel, ent)
+            fast = _fast_chunk_runs(img, sel, ent, split)
             if fast is not None:
                 return fast
         st = SC_OF_CLUSTER[cluster_types(ent, False, data_file)][:, :, None]
@@ -184,13 +185,15 @@ def _chunk_runs(img: Qcow2Image, sel: np.ndarray, offs: np.ndarray, tabs: np.nda
         | (has_off[1:] & (off[1:] != off[:-1] + unit))
         | (g[1:] != g[:-1] + 1)
     )
+    if split:
+        brk[:: per * nsc] = True
     idx = np.nonzero(brk)[0]
     lengths = np.diff(np.append(idx, n)) * unit
     return Runs(g[idx] * unit, lengths.astype(np.int64), code[idx], has_off[idx].copy(),
                 np.where(has_off[idx], off[idx], 0).astype(np.int64))
 
 
-def _fast_chunk_runs(img: Qcow2Image, sel: np.ndarray, ent: np.ndarray) -> Optional[Runs]:
+def _fast_chunk_runs(img: Qcow2Image, sel: np.ndarray, ent: np.ndarray, split: bool = False) -> Optional[Runs]:
     """Standard L2 entries that are only normal (aligned) or unallocated: runs in a few passes."""
     cs = img.cluster_size
     special = U(F.L2E_COMPRESSED | F.L2E_ZERO | ((cs - 1) & ~0x1FF))
@@ -208,7 +211,8 @@ def _fast_chunk_runs(img: Qcow2Image, sel: np.ndarray, ent: np.ndarray) -> Optio
         brk[1:] = (alloc[1:] != alloc[:-1]) | (alloc[1:] & (o[1:] != o[:-1] + cs))
     # a table whose L1 index does not follow the previous one starts a new run
     gap = np.ones(rows, dtype=bool)
-    gap[1:] = np.diff(sel) != 1
+    if not split:
+        gap[1:] = np.diff(sel) != 1
     brk[np.flatnonzero(gap) * per] = True
     idx = np.flatnonzero(brk)
     r, j = np.divmod(idx, per)
@@ -306,25 +310,35 @@ def layer_runs(layer: Layer, progress_bar: Any = None) -> Runs:
         r.off[z] = r.start[z]
         return merge(r)
     img = layer.img
-    l1 = layer.l1_entries()
+    # only the L1 entries that cover the disk: guest I/O never looks past it (QEMU's l1_vm_state_index)
+    l1 = layer.l1_entries()[: img.l1_entries_needed(size)]
     l2_offs = l1 & U(F.L1E_OFFSET_MASK)
     used = np.nonzero(l2_offs)[0]
+    offs_used = l2_offs[used]
+    # each distinct L2 table once (several L1 entries may point at one: only in corrupt images),
+    # in guest order of its first use; an unaligned table offset fails there (qcow2_get_host_offset)
+    uniq, first, inv = np.unique(offs_used, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    unaligned = np.flatnonzero(offs_used % U(img.cluster_size))
+    stop = int(unaligned[0]) if len(unaligned) else len(used)  # position in `used` of the first unaligned one
+    todo = order[first[order] < stop]
     chunk = max(1, (2 << 20) // img.cluster_size)
     if img.extended_l2:
         chunk = max(1, chunk // 8)
     parts: list[Runs] = []
-    for s in range(0, len(used), chunk):
-        sel = used[s : s + chunk]
-        offs = l2_offs[sel]
-        unaligned = np.flatnonzero(offs % U(img.cluster_size))
-        if len(unaligned):  # entries before it are looked at first (guest order)
-            k = int(unaligned[0])
-            if k:
-                _chunk_runs(img, sel[:k], offs[:k], img.read_l2_tables(offs[:k], reuse=True))
-            raise corrupt(img, f"L2 table offset {c_hex(int(offs[k]))} unaligned (L1 index: {c_hex(int(sel[k]))})")
-        parts.append(_chunk_runs(img, sel, offs, img.read_l2_tables(offs, reuse=True)))
+    for s in range(0, len(todo), chunk):
+        t = todo[s : s + chunk]
+        sel = used[first[t]]
+        parts.append(_chunk_runs(img, sel, uniq[t], img.read_l2_tables(uniq[t], reuse=True), len(uniq) < len(used)))
         if progress_bar is not None:
-            progress_bar.update(len(sel))
+            progress_bar.update(len(t))
+    if stop < len(used):
+        raise corrupt(img, f"L2 table offset {c_hex(int(offs_used[stop]))} unaligned "
+                           f"(L1 index: {c_hex(int(used[stop]))})")
+    if len(uniq) < len(used):
+        parts = [_repeat_tables(img, _concat(parts), used, first[todo], inv, rank)]
     r = merge(_fill_gaps(_concat(parts), size))
     if img.header.crypt_method == 0 and (r.code == DATA).any() and metadata_preallocation(img):
         if img.has_data_file:
@@ -339,6 +353,23 @@ def layer_runs(layer: Layer, progress_bar: Any = None) -> Runs:
         else:
             r = merge(_split_by_holes(r, file_extents(img._fd, img.file_size), img.file_size))
     return r
+
+
+def _repeat_tables(img: Qcow2Image, r: Runs, used: np.ndarray, first_pos: np.ndarray, inv: np.ndarray,
+                   rank: np.ndarray) -> Runs:
+    """The runs of every L1 entry from those of the distinct tables (computed at each table's first
+    L1 entry): the same runs, shifted to each entry's guest range."""
+    span = img.l2_entries_per_table * img.cluster_size
+    first_l1 = used[first_pos]  # in rank order
+    table = np.searchsorted(first_l1 * span, r.start, side="right") - 1  # rank of the table of each run
+    rel = r.start - first_l1[table] * span
+    counts = np.bincount(table, minlength=len(first_l1))
+    ptr = np.concatenate([[0], np.cumsum(counts)])
+    k_rank = rank[inv]  # table rank of each used L1 entry
+    n = counts[k_rank]
+    idx = np.repeat(ptr[k_rank], n) + (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))
+    base = np.repeat(used.astype(np.int64) * span, n)
+    return Runs(base + rel[idx], r.length[idx], r.code[idx], r.has_off[idx], r.off[idx])
 
 
 @dataclass
