@@ -390,3 +390,23 @@ def test_usage_errors_exit_2(argv: list[str], words: str, bad: dict[str, Path], 
     assert rc == 2 and out == ""
     assert "Traceback" not in err
     assert err.startswith("virtopt: ") and err.count("\n") == 1 and words in err, err
+
+
+# -- --plot: one helper, one wording --------------------------------------------------------------------
+
+PLOTS = [(cmd, a) for cmd, p in _leaves() for a in p._actions if a.dest == "plot"]
+PLOT_CASES = {
+    "missing-directory": ("{d}/no-such-dir/l2.png", 1, "cannot open {p}: No such file or directory"),
+    "not-png": ("{d}/l2.txt", 2, "--plot {p}: the plot is a PNG image: give a file name ending in .png"),
+    "directory": ("{d}", 2, "--plot {p}: the plot is a PNG image: give a file name ending in .png"),
+}
+
+
+@pytest.mark.parametrize("command, case", [(c, k) for c, _a in PLOTS for k in PLOT_CASES])
+def test_bad_plot_paths(command: str, case: str, bad: dict[str, Path]):
+    assert len(PLOTS) >= 3  # l2cache curve and tune, trace summary: read from the tree
+    path, code, words = PLOT_CASES[case]
+    p = path.format(d=bad["dir"])
+    base = [x.format(img=bad["binary"], out=bad["out"], sock=bad["dead.sock"], log=bad["log"]) for x in BASES[command]]
+    rc, _out, err = in_process([*command.split(), *base, "--plot", p])
+    one_line(rc, err, words.format(p=p), code)
