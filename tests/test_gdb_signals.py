@@ -254,6 +254,16 @@ def _pty_run(vm, marker: Path) -> tuple[int, int]:
     return pid, fd
 
 
+def _pty_wait_marker(fd: int, marker: Path, timeout: float = 30.0) -> bytes:
+    """Drain the terminal until the command has begun; what virtopt wrote is in the failure message."""
+    text = b""
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        assert time.monotonic() < deadline, f"the command did not begin; the terminal shows {text!r}"
+        text += _pty_read(fd, 0.05)
+    return text
+
+
 def _pty_read(fd: int, seconds: float) -> bytes:
     text = b""
     deadline = time.monotonic() + seconds
@@ -302,7 +312,7 @@ def test_ctrl_z_in_a_real_terminal_detaches_before_suspending(vm, tmp_path):
         os.execv(sys.executable, [sys.executable, "-c", MINI_SHELL, sys.executable, "-m", "qemu_ext", "gdb",
                                   str(vm.pid), "-c", SLEEPER.format(marker=str(marker))])
     try:
-        wait_for(lambda: marker.exists(), "the command to begin")
+        _pty_wait_marker(fd, marker)
         os.write(fd, b"\x1a")
         text = b""
         deadline = time.monotonic() + 30
@@ -327,7 +337,7 @@ def test_ctrl_c_in_a_real_terminal(vm, tmp_path):
     marker = tmp_path / "started"
     pid, fd = _pty_run(vm, marker)
     try:
-        wait_for(lambda: marker.exists(), "the command to begin")
+        _pty_wait_marker(fd, marker)
         os.write(fd, b"\x03")
         text = _pty_read(fd, 20)
         _, status = os.waitpid(pid, 0)

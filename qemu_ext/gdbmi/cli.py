@@ -73,17 +73,16 @@ def run(args: argparse.Namespace) -> int:
                      if args.vm else "give the QEMU (PID, VM name, QMP socket, libvirt:DOMAIN) or --core CORE")
     if not args.timeout > 0:
         raise _usage(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
-    pid = None
-    if args.vm is not None:
-        from qemu_ext.host.target import resolve_pid
-
-        pid = resolve_pid(args.vm)
     commands = args.commands or ["virtopt info"]
+    stop = driver.Stop()
     try:
-        res = driver.run(commands, pid=pid, core=args.core, exe=args.exe, gdb=args.gdb, timeout=args.timeout)
+        with driver.guard_signals(stop):  # from here on a signal is a request to stop, never a crash
+            res = _run(args, commands, driver, stop)
     except driver.Interrupted as exc:
         print(f"virtopt: {interrupted_line(exc)}", file=sys.stderr)
         return exc.exit_code
+    finally:
+        stop.close()
     codes = [0 if r.ok else driver.error_for(r.error or "").exit_code for r in res.results]
     if args.output == "json":
         print_json(res.to_dict())
@@ -100,6 +99,22 @@ def run(args: argparse.Namespace) -> int:
     if not failed:
         return 0
     return 1 if 1 in failed else max(failed)
+
+
+def _run(args: argparse.Namespace, commands: list[str], driver, stop):
+    early = driver.prestart(args.gdb)  # gdb initialises while the VM is resolved and checked
+    pid = None
+    try:
+        if args.vm is not None:
+            from qemu_ext.host.target import resolve_pid
+
+            pid = resolve_pid(args.vm)
+    except BaseException:
+        if early is not None:
+            early.release()
+        raise
+    return driver.run(commands, pid=pid, core=args.core, exe=args.exe, gdb=args.gdb, timeout=args.timeout,
+                      handle_signals=False, early=early, stop=stop)
 
 
 def pause_line(res) -> str:

@@ -319,7 +319,49 @@ def index_cache_args() -> list[str]:
     return ["-iex", "set index-cache enabled on", "-iex", f"set index-cache directory {d}"]
 
 
+def spawn_gdb(exe_gdb: str) -> Any:
+    """gdb/MI in its own session, with virtopt's settings (no debuginfod, the index cache)."""
+    from qemu_ext.gdbmi import mi
+
+    return mi.MiProcess(exe_gdb, ["-iex", "set debuginfod enabled off", *index_cache_args()])
+
+
+def prestart(gdb: str = "gdb") -> Any:
+    """Start gdb now (it attaches to nothing until told), so that it initialises while the caller
+    resolves and checks its target; hand it to run(early=...), which releases it if unused. None
+    when gdb is missing (run() then says so)."""
+    exe_gdb = shutil.which(gdb)
+    return spawn_gdb(exe_gdb) if exe_gdb is not None else None
+
+
 # ---------------------------------------------------------------- the session
+
+
+class Stop:
+    """Stop requests (signal numbers) for a session, safe to make from a signal handler: the
+    session's waits wake up on them through a pipe. Made before the session when signals must be
+    caught from the very start (the CLI), else by the session itself."""
+
+    def __init__(self) -> None:
+        self.signals: list[int] = []
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def request(self, signum: int) -> None:
+        self.signals.append(signum)
+        try:
+            os.write(self.wake_w, b"!")
+        except OSError:
+            pass
+
+    @property
+    def first(self) -> Optional[int]:
+        return self.signals[0] if self.signals else None
+
+    def close(self) -> None:
+        for fd in (self.wake_r, self.wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self.wake_r = self.wake_w = -1
 
 
 @dataclass
@@ -338,6 +380,8 @@ class GdbSession:
     attached: bool = False
     resumed: bool = False
     was_stopped: bool = False
+    early: Any = None  # a gdb started by prestart() before the session knew its target
+    stop: Optional[Stop] = None  # stop requests (made by the session when not given)
     log: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -347,10 +391,8 @@ class GdbSession:
         self._json_dir: Optional[str] = None
         self._attach_t0: Optional[float] = None
         self._phase = "idle"  # idle, setup, attach, command, detach, closed
-        self._stop_requests: list[int] = []
         self._stop_seen = 0
-        self._wake_r: Optional[int] = None
-        self._wake_w: Optional[int] = None
+        self._own_stop = self.stop is None
         self._forced = False
 
     # -- lifecycle
@@ -365,28 +407,35 @@ class GdbSession:
     @property
     def stop_signal(self) -> Optional[int]:
         """The first signal that asked this session to stop, if any."""
-        return self._stop_requests[0] if self._stop_requests else None
+        return self.stop.first if self.stop is not None else None
+
+    @property
+    def _stop_requests(self) -> list[int]:
+        return self.stop.signals if self.stop is not None else []
 
     def request_stop(self, signum: int) -> None:
         """Ask the session to stop (safe to call from a signal handler): see the module docstring."""
-        self._stop_requests.append(signum)
-        if self._wake_w is not None:
-            try:
-                os.write(self._wake_w, b"!")
-            except OSError:
-                pass
+        if self.stop is None:
+            self.stop = Stop()
+        self.stop.request(signum)
 
     def start(self) -> None:
         if (self.pid is None) == (self.core is None):
+            if self.early is not None:
+                self.early.release()
             raise VirtoptError("give a QEMU process or a core file", exit_code=2)
-        exe_gdb = shutil.which(self.gdb)
-        if exe_gdb is None:
-            raise NotAvailableError(f"{self.gdb} not found: apt-get install gdb")
-        pack = self.pack or pack_path()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
+            exe_gdb = shutil.which(self.gdb)
+            if exe_gdb is None:
+                raise NotAvailableError(f"{self.gdb} not found: apt-get install gdb")
+            pack = self.pack or pack_path()
+            if self.stop is None:
+                self.stop = Stop()
             self._start(exe_gdb, pack)
         except BaseException:
+            if self.early is not None:
+                self.early.release()
+                self.early = None
             self.close()
             raise
 
@@ -395,7 +444,10 @@ class GdbSession:
 
         self._phase = "setup"
         # gdb starts up while the target is checked (it attaches to nothing until told)
-        self._mi = mi.MiProcess(exe_gdb, ["-iex", "set debuginfod enabled off", *index_cache_args()])
+        early, self.early = self.early, None
+        self._mi = early if early is not None and early.alive() else spawn_gdb(exe_gdb)
+        if early is not None and early is not self._mi:
+            early.release()
         self._mi.on_record = self.log.append
         if self.core is not None:
             self.exe, self.build_id, _info = check_core_exe(self.core, self.exe)
@@ -476,10 +528,8 @@ class GdbSession:
             if self._json_dir:
                 shutil.rmtree(self._json_dir, ignore_errors=True)
                 self._json_dir = None
-            for fd in (self._wake_r, self._wake_w):
-                if fd is not None:
-                    os.close(fd)
-            self._wake_r = self._wake_w = None
+            if self._own_stop and self.stop is not None:
+                self.stop.close()
 
     def _close_gdb(self) -> None:
         from qemu_ext.gdbmi import mi
@@ -548,7 +598,7 @@ class GdbSession:
         interrupted = False
         while True:
             try:
-                return self._mi.wait_result(token, deadline, command, self._wake_r,
+                return self._mi.wait_result(token, deadline, command, self.stop.wake_r if self.stop else None,
                                             lambda: len(self._stop_requests) > self._stop_seen)
             except mi.MiInterrupted:
                 self._stop_seen = len(self._stop_requests)
@@ -626,8 +676,8 @@ class GdbSession:
 
 
 @contextmanager
-def guard_signals(session: GdbSession) -> Iterator[None]:
-    """While the block runs, SIGINT/SIGTERM/SIGHUP/SIGTSTP ask ``session`` to stop (it detaches
+def guard_signals(stop: Any) -> Iterator[None]:
+    """While the block runs, SIGINT/SIGTERM/SIGHUP/SIGTSTP ask ``stop`` (a Stop or a session) to stop (it detaches
     first); a SIGTSTP (Ctrl-Z) then suspends virtopt once QEMU runs again. Only in the main thread
     (elsewhere signals are not ours)."""
     if threading.current_thread() is not threading.main_thread():
@@ -638,7 +688,7 @@ def guard_signals(session: GdbSession) -> Iterator[None]:
     def on_signal(signum: int, _frame: object) -> None:
         if signum == signal.SIGTSTP:
             suspend.append(signum)
-        session.request_stop(signum)
+        (stop.request if isinstance(stop, Stop) else stop.request_stop)(signum)
 
     wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGTSTP)
     old = {s: signal.signal(s, on_signal) for s in wanted}
@@ -661,19 +711,29 @@ def _qemu_running(pid: Optional[int]) -> Optional[bool]:
 
 
 def run(commands: Sequence[str], pid: Optional[int] = None, core: Optional[str] = None, exe: Optional[str] = None,
-        gdb: str = "gdb", timeout: float = 30.0, handle_signals: bool = True) -> GdbRun:
+        gdb: str = "gdb", timeout: float = 30.0, handle_signals: bool = True, early: Any = None,
+        stop: Optional[Stop] = None) -> GdbRun:
     """Attach once (or open the core), run every command, detach. Commands gdb must not run are
-    refused before gdb starts; a signal ends the run with ``Interrupted`` after gdb detached."""
+    refused before gdb is used; a signal ends the run with ``Interrupted`` after gdb detached.
+    ``early``: a gdb from prestart() (released here whatever happens); ``stop``: the caller's stop
+    requests when it guards the signals itself (guard_signals(stop) around prestart and run)."""
     for c in commands:
         why = refusal(c, core is not None)
         if why is not None:
+            if early is not None:
+                early.release()
             raise why
-    session = GdbSession(pid, gdb=gdb, timeout=timeout, core=core, exe=exe)
+    session = GdbSession(pid, gdb=gdb, timeout=timeout, core=core, exe=exe, early=early, stop=stop)
     results: list[GdbResult] = []
     guard = guard_signals(session) if handle_signals else _nothing()
     with guard:
         try:
-            session.start()
+            if session.stop_signal is not None:  # a signal before gdb was used: touch nothing
+                if early is not None:
+                    early.release()
+                    session.early = None
+            else:
+                session.start()
             for c in commands:
                 if session.stop_signal is not None:
                     break
