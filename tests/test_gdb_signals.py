@@ -290,8 +290,8 @@ if pid == 0:
     os.setpgid(0, 0)
     os.tcsetpgrp(0, os.getpgrp())
     os.execv(sys.executable, sys.argv[1:])
-os.setpgid(pid, pid)
 try:
+    os.setpgid(pid, pid)  # as shells do; EACCES once the child has exec'd (it set its group itself)
     os.tcsetpgrp(0, pid)
 except OSError:
     pass
