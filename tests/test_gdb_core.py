@@ -148,3 +148,43 @@ def test_every_view_on_a_core_says_what_the_live_qemu_said(debug_qemu_factory, d
         assert "kvm_run is not in the core file" in human.stdout
     no = virtopt("inspect", "--core", str(core), "--exe", exe, "trace", "enable", "x")
     assert no.returncode == 2 and re.search(r"never writes", no.stderr)
+
+
+def _core_offset(core: Path, addr: int) -> int:
+    """The file offset of virtual address addr in a core (its PT_LOAD segments)."""
+    import struct
+
+    data = core.read_bytes()[:1 << 20]
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    with open(core, "rb") as f:
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    for i in range(phnum):
+        p_type, _fl, off, vaddr, _pa, filesz, _ms, _al = struct.unpack_from("<IIQQQQQQ", table, i * phentsize)
+        if p_type == 1 and vaddr <= addr < vaddr + filesz:
+            return off + addr - vaddr
+    raise AssertionError(f"{addr:#x} is not in the core")
+
+
+def test_a_list_that_loops_is_one_line_not_a_hang(debug_qemu_factory, debug_build, tmp_path: Path):
+    """A core whose address-space list was made to loop (the first element's next points to itself):
+    the bounded, cycle-checked walk says so in one line, through drgn and through gdb."""
+    qp = debug_qemu_factory(name="virtopt-loop", memory_mb=32, extra_args=["-S"])
+    core = tmp_path / "good.core"
+    with GdbSession(qp.pid) as s:
+        assert s.run(f"generate-core-file {core}").ok
+    qp.stop()
+    t = DrgnTarget.open_core(str(core), debug_build.system)
+    head = t.var("address_spaces")
+    first = head["tqh_first"].ptr()
+    link = first + t.type("AddressSpace").offset("address_spaces_link")  # tqe_next first in the union
+    bad = tmp_path / "loop.core"
+    data = bytearray(core.read_bytes())
+    off = _core_offset(core, link)
+    data[off:off + 8] = first.to_bytes(8, "little")
+    bad.write_bytes(bytes(data))
+    cp = virtopt("inspect", "--core", str(bad), "--exe", debug_build.system, "mtree")
+    assert cp.returncode == 1 and len(cp.stderr.splitlines()) == 1 and "loops back" in cp.stderr, cp.stderr
+    (r,) = gdb_on_core(debug_build.system, bad, ["virtopt mtree --flat"], tmp_path)
+    assert not r["ok"] and "loops back" in r["error"] and "\n" not in r["error"]
