@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from qemu_ext.errors import VirtoptError
+from qemu_ext.gdbmi import driver
 from qemu_ext.output import add_output_option, duration, print_json
 
 EPILOG = """\
@@ -61,8 +62,6 @@ def _usage(message: str) -> VirtoptError:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qemu_ext.gdbmi import driver
-
     if args.path:
         if args.vm or args.core or args.commands:
             raise _usage("--path takes no VM, core or command")
@@ -77,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     stop = driver.Stop()
     try:
         with driver.guard_signals(stop):  # from here on a signal is a request to stop, never a crash
-            res = _run(args, commands, driver, stop)
+            res = _run(args, commands, stop)
     except driver.Interrupted as exc:
         print(f"virtopt: {interrupted_line(exc)}", file=sys.stderr)
         return exc.exit_code
@@ -101,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     return 1 if 1 in failed else max(failed)
 
 
-def _run(args: argparse.Namespace, commands: list[str], driver, stop):
+def _run(args: argparse.Namespace, commands: list[str], stop: driver.Stop) -> driver.GdbRun:
     early = driver.prestart(args.gdb)  # gdb initialises while the VM is resolved and checked
     pid = None
     try:
@@ -117,7 +116,7 @@ def _run(args: argparse.Namespace, commands: list[str], driver, stop):
                       handle_signals=False, early=early, stop=stop)
 
 
-def pause_line(res) -> str:
+def pause_line(res: driver.GdbRun) -> str:
     """`QEMU 123 was paused 270 ms (gdb attach to detach); it runs again`."""
     line = f"QEMU {res.pid} was paused {duration(res.paused_seconds or 0.0)} (gdb attach to detach)"
     if res.was_stopped:
@@ -127,7 +126,7 @@ def pause_line(res) -> str:
     return line + "; it runs again"
 
 
-def interrupted_line(exc) -> str:
+def interrupted_line(exc: driver.Interrupted) -> str:
     if exc.pid is None:
         return f"interrupted by {exc.signame}"
     if not exc.attached:
