@@ -361,6 +361,23 @@ def test_bad_core_files_are_one_line_each(core, tmp_path):
         assert cp.stderr == f"virtopt: {want.format(p=p)}\n"
 
 
+def test_bad_exe_is_one_line_and_qemu_never_paused(stock, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "text").write_text("text\n")
+    cases = {
+        fifo: "{p}: not a regular file or block device",  # refused without blocking on the FIFO
+        tmp_path: "cannot open {p}: Is a directory",
+        tmp_path / "missing": "cannot open {p}: No such file or directory",
+        tmp_path / "text": "{p}: not a usable ELF file (shorter than an ELF header)",
+    }
+    for p, want in cases.items():
+        with PauseSampler(stock.pid) as sampler:
+            cp = virtopt("gdb", str(stock.pid), "--exe", str(p), "-c", "info", timeout=60)
+        assert cp.returncode == 1 and cp.stdout == "" and cp.stderr == f"virtopt: {want.format(p=p)}\n"
+        assert sampler.first is None
+
+
 # ---------------------------------------------------------------- the pure-Python pieces
 
 

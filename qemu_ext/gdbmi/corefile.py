@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import mmap
 import os
-import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Optional
 
-from qemu_ext import errors
 from qemu_ext.errors import BadInputError
 from qemu_ext.gdbmi import elfsyms
 
@@ -57,29 +55,10 @@ class CoreInfo:
                 "build-id": self.build_id}
 
 
-def _open(path: str) -> tuple[int, int]:
-    """An fd and the size of a core file, with CONTRIBUTING's wording for everything else."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as exc:
-        raise errors.open_error(path, exc) from None
-    st = os.fstat(fd)
-    if stat.S_ISDIR(st.st_mode):
-        os.close(fd)
-        raise errors.open_error(path, IsADirectoryError(21, os.strerror(21)))
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise errors.not_a_file(path)
-    if st.st_size == 0:
-        os.close(fd)
-        raise errors.empty_file(path)
-    return fd, st.st_size
-
-
 def read_core(path: str) -> CoreInfo:
     """The PID, executable and build-id a core file records. BadInputError for anything that is not
     a usable 64-bit little-endian ELF core."""
-    fd, size = _open(path)
+    fd, size = elfsyms.open_elf(path)
     try:
         with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
             if size < 64 or m[:4] != b"\x7fELF":

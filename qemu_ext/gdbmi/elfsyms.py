@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from qemu_ext import errors
 from qemu_ext.errors import BadInputError
 
 SHT_SYMTAB = 2
@@ -44,17 +46,33 @@ def read_symbols(
     ``want(name)`` filters names (the filter is applied before decoding anything else).
     ``prefer``: ``symtab`` reads .symtab when present (debug builds) and .dynsym otherwise.
     """
+    fd, size = open_elf(path)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise BadInputError(f"cannot open {path}: {exc.strerror}") from exc
-    try:
-        size = os.fstat(fd).st_size
         _check(size >= 64, path, "shorter than an ELF header")
         with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
             return _read(m, size, path, want, prefer)
     finally:
         os.close(fd)
+
+
+def open_elf(path: str) -> tuple[int, int]:
+    """An fd and the size of a regular file, with CONTRIBUTING's one wording per condition (a FIFO is
+    refused without blocking on it, a directory is "Is a directory")."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise errors.open_error(path, exc) from None
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):
+        os.close(fd)
+        raise errors.open_error(path, IsADirectoryError(21, os.strerror(21)))
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise errors.not_a_file(path)
+    if st.st_size == 0:
+        os.close(fd)
+        raise errors.empty_file(path)
+    return fd, st.st_size
 
 
 def _read(m: mmap.mmap, size: int, path: str, want: Optional[Callable[[str], bool]], prefer: str) -> dict[str, ElfSymbol]:
@@ -155,12 +173,8 @@ def program_headers(m: bytes | mmap.mmap, size: int, path: str) -> list[tuple[in
 def build_id(path: str) -> Optional[str]:
     """The GNU build-id (hex) of an ELF file, from its PT_NOTE segments; None when it has none.
     Raises BadInputError for a file that cannot be opened or is not a usable ELF file."""
+    fd, size = open_elf(path)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise BadInputError(f"cannot open {path}: {exc.strerror}") from exc
-    try:
-        size = os.fstat(fd).st_size
         _check(size >= 64, path, "shorter than an ELF header")
         with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
             for p_type, _fl, off, _va, filesz, _ms in program_headers(m, size, path):
