@@ -393,6 +393,7 @@ class GdbSession:
         self._phase = "idle"  # idle, setup, attach, command, detach, closed
         self._stop_seen = 0
         self._own_stop = self.stop is None
+        self._pending = False  # a command was sent and its answer not read (e.g. a KeyboardInterrupt)
         self._forced = False
 
     # -- lifecycle
@@ -539,6 +540,8 @@ class GdbSession:
             return
         try:
             if self.attached and m.alive() and not self._forced:
+                if self._pending and self._safe_to_interrupt():
+                    m.interrupt()  # a command left running (KeyboardInterrupt in a caller): cut it short
                 self._phase = "detach"
                 if self._watchdog is not None:
                     self._watchdog.detaching()
@@ -596,10 +599,13 @@ class GdbSession:
         limit = timeout or self.timeout
         deadline = time.monotonic() + limit
         interrupted = False
+        self._pending = True  # until the answer is in (an exception from the caller's side leaves it set)
         while True:
             try:
-                return self._mi.wait_result(token, deadline, command, self.stop.wake_r if self.stop else None,
-                                            lambda: len(self._stop_requests) > self._stop_seen)
+                ans = self._mi.wait_result(token, deadline, command, self.stop.wake_r if self.stop else None,
+                                           lambda: len(self._stop_requests) > self._stop_seen)
+                self._pending = False
+                return ans
             except mi.MiInterrupted:
                 self._stop_seen = len(self._stop_requests)
                 if self._phase == "setup":  # QEMU not touched yet: just end gdb
