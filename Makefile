@@ -3,6 +3,7 @@
 #   make test   install, add QEMU 10.0 beside Debian's 7.2 and build a debug QEMU of each once
 #               (cached outside the repo, in $VIRTOPT_CACHE or ~/.cache/virtopt), lint, run the suite
 #   make bench  benchmarks against QEMU's own tools (ratios printed)
+#   make fuzz   the structure-aware qcow2 fuzzer for FUZZ_MINUTES (default 5), findings by signature
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -50,6 +51,10 @@ test: install qemus libvirt lint
 
 bench: install qemus
 	$(BIN)/python bench/run.py
+
+FUZZ_MINUTES ?= 5
+fuzz: install
+	$(BIN)/python fuzz/run.py --minutes $(FUZZ_MINUTES)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -213,6 +213,45 @@ def test_dump_header_is_qcow2_py(images: dict[str, Path]) -> None:
     assert rc == 0 and d["header"]["l1-table-offset"] and all("_" not in k for k in keys(d))
 
 
+def test_bulk_decoding_agrees_with_the_bitstructs(images: dict[str, Path]) -> None:
+    """The masks that decode whole tables (dump, entries.py) give the fields the construct BitStructs of
+    format.py describe, on real L1/L2 entries (standard, compressed, zero, extended) and refcount table
+    and bitmap table entries."""
+    from qemu_ext.qcow2 import format as F
+    from qemu_ext.qcow2.dump import dump
+    from qemu_ext.qcow2.entries import compressed_span
+
+    for name in ("zlib", "extl2", "c64k-rc16", "bitmaps", "zstd-c4k"):
+        p = images[name]
+        l1 = dump(p, "l1")["entries"]
+        for r in l1:
+            e = F.L1Entry.parse(r["raw"].to_bytes(8, "big"))
+            assert (r["l2-offset"], r["copied"], r["reserved-bits"]) == (
+                e.l2_offset_9 << 9, e.copied, (e.reserved_hi << 56) | e.reserved_lo)
+        d = dump(p, "l2", l1_index=l1[0]["index"])
+        cb = d["cluster-size"].bit_length() - 1
+        for r in d["entries"]:
+            raw = r["raw"].to_bytes(8, "big")
+            if r["type"] == "compressed":
+                c = F.L2CompressedEntry(cb).parse(raw)
+                assert (r["compressed-offset"], r["compressed-bytes"]) == (
+                    c.host_offset, (c.additional_sectors + 1) * 512 - (c.host_offset & 511)) == compressed_span(r["raw"], cb)
+            else:
+                s = F.L2StandardEntry.parse(raw)
+                assert (r["host-offset"], r["zero-flag"], r["copied"], r["reserved-bits"]) == (
+                    s.host_offset_9 << 9, s.zero, s.copied, (s.reserved_hi << 56) | (s.reserved_lo << 1))
+            if d["extended-l2"]:
+                bits = int(r["zero-bitmap"][::-1], 2) << 32 | int(r["alloc-bitmap"][::-1], 2)
+                b = F.L2SubclusterBitmap.parse(bits.to_bytes(8, "big"))
+                assert (b.alloc, b.zero) == (bits & 0xFFFFFFFF, bits >> 32)
+        for r in dump(p, "refcounts")["blocks"]:
+            assert F.RefcountTableEntry.parse(r["raw"].to_bytes(8, "big")).block_offset_9 << 9 == r["block-offset"]
+        for bm in dump(p, "bitmaps")["bitmaps"]:
+            for r in bm["table"]:
+                raw = (r["offset"] | r["reserved"] | (r["type"] in ("all-ones", "invalid"))).to_bytes(8, "big")
+                assert F.BitmapTableEntry.parse(raw).offset_9 << 9 == r["offset"]
+
+
 def test_dump_l2_agrees_with_map(images: dict[str, Path]) -> None:
     """The host offsets `dump l2` decodes are the ones qemu-img map reports."""
     p = images["c64k-rc16"]

@@ -7,6 +7,7 @@ qcow2 backing files.  Encrypted images are not supported.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import zlib
@@ -261,6 +262,9 @@ class _Output:
         if self.regular:
             try:
                 os.ftruncate(self.fd, self.size)
+            except OverflowError:
+                raise self.fail("error while converting raw: Could not resize file",
+                                OSError(errno.EFBIG, os.strerror(errno.EFBIG))) from None
             except OSError as exc:  # qemu-img's words (block/file-posix.c raw_co_create)
                 raise self.fail("error while converting raw: Could not resize file", exc) from None
 

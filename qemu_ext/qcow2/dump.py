@@ -67,7 +67,7 @@ def raw_header(path: PathLike) -> dict[str, Any]:
             exts.append(ext)
             pos += 8 + (n + 7) // 8 * 8
         backing = None
-        if h["backing_file_offset"] and h["backing_file_size"] <= 4096:
+        if h["backing_file_offset"] and h["backing_file_size"] <= 4096 and h["backing_file_offset"] < length:
             backing = os.pread(fd, h["backing_file_size"], h["backing_file_offset"]).decode("utf-8", "replace")
     finally:
         os.close(fd)
@@ -173,9 +173,9 @@ def _l1(img: Qcow2Image, snapshot: Optional[str]) -> dict[str, Any]:
     l1, size, label = _l1_of(img, snapshot)
     rows = []
     for i in np.nonzero(l1)[0][:MAX_ROWS].tolist():
-        e = F.L1Entry.parse(int(l1[i]).to_bytes(8, "big"))
-        rows.append({"index": i, "raw": int(l1[i]), "l2-offset": e.l2_offset_9 << 9, "copied": e.copied,
-                     "reserved-bits": (e.reserved_hi << 56) | e.reserved_lo})
+        v = int(l1[i])
+        rows.append({"index": i, "raw": v, "l2-offset": v & F.L1E_OFFSET_MASK, "copied": bool(v >> 63),
+                     "reserved-bits": v & F.L1E_RESERVED_MASK})
     return {"what": "l1", "table": label, "l1-size": size, "entries": rows}
 
 
@@ -191,27 +191,35 @@ def _l2(img: Qcow2Image, l1_index: Optional[int], snapshot: Optional[str]) -> di
     if not off or off >= img.file_size:  # unallocated, or past the end of the file (reads as zeros)
         return {**base, "entries": []}
     tab = img.read_l2_tables(np.array([off], dtype=U))[0]
-    per = img.l2_entries_per_table
+    ent = tab[:, 0] if img.extended_l2 else tab
+    bmp = tab[:, 1] if img.extended_l2 else np.zeros_like(ent)
+    return {**base, "entries": l2_rows(img, l1_index, ent, bmp)}
+
+
+def l2_rows(img: Qcow2Image, l1_index: int, ent: np.ndarray, bmp: np.ndarray) -> list[dict[str, Any]]:
+    """The entries of one L2 table in use, decoded with the masks of format.py in bulk (the
+    BitStructs there describe the same fields; tests check both decoders agree)."""
+    per = len(ent)
+    used = np.flatnonzero((ent != 0) | (bmp != 0))[:MAX_ROWS]
+    e, b = ent[used], bmp[used]
+    coff, cbytes = compressed_span(e, img.cluster_bits)
+    types = [_l2_type(img, int(x), int(y)) for x, y in zip(e.tolist(), b.tolist())]
+    host = (e & U(F.L2E_OFFSET_MASK)).tolist()
+    resv = (e & U(F.L2E_STD_RESERVED_MASK)).tolist()
     rows = []
-    for j in range(per):
-        e, bmp = (int(tab[j, 0]), int(tab[j, 1])) if img.extended_l2 else (int(tab[j]), 0)
-        if not e and not bmp:
-            continue
-        t = _l2_type(img, e, bmp)
-        row: dict[str, Any] = {"index": j, "guest-offset": (l1_index * per + j) * img.cluster_size, "raw": e,
-                               "type": t, "copied": bool(e >> 63)}
-        if t == "compressed":
-            coff, nbytes = compressed_span(e, img.cluster_bits)
-            row.update({"compressed-offset": coff, "compressed-bytes": nbytes})
+    for k, j in enumerate(used.tolist()):
+        v = int(e[k])
+        row: dict[str, Any] = {"index": j, "guest-offset": (l1_index * per + j) * img.cluster_size, "raw": v,
+                               "type": types[k], "copied": bool(v >> 63)}
+        if types[k] == "compressed":
+            row.update({"compressed-offset": int(coff[k]), "compressed-bytes": int(cbytes[k])})
         else:
-            d = F.L2StandardEntry.parse(e.to_bytes(8, "big"))
-            row.update({"host-offset": d.host_offset_9 << 9, "zero-flag": d.zero,
-                        "reserved-bits": (d.reserved_hi << 56) | (d.reserved_lo << 1)})
+            row.update({"host-offset": host[k], "zero-flag": bool(v & 1), "reserved-bits": resv[k]})
         if img.extended_l2:
-            b = F.L2SubclusterBitmap.parse(bmp.to_bytes(8, "big"))
-            row.update({"alloc-bitmap": f"{b.alloc:032b}"[::-1], "zero-bitmap": f"{b.zero:032b}"[::-1]})
+            bb = int(b[k])
+            row.update({"alloc-bitmap": f"{bb & 0xFFFFFFFF:032b}"[::-1], "zero-bitmap": f"{bb >> 32:032b}"[::-1]})
         rows.append(row)
-    return {**base, "entries": rows}
+    return rows
 
 
 def _refcounts(img: Qcow2Image) -> dict[str, Any]:
@@ -219,14 +227,17 @@ def _refcounts(img: Qcow2Image) -> dict[str, Any]:
     per = img.refcount_block_entries
     cs = img.cluster_size
     rows = []
+    seen: dict[int, tuple[int, dict[int, int]]] = {}  # block offset -> (clusters in use, histogram)
     for i in np.nonzero(rt)[0][:MAX_ROWS].tolist():
         o = int(rt[i]) & F.RT_OFFSET_MASK
-        ok = o and o % cs == 0 and o + cs <= img.file_size
-        blk = img.decode_refcount_block(img.pread(o, cs, "refcount block")) if ok else np.zeros(0, U)
-        nz = np.nonzero(blk)[0]
-        hist = dict(zip(*(a.tolist() for a in np.unique(blk[nz], return_counts=True)))) if len(nz) else {}
+        if o not in seen:
+            ok = o and o % cs == 0 and o + cs <= img.file_size
+            blk = img.decode_refcount_block(img.pread(o, cs, "refcount block")) if ok else np.zeros(0, U)
+            nzb = blk[blk != 0]
+            seen[o] = (len(nzb), dict(zip(*(a.tolist() for a in np.unique(nzb, return_counts=True)))) if len(nzb) else {})
+        n_used, hist = seen[o]
         rows.append({"index": i, "raw": int(rt[i]), "block-offset": o, "first-cluster": i * per,
-                     "used-clusters": len(nz), "refcount-histogram": {str(k): v for k, v in hist.items()}})
+                     "used-clusters": n_used, "refcount-histogram": {str(k): v for k, v in hist.items()}})
     return {"what": "refcounts", "refcount-bits": img.refcount_bits,
             "refcount-table-offset": img.header.refcount_table_offset,
             "refcount-table-entries": img.header.refcount_table_clusters * cs // 8, "entries-per-block": per,

@@ -339,6 +339,9 @@ class Qcow2Image:
         if self.mode != OpenMode.CHECK:
             self._snapshots, self._snapshot_table_size = snapshots.read_snapshots(self)
         self._bitmaps = bitmaps.load_bitmaps(self)
+        # bdrv_open_driver() -> bdrv_refresh_total_sectors(): the length in bytes must fit an int64
+        if h.size // 512 > INT64_MAX // 512:
+            raise self.refuse("Could not refresh total sector count: File too large")
 
     def _read_header(self) -> None:
         """The header part of qcow2_do_open(): the 112-byte QCowHeader (zeros past the end)."""
@@ -643,19 +646,21 @@ class Qcow2Image:
         h = self.header
         return self.read_be64_prefix(h.refcount_table_offset, h.refcount_table_clusters * self.cluster_size // 8)
 
-    def decode_refcount_block(self, raw: bytes) -> np.ndarray:
-        """Refcounts of one block (uint64 array), for refcount_bits 1..64."""
+    def decode_refcount_block(self, raw: bytes, narrow: bool = False) -> np.ndarray:
+        """Refcounts of one block for refcount_bits 1..64: uint64, or (narrow) the smallest unsigned
+        type that holds them (a 2 MiB block of 1-bit refcounts is 16 Mi entries)."""
         bits = self.refcount_bits
         if bits >= 8:
             dt = {8: ">u1", 16: ">u2", 32: ">u4", 64: ">u8"}[bits]
-            return np.frombuffer(raw, dtype=dt).astype(np.uint64)
+            a = np.frombuffer(raw, dtype=dt)
+            return a.astype(a.dtype.newbyteorder("=")) if narrow else a.astype(np.uint64)
         # sub-byte widths: entry i lives in byte i*bits//8, bit 0 is the least significant bit
         b = np.frombuffer(raw, dtype=np.uint8)
         per = 8 // bits
-        mask = (1 << bits) - 1
+        mask = np.uint8((1 << bits) - 1)
         shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
-        out = (b[:, None] >> shifts[None, :]) & mask
-        return out.reshape(-1).astype(np.uint64)
+        out = ((b[:, None] >> shifts[None, :]) & mask).reshape(-1)
+        return out if narrow else out.astype(np.uint64)
 
     def refcounts(self, rt: Optional[np.ndarray] = None, max_clusters: Optional[int] = None) -> np.ndarray:
         """Stored refcount of each cluster covered by the refcount table, up to max_clusters
@@ -668,14 +673,15 @@ class Qcow2Image:
         rt = rt[: (max_clusters + per - 1) // per]
         offs = rt & np.uint64(F.RT_OFFSET_MASK)
         nz = np.nonzero(offs)[0]
-        nblocks = int(nz[-1]) + 1 if len(nz) else 0
-        out = np.zeros(nblocks * per, dtype=np.uint64)
+        n = min((int(nz[-1]) + 1) * per, max_clusters) if len(nz) else 0
+        out = np.zeros(n, dtype=np.uint64)
         cs = self.cluster_size
         for i in nz.tolist():
             off = int(offs[i])
-            if off + cs > self.file_size or off % cs:
+            if off + cs > self.file_size or off % cs or i * per >= n:
                 continue
-            out[i * per : (i + 1) * per] = self.decode_refcount_block(os.pread(self._fd, cs, off))
+            blk = self.decode_refcount_block(os.pread(self._fd, cs, off), narrow=True)
+            out[i * per : min(n, (i + 1) * per)] = blk[: min(n, (i + 1) * per) - i * per]
         return out
 
     # ------------------------------------------------------------ snapshots

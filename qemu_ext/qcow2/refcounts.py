@@ -87,7 +87,7 @@ class OnDisk:
     """qcow2_get_refcount() for any cluster: 0 past the refcount table or for a missing block, an
     error for a block that is not cluster aligned (QEMU signals corruption: -EIO)."""
 
-    CACHE = 64
+    CACHE_BYTES = 64 << 20  # decoded blocks kept (a handful of 2 MiB blocks, dozens of 64 KiB ones)
 
     def __init__(self, img: Qcow2Image) -> None:
         self.img = img
@@ -96,12 +96,13 @@ class OnDisk:
         self.per = img.refcount_block_entries
         self.rb_bits = self.per.bit_length() - 1
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cached_bytes = 0
 
     def block_error(self, i: int) -> bool:
         return i < len(self.blocks) and int(self.blocks[i]) % self.img.cluster_size != 0
 
     def block(self, i: int) -> np.ndarray:
-        """Decoded refcounts of refcount block i (int64; zeros when absent or past the file)."""
+        """Decoded refcounts of refcount block i (narrow unsigned type; zeros when absent or past the file)."""
         b = self._cache.get(i)
         if b is not None:
             self._cache.move_to_end(i)
@@ -109,13 +110,17 @@ class OnDisk:
         off = int(self.blocks[i]) if i < len(self.blocks) else 0
         cs = self.img.cluster_size
         if not off or off % cs:
-            b = np.zeros(self.per, dtype=np.int64)
+            b = np.zeros(self.per, dtype=np.uint8)
         else:
             raw = self.img.pread_zero_padded(off, cs) if off < self.img.file_size else bytes(cs)
-            b = np.minimum(self.img.decode_refcount_block(raw), U(1 << 62)).astype(np.int64)
+            b = self.img.decode_refcount_block(raw, narrow=True)
+            if b.dtype == np.uint64:  # compared as int64: absurd 64-bit refcounts are clamped
+                b = np.minimum(b, U(1 << 62)).astype(np.int64)
         self._cache[i] = b
-        if len(self._cache) > self.CACHE:
-            self._cache.popitem(last=False)
+        self._cached_bytes += b.nbytes
+        while self._cached_bytes > self.CACHE_BYTES and len(self._cache) > 1:
+            _k, old = self._cache.popitem(last=False)
+            self._cached_bytes -= old.nbytes
         return b
 
     def get(self, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
