@@ -20,10 +20,9 @@ Requirement = Callable[[Target, str], Optional[str]]
 def is_qemu(t: Target) -> bool:
     if "is-qemu" not in t.memo:
         try:
-            syms = t.elf_symbols()
+            t.memo["is-qemu"] = t.elf_symbol("main_loop_tlg") is not None or t.elf_symbol("qemu_main_loop") is not None
         except IntrospectError:
-            syms = {}
-        t.memo["is-qemu"] = "main_loop_tlg" in syms or "qemu_main_loop" in syms
+            t.memo["is-qemu"] = False
     return t.memo["is-qemu"]
 
 

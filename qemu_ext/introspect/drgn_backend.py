@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from qemu_ext.errors import BadInputError, open_error
 
+from .elf import Sym
 from .target import Field, IntrospectError, MemoryReadError, NotAvailable, Target, ThreadInfo, TypeInfo
 
 # drgn's plugins (its crash-compatible commands: 0.6 s of imports) serve nothing here; a user's
@@ -34,6 +35,7 @@ def _need_drgn() -> Any:
 
 
 _KINDS: dict[Any, str] = {}
+_SYMBOL_KINDS = {"OBJECT": 1, "FUNC": 2, "SECTION": 3, "FILE": 4, "COMMON": 5, "TLS": 6}  # STT_*
 
 
 def _kind(t: Any) -> str:
@@ -204,6 +206,48 @@ class DrgnTarget(Target):
 
     def symbol_file(self) -> Optional[str]:
         return self._exe
+
+    def relocation_mismatch(self) -> Optional[str]:
+        return None  # drgn places the executable's symbols by the process's own mappings
+
+    def elf_symbol(self, name: str) -> Optional[Sym]:
+        """By drgn's own symbol index (no pass over the whole table for one name), the executable's
+        symbols only; the full table once it has been read."""
+        if self._bias is None:
+            self._bias = self.maps_bias()  # a live QEMU: from its mappings; a core: see below
+        if self._syms is not None or self._bias is None:
+            return self.elf_symbols().get(name)  # the whole table (it also finds the bias of a core)
+        try:
+            sym = self.prog.symbol(name)
+        except LookupError:
+            return None
+        except Exception:
+            return self.elf_symbols().get(name)
+        lo, hi = self._exe_range()
+        if not lo <= sym.address < hi:
+            return None  # a library's symbol of that name
+        kind = _SYMBOL_KINDS.get(str(sym.kind).rsplit(".", 1)[-1], 0)
+        return Sym(sym.address - self.load_bias(), sym.size, kind)
+
+    def _exe_range(self) -> tuple[int, int]:
+        rng = self.memo.get("exe-range")
+        if rng is None:
+            import struct
+
+            lo, hi = 1 << 64, 0
+            with open(self._exe, "rb") as f:
+                hdr = f.read(64)
+                phoff, = struct.unpack_from("<Q", hdr, 0x20)
+                phentsize, phnum = struct.unpack_from("<HH", hdr, 0x36)
+                f.seek(phoff)
+                table = f.read(phentsize * phnum)
+            for i in range(phnum):
+                p_type, _fl, _off, vaddr, _pa, _fs, memsz, _al = struct.unpack_from("<IIQQQQQQ", table, i * phentsize)
+                if p_type in (1, 7):  # PT_LOAD, PT_TLS (TLS symbols: their offset plus the bias)
+                    lo, hi = min(lo, vaddr), max(hi, vaddr + memsz)
+            bias = self.load_bias()
+            rng = self.memo["exe-range"] = (lo + bias, hi + bias)
+        return rng
 
     def core_path(self) -> Optional[str]:
         return getattr(self, "_core", None)

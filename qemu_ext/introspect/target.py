@@ -343,15 +343,15 @@ class Target:
         """One line when the reader has this QEMU's symbols at other addresses than the kernel
         mapped the executable (a symbol file loaded before attaching and not relocated)."""
         bias = self.maps_bias()
-        syms = self.elf_symbols()
         if bias is None:
             return None
         for anchor in ("main_loop_tlg", "trace_events_enabled_count", "main"):
-            if anchor in syms:
+            sym = self.elf_symbol(anchor)
+            if sym is not None:
                 got = self._runtime_address(anchor)
-                if got is not None and got != syms[anchor].value + bias:
+                if got is not None and got != sym.value + bias:
                     return (f"the reader has {anchor} at {got:#x}, but process {self.pid} has it at "
-                            f"{syms[anchor].value + bias:#x}: its symbols are stale or not relocated "
+                            f"{sym.value + bias:#x}: its symbols are stale or not relocated "
                             f"(start gdb with -p {self.pid} and no other executable)")
                 return None
         return None
@@ -573,19 +573,24 @@ class Target:
         if self._bias is None:
             self._bias = self.maps_bias()
         if self._bias is None:
-            syms = self.elf_symbols()
             for anchor in ("trace_events_enabled_count", "main_loop_tlg", "qemu_loglevel", "main"):
-                if anchor in syms:
+                sym = self.elf_symbol(anchor)
+                if sym is not None:
                     a = self._runtime_address(anchor)
                     if a is not None:
-                        self._bias = a - syms[anchor].value
+                        self._bias = a - sym.value
                         break
             if self._bias is None:
                 raise NotAvailable("cannot relate the executable's symbols to the process (no anchor symbol)")
         return self._bias
 
+    def elf_symbol(self, name: str) -> Optional[elf.Sym]:
+        """One symbol of the executable by name (link-time value): from the whole table, which a
+        backend that has its own symbol index may avoid reading for a single name."""
+        return self.elf_symbols().get(name)
+
     def symbol(self, name: str) -> Optional[Symbol]:
-        s = self.elf_symbols().get(name)
+        s = self.elf_symbol(name)
         if s is None or s.kind == STT_TLS:
             return None
         return Symbol(name, s.value + self.load_bias(), s.size, self)
@@ -618,7 +623,7 @@ class Target:
     def tls_address(self, tid: int, name: str) -> Optional[int]:
         """Where thread tid keeps its copy of the __thread variable name, from the thread pointer
         ($fs_base) and the executable's PT_TLS segment (glibc _dl_determine_tlsoffset, module 1)."""
-        s = self.elf_symbols().get(name)
+        s = self.elf_symbol(name)
         if s is None or s.kind != STT_TLS:
             return None
         fs = self.register(tid, "fs_base")

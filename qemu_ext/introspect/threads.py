@@ -90,9 +90,11 @@ def start_routine_role(t: Target, tid: int) -> Optional[str]:
     funcs = t.memo.get("role-funcs")
     if funcs is None:
         bias = t.load_bias()
-        syms = t.elf_symbols()
-        funcs = [(syms[f].value + bias, syms[f].value + bias + max(syms[f].size, 1), role)
-                 for f, role in roles.FUNCTION_ROLES.items() if f in syms]
+        funcs = []
+        for f, role in roles.FUNCTION_ROLES.items():
+            sym = t.elf_symbol(f)
+            if sym is not None:
+                funcs.append((sym.value + bias, sym.value + bias + max(sym.size, 1), role))
         t.memo["role-funcs"] = funcs
     if not funcs:
         return None
