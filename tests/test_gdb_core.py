@@ -67,7 +67,8 @@ def test_every_view_on_a_core_says_what_the_live_qemu_said(debug_qemu_factory, d
         pytest.skip("/dev/kvm does not open here: no KVM core to make")
     img = image_factory("c.qcow2", size="16M", io=["write -P 0x55 0 64k"])
     qp = debug_qemu_factory(name="virtopt-core", smp=2, accel=accel, memory_mb=64, drives=[
-        f"if=none,id=d1,driver=qcow2,file.driver=blkdebug,file.image.filename={img}"])
+        f"if=none,id=d1,driver=qcow2,file.driver=blkdebug,file.image.filename={img}"],
+        extra_args=["-object", "iothread,id=io0"])
     qp.client = qp.qmp()
     mid_io = accel == "kvm"
     if mid_io:
@@ -117,7 +118,7 @@ def test_every_view_on_a_core_says_what_the_live_qemu_said(debug_qemu_factory, d
     names = {t["tid"]: t["name"] for t in th}
     for c in cpus:  # thread names rebuilt from QEMU's structures, as qemu_thread_create named them
         assert names[c["thread-id"]] == f"CPU {c['cpu-index']}/{accel.upper()}"
-    assert "IO mon_iothread" in names.values()
+    assert {"IO mon_iothread", "IO io0"} <= set(names.values())  # -object iothread too (QOM /objects)
     live_names = {t["tid"]: t["name"] for t in live["threads"]["threads"]}
     assert names[pid] == live_names[pid] == "qemu-system-x86"  # the main thread's, from NT_PRPSINFO
     timers = by_view["timers"]["data"]

@@ -216,14 +216,13 @@ def thread_names(t: Target) -> dict[int, str]:
 
 
 def iothreads(t: Target) -> dict[int, str]:
-    """tid -> id of every IOThread object (and the monitor's), from QEMU's structures."""
-    out: dict[int, str] = {}
+    """tid -> id of every IOThread object (-object iothread,id=ID) and the monitor's, from QEMU's
+    structures (qom.iothreads walks /objects)."""
     if not t.has_debug_info():
-        return out
-    mon = t.find_var("mon_iothread")
-    if mon is not None and not mon.is_null():
-        try:
-            out[int(mon.deref()["thread_id"])] = "mon_iothread"
-        except IntrospectError:
-            pass
-    return out
+        return {}
+    from . import qom
+
+    try:
+        return {io["thread-id"]: io["id"] for io in qom.iothreads(t) if io["thread-id"]}
+    except IntrospectError:
+        return {}
