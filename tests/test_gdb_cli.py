@@ -72,14 +72,22 @@ class PauseSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        stat = f"/proc/{self.pid}/stat"
+        try:
+            fd = os.open(f"/proc/{self.pid}/stat", os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            self._poll(fd)
+        finally:
+            os.close(fd)
+
+    def _poll(self, fd: int) -> None:
         while not self._stop.is_set():
             try:
-                with open(stat) as f:
-                    state = f.read().rsplit(")", 1)[1].split()[0]
-            except OSError:
+                state = os.pread(fd, 512, 0).rsplit(b")", 1)[1].split()[0]
+            except (OSError, IndexError):
                 return
-            if state == "t":
+            if state == b"t":
                 now = time.monotonic()
                 self.first = self.first or now
                 self.last = now
