@@ -188,10 +188,12 @@ def test_vm_by_name_non_qemu_dead_pid_and_usage(stock):
     assert cp.returncode == 1 and cp.stderr == f"virtopt: no process {sleeper.pid}\n"
     cp = virtopt("gdb", "1")
     assert cp.returncode == 1 and cp.stderr.startswith("virtopt: process 1 is not QEMU (")
-    for argv in ([], ["-c", "info"], [str(stock.pid), "--core", "/nonexistent"], [str(stock.pid), "--timeout", "0"],
-                 ["--path", str(stock.pid)]):
+    for argv in ([], ["-c", "info"], [str(stock.pid), "--core", "/nonexistent"], ["--path", str(stock.pid)]):
         cp = virtopt("gdb", *argv)
         assert cp.returncode == 2 and cp.stderr.count("\n") == 1 and cp.stderr.startswith("virtopt: "), (argv, cp)
+    for value, said in (("0", "0 is out of range (above 0)"), ("abc", "not a number: 'abc'")):
+        cp = virtopt("gdb", str(stock.pid), "--timeout", value)
+        assert cp.returncode == 2 and cp.stderr.splitlines()[-1].endswith(f"argument --timeout: {said}"), cp.stderr
     cp = virtopt("gdb", "no-such-vm-name-xyz")
     assert cp.returncode == 1 and cp.stderr.startswith("virtopt: no QEMU named 'no-such-vm-name-xyz'")
 

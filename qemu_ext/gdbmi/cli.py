@@ -8,7 +8,7 @@ import sys
 
 from qemu_ext.errors import VirtoptError
 from qemu_ext.gdbmi import driver
-from qemu_ext.output import add_output_option, duration, print_json
+from qemu_ext.output import add_output_option, duration, number, print_json
 
 EPILOG = """\
 examples:
@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction, name: str, summary: str) -> None:
     p.add_argument("-c", "--command", dest="commands", action="append", metavar="CMD",
                    help="command to run (repeatable; default: virtopt info)")
     p.add_argument("--gdb", default="gdb", help="gdb binary (default gdb)")
-    p.add_argument("--timeout", type=float, default=30.0,
+    p.add_argument("--timeout", type=number(float, lo=0, lo_open=True), default=30.0,
                    help="seconds to wait for each command before interrupting it (default 30)")
     p.add_argument("--path", action="store_true", help="print the path of the gdb pack script to `source`, and exit")
     add_output_option(p)
@@ -70,8 +70,6 @@ def run(args: argparse.Namespace) -> int:
     if (args.vm is None) == (args.core is None):
         raise _usage("give the QEMU (PID, VM name, QMP socket, libvirt:DOMAIN) or --core CORE, not both"
                      if args.vm else "give the QEMU (PID, VM name, QMP socket, libvirt:DOMAIN) or --core CORE")
-    if not args.timeout > 0:
-        raise _usage(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
     commands = args.commands or ["virtopt info"]
     stop = driver.Stop()
     try:
