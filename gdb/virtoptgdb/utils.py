@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import gdb  # type: ignore[import-not-found]
+from qemu_ext.introspect import gdb_backend
 from qemu_ext.introspect.gdb_backend import GdbTarget
 from qemu_ext.introspect.target import IntrospectError
 
@@ -28,6 +29,7 @@ def per_objfile_cache() -> dict:
 
 def clear_caches(*_: object) -> None:
     _TARGET[0] = None
+    gdb_backend.forget()
     for d in _CACHES:
         d.clear()
 

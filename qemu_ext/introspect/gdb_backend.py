@@ -59,8 +59,33 @@ def _complete(s: Any, block: Any = None) -> Any:
     source file that defines it (block/qcow2-cache.c for Qcow2Cache)."""
     if s.code not in (gdb.TYPE_CODE_STRUCT, gdb.TYPE_CODE_UNION) or s.sizeof:
         return s  # complete (a declaration has no size)
-    tag = s.tag or str(s).split()[-1]
+    tag = s.tag
+    if tag is None or s.fields():
+        # an anonymous struct cannot be declared without its body, and one with members is a
+        # definition: both are complete, only empty (the GNU C `struct {} start_init_save;`
+        # markers of CPUX86State, target/i386/cpu.h 7.2 and 10.0)
+        return s
     kw = "union" if s.code == gdb.TYPE_CODE_UNION else "struct"
+    key = (kw, tag, (block.start, block.end) if block is not None else None)
+    if key in _COMPLETED:
+        return _COMPLETED[key] or s
+    full = _find_definition(s, kw, tag, block)
+    _COMPLETED[key] = full
+    return full or s
+
+
+#: (struct|union, tag, scope's address range) -> its definition, or None when there is none (a
+#: struct only ever declared, or defined empty): looked up once per set of objfiles (forget())
+_COMPLETED: dict[tuple[str, str, Any], Any] = {}
+
+
+def forget() -> None:
+    """Drop what was learnt of the types (gdb loaded or dropped objfiles)."""
+    _COMPLETED.clear()
+
+
+def _find_definition(s: Any, kw: str, tag: str, block: Any) -> Any:
+    """The sized definition of struct/union tag, or None."""
     if block is not None:
         try:
             full = gdb.lookup_type(f"{kw} {tag}", block).strip_typedefs()
@@ -80,9 +105,9 @@ def _complete(s: Any, block: Any = None) -> Any:
     # the defining file's symbols are not read yet: `info types` names the file, its static
     # block then has the definition
     try:
-        text = gdb.execute(f"info types {tag}", to_string=True)
+        text = gdb.execute(f"info types ^{tag}$", to_string=True)
     except gdb.error:
-        return s
+        return None
     current = None
     for line in text.splitlines():
         if line.startswith("File ") and line.endswith(":"):
@@ -97,7 +122,7 @@ def _complete(s: Any, block: Any = None) -> Any:
                 continue
             if full.sizeof:
                 return full
-    return s
+    return None
 
 
 def _collect_fields(s: Any, base: int, out: dict[str, Field], block: Any = None) -> None:
