@@ -297,7 +297,6 @@ SIZES = value_options("size")
 KNOWN.update({
     ("shell", "--timeout"): "shell --timeout says 'not a number of seconds' / 'must be more than 0 and at most 3600 "
                             "seconds, not -1'",
-    ("gdb", "--timeout"): "gdb --timeout is argparse's float ('invalid float value'; -1 checked later, exit 2)",
 })
 
 
