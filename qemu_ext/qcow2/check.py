@@ -39,8 +39,8 @@ from qemu_ext.qcow2.image import (
 from qemu_ext.qcow2.refcounts import Computed, OnDisk
 
 MAX_PROBLEMS = 10000
-CHUNK_BYTES = 2 << 20  # L2 tables decoded per step: small enough to stay in cache
-WINDOW = 1 << 20  # clusters compared per step
+CHUNK_BYTES = 512 << 10  # L2 tables decoded per step: temporaries stay small
+WINDOW = 1 << 16  # clusters compared per step (temporaries of a few hundred KiB)
 U = np.uint64
 
 

@@ -105,12 +105,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_map(args: argparse.Namespace) -> int:
     _tune_malloc()
     from qemu_ext.qcow2.map import image_map
-    from qemu_ext.qcow2.render import map_human, map_json
+    from qemu_ext.qcow2.render import map_human, map_json_lines
 
     compat = _compat(args)
     entries = image_map(args.image, progress=_progress_wanted(), start=args.start_offset, max_length=args.max_length)
     if args.output == "json":
-        sys.stdout.write(map_json(entries, compat))
+        sys.stdout.writelines(map_json_lines(entries, compat))
     else:
         text, error = map_human(entries)
         sys.stdout.write(text)

@@ -12,7 +12,6 @@ in holes of the host file are reported as zero (BDRV_BLOCK_RECURSE).
 
 from __future__ import annotations
 
-import bisect
 import errno
 import os
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from qemu_ext.qcow2.image import PathLike, ProgressFactory, Qcow2Image, start_ba
 U = np.uint64
 # block status codes of a run: BDRV_BLOCK_DATA, BDRV_BLOCK_ZERO, BDRV_BLOCK_COMPRESSED (10.0)
 UNALLOC, DATA, ZERO, COMPRESSED_FLAG = 0, 1, 2, 4
+SCAN_BYTES = 512 << 10
 
 
 @dataclass
@@ -239,16 +239,17 @@ def metadata_preallocation(img: Qcow2Image) -> bool:
         off = int(rt[i]) & F.RT_OFFSET_MASK
         if off % cs:
             continue
-        blk = img.decode_refcount_block(img.pread_zero_padded(off, cs))
+        blk = img.decode_refcount_block(img.pread_zero_padded(off, cs), narrow=True)
         count += int(np.count_nonzero(blk[: max(0, end_cluster - i * per)]))
         if count >= threshold:
             return True
     return False
 
 
-def file_extents(fd: int, length: int) -> list[tuple[int, int]]:
-    """Data extents [(start, end)] of a host file, from SEEK_DATA/SEEK_HOLE (whole file if unsupported)."""
-    out: list[tuple[int, int]] = []
+def file_extents(fd: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Data extents (starts, ends) of a host file, from SEEK_DATA/SEEK_HOLE (the whole file if unsupported)."""
+    starts: list[int] = []
+    ends: list[int] = []
     pos = 0
     try:
         while pos < length:
@@ -259,50 +260,49 @@ def file_extents(fd: int, length: int) -> list[tuple[int, int]]:
                     break
                 raise
             h = os.lseek(fd, d, os.SEEK_HOLE)
-            out.append((d, h))
+            starts.append(d)
+            ends.append(h)
             pos = h
     except (OSError, AttributeError):
-        return [(0, length)]
-    return out
+        starts, ends = [0], [length]
+    return np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64)
 
 
-def _split_by_holes(r: Runs, extents: list[tuple[int, int]], file_len: int) -> Runs:
-    """Set ZERO on the parts of DATA runs with a host offset that lie in holes of the host file."""
-    starts = [e[0] for e in extents]
-    out_s: list[int] = []
-    out_l: list[int] = []
-    out_c: list[int] = []
-    out_h: list[bool] = []
-    out_o: list[int] = []
-    zero_data = 3  # DATA|ZERO
-    for s, ln, c, h, o in zip(r.start.tolist(), r.length.tolist(), r.code.tolist(), r.has_off.tolist(), r.off.tolist()):
-        if c != DATA or not h:
-            out_s.append(s), out_l.append(ln), out_c.append(c), out_h.append(h), out_o.append(o)
-            continue
-        pos = o
-        end = o + ln
-        while pos < end:
-            i = bisect.bisect_right(starts, pos) - 1
-            if i >= 0 and extents[i][0] <= pos < extents[i][1]:
-                nxt = min(end, extents[i][1])
-                code = DATA
-            else:
-                nxt = min(end, starts[i + 1]) if i + 1 < len(starts) else end
-                code = zero_data
-            out_s.append(s + pos - o), out_l.append(nxt - pos), out_c.append(code), out_h.append(True), out_o.append(pos)
-            pos = nxt
-    return Runs(np.array(out_s, dtype=np.int64), np.array(out_l, dtype=np.int64), np.array(out_c, dtype=np.int8),
-                np.array(out_h, dtype=bool), np.array(out_o, dtype=np.int64))
+def _split_by_holes(r: Runs, extents: tuple[np.ndarray, np.ndarray]) -> Runs:
+    """BDRV_BLOCK_RECURSE: the parts of DATA runs with a host offset that lie in holes of the host
+    file read as zeros (DATA|ZERO), in bulk: each run is cut at the extent boundaries inside it."""
+    starts, ends = extents
+    split = (r.code == DATA) & r.has_off
+    if not split.any():
+        return r
+    cuts = np.unique(np.concatenate([starts, ends]))
+    o, ln = r.off, r.length
+    lo = np.where(split, np.searchsorted(cuts, o, side="right"), 0)
+    hi = np.where(split, np.searchsorted(cuts, o + ln, side="left"), 0)
+    n = hi - lo + 1  # pieces of each run (1 when not split)
+    run = np.repeat(np.arange(len(r)), n)
+    k = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)  # piece number within its run
+    cut_i = np.repeat(lo, n) + k - 1
+    piece_start = np.where(k == 0, o[run], cuts[np.clip(cut_i, 0, max(len(cuts) - 1, 0))])
+    last = k == n[run] - 1
+    nxt = cuts[np.clip(cut_i + 1, 0, max(len(cuts) - 1, 0))] if len(cuts) else piece_start
+    piece_end = np.where(last, o[run] + ln[run], nxt)
+    # a piece is data when the last extent starting at or before it reaches past its start
+    e = np.searchsorted(starts, piece_start, side="right") - 1
+    in_data = (e >= 0) & (ends[np.clip(e, 0, max(len(ends) - 1, 0))] > piece_start) if len(starts) else \
+        np.zeros(len(piece_start), dtype=bool)
+    code = r.code[run].copy()
+    code[split[run] & ~in_data] = DATA | ZERO
+    return Runs(r.start[run] + (piece_start - o[run]) * split[run], np.where(split[run], piece_end - piece_start,
+                ln[run]), code, r.has_off[run], np.where(split[run], piece_start, r.off[run]))
 
 
 def layer_runs(layer: Layer, progress_bar: Any = None) -> Runs:
     """The block status of one layer over [0, size) as merged runs."""
     size = layer.size
     if layer.img is None:  # raw: data and holes of the file, all allocated, offset = guest offset
-        ext = file_extents(layer.fd, layer.file_size)
-        r = Runs(np.array([a for a, _ in ext], dtype=np.int64), np.array([b - a for a, b in ext], dtype=np.int64),
-                 np.full(len(ext), DATA, dtype=np.int8), np.ones(len(ext), dtype=bool),
-                 np.array([a for a, _ in ext], dtype=np.int64))
+        st, en = file_extents(layer.fd, layer.file_size)
+        r = Runs(st, en - st, np.full(len(st), DATA, dtype=np.int8), np.ones(len(st), dtype=bool), st.copy())
         r = _fill_gaps(r, size)
         z = r.code == UNALLOC
         r.code[z] = ZERO
@@ -324,7 +324,7 @@ def layer_runs(layer: Layer, progress_bar: Any = None) -> Runs:
     unaligned = np.flatnonzero(offs_used % U(img.cluster_size))
     stop = int(unaligned[0]) if len(unaligned) else len(used)  # position in `used` of the first unaligned one
     todo = order[first[order] < stop]
-    chunk = max(1, (2 << 20) // img.cluster_size)
+    chunk = max(1, SCAN_BYTES // img.cluster_size)  # L2 tables per step: a few MiB of temporaries
     if img.extended_l2:
         chunk = max(1, chunk // 8)
     parts: list[Runs] = []
@@ -346,12 +346,11 @@ def layer_runs(layer: Layer, progress_bar: Any = None) -> Runs:
 
             fd = os.open(data_file_path(img), os.O_RDONLY)
             try:
-                flen = os.fstat(fd).st_size
-                r = merge(_split_by_holes(r, file_extents(fd, flen), flen))
+                r = merge(_split_by_holes(r, file_extents(fd, os.fstat(fd).st_size)))
             finally:
                 os.close(fd)
         else:
-            r = merge(_split_by_holes(r, file_extents(img._fd, img.file_size), img.file_size))
+            r = merge(_split_by_holes(r, file_extents(img._fd, img.file_size)))
     return r
 
 
@@ -372,19 +371,20 @@ def _repeat_tables(img: Qcow2Image, r: Runs, used: np.ndarray, first_pos: np.nda
     return Runs(base + rel[idx], r.length[idx], r.code[idx], r.has_off[idx], r.off[idx])
 
 
-@dataclass
 class MapEntry:
-    """One entry of qemu-img map (its MapEntry, qemu-img.c): a run of one block status."""
+    """One entry of qemu-img map (its MapEntry, qemu-img.c): a run of one block status.
+    compressed is BDRV_BLOCK_COMPRESSED (printed by qemu-img map since 8.2). Slots: maps of big
+    images have tens of thousands of entries."""
 
-    start: int
-    length: int
-    depth: int
-    present: bool
-    zero: bool
-    data: bool
-    offset: Optional[int]
-    filename: Optional[str] = None
-    compressed: bool = False  # BDRV_BLOCK_COMPRESSED (printed by qemu-img map since 8.2)
+    __slots__ = ("compressed", "data", "depth", "filename", "length", "offset", "present", "start", "zero")
+
+    def __init__(self, start: int, length: int, depth: int, present: bool, zero: bool, data: bool,
+                 offset: Optional[int], filename: Optional[str] = None, compressed: bool = False) -> None:
+        self.start, self.length, self.depth, self.present = start, length, depth, present
+        self.zero, self.data, self.offset, self.filename, self.compressed = zero, data, offset, filename, compressed
+
+    def __repr__(self) -> str:
+        return f"MapEntry({self.as_dict()})"
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"start": self.start, "length": self.length, "depth": self.depth,
@@ -467,7 +467,7 @@ def _merge_entries(entries: list[MapEntry]) -> list[MapEntry]:
             ):
                 c.length += e.length
                 continue
-        out.append(MapEntry(e.start, e.length, e.depth, e.present, e.zero, e.data, e.offset, compressed=e.compressed))
+        out.append(e)  # merged into in place: the entries were made for this list
     return out
 
 

@@ -1,8 +1,8 @@
 """Refcounts for `check`, in memory that follows the file, not the disk size.
 
-``Computed`` is qcow2_inc_refcounts_imrt()'s in-memory refcount table: one byte per cluster of the
-file (QEMU keeps refcount_bits per cluster; 16 for most images), exact counts of 255 and more in a
-side table (only clusters shared by hundreds of snapshots get there). ``OnDisk`` is
+``Computed`` is qcow2_inc_refcounts_imrt()'s in-memory refcount table: two bits per cluster of the
+file (QEMU keeps refcount_bits per cluster; 16 for most images), exact counts of 3 and more in a
+side table (clusters shared by snapshots). ``OnDisk`` is
 qcow2_get_refcount(): the stored refcounts, decoded refcount block by refcount block as they are
 asked for (a small cache), never all at once.
 """
@@ -20,24 +20,44 @@ if TYPE_CHECKING:
     from qemu_ext.qcow2.image import Qcow2Image
 
 U = np.uint64
-SAT = 255  # a stored 255 means "look the exact count up in the side table"
+SAT = 3  # a stored 3 means "look the exact count up in the side table"
 
 
 class Computed:
-    """Reference counts per host cluster (one byte each, exact beyond 254 in ``big``)."""
+    """Reference counts per host cluster in 2 bits each (0, 1, 2; 3 = exact count in ``big``):
+    a quarter of a byte per cluster of the file, where QEMU keeps two bytes (refcount_bits 16).
+    Clusters referenced three times and more (shared by snapshots) are counted in a dict."""
 
     def __init__(self, clusters: int) -> None:
-        self.counts = np.zeros(clusters, dtype=np.uint8)
+        self.n = clusters
+        self.bits = np.zeros((clusters + 3) // 4, dtype=np.uint8)
         self.big: dict[int, int] = {}
 
     def __len__(self) -> int:
-        return len(self.counts)
+        return self.n
 
     def _grow(self, top: int) -> None:
-        if top > len(self.counts):
-            grown = np.zeros(top, dtype=np.uint8)
-            grown[: len(self.counts)] = self.counts
-            self.counts = grown
+        if top > self.n:
+            need = (top + 3) // 4
+            if need > len(self.bits):
+                grown = np.zeros(need, dtype=np.uint8)
+                grown[: len(self.bits)] = self.bits
+                self.bits = grown
+            self.n = top
+
+    def _raw(self, idx: np.ndarray) -> np.ndarray:
+        return (self.bits[idx >> 2] >> ((idx & 3) << 1).astype(np.uint8)) & np.uint8(3)
+
+    def _store(self, idx: np.ndarray, v: np.ndarray) -> None:
+        """Set the 2-bit fields of distinct clusters idx to v (0..3): four passes, one per position
+        in the byte, so no two writes of a pass touch the same byte."""
+        for pos in range(4):
+            sel = (idx & 3) == pos
+            if not sel.any():
+                continue
+            byte = idx[sel] >> 2
+            shift = np.uint8(pos * 2)
+            self.bits[byte] = (self.bits[byte] & np.uint8(~(3 << (pos * 2)) & 0xFF)) | (v[sel].astype(np.uint8) << shift)
 
     def add(self, idx: np.ndarray, weights: Optional[np.ndarray] = None) -> None:
         """Count one reference (or weights[i]) to each cluster idx[i]."""
@@ -45,29 +65,31 @@ class Computed:
             return
         idx = idx.astype(np.int64, copy=False)
         self._grow(int(idx.max()) + 1)
-        c = self.counts
-        if weights is None and (len(idx) == 1 or (np.diff(idx) > 0).all()):
-            cur = c[idx]
-            if not (cur >= SAT - 1).any():  # the common case: each cluster once, far from saturation
-                c[idx] = cur + 1
-                return
-            u, cnt = idx, np.ones(len(idx), dtype=np.int64)
+        if weights is None and (len(idx) == 1 or (idx[1:] > idx[:-1]).all()):
+            u, cnt = idx, None  # each cluster once (the common case)
         elif weights is None:
             u, cnt = np.unique(idx, return_counts=True)
         else:
             u, inv = np.unique(idx, return_inverse=True)
             cnt = np.bincount(inv, weights=weights.astype(np.float64)).astype(np.int64)
-        new = self.get(u) + cnt
-        c[u] = np.minimum(new, SAT).astype(np.uint8)
+        raw = self._raw(u)
+        if cnt is None and not (raw >= 2).any():
+            self._store(u, raw + 1)
+            return
+        new = self.get(u, raw) + (1 if cnt is None else cnt)
+        self._store(u, np.minimum(new, SAT))
         for k in np.flatnonzero(new >= SAT).tolist():
             self.big[int(u[k])] = int(new[k])
 
-    def get(self, idx: np.ndarray) -> np.ndarray:
-        """Exact counts (int64) of clusters idx (0 beyond the array)."""
+    def get(self, idx: np.ndarray, raw: Optional[np.ndarray] = None) -> np.ndarray:
+        """Exact counts (int64) of clusters idx (0 beyond the table)."""
         idx = idx.astype(np.int64, copy=False)
         out = np.zeros(len(idx), dtype=np.int64)
-        inside = idx < len(self.counts)
-        out[inside] = self.counts[idx[inside]]
+        if raw is None:
+            inside = idx < self.n
+            out[inside] = self._raw(idx[inside])
+        else:
+            out[:] = raw
         for k in np.flatnonzero(out == SAT).tolist():
             out[k] = self.big[int(idx[k])]
         return out
@@ -75,9 +97,9 @@ class Computed:
     def window(self, lo: int, hi: int) -> np.ndarray:
         """Exact counts of clusters [lo, hi) as int64."""
         out = np.zeros(hi - lo, dtype=np.int64)
-        k = min(hi, len(self.counts))
+        k = min(hi, self.n)
         if k > lo:
-            out[: k - lo] = self.counts[lo:k]
+            out[: k - lo] = self._raw(np.arange(lo, k, dtype=np.int64))
         for i in np.flatnonzero(out == SAT).tolist():
             out[i] = self.big[lo + i]
         return out
@@ -87,7 +109,7 @@ class OnDisk:
     """qcow2_get_refcount() for any cluster: 0 past the refcount table or for a missing block, an
     error for a block that is not cluster aligned (QEMU signals corruption: -EIO)."""
 
-    CACHE_BYTES = 64 << 20  # decoded blocks kept (a handful of 2 MiB blocks, dozens of 64 KiB ones)
+    CACHE_BYTES = 1 << 20  # decoded blocks kept (16 of 64 KiB, or the current 2 MiB one: scans are sequential)
 
     def __init__(self, img: Qcow2Image) -> None:
         self.img = img
@@ -131,8 +153,12 @@ class OnDisk:
         if not len(c):
             return out, err
         bi = c >> self.rb_bits
-        order = np.argsort(bi, kind="stable")
-        bs = bi[order]
+        if len(bi) < 2 or (bi[1:] >= bi[:-1]).all():  # already in block order (the usual scan)
+            order = np.arange(len(bi))
+            bs = bi
+        else:
+            order = np.argsort(bi, kind="stable")
+            bs = bi[order]
         starts = np.flatnonzero(np.r_[True, bs[1:] != bs[:-1]])
         for s, e in zip(starts.tolist(), [*starts[1:].tolist(), len(bs)]):
             i = int(bs[s])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 import re
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from qemu_ext.output import human_size
 
@@ -307,9 +307,15 @@ def check_human(res: Any) -> str:
 # ---------------------------------------------------------------- qemu-img map
 def map_json(entries: list[Any], compat: tuple[int, int]) -> str:
     """Byte for byte what `qemu-img map --output=json` prints (qemu-img.c dump_map_entry)."""
+    return "".join(map_json_lines(entries, compat))
+
+
+def map_json_lines(entries: list[Any], compat: tuple[int, int]) -> Iterator[str]:
+    """map_json() piece by piece (for big maps: no second copy of the whole text)."""
     with_compressed = compat >= MAP_COMPRESSED_SINCE
-    parts = []
-    for e in entries:
+    n = len(entries)
+    yield "["
+    for i, e in enumerate(entries):
         s = (f'{{ "start": {e.start}, "length": {e.length}, "depth": {e.depth}, '
              f'"present": {"true" if e.present else "false"}, "zero": {"true" if e.zero else "false"}, '
              f'"data": {"true" if e.data else "false"}')
@@ -317,8 +323,8 @@ def map_json(entries: list[Any], compat: tuple[int, int]) -> str:
             s += f', "compressed": {"true" if e.compressed else "false"}'
         if e.offset is not None:
             s += f', "offset": {e.offset}'
-        parts.append(s + "}")
-    return "[" + ",\n".join(parts) + "]\n"
+        yield s + ("},\n" if i < n - 1 else "}")
+    yield "]\n"
 
 
 def _hex(v: int) -> str:
