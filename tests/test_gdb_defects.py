@@ -7,6 +7,7 @@ test_inspect.py against QMP and HMP.)"""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -17,6 +18,7 @@ from helpers import make_qcow2, virtopt
 
 from qemu_ext import vm
 from qemu_ext.gdbmi import GdbSession
+from qemu_ext.introspect import views
 
 
 def test_pack_defects_are_gone(debug_build):
@@ -43,8 +45,16 @@ def test_pack_defects_are_gone(debug_build):
                              "-ex", "complete virtopt trace list qcow2_cache_get_r",
                              "-ex", "complete virtopt trace enable scsi_disk_dma_command_RE",
                              "-ex", "complete virtopt mtree I/",
-                             "-ex", "complete virtopt qcow2 d"], capture_output=True, text=True, timeout=60)
+                             "-ex", "complete virtopt qcow2 d",
+                             "-ex", "help virtopt"], capture_output=True, text=True, timeout=60)
         out = cp.stdout
+        # `help virtopt` names every command the pack registers (each one a view), trace's three as one
+        listed = out.split("Commands:", 1)[1].split("`help virtopt COMMAND`", 1)[0]
+        names = {w.strip(" .\n") for w in listed.replace("\n", " ").split(",")}
+        registered = set(re.findall(r"^virtopt (\w+(?: \w+)?) -- ", out, re.M)) - {"trace"}
+        assert registered <= {n.split(" ")[0] for n in names} and "trace list|enable|disable" in names, names
+        assert names - {"trace list|enable|disable"} == set(views.NAMES) - {"trace list", "trace enable",
+                                                                          "trace disable"}, names
         assert f'"{os.path.realpath(debug_build.src / "scripts" / "qemu-gdb.py")}"' in out  # what was loaded
         assert "virtopt trace list qcow2_cache_get_read\n" in out
         assert "virtopt trace list qcow2_cache_get_replace_entry\n" in out

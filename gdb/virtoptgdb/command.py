@@ -122,12 +122,36 @@ class VirtoptPrefix(gdb.Command):
 They never call functions in QEMU, so they are safe on a live VM and work where gdb
 cannot call into the inferior, and on core files (gdb QEMU CORE). Every command takes --json.
 `virtopt inspect` runs the same views without stopping QEMU (drgn).
-
-Commands: info, threads, vcpus, mtree, mtree lookup, timers, trace list|enable|disable,
-qcow2, coroutines. `help virtopt COMMAND` for each."""
+"""
 
     def __init__(self, name: str = "virtopt") -> None:
+        # every command is a view of qemu_ext.introspect (views.NAMES: one list for both front doors)
+        self.__doc__ = (type(self).__doc__ or "") + "\n" + commands_line() + "\n`help virtopt COMMAND` for each."
         super().__init__(name, gdb.COMMAND_DATA, gdb.COMPLETE_NONE, True)
+
+
+def commands_line(width: int = 92) -> str:
+    """"Commands: info, threads, ..., trace list|enable|disable, ..." wrapped, from views.NAMES."""
+    words: list[str] = []
+    for name in views.NAMES:
+        head, _, sub = name.partition(" ")
+        if head == "trace" and sub:
+            if "trace" not in words:
+                words.append("trace")
+            continue
+        words.append(name)
+    trace_subs = "|".join(n.split(" ", 1)[1] for n in views.NAMES if n.startswith("trace "))
+    words = [f"trace {trace_subs}" if w == "trace" else w for w in words]
+    lines, cur = [], "Commands:"
+    for i, w in enumerate(words):
+        item = f" {w}" + ("," if i < len(words) - 1 else ".")
+        if len(cur) + len(item) > width:
+            lines.append(cur)
+            cur = item.lstrip()
+        else:
+            cur += item
+    lines.append(cur)
+    return "\n".join(lines)
 
 
 COMMANDS: list[VirtoptCommand] = []

@@ -105,7 +105,7 @@ def _find_definition(s: Any, kw: str, tag: str, block: Any) -> Any:
     # the defining file's symbols are not read yet: `info types` names the file, its static
     # block then has the definition
     try:
-        text = gdb.execute(f"info types ^{tag}$", to_string=True)
+        text = gdb.execute(f"info types {tag}", to_string=True)
     except gdb.error:
         return None
     current = None
