@@ -211,7 +211,7 @@ def test_parked_requests_are_found_named_and_the_same_on_a_core(hang_vm, debug_b
     assert hmp(qp, 'qemu-io d2 "aio_write 1M 64k"') == ""  # waits for the qcow2 lock the first one holds
     try:
         core = tmp_path / "qemu.core"
-        cmds = ["virtopt waiters --json", "virtopt block --json", "virtopt cpustate --json"]
+        cmds = ["virtopt waiters --json", "virtopt block --json", "virtopt cpustate --json", "virtopt coroutines --json"]
         with GdbSession(qp.pid) as s:
             live = []
             for c in cmds:
@@ -219,9 +219,10 @@ def test_parked_requests_are_found_named_and_the_same_on_a_core(hang_vm, debug_b
                 assert r.ok, f"{c}: {r.error}"
                 live.append(r.data)
             text = s.run("virtopt waiters").output
+            co_text = s.run("virtopt coroutines").output
             gen = s.console(f"generate-core-file {core}", timeout=120)
             assert gen.ok, gen.error
-        waiters, block, cpus = live
+        waiters, block, cpus, cos = live
         assert len(cpus["vcpus"]) == 4
         # virtopt inspect (drgn, QEMU keeps running) says the same of this frozen state, JSON for JSON
         cp = virtopt("inspect", str(qp.pid), "block", "--json")
@@ -244,6 +245,16 @@ def test_parked_requests_are_found_named_and_the_same_on_a_core(hang_vm, debug_b
         (mutex,) = [m for m in waiters["co-mutexes"] if m["structure"] == "BDRVQcow2State"]
         assert mutex["holder"] == held["coroutine"] and mutex["waiters"] == [locked["coroutine"]]
         assert "tag 'A'" in text and "throttle group tg0" in text
+        # the coroutines view lists them too, with what each waits on (the throttled write is in no
+        # tracked request: before, the view said "no coroutine in flight" for it)
+        by_co = {c["address"]: c for c in cos["coroutines"]}
+        assert by_co[tg0[0]["coroutine"]]["source"] == by_co[tg0[0]["coroutine"]]["waits-on"] == "throttled-writes:tg0:d0"
+        assert by_co[tg1[0]["coroutine"]]["waits-on"] == "throttled-writes:tg1:bthr"
+        assert by_co[held["coroutine"]]["waits-on"].startswith("blkdebug-break:A:")
+        assert by_co[locked["coroutine"]]["waits-on"].startswith("co-mutex:BDRVQcow2State.lock:")
+        assert by_co[tg0[0]["coroutine"]]["entry"] == "blk_aio_write_entry"
+        assert "no coroutine in flight" not in co_text and f"{tg0[0]['coroutine']:#x} throttled-writes:tg0:d0" in co_text
+        assert "waits on throttled-writes:tg1:bthr" in co_text
         # the block view: in flight at the backend, queued in the group, tracked below the throttle node
         backends = {b["name"] or b["node-name"]: b for b in block["backends"]}
         assert backends["d0"]["in-flight"] >= 1
@@ -271,7 +282,7 @@ def test_parked_requests_are_found_named_and_the_same_on_a_core(hang_vm, debug_b
             for a, b in zip(live, on_core):
                 assert _no_snapshot(a) == _no_snapshot(b)
             assert on_core[0]["snapshot"]["target"] == "core"
-            by_drgn = _drgn_core(core, debug_build, "waiters", "block", "cpustate")
+            by_drgn = _drgn_core(core, debug_build, "waiters", "block", "cpustate", "coroutines")
             for a, b in zip(live, by_drgn):
                 assert _no_snapshot(a) == _no_snapshot(b)
         finally:

@@ -45,8 +45,9 @@ def _is_coroutine(t: Target, addr: int) -> bool:
 
 class CoroutinesCommand(command.VirtoptCommand):
     name = "coroutines"
-    summary = ("Coroutines that can be found (running, tracked block requests, scheduled, pools) and a "
-               "backtrace of one, without calling functions in QEMU (live or core).")
+    summary = ("Coroutines that can be found (running, tracked block requests, scheduled, parked in a queue "
+               "or lock and what each waits on, pools) and a backtrace of one, without calling functions in "
+               "QEMU (live or core).")
     epilog = ("examples:\n  virtopt coroutines\n  virtopt coroutines --bt 0   (backtrace of the first listed)\n"
               "  virtopt coroutines --bt 0x55d0c0a3f1f0 --json")
 

@@ -19,7 +19,7 @@ views:
   timers                      armed timers per clock and timer list
   trace list [PATTERN...]     trace events and their state (as QMP trace-event-get-state)
   qcow2 [NODE] [--slices]     live L2 and refcount cache state of each qcow2 node
-  coroutines [--pools]        coroutines in flight (tracked requests, scheduled), the pools
+  coroutines [--pools]        coroutines in flight (tracked, scheduled, parked: what each waits on), the pools
   block [NODE]                the block graph, BlockBackends and devices, throttle groups, queued requests
   waiters                     coroutines parked in CoQueues, CoMutexes, throttle queues, blkdebug breaks
   locks                       BQL holder and waiters, AioContext locks, what each thread is blocked on

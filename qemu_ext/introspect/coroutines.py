@@ -2,17 +2,22 @@
 
 Found through what QEMU keeps pointers to: each thread's current coroutine (the __thread
 co_tls_current of util/coroutine-ucontext.c) and its callers, the block layer's tracked
-requests, the AioContexts' scheduled coroutines, and the free pools: 7.2's per-thread alloc_pool
+requests, the AioContexts' scheduled coroutines, the coroutines parked in CoQueues, CoMutexes,
+throttle queues and blkdebug breaks (waiters.parked: a throttled write waits in its group's
+CoQueue before the block layer tracks it), and the free pools: 7.2's per-thread alloc_pool
 and global release_pool (util/qemu-coroutine.c), 10.0's per-thread local_pool and global_pool of
 CoroutinePoolBatches. Thread-local variables need each thread's $fs_base: a reader that cannot
 see registers (drgn on a live QEMU) says so in the snapshot's limits.
+
+Each coroutine has a ``source`` (where it was found first) and ``waits-on`` (what it is parked
+on, in waiters.source_label's words, or None).
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-from . import block, common
+from . import block, common, waiters
 from .target import CachedType, IntrospectError, NotAvailable, Target, Value, qlist
 
 COROUTINE = CachedType("Coroutine")
@@ -21,7 +26,8 @@ COROUTINE_QSLIST = CachedType("CoroutineQSList")  # 7.2: a QSLIST of Coroutine
 
 MAX_POOL = 10000
 
-common.register("coroutines", "Coroutines in flight (running, tracked block requests, scheduled) and the pools",
+common.register("coroutines", "Coroutines in flight (running, tracked block requests, scheduled, parked and what "
+                "each waits on) and the pools",
                 [common.needs_debug_info])
 
 
@@ -39,6 +45,7 @@ def describe(t: Target, co: int, source: str, thread: Optional[int] = None) -> d
         "locks-held": int(c["locks_held"]),
         "ctx": c["ctx"].ptr() or None,
         "scheduled-by": sched.cstring() if sched.ptr() else None,
+        "waits-on": None,
     }
 
 
@@ -110,6 +117,13 @@ def find(t: Target) -> dict[str, Any]:
                     add(co.ptr(), f"scheduled:{ctx_name}")
         except (IntrospectError, NotAvailable) as exc:
             notes.append(f"{ctx_name} not readable: {exc}")
+    try:
+        for co, label in waiters.parked_coroutines(t):
+            add(co, label)
+            if found.get(co) is not None and found[co]["waits-on"] is None:
+                found[co]["waits-on"] = label
+    except (IntrospectError, NotAvailable) as exc:
+        notes.append(f"parked coroutines not readable: {exc}")
     pool_name = "global_pool" if batched else "release_pool"
     try:
         for co in _pool_members(t, t.var(pool_name), batched):

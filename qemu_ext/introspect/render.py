@@ -210,8 +210,10 @@ def coroutines(d: dict[str, Any], pools: bool = False) -> str:
         out.append("no coroutine in flight")
     for i, c in enumerate(d["coroutines"]):
         thr = f" thread {c['thread']}" if c["thread"] else ""
+        waits = c.get("waits-on")
+        waits = f" waits on {waits}" if waits and waits != c["source"] else ""
         out.append(f"[{i}] {c['address']:#x} {c['source']}{thr} entry {c['entry']} "
-                   f"locks {c['locks-held']}{' caller ' + hex(c['caller']) if c['caller'] else ''}")
+                   f"locks {c['locks-held']}{' caller ' + hex(c['caller']) if c['caller'] else ''}{waits}")
     if not pools and "backtrace" not in d:
         out.append(f"({d['pooled']} free coroutine(s) in the pools: --pools)")
     out += [f"note: {n}" for n in d["notes"]]
