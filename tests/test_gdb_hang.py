@@ -514,11 +514,16 @@ def test_a_vcpu_blocked_on_the_bql_is_named_with_the_holder(debug_qemu_factory, 
         assert "hmp_qemu_io" in fns and "aio_poll" in fns
         try:
             (on_core,) = _core_json(debug_build, core, ["virtopt locks --json"], tmp_path)
+            (by_drgn,) = _drgn_core(core, debug_build, "locks")  # registers from the core's NT_PRSTATUS notes
         finally:
             core.unlink(missing_ok=True)
         assert on_core["bql"] == d["bql"] and on_core["aio-context-locks"] == d["aio-context-locks"]
         key = ("tid", "syscall", "state", "waits-on")
         assert [[t[k] for k in key] for t in on_core["threads"]] == [[t[k] for k in key] for t in d["threads"]]
+        # drgn on the same core tells what each thread waits on as gdb does (the vCPU on the BQL included)
+        assert by_drgn["bql"] == on_core["bql"] and by_drgn["aio-context-locks"] == on_core["aio-context-locks"]
+        assert [[t[k] for k in key] for t in by_drgn["threads"]] == [[t[k] for k in key] for t in on_core["threads"]]
+        assert not any("registers" in lim for lim in by_drgn["snapshot"]["limits"]), by_drgn["snapshot"]["limits"]
     finally:
         bg.join(timeout=120)
     assert done == [""]

@@ -1,6 +1,7 @@
 """What an ELF core file says about the process it came from: the executable (NT_AUXV's AT_ENTRY
-inside an NT_FILE mapping), the pid and the program name (NT_PRPSINFO). Every offset and size is
-checked against the file before it is used. Standard library only."""
+inside an NT_FILE mapping), the pid and the program name (NT_PRPSINFO), each thread's registers
+(NT_PRSTATUS). Every offset and size is checked against the file before it is used. Standard
+library only."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Optional
 from qemu_ext.errors import BadInputError
 
 PT_NOTE = 4
+NT_PRSTATUS = 1
 NT_PRPSINFO = 3
 NT_AUXV = 6
 NT_FILE = 0x46494C45
@@ -90,3 +92,24 @@ def process_info(path: str) -> tuple[Optional[int], Optional[str]]:
             fname = desc[40:56].split(b"\0", 1)[0].decode("utf-8", "replace")
             return pid, fname
     return None, None
+
+
+# struct elf_prstatus (x86-64, include/linux/elfcore.h): pr_pid at 32, pr_reg (elf_gregset_t, the
+# user_regs_struct of arch/x86/include/asm/user_64.h) at 112, 27 registers of 8 bytes
+PRSTATUS_PID = 32
+PRSTATUS_REG = 112
+USER_REGS = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx", "rdx", "rsi", "rdi",
+             "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base", "gs_base", "ds", "es", "fs", "gs")
+
+
+def registers(path: str) -> dict[int, dict[str, int]]:
+    """tid -> the thread's general registers at the dump (its NT_PRSTATUS note), as the kernel's
+    user_regs_struct names them (orig_rax: the system call the thread was in, -1 as unsigned when none)."""
+    out: dict[int, dict[str, int]] = {}
+    need = PRSTATUS_REG + 8 * len(USER_REGS)
+    for ntype, name, desc in _notes(path):
+        if ntype == NT_PRSTATUS and name == b"CORE" and len(desc) >= need:
+            tid = struct.unpack_from("<i", desc, PRSTATUS_PID)[0]
+            values = struct.unpack_from(f"<{len(USER_REGS)}Q", desc, PRSTATUS_REG)
+            out.setdefault(tid, dict(zip(USER_REGS, values)))
+    return out

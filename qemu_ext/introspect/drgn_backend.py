@@ -356,20 +356,23 @@ class DrgnTarget(Target):
         return out
 
     def register(self, tid: int, name: str) -> Optional[int]:
+        """Live: only fs_base (the thread pointer, found in memory). A core: any register of the
+        kernel's user_regs_struct (rip, rsp, orig_rax, rdi, rsi, rdx, fs_base, ...) from the
+        thread's NT_PRSTATUS note, as gdb reads them."""
         if self.kind != "core":
             if name == "fs_base":  # the thread pointer is the thread's struct pthread, found in memory
                 return self._thread_pointers().get(tid)
             return None
-        for th in self._drgn_threads():
-            if th.tid == tid:
-                try:
-                    regs = th.stack_trace()[0].registers()
-                except Exception:  # no registers for this thread in the dump
-                    return None
-                key = {"fs_base": "fs.base"}.get(name, name)
-                v = regs.get(key, regs.get(name))
-                return None if v is None else int(v)
-        return None
+        regs = self.memo.get("prstatus")
+        if regs is None:
+            from . import corefile
+
+            try:
+                regs = corefile.registers(self._core)
+            except (OSError, BadInputError):
+                regs = {}
+            self.memo["prstatus"] = regs
+        return regs.get(tid, {}).get(name)
 
 
 MAX_SCAN_MAPPING = 64 << 20  # guest RAM and other big mappings hold no thread control block
