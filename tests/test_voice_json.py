@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
-from helpers import make_qcow2, qemu_tool, run, virtopt
+from helpers import gdb_batch, make_qcow2, qemu_tool, run, virtopt
 from qcow2_util import corrupt_leak
 from voice_util import in_process
 
@@ -207,6 +207,9 @@ DEBUG = [
     _c("inspect locks", "inspect", "{w.pid}", "locks", "--json"),
     _c("inspect cpustate", "inspect", "{w.pid}", "cpustate", "--json"),
     _c("shell /trace-file", "shell", "{w.sock}", "--output=json", "-c", "/trace-file"),  # the simple backend
+    _c("inspect info core", "inspect", "--core", "{w.core}", "info", "--json"),
+    _c("inspect threads core", "inspect", "--core", "{w.core}", "threads", "--json"),
+    _c("inspect vcpus core", "inspect", "--core", "{w.core}", "vcpus", "--json"),
     _c("trace decode simpletrace", "trace", "decode", "{w.simple}", "--output=json"),
     _c("trace summary simpletrace", "trace", "summary", "{w.simple}", "--output=json"),
 ]
@@ -305,6 +308,7 @@ class Live:
     pid: int
     sock: Path
     simple: Optional[Path] = None
+    core: Optional[Path] = None
 
 
 def _live(factory: Callable[..., Any], tmp: Path, build: Any) -> Live:
@@ -333,6 +337,9 @@ def debug(module_debug_qemu_factory, debug_build, tmp_path_factory) -> Live:
     img = make_qcow2(tmp / "t.qcow2", size="64M", io=["write 0 1M"], build=debug_build)
     w.simple = tmp / "trace.bin"
     qemu_tool(debug_build, "io", "--trace", f"enable=qcow2_cache_*,file={w.simple}", "-c", "read 0 1M", str(img))
+    w.core = tmp / "qemu.core"  # post-mortem reports read a core of it
+    gdb_batch(w.pid, [f"generate-core-file {w.core}"], timeout=120)
+    assert w.core.exists()
     return w
 
 
@@ -385,6 +392,29 @@ def gdb_run(debug: Live) -> dict[str, Any]:
     assert "Traceback" not in cp.stderr
     doc = json.loads(cp.stdout)
     return {"doc": doc, "by": dict(zip([v for v, _line in GDB_VIEWS], doc["commands"]))}
+
+
+@pytest.fixture(scope="module")
+def gdb_core_run(debug: Live) -> dict[str, Any]:
+    """A core's views through gdb (post-mortem): one gdb runs them all."""
+    views = ["info", "threads", "vcpus", "timers", "mtree", "qcow2"]
+    argv = ["gdb", "--core", str(debug.core), "--output=json"]
+    for v in views:
+        argv += ["-c", f"{v} --json"]
+    cp = virtopt(*argv, timeout=300)
+    assert cp.returncode == 0 and "Traceback" not in cp.stderr, cp.stderr
+    doc = json.loads(cp.stdout)
+    return {"doc": doc, "by": dict(zip(views, doc["commands"]))}
+
+
+@pytest.mark.parametrize("view", ["info", "threads", "vcpus", "timers", "mtree", "qcow2"])
+def test_gdb_core_view_keys(view: str, gdb_core_run: dict[str, Any]):
+    c = gdb_core_run["by"][view]
+    assert c["ok"], f"gdb --core {view}: {c['error']}"
+    wrapper = {**{k: v for k, v in gdb_core_run["doc"].items() if k != "commands"},
+               "commands": [{k: v for k, v in c.items() if k != "data"}]}
+    bad = bad_keys(f"gdb {view}", c["data"]) + bad_keys("gdb", wrapper)
+    assert not bad, f"gdb --core {view}: keys not in kebab-case: {bad}"
 
 
 @pytest.mark.parametrize("view", _params([f"gdb {v}" for v, _line in GDB_VIEWS]))
