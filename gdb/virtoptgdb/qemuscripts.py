@@ -12,6 +12,7 @@ import os
 from typing import Optional
 
 import gdb
+from qemu_ext.host import procfs
 
 LOADED: list[str] = []
 NAMESPACES: list[dict] = []
@@ -40,8 +41,10 @@ def find_script(exe: Optional[str]) -> Optional[str]:
 def _exe() -> Optional[str]:
     try:
         inf = gdb.selected_inferior()
-        if inf is not None and inf.pid and os.access(f"/proc/{inf.pid}/exe", os.R_OK):
-            return os.path.realpath(f"/proc/{inf.pid}/exe")
+        if inf is not None and inf.pid:
+            link = procfs.proc_path(inf.pid, "exe")
+            if os.access(link, os.R_OK):
+                return os.path.realpath(link)
     except gdb.error:
         pass
     return gdb.current_progspace().filename

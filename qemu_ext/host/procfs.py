@@ -542,6 +542,8 @@ class Syscall:
 
     nr: int
     args: list[int]  # up to six arguments
+    sp: Optional[int] = None  # the thread's user stack pointer and program counter (the line's last two)
+    pc: Optional[int] = None
 
 
 def task_syscall(pid: int, tid: int, root: str = "/") -> Optional[Syscall]:
@@ -550,7 +552,8 @@ def task_syscall(pid: int, tid: int, root: str = "/") -> Optional[Syscall]:
     if not fields or not fields[0].lstrip("-").isdigit():
         return None
     try:
-        return Syscall(int(fields[0]), [int(a, 16) for a in fields[1:7]])
+        sp, pc = (int(fields[-2], 16), int(fields[-1], 16)) if len(fields) in (3, 9) else (None, None)
+        return Syscall(int(fields[0]), [int(a, 16) for a in fields[1:7]], sp, pc)
     except ValueError:
         return None
 

@@ -6,7 +6,7 @@
 
 - ``target``: the backend interface (Target: memory, types, symbols, threads) and the neutral
   layer on top (TypeInfo, Value, bounded list walkers, TLS, symbolization).
-- ``gdb_backend`` (inside gdb only) and ``drgn_backend`` (PyPI drgn; /proc/PID/mem or a core).
+- ``gdb_backend`` (inside gdb only) and ``drgn_backend`` (PyPI drgn; the live process's memory file, or a core).
 - one module per view: info, threads, vcpus, mtree, timers, trace, qcow2, coroutines; ``block``
   reads the block graph; ``layouts`` holds the hand-made layouts of stripped builds and the
   rules that confirm them.

@@ -1,5 +1,5 @@
 """`virtopt inspect PID|--core CORE [--exe QEMU] VIEW [--json]`: the gdb pack's read-only views
-without stopping QEMU (drgn reads /proc/PID/mem), or on a core file."""
+without stopping QEMU (drgn reads the process's memory through procfs), or on a core file."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction, name: str, summary: str) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("pid", nargs="?", metavar="PID", help="the running QEMU (never stopped)")
     p.add_argument("--core", metavar="CORE", help="a core file of QEMU instead of a running process")
-    p.add_argument("--exe", metavar="QEMU", help="QEMU's executable (default: /proc/PID/exe, or from the core)")
+    p.add_argument("--exe", metavar="QEMU", help="QEMU's executable (default: the one PID runs, or the core's)")
     p.add_argument("rest", nargs=argparse.REMAINDER, metavar="VIEW ...", help="the view and its arguments")
     p.set_defaults(func=run)
 

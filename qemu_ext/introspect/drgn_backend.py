@@ -1,5 +1,5 @@
 """The drgn backend: a Target over drgn (PyPI ``drgn``), which reads a live QEMU through
-/proc/PID/mem without ptrace-stopping it, or a core file.
+the kernel's PID/mem file without ptrace-stopping it, or a core file.
 
 QEMU never stops for this reader: there is no ptrace attach, no SIGSTOP, nothing written. It
 sees memory as it is at each read, so the views run on a snapshot cache and retry torn reads
@@ -13,6 +13,7 @@ import os
 from typing import Any, Optional
 
 from qemu_ext.errors import BadInputError, open_error
+from qemu_ext.host import procfs
 
 from .elf import Sym
 from .target import Field, IntrospectError, MemoryReadError, NotAvailable, Target, ThreadInfo, TypeInfo
@@ -103,13 +104,14 @@ class DrgnTarget(Target):
 
     @classmethod
     def attach(cls, pid: int, exe: Optional[str] = None) -> DrgnTarget:
-        """A live QEMU by pid: nothing is stopped (no ptrace); needs read access to /proc/PID/mem."""
+        """A live QEMU by pid: nothing is stopped (no ptrace); needs read access to its memory file
+        (the kernel's PID/mem, which drgn reads)."""
         d = _need_drgn()
-        if not os.path.exists(f"/proc/{pid}"):
+        if not procfs.exists_process(pid):
             from qemu_ext.errors import no_process
 
             raise no_process(pid)
-        path = exe or os.path.realpath(f"/proc/{pid}/exe")
+        path = exe or os.path.realpath(procfs.proc_path(pid, "exe"))
         prog = d.Program()
         try:
             prog.set_pid(pid)
@@ -394,19 +396,19 @@ def find_thread_pointers(t: DrgnTarget) -> dict[int, int]:
     pid = t.pid
     tids = {th.tid for th in t.threads()}
     cands: dict[int, bytes] = {}
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            lines = f.read().splitlines()
-    except OSError:
+    if pid is None:
         return {}
-    for line in lines:
-        parts = line.split(maxsplit=5)
-        if len(parts) < 5 or parts[1] != "rw-p":
+    try:
+        mappings = procfs.maps(pid)
+    except (OSError, ValueError):
+        return {}
+    for m in mappings:
+        if m.perms != "rw-p":
             continue
-        path = parts[5] if len(parts) > 5 else ""
+        path = m.path
         if path and path not in ("[heap]", "[stack]") and "ld-linux" not in path and "libc.so" not in path:
             continue
-        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        lo, hi = m.start, m.end
         if hi - lo > MAX_SCAN_MAPPING:
             continue
         try:

@@ -13,6 +13,7 @@ import re
 from typing import Any, Optional
 
 import gdb  # type: ignore[import-not-found]
+from qemu_ext.host import procfs
 
 from .target import Field, IntrospectError, MemoryReadError, Target, ThreadInfo, TypeInfo, proc_comm
 
@@ -148,7 +149,7 @@ class GdbTarget(Target):
         self.inf = inf
         self.ignore_debug_info = ignore_debug_info
         self._debug: Optional[bool] = None
-        # a core: gdb has a core target and /proc of the dead pid says nothing
+        # a core: gdb has a core target, and procfs knows nothing of the dead pid
         self.kind = "core" if _is_core() else "live"
         self.pid = inf.pid
         self.can_write = self.kind == "live"
@@ -156,7 +157,7 @@ class GdbTarget(Target):
 
     def exe(self) -> str:
         if self.kind == "live":
-            proc = f"/proc/{self.pid}/exe"
+            proc = procfs.proc_path(self.pid, "exe")
             if os.access(proc, os.R_OK):
                 return proc
         name = gdb.current_progspace().filename

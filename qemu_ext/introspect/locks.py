@@ -3,8 +3,8 @@ them, what every thread is blocked on, and the CoMutexes held (7.2 and 10.0).
 
 A thread blocked on a lock sits in futex(2) on the lock's word: its system call number and
 arguments come from its registers (orig_rax, rdi, rsi, rdx: gdb live and cores) or, for a reader
-that does not stop QEMU, from /proc/PID/task/TID/syscall, which the kernel fills for a blocked
-thread. The futex address is named by what lives there: the BQL (qemu_global_mutex in 7.2,
+that does not stop QEMU, from the kernel's view of the task's system call (procfs.task_syscall),
+which the kernel fills for a blocked thread. The futex address is named by what lives there: the BQL (qemu_global_mutex in 7.2,
 softmmu/cpus.c; bql since 9.1, system/cpus.c in 10.0), an AioContext's lock, a vCPU's halt_cond,
 any global variable of QEMU. A glibc mutex is waited on by __lll_lock_wait with
 futex(&mutex->__data.__lock, FUTEX_WAIT[_PRIVATE], 2); its holder is __data.__owner
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import bisect
 from typing import Any, Optional
+
+from qemu_ext.host import procfs
 
 from . import blockgraph, common, qom, threads, vcpus, waiters
 from .target import IntrospectError, NotAvailable, Target
@@ -56,19 +58,12 @@ def syscall_of(t: Target, tid: int) -> Optional[tuple[int, list[int]]]:
             return nr, args
     if t.kind == "live" and t.pid is not None:
         try:
-            with open(f"/proc/{t.pid}/task/{tid}/syscall") as f:
-                fields = f.read().split()
-        except OSError:
-            return None
-        if not fields:
-            return None
-        if fields[0] == "running":
+            sc = procfs.task_syscall(t.pid, tid)
+        except (OSError, ValueError):
+            return None  # the thread is gone
+        if sc is None or sc.nr < 0:  # the kernel says "running", or the thread is in user space
             return -1, []
-        try:
-            nr = int(fields[0])
-            return (nr, [int(x, 16) for x in fields[1:7]]) if nr >= 0 else (-1, [])
-        except ValueError:
-            return None
+        return sc.nr, sc.args
     return None
 
 

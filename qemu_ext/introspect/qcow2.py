@@ -11,6 +11,8 @@ import os
 import struct
 from typing import Any, Optional
 
+from qemu_ext.host import procfs
+
 from . import block, common
 from .target import CachedType, IntrospectError, Target, Value
 
@@ -70,7 +72,7 @@ def _matches(t: Target, node: str, node_name: str, device: Optional[str], filena
     path = filename
     if not os.path.isabs(path) and t.kind == "live" and t.pid is not None:
         try:
-            path = os.path.join(os.readlink(f"/proc/{t.pid}/cwd"), path)
+            path = os.path.join(procfs.cwd(t.pid), path)
         except OSError:
             return False
     try:

@@ -25,6 +25,7 @@ import time
 from typing import Any, Callable, Iterator, Optional
 
 from qemu_ext.errors import NotAvailableError, QemuError
+from qemu_ext.host import procfs
 
 from . import elf
 
@@ -291,7 +292,7 @@ def qlist(head: Value, link: str, limit: int = MAX_LIST) -> list[Value]:
 class ThreadInfo:
     num: int  # the backend's thread number (gdb's); 1.. in order otherwise
     tid: int
-    name: Optional[str]  # the OS thread name where the backend knows it (live: /proc comm)
+    name: Optional[str]  # the OS thread name where the backend knows it (live: procfs.comm)
 
 
 class Symbol:
@@ -370,13 +371,14 @@ class Target:
         if self.kind != "live" or self.pid is None:
             return None
         sym = self.symbol_file()
+        link = procfs.proc_path(self.pid, "exe")  # the running file, even if replaced since
         try:
-            running = os.path.realpath(f"/proc/{self.pid}/exe")
+            running = os.path.realpath(link)
         except OSError:
             return None
         if not sym or os.path.realpath(sym) == running:
             return self.relocation_mismatch()
-        a, b = elf.build_id(sym), elf.build_id(f"/proc/{self.pid}/exe")
+        a, b = elf.build_id(sym), elf.build_id(link)
         if a is None or b is None or a == b:
             return self.relocation_mismatch()
         return (f"the symbols come from {sym} (build-id {a[:12]}) but process {self.pid} runs {running} "
@@ -553,17 +555,15 @@ class Target:
         return self._dyn
 
     def maps_bias(self) -> Optional[int]:
-        """The load bias of a live process's executable as the kernel mapped it (/proc/PID/maps:
-        the executable's mapping at file offset 0, minus its first PT_LOAD address)."""
+        """The load bias of a live process's executable as the kernel mapped it (procfs.maps: the
+        executable's mapping at file offset 0, minus its first PT_LOAD address)."""
         if self.kind != "live" or self.pid is None:
             return None
         try:
-            exe = os.path.realpath(f"/proc/{self.pid}/exe")
-            with open(f"/proc/{self.pid}/maps") as f:
-                for line in f:
-                    parts = line.split(maxsplit=5)
-                    if len(parts) == 6 and parts[5].strip() == exe and int(parts[2], 16) == 0:
-                        return int(parts[0].split("-")[0], 16) - _first_load(exe)
+            exe = os.path.realpath(procfs.proc_path(self.pid, "exe"))
+            for m in procfs.maps(self.pid):
+                if m.path == exe and m.offset == 0:
+                    return m.start - _first_load(exe)
         except (OSError, ValueError, IntrospectError):
             return None
         return None
@@ -671,15 +671,8 @@ def _pt_tls(path: str) -> tuple[int, int, int]:
 
 
 def proc_comm(pid: int, tid: int) -> Optional[str]:
+    """A live thread's name (procfs.comm), None when it is gone."""
     try:
-        with open(f"/proc/{pid}/task/{tid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def real_exe(pid: int) -> Optional[str]:
-    try:
-        return os.path.realpath(f"/proc/{pid}/exe")
-    except OSError:
+        return procfs.comm(pid, tid).strip()
+    except (OSError, ValueError):
         return None

@@ -11,12 +11,11 @@ gdb, drgn and on cores.
 
 from __future__ import annotations
 
-import os
 import re
 import struct
 from typing import Any, Optional
 
-from qemu_ext.host import roles
+from qemu_ext.host import procfs, roles
 
 from . import common, vcpus
 from .target import IntrospectError, Target
@@ -51,11 +50,10 @@ def kvm_vcpu_of_thread(pid: int, tid: int, name: str) -> Optional[int]:
     if name.startswith("kvm-"):
         return None  # KVM's kernel workers (kvm-nx-lpage-recovery) start from a vCPU thread's registers
     try:
-        with open(f"/proc/{pid}/task/{tid}/syscall") as f:
-            fields = f.read().split()
-        if len(fields) < 3 or fields[0] != str(SYS_IOCTL) or int(fields[2], 16) != KVM_RUN:
+        sc = procfs.task_syscall(pid, tid)
+        if sc is None or sc.nr != SYS_IOCTL or len(sc.args) < 2 or sc.args[1] != KVM_RUN:
             return None
-        link = os.readlink(f"/proc/{pid}/fd/{int(fields[1], 16)}")
+        link = procfs.fd_target(pid, sc.args[0])
     except (OSError, ValueError):
         return None
     mo = re.match(r"^anon_inode:kvm-vcpu:(\d+)$", link)
@@ -64,22 +62,16 @@ def kvm_vcpu_of_thread(pid: int, tid: int, name: str) -> Optional[int]:
 
 def stack_pointer(t: Target, tid: int) -> Optional[int]:
     """The thread's stack pointer: its register where the reader sees registers, else the one
-    the kernel shows for a thread blocked in a system call (/proc/PID/task/TID/syscall)."""
+    the kernel shows for a thread blocked in a system call (procfs.task_syscall)."""
     if t.can_read_registers:
         return t.register(tid, "rsp")
     if t.kind != "live" or t.pid is None:
         return None
     try:
-        with open(f"/proc/{t.pid}/task/{tid}/syscall") as f:
-            fields = f.read().split()
-    except OSError:
+        sc = procfs.task_syscall(t.pid, tid)
+    except (OSError, ValueError):
         return None
-    if len(fields) >= 9:  # nr, 6 arguments, sp, pc
-        try:
-            return int(fields[7], 16)
-        except ValueError:
-            return None
-    return None
+    return sc.sp if sc is not None and sc.nr >= 0 else None
 
 
 def start_routine_role(t: Target, tid: int) -> Optional[str]:
@@ -116,20 +108,15 @@ def start_routine_role(t: Target, tid: int) -> Optional[str]:
 
 
 def _proc_fields(pid: int, tid: int) -> tuple[Optional[int], Optional[str]]:
-    """(last CPU, affinity list) of a live thread, from /proc/PID/task/TID/stat and status."""
+    """(last CPU, affinity list) of a live thread, from the kernel's stat and status of the task."""
     last = aff = None
     try:
-        with open(f"/proc/{pid}/task/{tid}/stat") as f:
-            text = f.read()
-        last = int(text[text.rindex(")") + 2:].split()[36])
-    except (OSError, ValueError, IndexError):
+        last = procfs.last_cpu(procfs.task_stat(pid, tid))
+    except (OSError, ValueError):
         pass
     try:
-        with open(f"/proc/{pid}/task/{tid}/status") as f:
-            for line in f:
-                if line.startswith("Cpus_allowed_list:"):
-                    aff = line.split(":", 1)[1].strip()
-    except OSError:
+        aff = procfs.status(pid, tid).get("Cpus_allowed_list")
+    except (OSError, ValueError):
         pass
     return last, aff
 

@@ -3,11 +3,11 @@ info under KVM, what KVM itself shows (the kvm-vcpu:N fds and their kvm_run mapp
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, Optional
 
 from qemu_ext.gdbmi import kvm
+from qemu_ext.host import procfs
 
 from . import common
 from .target import IntrospectError, MemoryReadError, Target
@@ -77,32 +77,22 @@ def cpu_states(t: Target) -> list[dict[str, Any]]:
 
 def kvm_vcpus(t: Target) -> list[dict[str, Any]]:
     """vCPUs without debug info, from what KVM shows: each kvm-vcpu:N fd's kvm_run mapping
-    (/proc/PID/maps, exit_reason at offset 8) and the thread running it (its name "CPU N/KVM",
+    (procfs.kvm_run_maps; exit_reason at offset 8) and the thread running it (its name "CPU N/KVM",
     or the thread sitting in ioctl(KVM_RUN) on that fd). Halted/stopped need CPUState: None."""
     from . import threads
 
     pid = t.pid
-    runs: dict[int, int] = {}
+    if pid is None:
+        raise IntrospectError("KVM's view of the vCPUs needs a running QEMU")
     try:
-        with open(f"/proc/{pid}/maps") as f:
-            for line in f:
-                parts = line.split()
-                mo = re.match(r"^anon_inode:kvm-vcpu:(\d+)$", parts[-1]) if len(parts) >= 6 else None
-                if mo and int(parts[2], 16) == 0:
-                    runs.setdefault(int(mo.group(1)), int(parts[0].split("-")[0], 16))
-    except OSError as exc:
-        raise IntrospectError(f"cannot read /proc/{pid}/maps: {exc.strerror}") from exc
-    fds: dict[int, int] = {}
+        runs = procfs.kvm_run_maps(pid)
+    except (OSError, ValueError) as exc:
+        raise IntrospectError(f"cannot read the mappings of process {pid}: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from exc
     try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                mo = re.match(r"^anon_inode:kvm-vcpu:(\d+)$", os.readlink(f"/proc/{pid}/fd/{fd}"))
-            except OSError:
-                continue
-            if mo:
-                fds[int(mo.group(1))] = int(fd)
+        fds = procfs.kvm_vcpu_fds(pid)
     except OSError:
-        pass
+        fds = {}
     tids: dict[int, int] = {}
     unnamed = []
     for th in t.threads():
