@@ -98,13 +98,3 @@ def gdb_batch(pid: int, commands: Sequence[str], timeout: float = 60, extra: Seq
     for c in commands:
         argv += ["-ex", c]
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-
-
-def gdb_mi(pid: Optional[int] = None, timeout: float = 30):
-    """A pygdbmi GdbController attached to pid (the caller exits it)."""
-    from pygdbmi.gdbcontroller import GdbController
-
-    ctl = GdbController(command=["gdb", "-q", "-nx", "--interpreter=mi3"], time_to_check_for_additional_output_sec=0.2)
-    if pid is not None:
-        ctl.write(f"-target-attach {pid}", timeout_sec=timeout)
-    return ctl
