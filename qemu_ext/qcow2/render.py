@@ -12,7 +12,7 @@ import datetime
 import re
 from typing import Any, Iterator, Optional
 
-from qemu_ext.output import human_size
+from qemu_ext.output import count, human_size, percent
 
 
 def _tdb_hash(name: str) -> int:
@@ -263,8 +263,8 @@ def info_extras_human(x: dict[str, Any]) -> list[str]:
     lines.append(f"    clusters: {x['data-clusters']} data, {x['compressed-clusters']} compressed "
                  f"({human_size(x['compressed-bytes'])}), {x['zero-clusters']} zero, "
                  f"{x['zero-clusters-preallocated']} preallocated zero")
-    lines.append(f"    fragmentation: {x['fragmentation'] * 100:.1f}% ({x['fragmented-clusters']}/"
-                 f"{x['allocated-clusters']})")
+    lines.append(f"    fragmentation: {percent(x['fragmentation'])} ({count(x['fragmented-clusters'])} of "
+                 f"{count(x['allocated-clusters'])} allocated clusters)")
     feats = x["features"]
     lines.append("    features: " + "; ".join(f"{k}: {', '.join(v) or '-'}" for k, v in feats.items()))
     lines.append(f"    header extensions: {', '.join(x['extensions']) or '-'}")
