@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from qemu_ext.errors import BadInputError
-from qemu_ext.output import add_output_option, dumps_json, human_size, print_json
+from qemu_ext.output import add_output_option, dumps_json, human_size, number, print_json
 
 RAW = argparse.RawDescriptionHelpFormatter
 COMPAT_HELP = ("print what this QEMU's qemu-img prints (default: the qemu-img on PATH); verified byte for byte "
@@ -24,10 +24,10 @@ def _num(text: str) -> int:
         t = t[:-1]
     try:
         v = int(t, 0) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    except ValueError:  # the words of every size option (l2cache.options.parse_size)
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (expected e.g. 65536, 64k, 2M)") from None
     if v < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: negative")
     return v
 
 
@@ -288,7 +288,7 @@ refcounts, snapshots and bitmaps are decoded entry by entry.""", epilog="""examp
 """)
     d.add_argument("image")
     d.add_argument("what", choices=WHAT)
-    d.add_argument("--l1-index", type=_num, help="which L2 table (for 'l2')")
+    d.add_argument("--l1-index", type=number(int, 0), metavar="N", help="which L2 table (for 'l2'), 0 or more")
     d.add_argument("-l", "--snapshot", help=SNAPSHOT_HELP + " (for 'l1' and 'l2')")
     add_output_option(d)
     d.set_defaults(func=cmd_dump)

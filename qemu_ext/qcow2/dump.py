@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from qemu_ext.errors import BadInputError
+from qemu_ext.errors import BadInputError, UsageError, empty_file
 from qemu_ext.qcow2 import DUMP_STRUCTURES
 from qemu_ext.qcow2 import format as F
 from qemu_ext.qcow2.entries import ClusterType, cluster_type, compressed_span
@@ -43,6 +43,8 @@ def raw_header(path: PathLike) -> dict[str, Any]:
 
     fd, length = open_file(path)
     try:
+        if length == 0:
+            raise empty_file(path)  # the same words as every other open of an image
         head = os.pread(fd, struct.calcsize(_HEADER_FMT), 0)
         if len(head) < 4 or head[:4] != F.QCOW_MAGIC:
             raise BadInputError(f"{path}: Image is not in qcow2 format")
@@ -181,7 +183,7 @@ def _l1(img: Qcow2Image, snapshot: Optional[str]) -> dict[str, Any]:
 
 def _l2(img: Qcow2Image, l1_index: Optional[int], snapshot: Optional[str]) -> dict[str, Any]:
     if l1_index is None:
-        raise BadInputError("dump l2 needs --l1-index N")
+        raise UsageError("dump l2 needs --l1-index N")
     l1, size, label = _l1_of(img, snapshot)
     if not 0 <= l1_index < size:
         raise BadInputError(f"--l1-index {l1_index} is outside the {label} L1 table ({size} entries)")
