@@ -293,12 +293,6 @@ def _argv(cmd: str, opt: str, action: Any, value: str, w: dict[str, Path]) -> li
 
 NUMERIC = value_options("number")
 SIZES = value_options("size")
-KNOWN.update({
-    ("shell", "--timeout"): "shell --timeout says 'not a number of seconds' / 'must be more than 0 and at most 3600 "
-                            "seconds, not -1'",
-})
-
-
 
 
 def _numbers(only_ranged: bool = False, of: Any = None) -> list[Any]:

@@ -34,16 +34,6 @@ error's code with --keep-going); 2 a usage error or a built-in not available on 
 """
 
 
-def _timeout(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < v <= 3600:
-        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 3600 seconds, not {text}")
-    return v
-
-
 def register(sub: argparse._SubParsersAction, name: str, summary: str) -> None:
     p = sub.add_parser(name, help=summary, description=summary, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,7 +42,7 @@ def register(sub: argparse._SubParsersAction, name: str, summary: str) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from qemu_ext.output import add_output_option
+    from qemu_ext.output import add_output_option, number
 
     p.add_argument("address", nargs="?", metavar="SOCKET|HOST:PORT",
                    help="QMP unix socket path, HOST:PORT for TCP, or libvirt:DOMAIN")
@@ -75,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="never page long output ($PAGER, default less -FRX, when it would scroll away)")
     p.add_argument("--history", metavar="FILE", default=DEFAULT_HISTORY,
                    help=f"history file, created 0600 (default {DEFAULT_HISTORY}; '' for none)")
-    p.add_argument("--timeout", type=_timeout, default=5.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=number(float, 0, 3600, lo_open=True), default=5.0, metavar="SECONDS",
                    help="seconds to wait for the connection and QEMU's greeting (default 5)")
     p.add_argument("--no-reconnect", dest="reconnect", action="store_false",
                    help="exit (status 1) instead of waiting when QEMU goes away")
