@@ -241,7 +241,7 @@ def test_bad_targets_are_one_line(tmp_path: Path):
     try:
         cp = virtopt("inspect", str(sleeper.pid), "threads")
         assert cp.returncode == 1
-        assert cp.stderr.strip() == f"virtopt: virtopt threads: process {sleeper.pid} is not QEMU (sleep, /usr/bin/sleep)"
+        assert cp.stderr.strip() == f"virtopt: process {sleeper.pid} is not QEMU (sleep, /usr/bin/sleep)"
         assert sleeper.poll() is None
     finally:
         sleeper.kill()

@@ -133,10 +133,6 @@ PID_COMMANDS = [
     ("gdb", ["gdb", "{pid}"]),
     ("inspect", ["inspect", "{pid}", "info"]),
 ]
-KNOWN.update({
-    ("inspect", "not-qemu"): "inspect prefixes the line with 'virtopt info: '",
-    ("inspect", "pid-1"): "inspect 1: internal error PermissionError on /proc/1/exe (not the not-QEMU line)",
-})
 
 
 @pytest.fixture(scope="module")

@@ -107,10 +107,9 @@ class DrgnTarget(Target):
         """A live QEMU by pid: nothing is stopped (no ptrace); needs read access to its memory file
         (the kernel's PID/mem, which drgn reads)."""
         d = _need_drgn()
-        if not procfs.exists_process(pid):
-            from qemu_ext.errors import no_process
+        from qemu_ext.host.target import require_qemu
 
-            raise no_process(pid)
+        require_qemu(pid)  # no such process / not QEMU (PID 1 too): the one line every front door gives
         path = exe or os.path.realpath(procfs.proc_path(pid, "exe"))
         prog = d.Program()
         try:
