@@ -10,7 +10,7 @@ import datetime
 from typing import Any, Optional
 
 from qemu_ext.host import roles
-from qemu_ext.output import duration, human_size
+from qemu_ext.output import count, duration, human_size
 
 
 def table(rows: list[list[Any]], headers: list[str] | tuple[str, ...]) -> str:
@@ -155,8 +155,9 @@ def timers(d: dict[str, Any]) -> str:
 
 
 def trace_list(data: dict[str, Any]) -> str:
-    out = [f"backends: {', '.join(data['backends']) or 'none found'}   "
-           f"trace_events_enabled_count: {data['enabled-count']}   log LOG_TRACE: {data['log-trace']}"]
+    log = "on" if data["log-trace"] else "off"  # qemu_loglevel's LOG_TRACE bit
+    out = [f"backends: {', '.join(data['backends']) or 'none found'}; {count(data['enabled-count'])} event(s) "
+           f"enabled in QEMU; log backend output {log if 'log' in data['backends'] else 'n/a'}"]
     for e in data["events"]:
         out.append(f"{e['name']} : state {1 if e['state'] == 'enabled' else 0}"
                    f"{'  (unavailable)' if e['state'] == 'unavailable' else ''}{'  (vcpu)' if e['vcpu'] else ''}")
