@@ -122,8 +122,8 @@ def open_chain(path: PathLike, follow_backing: bool = True, snapshot: Optional[s
                 raise OpenError(layers[0].filename, f"Could not open backing file: {filename!r}: virtopt reads "
                                 "local backing files only")
             real = os.path.realpath(filename)
-            if real in seen:
-                raise BadInputError(f"{filename}: backing chain loops (the file is already in the chain)")
+            if real in seen:  # qemu-img info --backing-chain's words (map and check recurse until memory runs out)
+                raise BadInputError(f"Backing file '{filename}' creates an infinite loop.")
             seen.add(real)
             try:
                 layer = _open_layer(filename, fmt, mode, compat, top=not layers)
