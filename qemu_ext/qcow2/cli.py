@@ -212,8 +212,8 @@ def register(sub: Any, name: str, summary: str) -> None:
     p = sub.add_parser(name, help=summary, formatter_class=RAW, description=f"""{summary}.
 
 Images are opened read-only, never written, and validated the way QEMU opens them: an image
-qemu-img refuses is refused with qemu-img's reason (exit 1). In every subcommand -l means
---snapshot, as in qemu-img convert.""", epilog="""examples:
+qemu-img refuses is refused with qemu-img's reason (exit 1). -l always means --snapshot (read,
+convert, dump), as in qemu-img convert.""", epilog="""examples:
   virtopt qcow2 info disk.qcow2 --output=json
   virtopt qcow2 map disk.qcow2 --output=json
   virtopt qcow2 check disk.qcow2
@@ -244,8 +244,8 @@ The output has the shape of the QEMU given by --qemu-compat, else of the qemu-im
                      description="""\
 Which guest ranges are data, zeros or unallocated, and where they live in which file of the
 backing chain: the same text and JSON as `qemu-img map` of the QEMU given by --qemu-compat (else
-of the qemu-img on PATH). qemu-img map takes -l for --max-length; here -l is --snapshot in every
-subcommand, so --max-length has no short form.""", epilog="""examples:
+of the qemu-img on PATH). qemu-img map takes -l for --max-length; in virtopt -l always means
+--snapshot (as in qemu-img convert), so --max-length has no short form.""", epilog="""examples:
   virtopt qcow2 map disk.qcow2
   virtopt qcow2 map top.qcow2 --output=json     # same bytes as qemu-img map --output=json
   virtopt qcow2 map disk.qcow2 --start-offset 1M --max-length 64M
