@@ -89,13 +89,13 @@ def test_luks_image(images: dict[str, Path], qemu_build) -> None:
     assert sha256(p) == before
 
 
-def test_info_extras_keep_qemu_fields(images: dict[str, Path]) -> None:
+def test_info_extras_keep_qemu_fields(images: dict[str, Path], qemu_build) -> None:
     """Without --qemu-only, info is qemu-img's JSON plus one "virtopt" object; the extras' allocation,
     fragmentation and compression figures are the ones qemu-img check counts."""
     for name in ("snapshots", "bitmaps", "zstd", "zlib", "c512", "extl2"):
         p = images[name]
-        want = json.loads(run(["qemu-img", "info", "--output=json", str(p)]).stdout)
-        rc, out, err = vo("qcow2", "info", "--output=json", "--qemu-compat", "7.2", str(p))
+        want = json.loads(qemu_tool(qemu_build, "img", "info", "--output=json", str(p)).stdout)
+        rc, out, err = vo("qcow2", "info", "--output=json", "--qemu-compat", qemu_build.series, str(p))
         assert rc == 0, err
         got = json.loads(out)
         x = got.pop("virtopt")
@@ -103,10 +103,10 @@ def test_info_extras_keep_qemu_fields(images: dict[str, Path]) -> None:
         assert x["l2-tables-allocated"] >= 1
         assert len(x["snapshots"]) == len(want.get("snapshots", []))
         assert [b["name"] for b in x["bitmaps"]] == [b["name"] for b in want["format-specific"]["data"].get("bitmaps", [])]
-        chk = json.loads(run(["qemu-img", "check", "--output=json", str(p)], check=False).stdout)
+        chk = json.loads(qemu_tool(qemu_build, "img", "check", "--output=json", str(p), check=False).stdout)
         for key in ("allocated-clusters", "fragmented-clusters", "compressed-clusters"):
             assert x[key] == chk.get(key, 0), (name, key)
-    snaps = run(["qemu-img", "snapshot", "-l", str(images["snapshots"])]).stdout
+    snaps = qemu_tool(qemu_build, "img", "snapshot", "-l", str(images["snapshots"])).stdout
     x = json.loads(vo("qcow2", "info", "--output=json", str(images["snapshots"]))[1])["virtopt"]
     assert [s["name"] for s in x["snapshots"]] == [ln.split()[1] for ln in snaps.splitlines()[2:]]
 
@@ -252,10 +252,10 @@ def test_bulk_decoding_agrees_with_the_bitstructs(images: dict[str, Path]) -> No
                 assert F.BitmapTableEntry.parse(raw).offset_9 << 9 == r["offset"]
 
 
-def test_dump_l2_agrees_with_map(images: dict[str, Path]) -> None:
+def test_dump_l2_agrees_with_map(images: dict[str, Path], qemu_build) -> None:
     """The host offsets `dump l2` decodes are the ones qemu-img map reports."""
     p = images["c64k-rc16"]
-    qmap = json.loads(run(["qemu-img", "map", "--output=json", str(p)]).stdout)
+    qmap = json.loads(qemu_tool(qemu_build, "img", "map", "--output=json", str(p)).stdout)
     rc, out, err = vo("qcow2", "dump", str(p), "l2", "--l1-index", "0", "--output=json")
     assert rc == 0, err
     ents = {e["guest-offset"]: e for e in json.loads(out)["entries"]}
@@ -265,11 +265,11 @@ def test_dump_l2_agrees_with_map(images: dict[str, Path]) -> None:
             assert e["type"] == "normal" and e["host-offset"] == m["offset"]
 
 
-def test_check_names_the_referrers(images: dict[str, Path]) -> None:
+def test_check_names_the_referrers(images: dict[str, Path], qemu_build) -> None:
     """Data pointed at the L1 table: the cluster qemu-img counts as corrupt is listed with both referrers;
     a leaked cluster is referenced by nothing."""
     p = images["corrupt-overlap"]
-    q = run(["qemu-img", "check", str(p)], check=False)
+    q = qemu_tool(qemu_build, "img", "check", str(p), check=False)
     rc, out, _ = vo("qcow2", "check", "--output=json", str(p))
     assert rc == q.returncode == 2
     bad = [line.split()[2] for line in q.stderr.splitlines() if line.startswith("ERROR cluster")]
@@ -282,12 +282,12 @@ def test_check_names_the_referrers(images: dict[str, Path]) -> None:
     assert [x["referrers"] for x in leak if x["kind"] == "leak"] == [[]]
 
 
-def test_check_command_line(images: dict[str, Path]) -> None:
+def test_check_command_line(images: dict[str, Path], qemu_build) -> None:
     """The installed command: qemu-img check's summary on stdout, each finding one line on stderr,
     qemu-img check's exit codes (0 clean, 2 corruptions, 3 leaks only)."""
     for name, code in (("c512", 0), ("corrupt-overlap", 2), ("corrupt-leak", 3)):
         p = images[name]
-        q = run(["qemu-img", "check", str(p)], check=False)
+        q = qemu_tool(qemu_build, "img", "check", str(p), check=False)
         cp = virtopt("qcow2", "check", str(p))
         assert (cp.returncode, cp.stdout) == (q.returncode, q.stdout) == (code, q.stdout)
         assert (len(cp.stderr.splitlines()) >= 1) == (code != 0)
