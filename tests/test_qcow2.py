@@ -46,11 +46,12 @@ def test_matrix_agrees_with_qemu_img(images: dict[str, Path], qemu_build, tmp_pa
             continue  # needs the key on qemu-img's side: test_luks_image
         before = tree_state(img.parent)
         bad = compare_one(qemu_build, img, tmp_path)
-        qrc, qout, _ = _human(qemu_build, img, "info", "--backing-chain")
-        rc, out, err = vo("qcow2", "info", "--backing-chain", "--qemu-only", "--qemu-compat", compat, str(img),
-                          cwd=img.parent)
-        if qrc == 0 and (rc, out) != (0, qout):
-            bad.append(f"human info differs: {err.strip()}")
+        for fmt in ([], ["--output=json"]):
+            qrc, qout, _ = _human(qemu_build, img, "info", "--backing-chain", *fmt)
+            rc, out, err = vo("qcow2", "info", "--backing-chain", "--qemu-only", "--qemu-compat", compat, *fmt,
+                              str(img), cwd=img.parent)
+            if qrc == 0 and (rc, out) != (0, qout):
+                bad.append(f"info --backing-chain {fmt} differs: {err.strip()}")
         qrc, qout, _ = _human(qemu_build, img, "check")
         rc, out, _ = vo("qcow2", "check", str(img), cwd=img.parent)
         if (rc, out) != (qrc, qout):
