@@ -104,12 +104,62 @@ def comparable(view: str, data: Any) -> Any:
             for k in ("halted", "kvm-exit-reason", "kvm-exit-reason-name"):
                 v.pop(k, None)
     elif view == "timers":
+        d.pop("reference", None)  # "now" is each reader's own moment
         for c in d["clocks"]:
+            c.pop("now-ns", None)
+            c.pop("error-bound-seconds", None)
             for tl in c["timer-lists"]:
                 for t in tl["timers"]:
                     t.pop("expire-time", None)
                     t.pop("expires-in-ns", None)
     return d
+
+
+def check_core_timers(live: dict, core: dict, stopped: tuple[int, int], dump: tuple[int, int]
+                      ) -> list[tuple[str, int, int]]:
+    """The timers view of a core against the live view read just before the dump. ``stopped``: the
+    CLOCK_MONOTONIC ns before gdb attached and after its first command (QEMU froze in between);
+    ``dump``: before and after generate-core-file. The core's reference ("now" of the dump) must lie
+    where the view says within the bound it states: in the dump's window when it counts from the
+    file's birth time, in the freeze's window when QEMU's main loop showed that it froze earlier.
+    Every timer's expires-in must be its expire time less that reference, and a stopped VM's frozen
+    virtual clock must give the live reading exactly. Returns (clock, live expires-in, core
+    expires-in) of every timer of a running clock, for the caller's own checks."""
+    ref = core["reference"]
+    bound = ref["error-bound-seconds"]
+    assert bound is not None, ref
+    slack = int(0.012 * 1e9)  # file times: one tick of the coarse clock; glib's ms rounding
+    if ref["kind"] == "core-file-creation":
+        assert bound <= 0.05, ref
+        lo, hi = dump
+        assert lo - slack <= ref["monotonic-ns"] <= hi + slack, (dump, ref)
+    else:  # the latest moment QEMU can have frozen, and it froze at most `bound` earlier
+        assert ref["kind"] == "main-loop-poll", ref
+        lo, hi = stopped
+        assert lo - slack <= ref["monotonic-ns"] <= hi + int(bound * 1e9) + slack, (stopped, ref)
+        assert ref["monotonic-ns"] < dump[0], (ref, dump)
+    live_ref = live["reference"]
+    out = []
+    for lc, cc in zip(live["clocks"], core["clocks"]):
+        assert lc["clock"] == cc["clock"] and lc["now-from"] == cc["now-from"]
+        frozen = cc["error-bound-seconds"] == 0.0
+        if lc["now-ns"] is not None:
+            # both readers add the same offset to their own moment (virtual: timers_state.cpu_clock_offset)
+            moved = 0 if frozen else (ref["monotonic-ns"] - live_ref["monotonic-ns"] if lc["clock"] != "host"
+                                      else ref["realtime-ns"] - live_ref["realtime-ns"])
+            assert cc["now-ns"] - lc["now-ns"] == moved, (lc["clock"], lc["now-ns"], cc["now-ns"], moved)
+        for ltl, ctl in zip(lc["timer-lists"], cc["timer-lists"]):
+            for lt, ct in zip(ltl["timers"], ctl["timers"]):
+                if ct["expires-in-ns"] is None:
+                    assert cc["now-ns"] is None
+                    continue
+                assert ct["expires-in-ns"] == ct["expire-time"] - cc["now-ns"]
+                if lt["expire-time"] == ct["expire-time"]:
+                    if frozen:
+                        assert ct["expires-in-ns"] == lt["expires-in-ns"]
+                    else:
+                        out.append((cc["clock"], lt["expires-in-ns"], ct["expires-in-ns"]))
+    return out
 
 
 def differences(a: Any, b: Any, path: str = "", out: Optional[list] = None, limit: int = 10) -> list:

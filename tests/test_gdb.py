@@ -138,6 +138,8 @@ def test_symbol_only_paths_on_the_debug_build(dbg):
     # timers: the hand-cast 7.2 layouts walk exactly what the DWARF walk finds
     assert (tm["source"], tm2["source"]) == ("symbols", "debug-info")
     assert _strip_now(tm["clocks"]) == _strip_now(tm2["clocks"])
+    # and the virtual clock's "now" from the hand-made TimersState layout is DWARF's, to the ns
+    assert _virtual_offset(tm) == _virtual_offset(tm2)
     if dbg.accel == "kvm":  # same stopped process, two ways: KVM's kvm_run pages agree with CPUState's
         assert vc.data["source"] == "kvm" and vc2.data["source"] == "CPUState"
         key = ("cpu-index", "thread-id", "kvm-fd", "kvm-exit-reason")
@@ -373,10 +375,19 @@ def test_coroutines_found_and_backtraced_without_calls(dbg):
 
 
 def _strip_now(clocks: list) -> list:
-    """Timer data without the one field computed from the reader's own clock."""
-    return [{**c, "timer-lists": [{**tl, "timers": [{k: v for k, v in t.items() if k != "expires-in-ns"}
-                                                    for t in tl["timers"]]} for tl in c["timer-lists"]]}
+    """Timer data without the fields computed from the reader's own moment ("now")."""
+    drop = ("now-ns", "error-bound-seconds")
+    return [{**{k: v for k, v in c.items() if k not in drop},
+             "timer-lists": [{**tl, "timers": [{k: v for k, v in t.items() if k != "expires-in-ns"}
+                                               for t in tl["timers"]]} for tl in c["timer-lists"]]}
             for c in clocks]
+
+
+def _virtual_offset(timers: dict) -> int:
+    """timers_state.cpu_clock_offset as the view used it: virtual now less the reference's monotonic now."""
+    virt = {c["clock"]: c for c in timers["clocks"]}["virtual"]
+    assert virt["now-from"] == "CLOCK_MONOTONIC + timers_state.cpu_clock_offset", virt["now-from"]
+    return virt["now-ns"] - timers["reference"]["monotonic-ns"]
 
 
 def test_timers_list_the_qcow2_cache_clean_timer(any_qemu):

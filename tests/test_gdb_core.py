@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gdb_util import comparable, differences, gdb_on_core, hmp
+from gdb_util import check_core_timers, comparable, differences, gdb_on_core, hmp
 from helpers import virtopt
 
 from qemu_ext import vm
@@ -81,16 +81,21 @@ def test_every_view_on_a_core_says_what_the_live_qemu_said(debug_qemu_factory, d
     cpus = qp.client.cmd("query-cpus-fast")
     pid = qp.pid
     core = tmp_path / "qemu.core"
+    attaching = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
     with GdbSession(qp.pid) as s:
         live = {}
         for v in VIEWS:
             r = s.run(f"{v} --json")
             assert r.ok, f"{v}: {r.error}"
             live[v] = r.data
+            if v == VIEWS[0]:
+                stopped = (attaching, time.clock_gettime_ns(time.CLOCK_MONOTONIC))
         inflight = [c for c in live["coroutines --pools"]["coroutines"] if c["source"].startswith("tracked-request:")]
         assert len(inflight) == int(mid_io)
         live_bt = s.run(f"coroutines --bt {inflight[0]['address']:#x} --json").data if mid_io else None
+        began = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         dumped = s.run(f"generate-core-file {core}")
+        ended = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         assert dumped.ok, dumped.error
     qp.stop()
     exe = debug_build.system
@@ -121,9 +126,15 @@ def test_every_view_on_a_core_says_what_the_live_qemu_said(debug_qemu_factory, d
     assert {"IO mon_iothread", "IO io0"} <= set(names.values())  # -object iothread too (QOM /objects)
     live_names = {t["tid"]: t["name"] for t in live["threads"]["threads"]}
     assert names[pid] == live_names[pid] == "qemu-system-x86"  # the main thread's, from NT_PRPSINFO
+    # "expires in" counted from the dump (the core file's birth time), within the bound the view states
     timers = by_view["timers"]["data"]
-    assert all(t["expires-in-ns"] is None for c in timers["clocks"] if c["clock"] == "realtime"
-               for tl in c["timer-lists"] for t in tl["timers"])
+    running = check_core_timers(live["timers"], timers, stopped, (began, ended))
+    clocks = {c["clock"]: c for c in timers["clocks"]}
+    assert clocks["virtual"]["now-ns"] is not None and clocks["host"]["now-ns"] is not None
+    # the qcow2 node's cache-clean timer (QEMU_CLOCK_VIRTUAL) and the RTC's (QEMU_CLOCK_HOST) are there,
+    # and the core counts them from the dump, later than the live reading
+    assert {c for c, _live, _core in running} >= {"virtual", "host"}
+    assert all(abs(live_in - core_in) < ended - attaching for _c, live_in, core_in in running)
     if mid_io:
         core_bt = on_core[len(VIEWS)]
         assert core_bt["ok"], core_bt.get("error")

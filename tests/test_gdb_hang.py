@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
-from gdb_util import PACK, assert_alive, hmp
+from gdb_util import PACK, assert_alive, check_core_timers, hmp
 from helpers import make_qcow2, virtopt
 
 from qemu_ext import vm
@@ -212,15 +212,21 @@ def test_parked_requests_are_found_named_and_the_same_on_a_core(hang_vm, debug_b
     try:
         core = tmp_path / "qemu.core"
         cmds = ["virtopt waiters --json", "virtopt block --json", "virtopt cpustate --json", "virtopt coroutines --json"]
+        attaching = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         with GdbSession(qp.pid) as s:
             live = []
             for c in cmds:
                 r = s.run(c)
                 assert r.ok, f"{c}: {r.error}"
                 live.append(r.data)
+                if c == cmds[0]:
+                    stopped = (attaching, time.clock_gettime_ns(time.CLOCK_MONOTONIC))
             text = s.run("virtopt waiters").output
             co_text = s.run("virtopt coroutines").output
+            live_timers = s.run("virtopt timers --json").data  # just before the dump
+            began = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
             gen = s.console(f"generate-core-file {core}", timeout=120)
+            dump = (began, time.clock_gettime_ns(time.CLOCK_MONOTONIC))
             assert gen.ok, gen.error
         waiters, block, cpus, cos = live
         assert len(cpus["vcpus"]) == 4
@@ -278,15 +284,24 @@ def test_parked_requests_are_found_named_and_the_same_on_a_core(hang_vm, debug_b
 
         # the core says what the live process said just before the dump: gdb and drgn alike
         try:
-            on_core = _core_json(debug_build, core, cmds, tmp_path)
+            *on_core, core_timers = _core_json(debug_build, core, [*cmds, "virtopt timers --json"], tmp_path)
             for a, b in zip(live, on_core):
                 assert _no_snapshot(a) == _no_snapshot(b)
             assert on_core[0]["snapshot"]["target"] == "core"
-            by_drgn = _drgn_core(core, debug_build, "waiters", "block", "cpustate", "coroutines")
+            *by_drgn, drgn_timers = _drgn_core(core, debug_build, "waiters", "block", "cpustate", "coroutines",
+                                               "timers")
             for a, b in zip(live, by_drgn):
                 assert _no_snapshot(a) == _no_snapshot(b)
         finally:
             core.unlink(missing_ok=True)
+        # the throttle timers (QEMU_CLOCK_REALTIME) were some seconds ahead when read live, just before the
+        # dump: the core counts them from the dump, within the bound it states (gdb and drgn alike)
+        for mine in (core_timers, drgn_timers):
+            running = check_core_timers(live_timers, mine, stopped, dump)
+            ahead = [(a, b) for c, a, b in running if c == "realtime"]
+            assert len(ahead) == 2 and all(a > 10**9 for a, _b in ahead), ahead  # tg0's and tg1's
+            assert all(abs(a - b) < dump[1] - stopped[0] for a, b in ahead), (ahead, stopped, dump)
+        assert drgn_timers["reference"]["kind"] == core_timers["reference"]["kind"]
 
         deadline = time.monotonic() + 30
         while (qp.stderr_text().count("wrote 65536/65536 bytes at offset 65536") < n0 + 2
@@ -344,8 +359,22 @@ def test_cpustate_matches_info_registers_and_says_when_kvm_has_not_synced(hang_v
             r = s.run("virtopt cpustate --json")
             one = s.run("virtopt cpustate 2 --json")
             text = s.run("virtopt cpustate").output
+            frozen = s.run("virtopt timers --json").data
+        frozen_later = _drgn_live(qp.pid, "timers")
     finally:
+        resumed = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         qp.client.cmd("cont")
+    running_again = _drgn_live(qp.pid, "timers")
+    # the stopped VM's virtual clock stands still (timers_state.cpu_clock_offset): every reader, at any
+    # moment, gives the same "now" and the same expires-in, exactly; after `cont` it goes on from there
+    virt = [{c["clock"]: c for c in d["clocks"]}["virtual"] for d in (frozen, frozen_later, running_again)]
+    assert virt[0]["now-from"].startswith("frozen") and virt[0]["error-bound-seconds"] == 0.0
+    assert virt[0]["now-ns"] == virt[1]["now-ns"] and virt[0]["timer-lists"] == virt[1]["timer-lists"]
+    assert frozen_later["reference"]["monotonic-ns"] > frozen["reference"]["monotonic-ns"]
+    assert sum(len(tl["timers"]) for tl in virt[0]["timer-lists"]) >= 3  # the qcow2 nodes' cache-clean timers
+    assert virt[2]["now-from"] == "CLOCK_MONOTONIC + timers_state.cpu_clock_offset"
+    since = time.clock_gettime_ns(time.CLOCK_MONOTONIC) - resumed
+    assert 0 <= virt[2]["now-ns"] - virt[0]["now-ns"] <= since, (virt[0]["now-ns"], virt[2]["now-ns"], since)
     assert r.ok, r.error
     mine = r.data["vcpus"]
     assert [c["cpu-index"] for c in mine] == [0, 1, 2, 3]

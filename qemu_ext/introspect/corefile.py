@@ -113,3 +113,40 @@ def registers(path: str) -> dict[int, dict[str, int]]:
             values = struct.unpack_from(f"<{len(USER_REGS)}Q", desc, PRSTATUS_REG)
             out.setdefault(tid, dict(zip(USER_REGS, values)))
     return out
+
+
+def file_times(path: str) -> tuple[Optional[int], int]:
+    """(birth, modification) time of a file in ns of CLOCK_REALTIME. The birth time comes from
+    statx(2) (STATX_BTIME: ext4, xfs, btrfs, tmpfs since Linux 5.x); None where the file system
+    does not record it (or statx is missing)."""
+    st = os.stat(path)
+    return _birth_time_ns(path), st.st_mtime_ns
+
+
+STATX_BTIME = 0x800
+AT_FDCWD = -100
+
+
+def _birth_time_ns(path: str) -> Optional[int]:
+    import ctypes
+
+    class _Ts(ctypes.Structure):  # struct statx_timestamp
+        _fields_ = [("sec", ctypes.c_int64), ("nsec", ctypes.c_uint32), ("pad", ctypes.c_int32)]
+
+    class _Statx(ctypes.Structure):  # struct statx (include/uapi/linux/stat.h), 256 bytes
+        _fields_ = [("mask", ctypes.c_uint32), ("blksize", ctypes.c_uint32), ("attributes", ctypes.c_uint64),
+                    ("nlink", ctypes.c_uint32), ("uid", ctypes.c_uint32), ("gid", ctypes.c_uint32),
+                    ("mode", ctypes.c_uint16), ("pad1", ctypes.c_uint16), ("ino", ctypes.c_uint64),
+                    ("size", ctypes.c_uint64), ("blocks", ctypes.c_uint64), ("attributes_mask", ctypes.c_uint64),
+                    ("atime", _Ts), ("btime", _Ts), ("ctime", _Ts), ("mtime", _Ts), ("rest", ctypes.c_uint64 * 18)]
+
+    try:
+        statx = ctypes.CDLL(None, use_errno=True).statx
+    except (OSError, AttributeError):
+        return None
+    buf = _Statx()
+    if statx(AT_FDCWD, os.fsencode(path), 0, STATX_BTIME, ctypes.byref(buf)) != 0:
+        return None
+    if not buf.mask & STATX_BTIME or (buf.btime.sec == 0 and buf.btime.nsec == 0):
+        return None
+    return buf.btime.sec * 1_000_000_000 + buf.btime.nsec

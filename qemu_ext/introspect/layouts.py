@@ -28,7 +28,9 @@ from .target import (
     NotAvailable,
     Target,
     TypeInfo,
+    Value,
     pointer_to,
+    scalar,
     struct_type,
 )
 
@@ -86,6 +88,27 @@ def _timer_types() -> dict[str, TypeInfo]:
     return {"QEMUTimer": timer, "QEMUClock": clock, "QEMUTimerList": tl, "QEMUTimerListGroup": tlg}
 
 
+def _timers_state() -> TypeInfo:
+    """TimersState (include/sysemu/cpu-timers-internal.h 7.2, include/system/ 10.0): the two fields
+    that give QEMU_CLOCK_VIRTUAL's time (cpu_get_clock_locked, softmmu|system/cpu-timers.c)."""
+    return struct_type("TimersState", 96, {"cpu_ticks_enabled": (24, scalar("int16_t", 2, True)),
+                                           "cpu_clock_offset": (56, S64)})
+
+
+def timers_state(t: Target) -> Optional[Value]:
+    """QEMU's timers_state (exported by stripped builds too) by DWARF, else by the confirmed layout;
+    None when this QEMU has none or the layout cannot be confirmed."""
+    if t.has_debug_info():
+        return t.find_var("timers_state")
+    sym = t.symbol("timers_state")
+    if sym is None or series(t) not in VERIFIED:
+        return None
+    ty = _timers_state()
+    if sym.size not in (0, ty.size):
+        return None
+    return t.value(sym.address, ty)
+
+
 def _refuse(t: Target, what: str, why: str) -> NotAvailable:
     v = version(t)
     return NotAvailable(f"{what} without debug info needs a layout this QEMU ({v or 'version unknown'}) "
@@ -132,7 +155,7 @@ def timer_type(t: Target, name: str) -> TypeInfo:
 
 def hand_made(ser: str) -> dict[str, TypeInfo]:
     """Every hand-made layout of a series (the tests compare them with that series' DWARF)."""
-    return {"TraceEvent": _trace_event(ser), **_timer_types()}
+    return {"TraceEvent": _trace_event(ser), **_timer_types(), "TimersState": _timers_state()}
 
 
 _ = U64T

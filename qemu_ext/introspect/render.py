@@ -137,18 +137,32 @@ def mtree_lookup(d: dict[str, Any]) -> str:
             f"  path: {' / '.join(d['path'])}\n")
 
 
+def _bound(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "error unknown"
+    return "exact" if seconds == 0 else f"± {duration(seconds)}"
+
+
 def timers(d: dict[str, Any]) -> str:
-    out = []
+    ref = d["reference"]
+    if ref["kind"] is None:
+        out = [f"expires in: not known: {ref['description']}"]
+    else:
+        out = [f"expires in: counted from {ref['description']} ({_bound(ref['error-bound-seconds'])})"]
+    out += [f"note: {n}" for n in ref["notes"]]
     for c in d["clocks"]:
         n = sum(len(tl["timers"]) for tl in c["timer-lists"])
+        now = "now unknown: " + c["now-from"] if c["now-ns"] is None else (
+            f"now {c['now-ns']} from {c['now-from']}, {_bound(c['error-bound-seconds'])}")
         out.append(f"clock {c['clock']} ({'enabled' if c['enabled'] else 'disabled'}): "
-                   f"{len(c['timer-lists'])} list(s), {n} timer(s)")
+                   f"{len(c['timer-lists'])} list(s), {n} timer(s); {now}")
         for tl in c["timer-lists"]:
             out.append(f"  list {tl['address']:#x} ({tl['owner']}, notify {tl['notify'] or '?'})")
             for t in tl["timers"]:
                 extra = ""
-                if t.get("expires-in-ns") is not None:
-                    extra = f" (in {duration(t['expires-in-ns'] / 1e9)})"
+                left = t.get("expires-in-ns")
+                if left is not None:
+                    extra = f" (in {duration(left / 1e9)})" if left >= 0 else f" (overdue by {duration(-left / 1e9)})"
                 out.append(f"    expire {t['expire-time']}{extra} scale {t['scale']} cb {t['cb']} "
                            f"opaque {t['opaque']:#x}")
     return "\n".join(out) + "\n"
