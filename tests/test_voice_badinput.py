@@ -65,10 +65,7 @@ FILE_COMMANDS = [
 ]
 
 # Found by this test while the owners were still at work (see the voice report): xfail, not strict.
-KNOWN = {
-    ("inspect --core", "directory"): "inspect --core DIR says 'not a regular file or block device'",
-    ("inspect --core", "binary"): "inspect --core says 'not an ELF core file' where gdb --core says 'not an ELF file'",
-}
+KNOWN: dict[Any, str] = {}  # (command, condition) -> what is still wrong there (xfail); empty now
 
 
 def _known(params: list[tuple[Any, ...]], key: Any) -> list[Any]:

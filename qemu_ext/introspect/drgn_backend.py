@@ -128,7 +128,12 @@ class DrgnTarget(Target):
             st = os.stat(core)
         except OSError as exc:
             raise open_error(core, exc) from None
-        if not os.path.isfile(core):
+        import errno
+        import stat
+
+        if stat.S_ISDIR(st.st_mode):  # the words gdb --core (qemu_ext.gdbmi.elfsyms.open_elf) gives
+            raise open_error(core, IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR)))
+        if not stat.S_ISREG(st.st_mode):
             from qemu_ext.errors import not_a_file
 
             raise not_a_file(core)
@@ -136,6 +141,9 @@ class DrgnTarget(Target):
             from qemu_ext.errors import empty_file
 
             raise empty_file(core)
+        with open(core, "rb") as f:
+            if f.read(4) != b"\x7fELF":
+                raise BadInputError(f"{core}: not a core file (not an ELF file)")
         prog = d.Program()
         try:
             prog.set_core_dump(core)
