@@ -47,6 +47,23 @@ def check_qemu(t: Target, view: str) -> None:
     raise IntrospectError(f"virtopt {view}: process {t.pid} is not QEMU ({name or os.path.basename(exe)}, {exe})")
 
 
+PF_USER_WORKER, PF_KTHREAD = 0x4000, 0x200000  # include/linux/sched.h
+
+
+def kernel_worker(t: Target, tid: int) -> bool:
+    """A thread of QEMU's thread group that never runs QEMU's code: KVM's workers
+    (kvm-nx-lpage-recovery, a user worker since Linux 6.4), so it has no TLS and no user registers.
+    Live: by the kernel's flags for the task; a core (dead: no flags): False."""
+    if t.kind != "live" or t.pid is None:
+        return False
+    from qemu_ext.host import procfs
+
+    try:
+        return bool(int(procfs.task_stat(t.pid, tid)[8]) & (PF_USER_WORKER | PF_KTHREAD))
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 def kvm_enabled(t: Target) -> Optional[bool]:
     a = t.symbol_address("kvm_allowed")
     return None if a is None else bool(t.read_u8(a))

@@ -84,6 +84,17 @@ def executable(path: str) -> Optional[str]:
     return None
 
 
+def entry_point(path: str) -> Optional[int]:
+    """The run-time address of the executable's entry point (NT_AUXV's AT_ENTRY)."""
+    for ntype, name, desc in _notes(path):
+        if ntype == NT_AUXV and name == b"CORE":
+            for i in range(0, len(desc) - 15, 16):
+                key, val = struct.unpack_from("<QQ", desc, i)
+                if key == AT_ENTRY:
+                    return val
+    return None
+
+
 def process_info(path: str) -> tuple[Optional[int], Optional[str]]:
     """(pid, program name) from NT_PRPSINFO (struct elf_prpsinfo, x86-64)."""
     for ntype, name, desc in _notes(path):

@@ -75,6 +75,8 @@ def find(t: Target) -> dict[str, Any]:
     for th in t.threads():
         leader = t.tls_address(th.tid, "co_tls_leader")
         if leader is None:
+            if common.kernel_worker(t, th.tid):
+                continue  # KVM's worker runs no QEMU code: no TLS, no coroutine
             tls_ok = False
             break
         leaders.add(leader)  # CoroutineUContext starts with its Coroutine

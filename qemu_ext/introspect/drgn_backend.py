@@ -9,6 +9,7 @@ stops it); on a core, registers come from the dump.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Optional
 
@@ -54,8 +55,16 @@ def _strip(t: Any) -> Any:
     return t
 
 
-def convert(t: Any) -> TypeInfo:
-    """drgn.Type -> TypeInfo (fields and targets converted when first used)."""
+def convert(t: Any, cache: Optional[dict[tuple[int, int], TypeInfo]] = None) -> TypeInfo:
+    """drgn.Type -> TypeInfo (fields and targets converted when first used). ``cache``: the
+    target's, by drgn's own type identity, so a structure's members are collected once however
+    many ways it is reached."""
+    key = None
+    if cache is not None:
+        key = (t._ptr, t.qualifiers.value)
+        got = cache.get(key)
+        if got is not None:
+            return got
     name = str(t.type_name())
     s = _strip(t)
     kind = _kind(s)
@@ -68,26 +77,31 @@ def convert(t: Any) -> TypeInfo:
     elif kind == "enum" and s.type is not None:
         signed = bool(s.type.is_signed)
     length = s.length if kind == "array" else None
-    return TypeInfo(name, kind, size, signed, length, native=s, conv=_lazy)
+    info = TypeInfo(name, kind, size, signed, length, native=(s, cache), conv=_lazy)
+    if key is not None:
+        cache[key] = info  # type: ignore[index]
+    return info
 
 
 def _lazy(what: tuple[str, Any]) -> Any:
-    part, s = what
+    part, (s, cache) = what
     if part == "target":
-        return convert(s.type)
+        return convert(s.type, cache)
     out: dict[str, Field] = {}
-    _collect_fields(s, 0, out)
+    _collect_fields(s, 0, out, cache)
     return out
 
 
-def _collect_fields(s: Any, base: int, out: dict[str, Field]) -> None:
+def _collect_fields(s: Any, base: int, out: dict[str, Field], cache: Any = None) -> None:
     if not s.is_complete():
         return
     for m in s.members:
         if not m.name:  # anonymous struct/union: its members are the parent's
-            _collect_fields(_strip(m.type), base + m.bit_offset, out)
+            _collect_fields(_strip(m.type), base + m.bit_offset, out, cache)
             continue
-        out.setdefault(m.name, Field(m.name, base + m.bit_offset, m.bit_field_size or 0, convert(m.type)))
+        if m.name not in out:
+            out[m.name] = Field(m.name, base + m.bit_offset, m.bit_field_size or 0,
+                                native=functools.partial(convert, m.type, cache))
 
 
 class DrgnTarget(Target):
@@ -101,6 +115,7 @@ class DrgnTarget(Target):
         self.can_read_registers = kind == "core"
         self._debug: Optional[bool] = None
         self._threads: Optional[list[Any]] = None
+        self._type_cache: dict[tuple[int, int], TypeInfo] = {}
 
     @classmethod
     def attach(cls, pid: int, exe: Optional[str] = None) -> DrgnTarget:
@@ -163,6 +178,7 @@ class DrgnTarget(Target):
             pass
         t = cls(prog, "core", pid, path)
         t._core = core
+        t._bias = _core_bias(core, path)  # then one symbol is one look-up in drgn's index
         t._load(path)
         t._add_file_segments(path)
         return t
@@ -238,6 +254,25 @@ class DrgnTarget(Target):
         kind = _SYMBOL_KINDS.get(str(sym.kind).rsplit(".", 1)[-1], 0)
         return Sym(sym.address - self.load_bias(), sym.size, kind)
 
+    def symbolize(self, addr: int) -> Optional[str]:
+        """As Target.symbolize, from a numpy index of the executable's symbols (elf.AddressIndex:
+        milliseconds, where the sorted copy of the whole table takes a third of a second)."""
+        if not addr:
+            return None
+        idx = self.memo.get("address-index")
+        if idx is None:
+            from . import elf
+
+            try:
+                idx = self.memo["address-index"] = elf.address_index(self.exe())
+            except Exception:  # BadInputError, a vanished file, no numpy: the table, as the base does
+                return super().symbolize(addr)
+        try:
+            rel = addr - self.load_bias()
+        except NotAvailable:
+            return None
+        return idx.name_at(rel)
+
     def _exe_range(self) -> tuple[int, int]:
         rng = self.memo.get("exe-range")
         if rng is None:
@@ -278,7 +313,7 @@ class DrgnTarget(Target):
 
     def _native_type(self, name: str) -> Optional[TypeInfo]:
         try:
-            return convert(self.prog.type(name))
+            return convert(self.prog.type(name), self._type_cache)
         except (LookupError, SyntaxError, ValueError):
             return None
 
@@ -289,7 +324,7 @@ class DrgnTarget(Target):
             return None
         if obj.address_ is None:
             return None
-        return obj.address_, convert(obj.type_)
+        return obj.address_, convert(obj.type_, self._type_cache)
 
     def _runtime_address(self, name: str) -> Optional[int]:
         try:
@@ -384,8 +419,28 @@ class DrgnTarget(Target):
         return regs.get(tid, {}).get(name)
 
 
-MAX_SCAN_MAPPING = 64 << 20  # guest RAM and other big mappings hold no thread control block
+def _core_bias(core: str, exe: str) -> Optional[int]:
+    """The executable's load bias in a core: where the kernel says its entry point ran (NT_AUXV's
+    AT_ENTRY) less the entry point its ELF header gives."""
+    import struct
+
+    from . import corefile
+
+    try:
+        entry = corefile.entry_point(core)
+        with open(exe, "rb") as f:
+            hdr = f.read(64)
+    except (OSError, BadInputError):
+        return None
+    if entry is None or len(hdr) < 64 or hdr[:4] != b"\x7fELF":
+        return None
+    return entry - struct.unpack_from("<Q", hdr, 0x18)[0]
+
+
+SMALL_MAPPING = 256 << 10  # ld.so's data and the small anonymous mappings: read whole
+STACK_TOP = 16 << 10  # a thread's struct pthread sits at the top of its stack mapping
 TCB_SPAN = 0x1000  # struct pthread (glibc 2.36 x86-64: 2304 bytes) fits in it
+TCB_ALIGN = 64  # struct pthread is __attribute ((aligned (TCB_ALIGNMENT))), 64 on x86-64 (nptl/descr.h)
 
 
 def find_thread_pointers(t: DrgnTarget) -> dict[int, int]:
@@ -393,13 +448,15 @@ def find_thread_pointers(t: DrgnTarget) -> dict[int, int]:
 
     On x86-64 glibc the thread pointer is the thread's struct pthread, which starts with
     tcbhead_t {void *tcb; dtv_t *dtv; void *self; ...} where tcb == self == its own address
-    (sysdeps/x86_64/nptl/tls.h). Every such self-referencing block in the process's writable
-    private mappings is a candidate; the one int32 field offset at which the candidates hold the
-    process's distinct thread ids (struct pthread.tid) confirms them. Nothing is assumed about the
-    glibc version beyond the tcbhead_t ABI, which is fixed.
+    (sysdeps/x86_64/nptl/tls.h), aligned to 64 bytes. glibc puts a thread's struct pthread at the top of the stack it
+    maps for it (allocate_stack, nptl/allocatestack.c: mem + size - TLS_TCB_SIZE, aligned down),
+    and the main thread's where ld.so's start-up allocator put its TLS (ld.so's data, or a small
+    anonymous mapping: __minimal_malloc). So the candidates are the self-referencing blocks in
+    the top STACK_TOP bytes of every writable private mapping and in the whole of the small ones
+    (a few hundred KiB, not the heap's megabytes); the one int32 field offset at which the
+    candidates hold the process's distinct thread ids (struct pthread.tid) confirms them. Nothing
+    is assumed about the glibc version beyond the tcbhead_t ABI, which is fixed.
     """
-    import numpy as np
-
     pid = t.pid
     tids = {th.tid for th in t.threads()}
     cands: dict[int, bytes] = {}
@@ -413,22 +470,21 @@ def find_thread_pointers(t: DrgnTarget) -> dict[int, int]:
         if m.perms != "rw-p":
             continue
         path = m.path
-        if path and path not in ("[heap]", "[stack]") and "ld-linux" not in path and "libc.so" not in path:
+        if path and path != "[stack]" and "ld-linux" not in path:
             continue
-        lo, hi = m.start, m.end
-        if hi - lo > MAX_SCAN_MAPPING:
-            continue
+        lo = m.start if m.end - m.start <= SMALL_MAPPING else m.end - STACK_TOP
         try:
-            data = t._read_raw(lo, hi - lo)
+            data = t._read_raw(lo, m.end - lo)
         except MemoryReadError:
             continue
-        words = np.frombuffer(data, dtype="<u8")
-        addrs = np.arange(lo, hi, 8, dtype=np.uint64)
-        hits = np.nonzero(words == addrs)[0]
-        for i in hits:
-            if i + 2 < len(words) and int(words[i + 2]) == lo + 8 * int(i):
-                x = lo + 8 * int(i)
-                cands[x] = data[8 * int(i):8 * int(i) + TCB_SPAN]
+        words = memoryview(data).cast("Q")
+        n = len(words)
+        step = TCB_ALIGN // 8
+        first = (-lo % TCB_ALIGN) // 8
+        for i in range(first, n - 2, step):
+            w = words[i]
+            if w == lo + 8 * i and words[i + 2] == w:
+                cands[w] = data[8 * i:8 * i + TCB_SPAN]
     if not cands:
         return {}
     best: dict[int, int] = {}

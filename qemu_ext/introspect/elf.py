@@ -8,11 +8,12 @@ of the CPU time on a debug QEMU's 42,000 symbols. Standard library only.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import mmap
 import os
 import struct
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 from qemu_ext.errors import BadInputError, open_error
 
@@ -43,6 +44,21 @@ def symbols(path: str, table: int = SHT_SYMTAB) -> dict[str, Sym]:
 
 
 def _parse(path: str, table: int) -> tuple[list[str], list[int], list[int], list[int]]:
+    return _with_table(path, table, _entries, ([], [], [], []))
+
+
+def count(path: str, table: int = SHT_SYMTAB) -> int:
+    """How many defined symbols ``symbols`` reads, without decoding a name (a fifth of its time)."""
+    return _with_table(path, table, _count, 0)
+
+
+def has_prefix(path: str, prefixes: tuple[bytes, ...], table: int = SHT_SYMTAB) -> bool:
+    """Does a symbol name of the table start with one of prefixes? (A search of its string table:
+    names of undefined symbols count too.)"""
+    return _with_table(path, table, lambda m, off, sz, strtab: any(b"\0" + p in strtab for p in prefixes), False)
+
+
+def _with_table(path: str, table: int, fn: Any, empty: Any) -> Any:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
@@ -52,12 +68,15 @@ def _parse(path: str, table: int) -> tuple[list[str], list[int], list[int], list
         if size < 64:
             raise _bad(path, "shorter than an ELF header")
         with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
-            return _read(m, size, path, table)
+            found = _locate(m, size, path, table)
+            return empty if found is None else fn(m, *found)
     finally:
         os.close(fd)
 
 
-def _read(m: mmap.mmap, size: int, path: str, table: int) -> tuple[list[str], list[int], list[int], list[int]]:
+def _locate(m: mmap.mmap, size: int, path: str, table: int) -> Optional[tuple[int, int, bytes]]:
+    """(offset, size, string table) of the symbol table, None when the file has none; every offset
+    checked against the file."""
     if m[:4] != b"\x7fELF" or m[4] != 2 or m[5] != 1:
         raise _bad(path, "only 64-bit little-endian ELF is supported")
     (shoff,) = struct.unpack_from("<Q", m, 0x28)
@@ -71,14 +90,24 @@ def _read(m: mmap.mmap, size: int, path: str, table: int) -> tuple[list[str], li
     order = [SHT_SYMTAB, SHT_DYNSYM] if table == SHT_SYMTAB else [SHT_DYNSYM]
     idx = next((by_type[t] for t in order if t in by_type), None)
     if idx is None:
-        return [], [], [], []
+        return None
     _n, _t, _f, _a, off, sz, link, _i, _al, entsize = sections[idx]
     if entsize != 24 or off + sz > size or link >= len(sections):
         raise _bad(path, "symbol table beyond the end of the file")
     str_off, str_sz = sections[link][4], sections[link][5]
     if str_off + str_sz > size:
         raise _bad(path, "string table beyond the end of the file")
-    strtab = m[str_off:str_off + str_sz]
+    return off, sz, m[str_off:str_off + str_sz]
+
+
+def _count(m: mmap.mmap, off: int, sz: int, strtab: bytes) -> int:
+    str_sz = len(strtab)
+    return sum(1 for st_name, st_info, _o, st_shndx, _v, _s in struct.iter_unpack("<IBBHQQ", m[off:off + sz])
+               if st_shndx != 0 and 0 < st_name < str_sz and st_info & 0xF not in (3, 4))
+
+
+def _entries(m: mmap.mmap, off: int, sz: int, strtab: bytes) -> tuple[list[str], list[int], list[int], list[int]]:
+    str_sz = len(strtab)
     parts = strtab.split(b"\0")
     starts = dict(zip(itertools.accumulate((len(p) + 1 for p in parts), initial=0), parts))
     names: list[str] = []
@@ -100,6 +129,48 @@ def _read(m: mmap.mmap, size: int, path: str, table: int) -> tuple[list[str], li
         sizes.append(st_size)
         kinds.append(kind)
     return names, values, sizes, kinds
+
+
+class AddressIndex:
+    """Address -> name over the symbols ``symbols`` reads, built without decoding a name (a tenth
+    of the time of the sorted dict). ``name_at`` answers what Target.symbolize answers from the
+    dict: each name once (its last entry in the table: the linker stores a name once, so by its
+    string offset), functions and objects only, the last symbol starting at or before the address
+    (by address, then the smallest, then by name), if it holds the address."""
+
+    def __init__(self, entries: list[tuple[int, int, int]], strtab: bytes) -> None:
+        self.entries = entries  # (value, -size, name offset), sorted by value then -size
+        self.starts = [e[0] for e in entries]
+        self.strtab = strtab
+
+    def _name(self, off: int) -> str:
+        end = self.strtab.find(b"\0", off)
+        return self.strtab[off:end if end >= 0 else len(self.strtab)].decode("ascii", "replace")
+
+    def name_at(self, rel: int) -> Optional[str]:
+        i = bisect.bisect_right(self.starts, rel) - 1
+        if i < 0:
+            return None
+        value, neg_size, _off = self.entries[i]
+        first = bisect.bisect_left(self.starts, value)
+        name = max(self._name(e[2]) for e in self.entries[first:i + 1] if e[1] == neg_size)
+        return name if rel == value or rel < value - neg_size else None
+
+
+def address_index(path: str, table: int = SHT_SYMTAB) -> AddressIndex:
+    return _with_table(path, table, _index, None) or AddressIndex([], b"")
+
+
+def _index(m: mmap.mmap, off: int, sz: int, strtab: bytes) -> AddressIndex:
+    str_sz = len(strtab)
+    last: dict[int, tuple[int, int, int]] = {}
+    for st_name, st_info, _o, st_shndx, st_value, st_size in struct.iter_unpack("<IBBHQQ", m[off:off + sz]):
+        if st_shndx != 0 and 0 < st_name < str_sz:
+            kind = st_info & 0xF
+            if kind != 3 and kind != 4:  # STT_SECTION, STT_FILE
+                last[st_name] = (st_value, -st_size, kind)  # a name's last entry wins, as in symbols()
+    entries = sorted((v, ns, name) for name, (v, ns, kind) in last.items() if (kind == 1 or kind == 2) and v)
+    return AddressIndex(entries, strtab)
 
 
 def build_id(path: str) -> Optional[str]:

@@ -8,6 +8,7 @@ frame. gdb never calls a function in QEMU.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from typing import Any, Optional
@@ -134,7 +135,8 @@ def _collect_fields(s: Any, base: int, out: dict[str, Field], block: Any = None)
         if not f.name:  # an anonymous struct/union: its members are the parent's
             _collect_fields(ft.strip_typedefs(), base + f.bitpos, out, block)
             continue
-        out.setdefault(f.name, Field(f.name, base + f.bitpos, f.bitsize, convert(ft, block)))
+        if f.name not in out:
+            out[f.name] = Field(f.name, base + f.bitpos, f.bitsize, native=functools.partial(convert, ft, block))
 
 
 class GdbTarget(Target):

@@ -35,7 +35,7 @@ def collect(t: Target, extra: Any = None) -> dict[str, Any]:
         "version": layouts.version(t),
         "accelerator": common.accelerator(t),
         "debug-info": t.has_debug_info(),
-        "symbols": len(t.elf_symbols()),
+        "symbols": t.symbol_count(),
         "trace-backends": backends,
         "trace-events": nevents,
         "threads": len(t.threads()),

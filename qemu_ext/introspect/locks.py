@@ -106,7 +106,7 @@ def _bql(t: Target) -> Optional[tuple[str, int, int]]:
 def has_aio_context_locks(t: Target) -> bool:
     """aio_context_acquire() exists up to QEMU 8.2 (7.2: util/async.c); 9.0 removed it."""
     try:
-        return "aio_context_acquire" in t.elf_symbols()
+        return t.elf_symbol("aio_context_acquire") is not None
     except IntrospectError:
         return False
 

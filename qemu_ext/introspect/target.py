@@ -53,12 +53,26 @@ class TornRead(IntrospectError):
 # ---------------------------------------------------------------- types
 
 
-@dataclasses.dataclass
 class Field:
-    name: str
-    bitpos: int
-    bitsize: int  # 0 unless a bit field
-    type: TypeInfo
+    """A member: ``name``, ``bitpos``, ``bitsize`` (0 unless a bit field) and its ``type``, converted
+    from the backend's type when first used (a structure's other members cost nothing)."""
+
+    __slots__ = ("_native", "_type", "bitpos", "bitsize", "name")
+
+    def __init__(self, name: str, bitpos: int, bitsize: int, type_: Optional[TypeInfo] = None,
+                 native: Optional[Callable[[], TypeInfo]] = None) -> None:
+        self.name, self.bitpos, self.bitsize, self._type, self._native = name, bitpos, bitsize, type_, native
+
+    @property
+    def type(self) -> TypeInfo:
+        if self._type is None:
+            if self._native is None:
+                raise IntrospectError(f"member {self.name} has no type")
+            self._type = self._native()
+        return self._type
+
+    def __repr__(self) -> str:
+        return f"<Field {self.name} @{self.bitpos}>"
 
 
 class TypeInfo:
@@ -545,6 +559,14 @@ class Target:
             except Exception as exc:  # BadInputError, a vanished file
                 raise IntrospectError(f"cannot read the symbols of {path}: {exc}") from exc
         return self._syms
+
+    def symbol_count(self) -> int:
+        """How many defined symbols the executable has (its symbol table, else its dynamic one)."""
+        path = self.exe()
+        try:
+            return elf.count(path)
+        except Exception as exc:  # BadInputError, a vanished file
+            raise IntrospectError(f"cannot read the symbols of {path}: {exc}") from exc
 
     def exported(self) -> set[str]:
         if self._dyn is None:

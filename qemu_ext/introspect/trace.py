@@ -56,10 +56,58 @@ class Event:
 
 
 def events(t: Target) -> list[Event]:
-    """Every trace event compiled into this QEMU, from its symbol table, named as QEMU names it."""
+    """Every trace event compiled into this QEMU, named as QEMU names it: with debug info from the
+    groups QEMU registered (trace_event_register_group, trace/control.c 7.2 and 10.0: every event
+    of the executable registers at start-up), else from the symbol table."""
     evs = t.memo.get("trace-events")
     if evs is not None:
         return evs
+    evs = _registered_events(t) if t.has_debug_info() else None
+    if evs is None:
+        evs = _symbol_events(t)
+    evs.sort(key=lambda e: e.name)
+    t.memo["trace-events"] = evs
+    return evs
+
+
+MAX_GROUPS = 4096
+MAX_GROUP_EVENTS = 1 << 16
+
+
+def _registered_events(t: Target) -> Optional[list[Event]]:
+    """static TraceEventGroup *event_groups (nevent_groups of them), each a NULL-terminated array of
+    TraceEvent pointers: the event (its name, its dstate) without reading the symbol table."""
+    groups, n = t.find_var("event_groups"), t.find_var("nevent_groups")
+    ty = t.find_type("TraceEvent")
+    if groups is None or n is None or ty is None or groups.is_null():
+        return None
+    count = int(n)
+    if not 0 < count <= MAX_GROUPS:
+        return None
+    group_t = groups.type.target
+    arrays = [t.value(groups.ptr() + i * group_t.size, group_t)["events"].ptr() for i in range(count)]
+    addrs: list[int] = []
+    for arr in arrays:
+        pos = arr
+        while arr and pos < arr + 8 * MAX_GROUP_EVENTS:
+            chunk = t.read(pos, 4096 - pos % 4096)
+            ptrs = struct.unpack(f"<{len(chunk) // 8}Q", chunk[:len(chunk) // 8 * 8])
+            end = ptrs.index(0) if 0 in ptrs else len(ptrs)
+            addrs += ptrs[:end]
+            if end < len(ptrs):
+                break
+            pos += len(ptrs) * 8
+    name_off, dstate_off = ty.offset("name"), ty.offset("dstate")
+    raw = _read_span(t, addrs, ty.size)
+    out = []
+    for a in addrs:
+        name_p, dstate = struct.unpack_from("<Q", raw[a], name_off)[0], struct.unpack_from("<Q", raw[a], dstate_off)[0]
+        out.append(Event(t.read_cstring(name_p, 128), dstate, a))
+    return out
+
+
+def _symbol_events(t: Target) -> list[Event]:
+    """The events by their symbols (_TRACE_<NAME>_DSTATE, _TRACE_<NAME>_EVENT): a stripped QEMU."""
     syms = t.elf_symbols()
     bias = t.load_bias()
     found = []
@@ -84,8 +132,6 @@ def events(t: Target) -> list[Event]:
             if real.upper() == upper:
                 name = real
         evs.append(Event(name, dstate, ev))
-    evs.sort(key=lambda e: e.name)
-    t.memo["trace-events"] = evs
     return evs
 
 
@@ -104,11 +150,16 @@ def backends(t: Target) -> list[str]:
     """The trace backends compiled in (from the symbols) and, for log, switched on (qemu_loglevel)."""
     built = t.memo.get("trace-backends")
     if built is None:
-        syms = t.elf_symbols()
+        from . import elf
+
+        try:  # ust's generated tracepoints: a search of the symbol names, not a parse of the table
+            ust = elf.has_prefix(t.exe(), (b"lttng_ust_tracepoint", b"__tracepoint_qemu"))
+        except Exception:  # BadInputError, a vanished file
+            ust = False
         built = t.memo["trace-backends"] = {
-            "simple": "st_set_trace_file" in syms or "st_init" in syms,
-            "ftrace": "ftrace_init" in syms,
-            "ust": any(n.startswith(("lttng_ust_tracepoint", "__tracepoint_qemu")) for n in syms),
+            "simple": t.elf_symbol("st_set_trace_file") is not None or t.elf_symbol("st_init") is not None,
+            "ftrace": t.elf_symbol("ftrace_init") is not None,
+            "ust": ust,
         }
     out = ["simple"] if built["simple"] else []
     lvl = t.symbol_address("qemu_loglevel")
