@@ -148,6 +148,8 @@ class Mutator:
     # -- one mutation
     def mutate_once(self, data: bytearray) -> str:
         r = self.rnd
+        if len(data) < 8:  # an earlier mutation of this mutant cut the file: make some bytes again
+            data.extend(self.seed[len(data) : 4096])
         kinds = ["header", "header", "bitflip", "truncate"] + [k for k in self.lay.entries for _ in range(2)]
         if "refblock" in self.lay.regions:
             kinds += ["refcount", "refcount"]
