@@ -156,7 +156,12 @@ def fuzz(seconds: float, seed: int, work: Path, cli_every: int = 40) -> dict:
     start = time.monotonic()
     while time.monotonic() - start < seconds:
         name = rnd.choice(list(seeds))
-        data, how = mutators[name].mutant()
+        try:
+            data, how = mutators[name].mutant()
+        except Exception as exc:  # a bug of the mutator itself: counted, and the run goes on
+            key = f"mutator: {type(exc).__name__}: {exc}"
+            report["findings"].setdefault(key, {"count": 0, "example": {"seed": name}})["count"] += 1
+            continue
         img = seeds[name].with_name("mutant.qcow2")
         img.write_bytes(data)
         st = img.stat()
