@@ -285,6 +285,8 @@ def test_terminal_keys_typed_while_the_shell_starts_are_kept(vm, tmp_path: Path)
         t.type("query-name")
         t.keys("Enter")
         t.wait_text('{"return": {"name": "replvm"}}')
+        # the next prompt follows the answer: wait for it before counting
+        t.wait(lambda s: s.rstrip().endswith("(QEMU replvm)"), "the prompt after the answer")
         assert t.screen().count("(QEMU replvm)") == 2  # the early prompt was redrawn in place, not doubled
     finally:
         t.close()
