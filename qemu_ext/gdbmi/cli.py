@@ -71,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
         raise _usage("give the QEMU (PID, VM name, QMP socket, libvirt:DOMAIN) or --core CORE, not both"
                      if args.vm else "give the QEMU (PID, VM name, QMP socket, libvirt:DOMAIN) or --core CORE")
     commands = args.commands or ["virtopt info"]
+    if args.output == "json":
+        # --output=json: every virtopt command returns its data (its own --json), not its text
+        commands = [_with_json(c) for c in commands]
     stop = driver.Stop()
     try:
         with driver.guard_signals(stop):  # from here on a signal is a request to stop, never a crash
@@ -96,6 +99,13 @@ def run(args: argparse.Namespace) -> int:
     if not failed:
         return 0
     return 1 if 1 in failed else max(failed)
+
+
+def _with_json(command: str) -> str:
+    c = driver.normalize(command)
+    if c.startswith("virtopt ") and "--json" not in c.split():
+        return c + " --json"
+    return command
 
 
 def _run(args: argparse.Namespace, commands: list[str], stop: driver.Stop) -> driver.GdbRun:
