@@ -49,6 +49,11 @@ def _kind(t: Any) -> str:
     return _KINDS.get(t.kind, "int")
 
 
+def _kind_of(sym: Any) -> int:
+    """A drgn Symbol's STT_* kind."""
+    return _SYMBOL_KINDS.get(str(sym.kind).rsplit(".", 1)[-1], 0)
+
+
 def _strip(t: Any) -> Any:
     while t.kind == drgn.TypeKind.TYPEDEF:
         t = t.type
@@ -251,21 +256,35 @@ class DrgnTarget(Target):
         lo, hi = self._exe_range()
         if not lo <= sym.address < hi:
             return None  # a library's symbol of that name
-        kind = _SYMBOL_KINDS.get(str(sym.kind).rsplit(".", 1)[-1], 0)
-        return Sym(sym.address - self.load_bias(), sym.size, kind)
+        return Sym(sym.address - self.load_bias(), sym.size, _kind_of(sym))
 
     def symbolize(self, addr: int) -> Optional[str]:
-        """As Target.symbolize, from a numpy index of the executable's symbols (elf.AddressIndex:
-        milliseconds, where the sorted copy of the whole table takes a third of a second)."""
+        """As Target.symbolize. From drgn's own look-up by address (a fraction of a millisecond)
+        when that is unambiguous: the executable's functions and objects holding addr, the last by
+        address, then the smallest, then by name, whose name the executable has once (the base
+        keeps a name's last entry only). Else from elf.AddressIndex, the base's answer built
+        without decoding the names (tens of milliseconds, once)."""
         if not addr:
             return None
+        try:
+            lo, hi = self._exe_range()
+            # drgn also offers a symbol of size 0 before addr as its "closest match": only one
+            # that starts at addr holds it
+            cands = [s for s in self.prog.symbols(addr) if lo <= s.address <= hi and _kind_of(s) in (1, 2)
+                     and (s.address <= addr < s.address + s.size or s.address == addr)]
+            if cands:
+                best = max(cands, key=lambda s: (s.address, -s.size, s.name))
+                if sum(1 for s in self.prog.symbols(best.name) if lo <= s.address <= hi) == 1:
+                    return best.name
+        except (NotAvailable, IntrospectError, OverflowError, ValueError, LookupError):
+            pass
         idx = self.memo.get("address-index")
         if idx is None:
             from . import elf
 
             try:
                 idx = self.memo["address-index"] = elf.address_index(self.exe())
-            except Exception:  # BadInputError, a vanished file, no numpy: the table, as the base does
+            except Exception:  # BadInputError, a vanished file: the table, as the base does
                 return super().symbolize(addr)
         try:
             rel = addr - self.load_bias()

@@ -99,10 +99,28 @@ def _registered_events(t: Target) -> Optional[list[Event]]:
             pos += len(ptrs) * 8
     name_off, dstate_off = ty.offset("name"), ty.offset("dstate")
     raw = _read_span(t, addrs, ty.size)
-    out = []
+    ptrs = [(a, struct.unpack_from("<Q", raw[a], name_off)[0], struct.unpack_from("<Q", raw[a], dstate_off)[0])
+            for a in addrs]
+    names = _cstrings(t, [p for _a, p, _d in ptrs], 128)
+    return [Event(names[p], dstate, a) for a, p, dstate in ptrs]
+
+
+def _cstrings(t: Target, addrs: list[int], limit: int) -> dict[int, str]:
+    """Many C strings (the events' names, all in .rodata): one read of the span when it is small."""
+    if not addrs:
+        return {}
+    lo, hi = min(addrs), max(addrs) + limit
+    if not all(addrs) or hi - lo > MAX_SPAN:
+        return {a: t.read_cstring(a, limit) for a in addrs}
+    try:
+        blob = t.read(lo, hi - lo)
+    except IntrospectError:  # the span crosses unmapped memory: one by one
+        return {a: t.read_cstring(a, limit) for a in addrs}
+    out = {}
     for a in addrs:
-        name_p, dstate = struct.unpack_from("<Q", raw[a], name_off)[0], struct.unpack_from("<Q", raw[a], dstate_off)[0]
-        out.append(Event(t.read_cstring(name_p, 128), dstate, a))
+        i = a - lo
+        end = blob.find(b"\0", i, i + limit)
+        out[a] = blob[i:end if end >= 0 else i + limit].decode("utf-8", "replace")
     return out
 
 
