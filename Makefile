@@ -8,7 +8,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-APT_PKGS := qemu-system-x86 qemu-utils gdb python3-venv procps tmux
+APT_PKGS := qemu-system-x86 qemu-utils gdb python3-venv procps tmux qemu-guest-agent
 STAMP := $(VENV)/.virtopt-installed
 
 .PHONY: install demo test lint bench qemus debug-qemu libvirt clean
