@@ -18,8 +18,12 @@ def hmp(qp: vm.QemuProcess, line: str) -> str:
 
 
 def start(binary: Optional[str], **kw: Any) -> vm.QemuProcess:
-    """A QEMU shared by a test module (binary, or build=QemuBuild) with a connected QMP client."""
+    """A QEMU shared by a test module (binary, or build=QemuBuild) with a connected QMP client; the
+    caller stops it. Registered with conftest's end-of-session check for QEMUs left running."""
+    from conftest import _STARTED
+
     qp = vm.start_qemu(binary=binary, **kw)
+    _STARTED.append(qp)
     try:
         qp.client = qp.qmp()  # type: ignore[attr-defined]
     except BaseException:

@@ -16,17 +16,16 @@ from conftest import _require
 from gdb_util import PACK
 from helpers import make_qcow2, virtopt
 
-from qemu_ext import vm
 from qemu_ext.gdbmi import GdbSession
 from qemu_ext.introspect import views
 
 
-def test_pack_defects_are_gone(debug_build):
+def test_pack_defects_are_gone(debug_build, debug_qemu_factory):
     wd = Path(tempfile.mkdtemp(prefix="virtopt-defects-"))
     img = make_qcow2(wd / "rel.qcow2", size="16M", io=["write 0 64k"])
     # QEMU opens the image by a relative name (its working directory is wd), single-threaded TCG
-    qp = vm.start_qemu(build=debug_build, name="virtopt-defects", smp=2, accel="tcg,thread=single", workdir=wd,
-                       drives=["file=rel.qcow2,if=none,id=d0,format=qcow2"])
+    qp = debug_qemu_factory(name="virtopt-defects", smp=2, accel="tcg,thread=single", workdir=wd,
+                            drives=["file=rel.qcow2,if=none,id=d0,format=qcow2"])
     try:
         with GdbSession(qp.pid) as s:
             threads = s.run("threads --json").data

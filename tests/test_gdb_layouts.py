@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 from conftest import _require
-from gdb_util import PACK
+from gdb_util import PACK, start
 from helpers import virtopt
 
 from qemu_ext import vm
@@ -68,7 +68,7 @@ def _patched_qemu(build: vm.QemuBuild, dest: Path) -> Path:
 def test_unconfirmed_layout_is_refused_in_one_line(tmp_path: Path):
     build = _require("10.0", debug=False)
     exe = _patched_qemu(build, tmp_path)
-    qp = vm.start_qemu(binary=str(exe), name="virtopt-unverified", extra_args=build.firmware_args())
+    qp = start(str(exe), name="virtopt-unverified", extra_args=build.firmware_args())
     try:
         for view in ("trace list", "timers"):
             cp = virtopt("inspect", str(qp.pid), *view.split())
