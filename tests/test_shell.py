@@ -461,6 +461,12 @@ def test_builtin_usage_errors_are_one_line_exit_2(vmq):
         assert rc == 2 and len(err.strip().splitlines()) == 1, (line, err)
     _, _, err = lines(vmq, "/tracee list")
     assert "did you mean /trace" in err
+    # numbers typed to a built-in are worded as every CLI number option words them (output.number)
+    for line, want in [("/trace capture x abc", "not a number: 'abc'"),
+                       ("/stats --interval -1", "-1 is out of range (above 0 and at most 3600)"),
+                       ("/l2cache tune d0 --target 2", "2 is out of range (above 0 and at most 1)")]:
+        rc, _, err = lines(vmq, line)
+        assert rc == 2 and want in err, (line, err)
 
 
 def test_help_from_the_registry_and_the_schema(vmq):

@@ -8,7 +8,7 @@ import argparse
 from typing import TYPE_CHECKING, Any, Optional
 
 from qemu_ext.errors import UsageError
-from qemu_ext.output import count, human_size, percent
+from qemu_ext.output import count, human_size, number, percent
 from qemu_ext.qmp.builtins.registry import BuiltinParser, Context, Result, builtin
 from qemu_ext.qmp.client import QmpSession
 
@@ -58,11 +58,13 @@ def _args(p: BuiltinParser) -> None:
                    ).completer = lambda d: ["tune", *d.qcow2_nodes]  # type: ignore[attr-defined]
     p.add_argument("node", nargs="?", metavar="NODE", help="tune: the node to measure"
                    ).completer = lambda d: list(d.qcow2_nodes)  # type: ignore[attr-defined]
-    p.add_argument("--seconds", type=float, default=10.0, help="tune: length of each capture (default 10)")
-    p.add_argument("--target", type=float, default=0.99, help="tune: target warm hit ratio (default 0.99)")
+    p.add_argument("--seconds", type=number(float, 0.1, 3600), default=10.0,
+                   help="tune: length of each capture, 0.1 to 3600 (default 10)")
+    p.add_argument("--target", type=number(float, 0, 1, lo_open=True), default=0.99,
+                   help="tune: target warm hit ratio, above 0 and at most 1 (default 0.99)")
     p.add_argument("--apply", action="store_true", help="tune: set the recommendation live (blockdev-reopen)")
-    p.add_argument("--baseline", type=float, default=None,
-                   help="tune: seconds of I/O rate with the events off (default --seconds; 0: none)")
+    p.add_argument("--baseline", type=number(float, 0, 3600), default=None,
+                   help="tune: seconds of I/O rate with the events off, 0 to 3600 (default --seconds; 0: none)")
 
 
 @builtin("l2cache", "qcow2 cache settings; 'tune NODE' measures, recommends and applies l2-cache-size", _args,

@@ -13,19 +13,11 @@ import json
 import time
 from typing import Any, Optional
 
-from qemu_ext.output import count, duration, human_size, table
+from qemu_ext.output import count, duration, human_size, number, table
 from qemu_ext.qmp import stats as st
 from qemu_ext.qmp.builtins.registry import BuiltinParser, Context, Result, builtin
 
-
-def _positive(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < v <= 3600:
-        raise argparse.ArgumentTypeError("must be more than 0 and at most 3600 seconds")
-    return v
+_positive = number(float, 0, 3600, lo_open=True)  # seconds: above 0 and at most 3600
 
 
 def _count(text: str) -> int:

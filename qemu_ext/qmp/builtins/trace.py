@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any, Optional
 
-from qemu_ext.output import count, duration, table
+from qemu_ext.output import count, duration, number, table
 from qemu_ext.qmp import capture as cap
 from qemu_ext.qmp.builtins.registry import BuiltinParser, Context, Result, UsageError, builtin
 
@@ -30,20 +30,11 @@ def _trace_args(p: BuiltinParser) -> None:
                        "Ctrl-C), decode what QEMU wrote; qcow2_cache_get events are replayed in the L2-cache "
                        "simulator.")
     c.add_argument("pattern", help="an event name or a glob").completer = _events  # type: ignore[attr-defined]
-    c.add_argument("seconds", type=_seconds, help="how long the events stay on")
+    c.add_argument("seconds", type=number(float, 0, cap.MAX_SECONDS),
+                   help=f"how long the events stay on, 0 to {cap.MAX_SECONDS}")
     c.add_argument("file", nargs="?", help="where the trace goes (default: a new file in the temp directory)")
     c.add_argument("--node", help="qcow2 node whose cache geometry the L2 replay uses").completer = (  # type: ignore[attr-defined]
         lambda d: list(d.qcow2_nodes))
-
-
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 <= v <= cap.MAX_SECONDS:
-        raise argparse.ArgumentTypeError(f"seconds must be between 0 and {cap.MAX_SECONDS}")
-    return v
 
 
 def render_states(events: list[cap.TraceEventState]) -> str:
