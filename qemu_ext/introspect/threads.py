@@ -12,7 +12,6 @@ gdb, drgn and on cores.
 from __future__ import annotations
 
 import re
-import struct
 from typing import Any, Optional
 
 from qemu_ext.host import procfs, roles
@@ -90,6 +89,7 @@ def start_routine_role(t: Target, tid: int) -> Optional[str]:
         t.memo["role-funcs"] = funcs
     if not funcs:
         return None
+    first, last = min(f[0] for f in funcs), max(f[1] for f in funcs)
     found = None
     pos = sp & ~7
     end = pos + STACK_SCAN
@@ -99,10 +99,11 @@ def start_routine_role(t: Target, tid: int) -> Optional[str]:
             data = t.read(pos, chunk)
         except IntrospectError:
             break  # the top of the stack mapping
-        for (w,) in struct.iter_unpack("<Q", data[:chunk - chunk % 8]):
-            for lo, hi, role in funcs:
-                if lo < w < hi:
-                    found = role  # keep going: the outermost (oldest) frame wins
+        for w in memoryview(data[:chunk - chunk % 8]).cast("Q"):
+            if first < w < last:  # most words are no code address of these functions at all
+                for lo, hi, role in funcs:
+                    if lo < w < hi:
+                        found = role  # keep going: the outermost (oldest) frame wins
         pos += chunk
     return found
 
