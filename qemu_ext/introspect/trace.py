@@ -203,7 +203,7 @@ def _match(name: str, patterns: list[str]) -> bool:
 
 def states(t: Target, patterns: list[str]) -> dict[str, Any]:
     """The state of the events matching any of patterns, as QMP trace-event-get-state reports it."""
-    evs = [e for e in events(t) if _match(e.name, patterns)]
+    evs = events(t) if "*" in patterns else [e for e in events(t) if _match(e.name, patterns)]
     count = t.read_u32(_count_addr(t))
     dst = _read_span(t, [e.dstate_addr for e in evs], 2)
     ty = layouts.trace_event(t)
