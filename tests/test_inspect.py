@@ -261,3 +261,19 @@ def test_bad_targets_are_one_line(tmp_path: Path):
     assert cp.returncode == 1 and len(cp.stderr.splitlines()) == 1 and "not a core file" in cp.stderr
     usage = virtopt("inspect")
     assert usage.returncode == 2 and "virtopt inspect PID VIEW" in usage.stderr
+
+
+def test_a_vm_by_name_or_qmp_socket_and_the_shells_address_space_names(qemus):
+    """`inspect web1 VIEW` / `inspect SOCKET VIEW` read the same QEMU as its PID; `--as io` is the I/O
+    space as the shell's `/mtree lookup 0x70 io` names it (port 0x70: the RTC)."""
+    qp = qemus("debug", "7.2")
+    by_pid = _inspect_json(qp.pid, "info")
+    for vm_ in ("virtopt-inspect", str(qp.workdir / "mon2.sock")):
+        cp = virtopt("inspect", vm_, "info", "--json")
+        assert cp.returncode == 0, cp.stderr
+        assert json.loads(cp.stdout)["pid"] == by_pid["pid"] == qp.pid
+    io = _inspect_json(qp.pid, "mtree lookup 0x70 --as io")
+    named = _inspect_json(qp.pid, "mtree lookup 0x70 --as I/O")
+    io.pop("snapshot"), named.pop("snapshot")
+    assert io == named and io["address-space"] == "I/O" and io["found"]
+    assert "rtc" in json.dumps(io)

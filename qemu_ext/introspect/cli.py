@@ -28,8 +28,10 @@ views:
 examples:
   virtopt inspect 12345 info
   virtopt inspect 12345 threads --json
+  virtopt inspect web1 vcpus                  (the VM named web1; a QMP socket or libvirt:DOMAIN too)
   virtopt inspect 12345 mtree --flat
   virtopt inspect 12345 mtree lookup 0xfee00000
+  virtopt inspect 12345 mtree lookup 0x70 --as io   (I/O port 0x70: the rtc, as the shell's /mtree lookup)
   virtopt inspect 12345 trace list 'qcow2_cache_*'
   virtopt inspect --core core.12345 vcpus
   virtopt inspect --core core.12345 --exe /usr/bin/qemu-system-x86_64 timers --json
@@ -51,7 +53,8 @@ REFUSED = {
 def register(sub: argparse._SubParsersAction, name: str, summary: str) -> None:
     p = sub.add_parser(name, help=summary, description=summary, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("pid", nargs="?", metavar="PID", help="the running QEMU (never stopped)")
+    p.add_argument("pid", nargs="?", metavar="VM",
+                   help="the running QEMU (never stopped): PID, VM name (-name), QMP socket or libvirt:DOMAIN")
     p.add_argument("--core", metavar="CORE", help="a core file of QEMU instead of a running process")
     p.add_argument("--exe", metavar="QEMU", help="QEMU's executable (default: the one PID runs, or the core's)")
     p.add_argument("rest", nargs=argparse.REMAINDER, metavar="VIEW ...", help="the view and its arguments")
@@ -75,7 +78,8 @@ def _view_parser() -> argparse.ArgumentParser:
     mt.add_argument("words", nargs="*", metavar="AS | lookup ADDR", help="address space, or lookup ADDR")
     mt.add_argument("--flat", action="store_true", help="the flat view QEMU dispatches with (info mtree -f)")
     mt.add_argument("--disabled", action="store_true", help="also show disabled regions (info mtree -D)")
-    mt.add_argument("--as", dest="lookup_as", default="memory", help="address space of a lookup (default memory)")
+    mt.add_argument("--as", dest="lookup_as", default="memory",
+                    help="address space of a lookup: memory, io (I/O), ... (default memory)")
     view("timers", "armed timers per clock")
     tr = view("trace", "trace list [PATTERN...] [--enabled]")
     tr.add_argument("words", nargs="+", metavar="list PATTERN", help="list, then event names or globs")
@@ -98,11 +102,11 @@ def _target(args: argparse.Namespace) -> Any:
 
     if args.core:
         return DrgnTarget.open_core(args.core, args.exe)
-    try:
-        pid = int(args.pid)
-    except (TypeError, ValueError):
-        raise VirtoptError(f"not a process id: {args.pid}", exit_code=2) from None
-    return DrgnTarget.attach(pid, args.exe)
+    from qemu_ext.host.target import resolve_pid
+
+    if args.pid is None:
+        raise VirtoptError("say which QEMU: PID, VM name, QMP socket or libvirt:DOMAIN", exit_code=2)
+    return DrgnTarget.attach(resolve_pid(str(args.pid)), args.exe)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -49,10 +49,15 @@ def address_spaces(t: Target) -> list[Value]:
     return qlist(t.var("address_spaces"), "address_spaces_link")
 
 
+# the short names the shell's `/mtree lookup ADDR io|memory` takes, for the same address spaces
+AS_ALIASES = {"io": "I/O"}
+
+
 def _find_as(t: Target, name: Optional[str]) -> list[Value]:
     spaces = address_spaces(t)
     if name is None:
         return spaces
+    name = AS_ALIASES.get(name, name)
     found = [a for a in spaces if a.deref()["name"].cstring() == name]
     if not found:
         names = ", ".join(sorted({a.deref()["name"].cstring() for a in spaces}))
@@ -240,6 +245,7 @@ def _container_path(t: Target, mr_addr: int) -> list[str]:
 
 def lookup(t: Target, addr: int, as_name: str = "memory") -> dict[str, Any]:
     """Which region of address space as_name answers at addr (as the flat view dispatches it)."""
+    as_name = AS_ALIASES.get(as_name, as_name)  # reported by QEMU's own name
     views = flat(t, as_name)
     for r in views[0]["ranges"]:
         if r["start"] <= addr <= r["end"]:
