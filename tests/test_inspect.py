@@ -46,7 +46,7 @@ def qemus(tmp_path_factory) -> Any:
             build = _require(series, debug=kind == "debug")
             d = tmp_path_factory.mktemp("inspect")
             img = make_qcow2(d / "d0.qcow2", size="256M", io=["write -P 0x11 0 64k", "write -P 0x22 100M 64k"])
-            qp = start(None, build=build, name="virtopt-inspect", smp=2,
+            qp = start(None, build=build, name=f"virtopt-inspect-{kind}{series}{'-S' if paused else ''}", smp=2,
                        drives=[f"file={img},if=none,id=d0,format=qcow2,l2-cache-size=64k,l2-cache-entry-size=4k"],
                        extra_args=["-qmp", "unix:mon2.sock,server=on,wait=off"] + (["-S"] if paused else []))
             hmp(qp, 'qemu-io d0 "read 0 4k"')
@@ -268,7 +268,7 @@ def test_a_vm_by_name_or_qmp_socket_and_the_shells_address_space_names(qemus):
     space as the shell's `/mtree lookup 0x70 io` names it (port 0x70: the RTC)."""
     qp = qemus("debug", "7.2")
     by_pid = _inspect_json(qp.pid, "info")
-    for vm_ in ("virtopt-inspect", str(qp.workdir / "mon2.sock")):
+    for vm_ in ("virtopt-inspect-debug7.2", str(qp.workdir / "mon2.sock")):
         cp = virtopt("inspect", vm_, "info", "--json")
         assert cp.returncode == 0, cp.stderr
         assert json.loads(cp.stdout)["pid"] == by_pid["pid"] == qp.pid
