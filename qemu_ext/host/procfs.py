@@ -637,30 +637,37 @@ def is_qemu_executable(file: str) -> bool:
     return bool(QEMU_EXE.match(os.path.basename(name)))
 
 
+def split_opts(value: str) -> list[str]:
+    """The comma-separated items of a QEMU option string, ",," being a comma inside an item
+    (QemuOpts: get_opt_value() in util/qemu-option.c; -blockdev key=value: keyval_parse_one() in
+    util/keyval.c; the same in 7.2 and 10.0)."""
+    items: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(value):
+        c = value[i]
+        if c == ",":
+            if value[i + 1:i + 2] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    items.append("".join(cur))
+    return items
+
+
 def _qemu_opts(value: str, implied: str) -> dict[str, str]:
     """A QemuOpts string ("NAME,debug-threads=on", "guest=NAME,...") as a dict; ",," is a comma.
 
     QEMU's opts_do_parse() (util/qemu-option.c, 7.2 and 10.0): the first item without "=" is the
     implied key's value; a later bare "key" means key=on.
     """
-    items: list[str] = []
-    cur = ""
-    i = 0
-    while i < len(value):
-        c = value[i]
-        if c == ",":
-            if value[i + 1:i + 2] == ",":
-                cur += ","
-                i += 2
-                continue
-            items.append(cur)
-            cur = ""
-        else:
-            cur += c
-        i += 1
-    items.append(cur)
     out: dict[str, str] = {}
-    for n, item in enumerate(items):
+    for n, item in enumerate(split_opts(value)):
         k, sep, v = item.partition("=")
         if not sep:
             if n == 0 and implied:

@@ -52,24 +52,10 @@ def _typed(key: str, v: Any) -> Any:
 
 def _keyval(text: str) -> dict[str, Any]:
     """QEMU's key=value,key.sub=value syntax (",," escapes a comma) into a nested dict."""
-    parts: list[str] = []
-    cur = ""
-    i = 0
-    while i < len(text):
-        c = text[i]
-        if c == "," and text[i + 1 : i + 2] == ",":
-            cur += ","
-            i += 2
-            continue
-        if c == ",":
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += c
-        i += 1
-    parts.append(cur)
+    from qemu_ext.host.procfs import split_opts
+
     out: dict[str, Any] = {}
-    for p in parts:
+    for p in split_opts(text):
         if "=" not in p:
             continue
         k, v = p.split("=", 1)

@@ -67,31 +67,13 @@ def _rate(a: Optional[dict[str, int]], b: Optional[dict[str, int]], seconds: flo
             "operations": ops, "seconds": round(seconds, 6)}
 
 
-async def _drive(s: Any, seconds: float, during: Optional[During]) -> None:
-    """Run ``during`` and wait until ``seconds`` passed; QmpGoneError as soon as QEMU goes away."""
-    import asyncio
-
-    from qemu_ext.qmp.errors import QmpGoneError
-
-    t0 = time.monotonic()
-    if during is not None:
-        await during(s)
-    left = seconds - (time.monotonic() - t0)
-    if left > 0:
-        gone = asyncio.ensure_future(s.wait_disconnected())
-        try:
-            done, _ = await asyncio.wait({gone}, timeout=left)
-        finally:
-            gone.cancel()
-        if done:
-            raise QmpGoneError(f"QEMU at {s.where} went away")
-
-
 async def _window(s: Any, info: N.NodeCache, seconds: float, during: Optional[During]) -> Optional[dict[str, float]]:
     """The device's I/O rate over a window with the events off."""
+    from qemu_ext.qmp.capture import run_for
+
     a = await io_counters(s, info)
     t0 = time.monotonic()
-    await _drive(s, seconds, during)
+    await run_for(s, seconds, during)
     b = await io_counters(s, info)
     return _rate(a, b, time.monotonic() - t0)
 

@@ -223,16 +223,7 @@ def read_text_file(path: str | Path, kind: str) -> str:
     """A text file given by the user, with one wording per condition (qemu_ext.errors): cannot
     open (the OS's reason), not a regular file, empty, binary."""
     p = Path(path)
-    try:
-        st = os.stat(p)
-    except OSError as exc:
-        raise errors.open_error(p, exc) from None
-    if stat.S_ISDIR(st.st_mode):
-        raise errors.open_error(p, IsADirectoryError(21, os.strerror(21)))
-    if not stat.S_ISREG(st.st_mode):
-        raise errors.not_a_file(p)
-    if st.st_size == 0:
-        raise errors.empty_file(p)
+    _check_regular(p)
     try:
         with open(p, "rb") as f:
             data = f.read(64 << 20)
@@ -254,6 +245,16 @@ def check_trace_file(path: str | Path) -> None:
     """The checks read_trace does not word as CONTRIBUTING.md says: missing, directory, FIFO or
     device, empty (binary is decided by the format detection: simpletrace files are binary)."""
     p = Path(path)
+    _check_regular(p)
+    try:
+        with open(p, "rb"):
+            pass
+    except OSError as exc:
+        raise errors.open_error(p, exc) from None
+
+
+def _check_regular(p: Path) -> None:
+    """Missing, a directory, not a regular file (FIFO, device) or empty: one wording each."""
     try:
         st = os.stat(p)
     except OSError as exc:
@@ -264,11 +265,6 @@ def check_trace_file(path: str | Path) -> None:
         raise errors.not_a_file(p)
     if st.st_size == 0:
         raise errors.empty_file(p)
-    try:
-        with open(p, "rb"):
-            pass
-    except OSError as exc:
-        raise errors.open_error(p, exc) from None
 
 
 # -------------------------------------------------------------------------------- qemu-io files

@@ -270,8 +270,9 @@ def _decode(path: str, events_file: Optional[Path]) -> list[Any]:
     return list(read_trace(path, str(events_file) if events_file else None))
 
 
-async def _wait(s: QmpSession, seconds: float, during: Optional[During]) -> None:
-    """Run ``during`` and/or wait until ``seconds`` passed; QmpGoneError as soon as QEMU goes away."""
+async def run_for(s: QmpSession, seconds: float, during: Optional[During]) -> None:
+    """Run ``during`` and/or wait until ``seconds`` passed; QmpGoneError as soon as QEMU goes away
+    (a capture window here, ``l2cache tune``'s windows)."""
     t0 = time.monotonic()
     if during is not None:
         await during(s)
@@ -329,7 +330,7 @@ async def capture(s: QmpSession, pattern: str, seconds: float, during: Optional[
             notes.append(f"the trace file {out} was on: captured into it, counting only the new records")
             t0 = time.monotonic()
             async with window(s, to_enable):
-                await _wait(s, seconds, during)
+                await run_for(s, seconds, during)
             took = time.monotonic() - t0
             await trace_file(s, "flush")
         else:
@@ -343,7 +344,7 @@ async def capture(s: QmpSession, pattern: str, seconds: float, during: Optional[
             try:
                 t0 = time.monotonic()
                 async with window(s, to_enable):
-                    await _wait(s, seconds, during)
+                    await run_for(s, seconds, during)
                 took = time.monotonic() - t0
                 await trace_file(s, "flush")
             finally:
@@ -368,7 +369,7 @@ async def capture(s: QmpSession, pattern: str, seconds: float, during: Optional[
             start = fh.tell()
             t0 = time.monotonic()
             async with window(s, to_enable):
-                await _wait(s, seconds, during)
+                await run_for(s, seconds, during)
             took = time.monotonic() - t0
             await asyncio.sleep(0.05)  # let the last lines reach the file
             fh.seek(start)
