@@ -12,7 +12,6 @@ import argparse
 import importlib
 import os
 import sys
-import traceback
 from typing import Optional, Sequence
 
 from qemu_ext import __version__
@@ -101,6 +100,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(func(args) or 0)
     except VirtoptError as exc:
         if debug:
+            import traceback
+
             traceback.print_exc()
         print(f"virtopt: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -116,6 +117,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     except Exception as exc:  # last line of defence: one line, never a traceback
         if debug:
+            import traceback
+
             traceback.print_exc()
         print(
             f"virtopt: internal error: {type(exc).__name__}: {exc} (set VIRTOPT_DEBUG=1 for the traceback)",

@@ -64,17 +64,9 @@ FILE_COMMANDS = [
     ("inspect --core", ["inspect", "--core", "{p}", "info"], CORE_BINARY),
 ]
 
-# Found by this test while the owners were still at work (see the voice report): xfail, not strict.
-KNOWN: dict[Any, str] = {}  # (command, condition) -> what is still wrong there (xfail); empty now
-
-
 def _known(params: list[tuple[Any, ...]], key: Any) -> list[Any]:
-    out = []
-    for p in params:
-        k = key(p)
-        marks = [pytest.mark.xfail(reason=KNOWN[k])] if k in KNOWN else []
-        out.append(pytest.param(*p, marks=marks, id="-".join(str(x) for x in k)))
-    return out
+    """The cases as pytest params, each named by its key (command and condition)."""
+    return [pytest.param(*p, id="-".join(str(x) for x in key(p))) for p in params]
 
 
 @pytest.fixture(scope="module")
@@ -289,8 +281,7 @@ SIZES = value_options("size")
 
 
 def _numbers(only_ranged: bool = False, of: Any = None) -> list[Any]:
-    return [pytest.param(c, o, a, id=f"{c} {o}",
-                         marks=[pytest.mark.xfail(reason=KNOWN[(c, o)])] if (c, o) in KNOWN else [])
+    return [pytest.param(c, o, a, id=f"{c} {o}")
             for c, o, a in (NUMERIC if of is None else of) if not only_ranged or _rejects(a.type, "-1")]
 
 
@@ -360,9 +351,7 @@ USAGE = [
 
 
 @pytest.mark.parametrize("argv, words", [
-    pytest.param(a, w, id=" ".join(a[:2]),
-                 marks=[pytest.mark.xfail(reason=KNOWN[("usage", " ".join(a[:2]))])]
-                 if ("usage", " ".join(a[:2])) in KNOWN else []) for a, w in USAGE])
+    pytest.param(a, w, id=" ".join(a[:2])) for a, w in USAGE])
 def test_usage_errors_exit_2(argv: list[str], words: str, bad: dict[str, Path], tmp_path: Path):
     img = tmp_path / "disk.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M"], check=True)

@@ -215,13 +215,8 @@ DEBUG = [
 ]
 
 
-# Found by this test in other areas while their owners were still at work (see the voice report);
-# xfail (not strict) until fixed there, each with what is wrong.
-KNOWN: dict[str, str] = {}
-
-
 def _params(ids: list[str]) -> list[Any]:
-    return [pytest.param(i, id=i, marks=pytest.mark.xfail(reason=KNOWN[i])) if i in KNOWN else i for i in ids]
+    return [pytest.param(i, id=i) for i in ids]
 
 
 def _covered() -> set[str]:
