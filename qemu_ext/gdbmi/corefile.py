@@ -1,11 +1,13 @@
-"""What a core file says about the process it was made from: PID, executable, build-id.
+"""What a core file says about the process it was made from: PID, executable, build-id, registers.
 
-Read from the core's own notes (Linux's fs/binfmt_elf.c layout, also written by gdb's
-generate-core-file / gcore): NT_PRPSINFO (pr_pid, pr_fname, pr_psargs), NT_AUXV (AT_PHDR, AT_ENTRY),
-NT_FILE (every mapped file: start, end, offset in pages, path). The executable is the NT_FILE entry
-that holds AT_PHDR; its build-id is read from its ELF header and notes as they were in memory (the
-first page of every ELF mapping is dumped: coredump_filter bit 4, gdb does the same), so a rebuilt
-or replaced binary at the same path is told apart from the one that ran.
+The one reader of a core's notes (``virtopt gdb --core`` and, through qemu_ext.introspect.corefile,
+``virtopt inspect --core``). Read from the core's own notes (Linux's fs/binfmt_elf.c layout, also
+written by gdb's generate-core-file / gcore): NT_PRPSINFO (pr_pid, pr_fname, pr_psargs), NT_AUXV
+(AT_PHDR, AT_ENTRY), NT_FILE (every mapped file: start, end, offset in pages, path), NT_PRSTATUS (each
+thread's registers). The executable is the NT_FILE entry that holds AT_PHDR; its build-id is read
+from its ELF header and notes as they were in memory (the first page of every ELF mapping is dumped:
+coredump_filter bit 4, gdb does the same), so a rebuilt or replaced binary at the same path is told
+apart from the one that ran.
 
 Every offset and count is checked against the file before it is used (a truncated or hostile core
 raises BadInputError with one line).
@@ -23,6 +25,7 @@ from qemu_ext.errors import BadInputError
 from qemu_ext.gdbmi import elfsyms
 
 ET_CORE = 4
+NT_PRSTATUS = 1
 NT_PRPSINFO = 3
 NT_AUXV = 6
 NT_FILE = 0x46494C45
@@ -49,6 +52,8 @@ class CoreInfo:
     exe_base: Optional[int] = None  # where its ELF header was mapped
     build_id: Optional[str] = None  # of the executable that ran (from the core's memory)
     files: list[FileMapping] = field(default_factory=list)
+    auxv: dict[int, int] = field(default_factory=dict)  # NT_AUXV: AT_* -> value (AT_ENTRY: the run-time entry point)
+    registers: dict[int, dict[str, int]] = field(default_factory=dict)  # tid -> NT_PRSTATUS's registers
 
     def to_dict(self) -> dict:
         return {"core": self.path, "pid": self.pid, "command": self.fname or None, "exe": self.exe,
@@ -56,8 +61,8 @@ class CoreInfo:
 
 
 def read_core(path: str) -> CoreInfo:
-    """The PID, executable and build-id a core file records. BadInputError for anything that is not
-    a usable 64-bit little-endian ELF core."""
+    """The PID, executable, build-id, auxiliary vector and threads' registers a core file records.
+    BadInputError for anything that is not a usable 64-bit little-endian ELF core."""
     fd, size = elfsyms.open_elf(path)
     try:
         with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
@@ -72,10 +77,19 @@ def read_core(path: str) -> CoreInfo:
         os.close(fd)
 
 
+# struct elf_prstatus (x86-64, include/linux/elfcore.h): pr_pid at 32, pr_reg (elf_gregset_t, the
+# user_regs_struct of arch/x86/include/asm/user_64.h) at 112, 27 registers of 8 bytes
+PRSTATUS_PID = 32
+PRSTATUS_REG = 112
+USER_REGS = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx", "rdx", "rsi", "rdi",
+             "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base", "gs_base", "ds", "es", "fs", "gs")
+PRSTATUS_SIZE = PRSTATUS_REG + 8 * len(USER_REGS)
+
+
 def _parse(m: mmap.mmap, size: int, path: str, phdrs: list) -> CoreInfo:
     info = CoreInfo(path)
     loads = [(va, off, fsz) for t, _f, off, va, fsz, _ms in phdrs if t == elfsyms.PT_LOAD and off + fsz <= size]
-    auxv: dict[int, int] = {}
+    auxv = info.auxv
     total = 0
     for t, _f, off, _va, fsz, _ms in phdrs:
         if t != elfsyms.PT_NOTE:
@@ -88,7 +102,11 @@ def _parse(m: mmap.mmap, size: int, path: str, phdrs: list) -> CoreInfo:
         for name, ntype, desc in elfsyms.iter_notes(m[off:off + fsz]):
             if name != b"CORE":
                 continue
-            if ntype == NT_PRPSINFO and len(desc) >= 136 and info.pid is None:
+            if ntype == NT_PRSTATUS and len(desc) >= PRSTATUS_SIZE:
+                (tid,) = struct.unpack_from("<i", desc, PRSTATUS_PID)
+                regs = struct.unpack_from(f"<{len(USER_REGS)}Q", desc, PRSTATUS_REG)
+                info.registers.setdefault(tid, dict(zip(USER_REGS, regs)))
+            elif ntype == NT_PRPSINFO and len(desc) >= 136 and info.pid is None:  # struct elf_prpsinfo, x86-64
                 (info.pid,) = struct.unpack_from("<i", desc, 24)
                 info.fname = desc[40:56].split(b"\0", 1)[0].decode("utf-8", "replace")
                 info.psargs = desc[56:136].split(b"\0", 1)[0].decode("utf-8", "replace").strip()

@@ -4,6 +4,11 @@ gdb's Python API cannot enumerate minimal symbols, yet Debian's QEMU exports
 about 20,000 dynamic symbols (all ``_TRACE_*_DSTATE`` among them). This reads
 them straight from the file, checking every size and offset against the file
 size before using it, so a truncated or hostile file raises BadInputError.
+
+This module also owns virtopt's ELF primitives (ELF gABI, 64-bit little-endian): opening a file
+(open_elf), the header check (check_header), program headers, note iteration and the GNU
+build-id. qemu_ext.introspect.elf (the fast symbol reader of ``virtopt inspect``) and the core
+readers (qemu_ext.gdbmi.corefile, qemu_ext.introspect.corefile) use them.
 """
 
 from __future__ import annotations
@@ -33,9 +38,14 @@ class ElfSymbol:
     defined: bool
 
 
+def bad_elf(path: str, what: str) -> BadInputError:
+    """The one wording for an ELF file virtopt cannot use."""
+    return BadInputError(f"{path}: not a usable ELF file ({what})")
+
+
 def _check(cond: bool, path: str, what: str) -> None:
     if not cond:
-        raise BadInputError(f"{path}: not a usable ELF file ({what})")
+        raise bad_elf(path, what)
 
 
 def read_symbols(
@@ -48,7 +58,6 @@ def read_symbols(
     """
     fd, size = open_elf(path)
     try:
-        _check(size >= 64, path, "shorter than an ELF header")
         with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
             return _read(m, size, path, want, prefer)
     finally:
@@ -75,9 +84,16 @@ def open_elf(path: str) -> tuple[int, int]:
     return fd, st.st_size
 
 
-def _read(m: mmap.mmap, size: int, path: str, want: Optional[Callable[[str], bool]], prefer: str) -> dict[str, ElfSymbol]:
+def check_header(m: bytes | mmap.mmap, size: int, path: str) -> None:
+    """BadInputError unless the file starts with a 64-bit little-endian ELF header (e_ident:
+    ELFMAG, ELFCLASS64, ELFDATA2LSB)."""
+    _check(size >= 64, path, "shorter than an ELF header")
     _check(m[:4] == b"\x7fELF", path, "bad magic")
     _check(m[4] == 2 and m[5] == 1, path, "only 64-bit little-endian ELF is supported")
+
+
+def _read(m: mmap.mmap, size: int, path: str, want: Optional[Callable[[str], bool]], prefer: str) -> dict[str, ElfSymbol]:
+    check_header(m, size, path)
     (e_shoff,) = struct.unpack_from("<Q", m, 0x28)
     e_shentsize, e_shnum = struct.unpack_from("<HH", m, 0x3A)
     _check(e_shentsize == 64 and 0 < e_shnum < 65536, path, "bad section header table")
@@ -135,7 +151,11 @@ NT_GNU_BUILD_ID = 3
 
 
 def iter_notes(data: bytes) -> list[tuple[bytes, int, bytes]]:
-    """(name, type, desc) of each ELF note in ``data`` (a PT_NOTE segment); stops at the first bad size."""
+    """(name, type, desc) of each ELF note in ``data`` (a PT_NOTE segment); stops at the first bad size.
+
+    ELF gABI "Note Section": namesz, descsz, type (32-bit words), then the name and the desc, each
+    padded to 4 bytes (what Linux's fs/binfmt_elf.c writes in a core, and the linker in a binary).
+    The name is returned without its NUL."""
     out = []
     pos = 0
     while pos + 12 <= len(data):
@@ -151,11 +171,9 @@ def iter_notes(data: bytes) -> list[tuple[bytes, int, bytes]]:
 
 
 def program_headers(m: bytes | mmap.mmap, size: int, path: str) -> list[tuple[int, int, int, int, int, int]]:
-    """(type, flags, offset, vaddr, filesz, memsz) of each program header of a 64-bit little-endian ELF file,
-    checked against the file size."""
-    _check(size >= 64, path, "shorter than an ELF header")
-    _check(m[:4] == b"\x7fELF", path, "bad magic")
-    _check(m[4] == 2 and m[5] == 1, path, "only 64-bit little-endian ELF is supported")
+    """(type, flags, offset, vaddr, filesz, memsz) of each program header (Elf64_Phdr) of a 64-bit
+    little-endian ELF file, the table checked against the file size."""
+    check_header(m, size, path)
     (e_phoff,) = struct.unpack_from("<Q", m, 0x20)
     e_phentsize, e_phnum = struct.unpack_from("<HH", m, 0x36)
     if e_phnum == 0:
@@ -175,7 +193,6 @@ def build_id(path: str) -> Optional[str]:
     Raises BadInputError for a file that cannot be opened or is not a usable ELF file."""
     fd, size = open_elf(path)
     try:
-        _check(size >= 64, path, "shorter than an ELF header")
         with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
             for p_type, _fl, off, _va, filesz, _ms in program_headers(m, size, path):
                 if p_type != PT_NOTE:

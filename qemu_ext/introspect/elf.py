@@ -3,7 +3,8 @@
 Same contents as qemu_ext.gdbmi.elfsyms.read_symbols (defined symbols of .symtab, else .dynsym;
 every size and offset checked against the file before use), but names come from one split of
 the string table instead of a search per symbol, and the entries are built at C speed: a third
-of the CPU time on a debug QEMU's 42,000 symbols. Standard library only.
+of the CPU time on a debug QEMU's 42,000 symbols. Opening the file, the ELF header check and the
+build-id are qemu_ext.gdbmi.elfsyms' (the one owner of the ELF primitives). Standard library only.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import os
 import struct
 from typing import Any, NamedTuple, Optional
 
-from qemu_ext.errors import BadInputError, open_error
+from qemu_ext.errors import BadInputError
+from qemu_ext.gdbmi import elfsyms
 
 SHT_SYMTAB = 2
 SHT_DYNSYM = 11
@@ -30,10 +32,6 @@ class Sym(NamedTuple):
 
 
 _new = tuple.__new__  # builds Sym instances at C speed (no Python __init__ per symbol)
-
-
-def _bad(path: str, what: str) -> BadInputError:
-    return BadInputError(f"{path}: not a usable ELF file ({what})")
 
 
 def symbols(path: str, table: int = SHT_SYMTAB) -> dict[str, Sym]:
@@ -59,14 +57,8 @@ def has_prefix(path: str, prefixes: tuple[bytes, ...], table: int = SHT_SYMTAB) 
 
 
 def _with_table(path: str, table: int, fn: Any, empty: Any) -> Any:
+    fd, size = elfsyms.open_elf(path)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise open_error(path, exc) from None
-    try:
-        size = os.fstat(fd).st_size
-        if size < 64:
-            raise _bad(path, "shorter than an ELF header")
         with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
             found = _locate(m, size, path, table)
             return empty if found is None else fn(m, *found)
@@ -77,12 +69,11 @@ def _with_table(path: str, table: int, fn: Any, empty: Any) -> Any:
 def _locate(m: mmap.mmap, size: int, path: str, table: int) -> Optional[tuple[int, int, bytes]]:
     """(offset, size, string table) of the symbol table, None when the file has none; every offset
     checked against the file."""
-    if m[:4] != b"\x7fELF" or m[4] != 2 or m[5] != 1:
-        raise _bad(path, "only 64-bit little-endian ELF is supported")
+    elfsyms.check_header(m, size, path)
     (shoff,) = struct.unpack_from("<Q", m, 0x28)
     shentsize, shnum = struct.unpack_from("<HH", m, 0x3A)
     if shentsize != 64 or not 0 < shnum < 65536 or shoff + shnum * 64 > size:
-        raise _bad(path, "bad section header table")
+        raise elfsyms.bad_elf(path, "bad section header table")
     sections = [struct.unpack_from("<IIQQQQIIQQ", m, shoff + i * 64) for i in range(shnum)]
     by_type: dict[int, int] = {}
     for i, sh in enumerate(sections):
@@ -93,10 +84,10 @@ def _locate(m: mmap.mmap, size: int, path: str, table: int) -> Optional[tuple[in
         return None
     _n, _t, _f, _a, off, sz, link, _i, _al, entsize = sections[idx]
     if entsize != 24 or off + sz > size or link >= len(sections):
-        raise _bad(path, "symbol table beyond the end of the file")
+        raise elfsyms.bad_elf(path, "symbol table beyond the end of the file")
     str_off, str_sz = sections[link][4], sections[link][5]
     if str_off + str_sz > size:
-        raise _bad(path, "string table beyond the end of the file")
+        raise elfsyms.bad_elf(path, "string table beyond the end of the file")
     return off, sz, m[str_off:str_off + str_sz]
 
 
@@ -189,35 +180,9 @@ def _index(m: mmap.mmap, off: int, sz: int, strtab: bytes) -> AddressIndex:
 
 
 def build_id(path: str) -> Optional[str]:
-    """The GNU build-id (NT_GNU_BUILD_ID in a PT_NOTE segment) as hex, None when the file has none."""
+    """The GNU build-id (NT_GNU_BUILD_ID in a PT_NOTE segment) as hex, None when the file has none
+    or cannot be read as an ELF file (elfsyms.build_id, which says why)."""
     try:
-        with open(path, "rb") as f:
-            hdr = f.read(64)
-            if len(hdr) < 64 or hdr[:4] != b"\x7fELF" or hdr[4] != 2 or hdr[5] != 1:
-                return None
-            size = os.fstat(f.fileno()).st_size
-            (phoff,) = struct.unpack_from("<Q", hdr, 0x20)
-            phentsize, phnum = struct.unpack_from("<HH", hdr, 0x36)
-            if phentsize != 56 or phoff + phnum * 56 > size:
-                return None
-            f.seek(phoff)
-            table = f.read(phnum * 56)
-            for i in range(phnum):
-                p_type, _fl, off, _va, _pa, filesz, _ms, _al = struct.unpack_from("<IIQQQQQQ", table, i * 56)
-                if p_type != 4 or off + filesz > size or filesz > 1 << 20:
-                    continue
-                f.seek(off)
-                blob = f.read(filesz)
-                pos = 0
-                while pos + 12 <= len(blob):
-                    namesz, descsz, ntype = struct.unpack_from("<III", blob, pos)
-                    pos += 12
-                    name = blob[pos:pos + namesz]
-                    pos += (namesz + 3) & ~3
-                    desc = blob[pos:pos + descsz]
-                    pos += (descsz + 3) & ~3
-                    if ntype == 3 and name.rstrip(b"\0") == b"GNU":
-                        return desc.hex()
-    except OSError:
+        return elfsyms.build_id(path)
+    except (OSError, BadInputError):
         return None
-    return None

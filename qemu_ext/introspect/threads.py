@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
+from qemu_ext.errors import BadInputError
 from qemu_ext.host import procfs, roles
 
 from . import common, vcpus
@@ -182,7 +183,7 @@ def core_thread_names(t: Target, cpu_by_tid: dict[int, Optional[int]]) -> dict[i
 
         try:
             _pid, fname = corefile.process_info(core)  # NT_PRPSINFO: the main thread's name
-        except (OSError, IntrospectError):
+        except (OSError, BadInputError, IntrospectError):  # a core removed or changed since it was opened
             fname = None
         if fname:  # the kernel's comm holds 15 characters; gdb's gcore fills 16 from argv[0]
             out[t.pid] = fname[:15]
