@@ -88,10 +88,10 @@ PRSTATUS_SIZE = PRSTATUS_REG + 8 * len(USER_REGS)
 
 def _parse(m: mmap.mmap, size: int, path: str, phdrs: list) -> CoreInfo:
     info = CoreInfo(path)
-    loads = [(va, off, fsz) for t, _f, off, va, fsz, _ms in phdrs if t == elfsyms.PT_LOAD and off + fsz <= size]
+    loads = [(va, off, fsz) for t, _f, off, va, fsz, _ms, _al in phdrs if t == elfsyms.PT_LOAD and off + fsz <= size]
     auxv = info.auxv
     total = 0
-    for t, _f, off, _va, fsz, _ms in phdrs:
+    for t, _f, off, _va, fsz, _ms, _al in phdrs:
         if t != elfsyms.PT_NOTE:
             continue
         if off + fsz > size:

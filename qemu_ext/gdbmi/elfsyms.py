@@ -18,7 +18,7 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 from qemu_ext import errors
 from qemu_ext.errors import BadInputError
@@ -170,9 +170,21 @@ def iter_notes(data: bytes) -> list[tuple[bytes, int, bytes]]:
     return out
 
 
-def program_headers(m: bytes | mmap.mmap, size: int, path: str) -> list[tuple[int, int, int, int, int, int]]:
-    """(type, flags, offset, vaddr, filesz, memsz) of each program header (Elf64_Phdr) of a 64-bit
-    little-endian ELF file, the table checked against the file size."""
+class ProgramHeader(NamedTuple):
+    """One Elf64_Phdr (without p_paddr)."""
+
+    type: int  # PT_LOAD 1, PT_NOTE 4, PT_TLS 7
+    flags: int  # PF_X 1, PF_W 2, PF_R 4
+    offset: int
+    vaddr: int
+    filesz: int
+    memsz: int
+    align: int
+
+
+def program_headers(m: bytes | mmap.mmap, size: int, path: str) -> list[ProgramHeader]:
+    """Each program header (Elf64_Phdr) of a 64-bit little-endian ELF file, the table checked
+    against the file size."""
     check_header(m, size, path)
     (e_phoff,) = struct.unpack_from("<Q", m, 0x20)
     e_phentsize, e_phnum = struct.unpack_from("<HH", m, 0x36)
@@ -182,10 +194,21 @@ def program_headers(m: bytes | mmap.mmap, size: int, path: str) -> list[tuple[in
     _check(e_phoff + e_phnum * 56 <= size, path, "program headers beyond the end of the file")
     out = []
     for i in range(e_phnum):
-        p_type, p_flags, p_offset, p_vaddr, _paddr, p_filesz, p_memsz, _align = struct.unpack_from(
+        p_type, p_flags, p_offset, p_vaddr, _paddr, p_filesz, p_memsz, p_align = struct.unpack_from(
             "<IIQQQQQQ", m, e_phoff + i * 56)
-        out.append((p_type, p_flags, p_offset, p_vaddr, p_filesz, p_memsz))
+        out.append(ProgramHeader(p_type, p_flags, p_offset, p_vaddr, p_filesz, p_memsz, p_align))
     return out
+
+
+def file_program_headers(path: str) -> list[ProgramHeader]:
+    """The program headers of the ELF file at ``path`` (BadInputError when it is not a usable one)."""
+    fd, size = open_elf(path)
+    try:
+        _check(size >= 64, path, "shorter than an ELF header")
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
+            return program_headers(m, size, path)
+    finally:
+        os.close(fd)
 
 
 def build_id(path: str) -> Optional[str]:
@@ -194,7 +217,7 @@ def build_id(path: str) -> Optional[str]:
     fd, size = open_elf(path)
     try:
         with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
-            for p_type, _fl, off, _va, filesz, _ms in program_headers(m, size, path):
+            for p_type, _fl, off, _va, filesz, _ms, _al in program_headers(m, size, path):
                 if p_type != PT_NOTE:
                     continue
                 _check(off + filesz <= size, path, "note segment beyond the end of the file")

@@ -201,22 +201,18 @@ class DrgnTarget(Target):
     def _add_file_segments(self, path: str) -> None:
         """A core holds no read-only file mappings (gcore and the kernel skip them): serve the
         executable's read-only PT_LOAD segments (.rodata: trace event names, strings) from the file."""
-        import struct
+        from qemu_ext.errors import BadInputError
+        from qemu_ext.gdbmi.elfsyms import file_program_headers
 
         try:
             bias = self.load_bias()
-            with open(path, "rb") as f:
-                hdr = f.read(64)
-                phoff, = struct.unpack_from("<Q", hdr, 0x20)
-                phentsize, phnum = struct.unpack_from("<HH", hdr, 0x36)
-                f.seek(phoff)
-                table = f.read(phentsize * phnum)
+            headers = file_program_headers(path)
             size = os.path.getsize(path)
-        except (OSError, struct.error, IntrospectError):
+        except (OSError, BadInputError, IntrospectError):
             return
-        for i in range(phnum):
-            p_type, flags, off, vaddr, _pa, filesz, _memsz, _al = struct.unpack_from("<IIQQQQQQ", table, i * phentsize)
-            if p_type != 1 or flags & 2 or not filesz or off + filesz > size:  # PT_LOAD, not PF_W
+        for ph in headers:
+            off = ph.offset
+            if ph.type != 1 or ph.flags & 2 or not ph.filesz or off + ph.filesz > size:  # PT_LOAD, not PF_W
                 continue
 
             def read(address: int, count: int, offset: int, physical: bool, _off: int = off) -> bytes:
@@ -224,7 +220,7 @@ class DrgnTarget(Target):
                     f.seek(_off + offset)
                     return f.read(count)
 
-            self.prog.add_memory_segment(bias + vaddr, filesz, read)
+            self.prog.add_memory_segment(bias + ph.vaddr, ph.filesz, read)
 
     def _load(self, path: str) -> None:
         import logging

@@ -659,36 +659,29 @@ class Target:
         return fs - off + s.value
 
 
+def _program_headers(path: str) -> list[Any]:
+    from qemu_ext.errors import BadInputError
+    from qemu_ext.gdbmi.elfsyms import file_program_headers
+
+    try:
+        return file_program_headers(path)
+    except BadInputError as exc:
+        raise IntrospectError(str(exc)) from None
+
+
 def _first_load(path: str) -> int:
     """The page-aligned address of the first PT_LOAD segment (0 for a PIE)."""
-    with open(path, "rb") as f:
-        hdr = f.read(64)
-        phoff, = struct.unpack_from("<Q", hdr, 0x20)
-        phentsize, phnum = struct.unpack_from("<HH", hdr, 0x36)
-        f.seek(phoff)
-        table = f.read(phentsize * phnum)
-    for i in range(phnum):
-        p_type, _fl, _off, vaddr = struct.unpack_from("<IIQQ", table, i * phentsize)
-        if p_type == 1:
-            return vaddr & ~(PAGE - 1)
+    for ph in _program_headers(path):
+        if ph.type == 1:  # PT_LOAD
+            return ph.vaddr & ~(PAGE - 1)
     raise IntrospectError(f"{path} has no loadable segment")
 
 
 def _pt_tls(path: str) -> tuple[int, int, int]:
     """(p_memsz, p_align, p_vaddr) of the executable's PT_TLS program header."""
-    with open(path, "rb") as f:
-        hdr = f.read(64)
-        if hdr[:4] != b"\x7fELF":
-            raise IntrospectError(f"{path}: not an ELF file")
-        phoff, = struct.unpack_from("<Q", hdr, 0x20)
-        phentsize, phnum = struct.unpack_from("<HH", hdr, 0x36)
-        f.seek(phoff)
-        table = f.read(phentsize * phnum)
-    for i in range(phnum):
-        p_type, _flags, _off, vaddr, _paddr, _filesz, memsz, align = struct.unpack_from("<IIQQQQQQ", table,
-                                                                                        i * phentsize)
-        if p_type == 7:  # PT_TLS
-            return memsz, max(align, 1), vaddr
+    for ph in _program_headers(path):
+        if ph.type == 7:  # PT_TLS
+            return ph.memsz, max(ph.align, 1), ph.vaddr
     raise IntrospectError(f"{path} has no thread-local storage segment")
 
 
