@@ -24,13 +24,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from gdb_util import PauseSampler  # noqa: E402
 
 from qemu_ext import vm  # noqa: E402
 from qemu_ext.gdbmi import GdbSession, watchdog  # noqa: E402
@@ -44,51 +46,6 @@ SESSION_COMMANDS = [
     "trace list", "trace enable qcow2_cache_get", "trace disable qcow2_cache_get", "qcow2", "coroutines --pools",
 ]
 PACK = REPO / "gdb" / "virtopt-gdb.py"
-
-
-class PauseSampler:
-    """The span during which QEMU's main thread was seen in ptrace stop (t), sampled every millisecond."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.first: Optional[float] = None
-        self.last: Optional[float] = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        try:
-            fd = os.open(f"/proc/{self.pid}/stat", os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            self._poll(fd)
-        finally:
-            os.close(fd)
-
-    def _poll(self, fd: int) -> None:
-        while not self._stop.is_set():
-            try:
-                state = os.pread(fd, 512, 0).rsplit(b")", 1)[1].split()[0]
-            except (OSError, IndexError):
-                return
-            if state == b"t":
-                now = time.monotonic()
-                self.first = self.first or now
-                self.last = now
-            time.sleep(0.001)
-
-    def __enter__(self) -> PauseSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def seconds(self) -> float:
-        return 0.0 if self.first is None or self.last is None else self.last - self.first
 
 
 def run_once(argv: list[str], pid: int, sample: bool) -> tuple[float, float, str]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
@@ -220,3 +223,48 @@ def gdb_on_core(exe: str, core: Path, commands: list[str], workdir: Path) -> lis
             except ValueError:
                 pass
     return res
+
+
+class PauseSampler:
+    """The span during which QEMU's main thread was seen in ptrace stop (t), sampled every millisecond."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.first: Optional[float] = None
+        self.last: Optional[float] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            fd = os.open(f"/proc/{self.pid}/stat", os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            self._poll(fd)
+        finally:
+            os.close(fd)
+
+    def _poll(self, fd: int) -> None:
+        while not self._stop.is_set():
+            try:
+                state = os.pread(fd, 512, 0).rsplit(b")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                return
+            if state == b"t":
+                now = time.monotonic()
+                self.first = self.first or now
+                self.last = now
+            time.sleep(0.001)
+
+    def __enter__(self) -> PauseSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def seconds(self) -> float:
+        return 0.0 if self.first is None or self.last is None else self.last - self.first

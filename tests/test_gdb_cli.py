@@ -12,13 +12,12 @@ import shlex
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import _factory
-from gdb_util import proc_threads
+from gdb_util import PauseSampler, proc_threads
 from helpers import gdb_batch, virtopt
 
 from qemu_ext import vm as vmlib
@@ -62,50 +61,6 @@ def core(module_debug_qemu_factory, tmp_path_factory):
     path.unlink()
 
 
-class PauseSampler:
-    """How long QEMU's main thread was seen in ptrace stop (t), sampled every millisecond."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.first = self.last = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        try:
-            fd = os.open(f"/proc/{self.pid}/stat", os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            self._poll(fd)
-        finally:
-            os.close(fd)
-
-    def _poll(self, fd: int) -> None:
-        while not self._stop.is_set():
-            try:
-                state = os.pread(fd, 512, 0).rsplit(b")", 1)[1].split()[0]
-            except (OSError, IndexError):
-                return
-            if state == b"t":
-                now = time.monotonic()
-                self.first = self.first or now
-                self.last = now
-            time.sleep(0.001)
-
-    def __enter__(self) -> PauseSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def seen(self) -> float:
-        return 0.0 if self.first is None else self.last - self.first
-
-
 # ---------------------------------------------------------------- live QEMU
 
 
@@ -130,7 +85,7 @@ def test_cli_returns_command_data_and_meaningful_exit_codes(stock):
     assert res["exe"] == os.path.realpath(f"/proc/{stock.pid}/exe")
     assert res["build-id"] == elfsyms.build_id(res["exe"])
     # QEMU was seen stopped only inside the window virtopt reports
-    assert 0 < sampler.seen <= res["paused-seconds"] + 0.005
+    assert 0 < sampler.seconds <= res["paused-seconds"] + 0.005
     assert res["commands"][1]["data"]["events"][0]["name"] == "qcow2_cache_get"
     assert res["commands"][1]["data"]["events"][0]["state"] == "disabled"
     assert stock.client.cmd("trace-event-get-state", name="qcow2_cache_get")[0]["state"] == "disabled"
