@@ -241,6 +241,32 @@ def test_the_walker_flags_what_a_user_would_see():
     assert bad_keys("trace summary log", [{"args": {"is_l2_cache": 1}}]) == ["[].args.is_l2_cache"]
 
 
+def test_json_is_written_as_qemu_img_writes_it():
+    """Every report's JSON comes from output.dumps_json: the bytes of json.dumps(indent=4) (qemu-img's
+    layout) for any document, odd strings, numbers and nesting included."""
+    import random
+
+    from qemu_ext.output import dumps_json
+
+    rng = random.Random(7)
+    leaves = [0, -1, 2**70, 1.5, -0.0, 1e-7, 1e300, float("nan"), float("inf"), -float("inf"), True, False, None,
+              "", "plain", "é ü \u2028 \x00 \t \" \\ \U0001F600", (1, "t")]
+
+    def doc(depth: int) -> Any:
+        r = rng.random()
+        if depth > 4 or r < 0.4:
+            return rng.choice(leaves)
+        if r < 0.7:
+            return {rng.choice(["a", "cluster-size", "é", '"q']) + str(i): doc(depth + 1) for i in range(rng.randint(0, 5))}
+        return [doc(depth + 1) for _ in range(rng.randint(0, 5))]
+
+    for _ in range(3000):
+        d = doc(0)
+        assert dumps_json(d) == json.dumps(d, indent=4), d
+    odd = {1: "int key", "set": sorted({3, 1})}  # a non-string key: json.dumps's own conversion
+    assert dumps_json(odd) == json.dumps(odd, indent=4)
+
+
 # -- inputs --------------------------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ def collect(t: Target, extra: Any = None) -> dict[str, Any]:
     """``extra``: (name, reason-or-None) pairs of front-door commands that are not views."""
     try:
         backends = trace.backends(t)
-        nevents = len(trace.events(t))
+        nevents = trace.event_count(t)
     except (IntrospectError, NotAvailable):
         backends, nevents = [], 0
     commands = {}

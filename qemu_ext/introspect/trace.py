@@ -74,12 +74,21 @@ MAX_GROUPS = 4096
 MAX_GROUP_EVENTS = 1 << 16
 
 
-def _registered_events(t: Target) -> Optional[list[Event]]:
+def event_count(t: Target) -> int:
+    """How many trace events this QEMU has (``info``): the registered groups' pointers with debug
+    info (no event read), else the symbol table's events."""
+    evs = t.memo.get("trace-events")
+    if evs is not None:
+        return len(evs)
+    addrs = _registered_addrs(t) if t.has_debug_info() else None
+    return len(addrs) if addrs is not None else len(events(t))
+
+
+def _registered_addrs(t: Target) -> Optional[list[int]]:
     """static TraceEventGroup *event_groups (nevent_groups of them), each a NULL-terminated array of
-    TraceEvent pointers: the event (its name, its dstate) without reading the symbol table."""
+    TraceEvent pointers: the events' addresses."""
     groups, n = t.find_var("event_groups"), t.find_var("nevent_groups")
-    ty = t.find_type("TraceEvent")
-    if groups is None or n is None or ty is None or groups.is_null():
+    if groups is None or n is None or t.find_type("TraceEvent") is None or groups.is_null():
         return None
     count = int(n)
     if not 0 < count <= MAX_GROUPS:
@@ -97,10 +106,22 @@ def _registered_events(t: Target) -> Optional[list[Event]]:
             if end < len(ptrs):
                 break
             pos += len(ptrs) * 8
+    return addrs
+
+
+def _registered_events(t: Target) -> Optional[list[Event]]:
+    """The registered events (_registered_addrs), each with its name and dstate: no symbol table read."""
+    addrs = _registered_addrs(t)
+    ty = t.find_type("TraceEvent")
+    if addrs is None or ty is None:
+        return None
     name_off, dstate_off = ty.offset("name"), ty.offset("dstate")
-    raw = _read_span(t, addrs, ty.size)
-    ptrs = [(a, struct.unpack_from("<Q", raw[a], name_off)[0], struct.unpack_from("<Q", raw[a], dstate_off)[0])
-            for a in addrs]
+    at = _span_reader(t, addrs, ty.size)
+    u64 = struct.Struct("<Q").unpack_from
+    ptrs = []
+    for a in addrs:
+        blob, i = at(a)
+        ptrs.append((a, u64(blob, i + name_off)[0], u64(blob, i + dstate_off)[0]))
     names = _cstrings(t, [p for _a, p, _d in ptrs], 128)
     return [Event(names[p], dstate, a) for a, p, dstate in ptrs]
 
@@ -153,15 +174,15 @@ def _symbol_events(t: Target) -> list[Event]:
     return evs
 
 
-def _read_span(t: Target, addrs: list[int], width: int) -> dict[int, bytes]:
-    """Many small objects: one memory read when they sit close together."""
-    if not addrs:
-        return {}
-    lo, hi = min(addrs), max(addrs) + width
-    if hi - lo <= MAX_SPAN:
-        blob = t.read(lo, hi - lo)
-        return {a: blob[a - lo:a - lo + width] for a in addrs}
-    return {a: t.read(a, width) for a in addrs}
+def _span_reader(t: Target, addrs: list[int], width: int) -> Any:
+    """``at(addr) -> (blob, offset)`` for many small objects: one memory read when they sit close
+    together (no copy per object), else one read each."""
+    if addrs:
+        lo, hi = min(addrs), max(addrs) + width
+        if hi - lo <= MAX_SPAN:
+            blob = t.read(lo, hi - lo)
+            return lambda a: (blob, a - lo)
+    return lambda a: (t.read(a, width), 0)
 
 
 def backends(t: Target) -> list[str]:
@@ -205,22 +226,24 @@ def states(t: Target, patterns: list[str]) -> dict[str, Any]:
     """The state of the events matching any of patterns, as QMP trace-event-get-state reports it."""
     evs = events(t) if "*" in patterns else [e for e in events(t) if _match(e.name, patterns)]
     count = t.read_u32(_count_addr(t))
-    dst = _read_span(t, [e.dstate_addr for e in evs], 2)
+    dstate = _span_reader(t, [e.dstate_addr for e in evs], 2)
     ty = layouts.trace_event(t)
     size = ty.size
     sstate_off = ty.offset("sstate")
     vcpu_off = ty.offset("vcpu_id") if ty.has("vcpu_id") else None
-    evb = _read_span(t, [e.event_addr for e in evs if e.event_addr is not None], size)
+    event = _span_reader(t, [e.event_addr for e in evs if e.event_addr is not None], size)
     lvl = t.symbol_address("qemu_loglevel")
     rows = []
+    u16, u32 = struct.Struct("<H").unpack_from, struct.Struct("<I").unpack_from
     for e in evs:
-        d = struct.unpack("<H", dst[e.dstate_addr])[0]
+        blob, at = dstate(e.dstate_addr)
+        d = u16(blob, at)[0]
         sstate, vcpu = True, False
         if e.event_addr is not None:
-            raw = evb[e.event_addr]
-            sstate = bool(raw[sstate_off])
+            blob, at = event(e.event_addr)
+            sstate = bool(blob[at + sstate_off])
             if vcpu_off is not None:
-                vcpu = struct.unpack_from("<I", raw, vcpu_off)[0] != TRACE_VCPU_EVENT_NONE
+                vcpu = u32(blob, at + vcpu_off)[0] != TRACE_VCPU_EVENT_NONE
         state = "unavailable" if not sstate else "enabled" if (count and d) else "disabled"
         rows.append({"name": e.name, "state": state, "dstate": d, "vcpu": vcpu})
     return {
