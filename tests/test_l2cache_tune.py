@@ -236,3 +236,43 @@ def test_shell_l2cache_tune_reports_the_loop(vmt):
     assert not events_enabled(vmt)
 
 
+
+
+def test_apply_on_the_simple_backend(debug_qemu_factory, tmp_path):
+    """The same loop on a debug QEMU (simple and log backends compiled in): tune captures through
+    the simple backend's own trace file (HMP trace-file), predicts QEMU's misses exactly, applies,
+    reaches the target, and leaves the events and the trace file as it found them."""
+    big = make_qcow2(tmp_path / "big.qcow2", size="16G", options={"preallocation": "metadata"},
+                     build=debug_qemu_factory.build)
+    bd = {"driver": "qcow2", "node-name": "disk0", "l2-cache-size": 131072,
+          "file": {"driver": "file", "filename": str(big)}}
+    io_sock = tmp_path / "io.sock"
+    qp = debug_qemu_factory(name="l2simple", extra_args=[
+        "-blockdev", json.dumps(bd), "-device", "ide-hd,drive=disk0,id=hd0,bus=ide.0",
+        "-qmp", f"unix:{io_sock},server=on,wait=off"])
+    qp.io_sock = io_sock  # type: ignore[attr-defined]
+
+    def trace_file_status() -> str:
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        c = QEMUMonitorProtocol(str(io_sock))
+        c.connect()
+        try:
+            return c.cmd("human-monitor-command", **{"command-line": "trace-file"})
+        finally:
+            c.close()
+
+    status_before = trace_file_status()
+    with driving(qp) as done:
+        cp = virtopt("l2cache", "tune", str(qp.qmp_path), "--node", "disk0", "--seconds", "1.5", "--target", "0.95",
+                     "--apply", "--output=json")
+    assert cp.returncode == 0, cp.stderr
+    assert done[0] > 200
+    r = json.loads(cp.stdout)
+    assert r["trace-backend"] == "simple"
+    assert r["before"]["lookups"] > HOT and r["before"]["warm-hit-ratio"] < 0.1
+    assert r["prediction-exact"] is True
+    assert r["applied"]["done"] is True
+    assert r["after"]["warm-hit-ratio"] >= 0.95 and r["after"]["prediction-exact"] is True, json.dumps({k: r[k] for k in ("recommended", "after", "before", "predicted")}, indent=1)
+    assert r["events-left-enabled"] == [] and not events_enabled(qp)
+    assert trace_file_status() == status_before  # the trace file QEMU had, on or off, is back

@@ -117,3 +117,27 @@ def test_capture_into_a_trace_file_that_is_already_on_keeps_its_records(dbg, deb
     assert dbg.hmp_ctl("trace-file").strip() == f'Trace file "{mine}" on.'
     cp = shell_cmd(str(dbg.qmp_path), "-c", f"/trace capture qcow2_cache_get 0 {tmp_path / 'other.bin'}")
     assert cp.returncode == 1 and "is on and the capture goes there" in cp.stderr
+
+
+def test_capture_leaves_out_what_qemu_buffered_while_its_trace_file_was_off(dbg, debug_build, tmp_path: Path):
+    """Events that fire while the trace file is off wait in QEMU's ring buffer and land in the next
+    file turned on: a capture counts only its own window (the L2 tuner's tracing-cost probe fires
+    the events with the file off just before its second capture)."""
+    img = make_qcow2(tmp_path / "d.qcow2", size="64M", io=["write 0 64k", "write 32M 64k"])
+    dbg.ctl.cmd("blockdev-add", **{"driver": "qcow2", "node-name": "n", "file": {"driver": "file", "filename": str(img)}})
+    assert dbg.hmp_ctl("trace-file").strip().endswith("off.")
+    dbg.ctl.cmd("trace-event-set-state", name="qcow2_cache_get", enable=True)
+    for _ in range(5):
+        dbg.hmp_ctl('qemu-io n "read 0 4k"')  # 5 lookups into the ring buffer, no file to write them to
+    dbg.ctl.cmd("trace-event-set-state", name="qcow2_cache_get", enable=False)
+
+    async def io(s):
+        await s.hmp('qemu-io n "read 32M 4k"')
+
+    out = tmp_path / "cap.simpletrace"
+    with connect_sync(str(dbg.qmp_path), timeout=30) as s:
+        res = s.call(capture, "qcow2_cache_get", 0, during=io, file=str(out))
+    truth = _simpletrace_counts(debug_build, str(out))  # the file holds the 5 buffered lookups and the window's
+    assert truth["qcow2_cache_get"] == res.counts["qcow2_cache_get"] + 5
+    assert res.counts == {"qcow2_cache_get": 1}
+    assert any("buffered while its trace file was off" in n for n in res.notes)

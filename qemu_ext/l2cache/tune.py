@@ -225,6 +225,7 @@ async def tune(s: Any, node: str, seconds: float = 10.0, target: float = 0.99, a
         "node": info.to_dict(),
         "qemu-version": info.qemu_version,
         "target-warm-hit-ratio": target,
+        "trace-backend": w1.backend,  # simple (a trace file of its own) or log (QEMU's -D file or stderr)
         "tracing-cost": cost,
         "before": before,
         "current": sizing.current,
