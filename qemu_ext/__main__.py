@@ -1,3 +1,3 @@
-from qemu_ext.cli import main
+from qemu_ext._entry import main
 
 raise SystemExit(main())
