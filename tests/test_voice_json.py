@@ -215,10 +215,6 @@ DEBUG = [
 ]
 
 
-def _params(ids: list[str]) -> list[Any]:
-    return [pytest.param(i, id=i) for i in ids]
-
-
 def _covered() -> set[str]:
     """The reports the cases run: a case id is its report, or the report followed by what varies."""
     ids = {c.id for c in OFFLINE + STOCK + DEBUG} | {f"gdb {view}" for view, _line in GDB_VIEWS} | \
@@ -318,7 +314,7 @@ def offline_results(offline: Offline) -> dict[str, Optional[str]]:
     return batch(OFFLINE, offline)
 
 
-@pytest.mark.parametrize("case", _params([c.id for c in OFFLINE]))
+@pytest.mark.parametrize("case", [c.id for c in OFFLINE])
 def test_offline_report_keys(case: str, offline_results: dict[str, Any]):
     err = offline_results[case]
     assert err is None, err
@@ -369,7 +365,7 @@ def stock_results(stock: Live) -> dict[str, Optional[str]]:
     return batch(STOCK, stock)
 
 
-@pytest.mark.parametrize("case", _params([c.id for c in STOCK]))
+@pytest.mark.parametrize("case", [c.id for c in STOCK])
 def test_live_report_keys(case: str, stock_results: dict[str, Optional[str]]):
     err = stock_results[case]
     assert err is None, err
@@ -387,7 +383,7 @@ def shell_run(stock: Live) -> dict[str, Any]:
     return {rep: json.loads(ln) for (rep, _line), ln in zip(SHELL, lines)}
 
 
-@pytest.mark.parametrize("report", _params([rep for rep, _line in SHELL]))
+@pytest.mark.parametrize("report", [rep for rep, _line in SHELL])
 def test_shell_builtin_keys(report: str, shell_run: dict[str, Any]):
     bad = bad_keys(report, shell_run[report])
     assert not bad, f"{report}: keys not in kebab-case: {bad}"
@@ -398,7 +394,7 @@ def debug_results(debug: Live) -> dict[str, Optional[str]]:
     return batch(DEBUG, debug)
 
 
-@pytest.mark.parametrize("case", _params([c.id for c in DEBUG]))
+@pytest.mark.parametrize("case", [c.id for c in DEBUG])
 def test_debug_report_keys(case: str, debug_results: dict[str, Optional[str]]):
     err = debug_results[case]
     assert err is None, err
@@ -428,24 +424,23 @@ def gdb_core_run(debug: Live) -> dict[str, Any]:
     return {"doc": doc, "by": dict(zip(views, doc["commands"]))}
 
 
+def _gdb_view_bad_keys(run: dict[str, Any], view: str) -> list[str]:
+    """Keys not in kebab-case in one view's report of a `virtopt gdb --output=json` run and in the wrapper around it."""
+    c = run["by"][view]
+    assert c["ok"], f"gdb {view}: {c['error']}"
+    wrapper = {**{k: v for k, v in run["doc"].items() if k != "commands"},
+               "commands": [{k: v for k, v in c.items() if k != "data"}]}
+    return bad_keys(f"gdb {view}", c["data"]) + bad_keys("gdb", wrapper)
+
+
 @pytest.mark.parametrize("view", ["info", "threads", "vcpus", "timers", "mtree", "qcow2"])
 def test_gdb_core_view_keys(view: str, gdb_core_run: dict[str, Any]):
-    c = gdb_core_run["by"][view]
-    assert c["ok"], f"gdb --core {view}: {c['error']}"
-    wrapper = {**{k: v for k, v in gdb_core_run["doc"].items() if k != "commands"},
-               "commands": [{k: v for k, v in c.items() if k != "data"}]}
-    bad = bad_keys(f"gdb {view}", c["data"]) + bad_keys("gdb", wrapper)
+    bad = _gdb_view_bad_keys(gdb_core_run, view)
     assert not bad, f"gdb --core {view}: keys not in kebab-case: {bad}"
 
 
-@pytest.mark.parametrize("view", _params([f"gdb {v}" for v, _line in GDB_VIEWS]))
+@pytest.mark.parametrize("view", [f"gdb {v}" for v, _line in GDB_VIEWS])
 def test_gdb_view_keys(view: str, gdb_run: dict[str, Any]):
     view = view.removeprefix("gdb ")
-    c = gdb_run["by"][view]
-    assert c["ok"], f"gdb {view}: {c['error']}"
-    wrapper = {**{k: v for k, v in gdb_run["doc"].items() if k != "commands"},
-               "commands": [{k: v for k, v in c.items() if k != "data"}]}
-    bad = bad_keys(f"gdb {view}", c["data"]) + bad_keys("gdb", wrapper)
+    bad = _gdb_view_bad_keys(gdb_run, view)
     assert not bad, f"gdb {view}: keys not in kebab-case: {bad}"
-
-
